@@ -1,0 +1,94 @@
+"""The interface between the Kafka service and the scoring engine.
+
+The service (``consumer.service``) only ever talks to an object that satisfies
+:class:`RerankEngine`; the real engine (``consumer.engine``) and the fakes used in
+tests both implement it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class EngineError(Exception):
+    """Base class of errors the engine reports for one request."""
+
+    code = "internal"
+    retriable = True
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed before its pairs reached the model."""
+
+    code = "deadline_exceeded"
+    retriable = False
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down and takes no more work."""
+
+    code = "internal"
+    retriable = True
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One rerank request, already validated.
+
+    ``deadline`` is an absolute Unix time in seconds (``time.time()`` clock), or None.
+    """
+
+    query: str
+    documents: tuple[str, ...]
+    instruction: str | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores for every document of one request, in the request's order.
+
+    ``logits`` are raw relevance logits (for Qwen3-Reranker: logit_yes - logit_no);
+    ``scores`` are the calibrated relevance scores in [0, 1] (sigmoid of the logit
+    for cross-encoders).
+    """
+
+    logits: tuple[float, ...]
+    scores: tuple[float, ...]
+    prompt_tokens: int
+    truncated: tuple[bool, ...]
+    queue_ms: float
+    inference_ms: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class RerankEngine(Protocol):
+    """What the service needs from a scoring engine."""
+
+    @property
+    def model_name(self) -> str:
+        """The model id reported in replies and in the model-info metric."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed up."""
+        ...
+
+    @property
+    def in_flight_pairs(self) -> int:
+        """Pairs accepted but not yet resolved."""
+        ...
+
+    async def start(self) -> None:
+        """Load the model, warm it up and start the inference thread."""
+        ...
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Score every document of ``request``; raises :class:`EngineError`."""
+        ...
+
+    async def close(self) -> None:
+        """Fail pending work with :class:`EngineClosed` and stop the thread."""
+        ...
