@@ -1,0 +1,28 @@
+"""Options that choose and shape the scoring model (device, dtype, limits, fast paths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load and run the scoring model.
+
+    ``"auto"`` values are resolved by :mod:`consumer.model_loader`:
+    device -> cuda if available else cpu; dtype -> bfloat16 on cuda, float32 on cpu;
+    attn_implementation -> sdpa; compile -> on for cuda, off for cpu;
+    packed -> the padding-free varlen path when on cuda and
+    ``torch.nn.attention.varlen`` exists (Qwen3 models only), else padded batches.
+    """
+
+    model: str = "Qwen/Qwen3-Reranker-0.6B"
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    max_pair_tokens: int = 8192
+    compile: str = "auto"
+    packed: str = "auto"
+    default_instruction: str = DEFAULT_INSTRUCTION
