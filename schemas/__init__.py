@@ -1,1 +1,45 @@
-"""schemas."""
+"""Wire contract (version 1): pydantic models, header names and JSON Schema files."""
+
+from schemas.models import (
+    CONTRACT_VERSION,
+    DLQ_HEADER_ERROR_CODE,
+    DLQ_HEADER_ERROR_MESSAGE,
+    DLQ_HEADER_SOURCE_OFFSET,
+    DLQ_HEADER_SOURCE_PARTITION,
+    DLQ_HEADER_SOURCE_TOPIC,
+    HEADER_CORRELATION_ID,
+    HEADER_DEADLINE_MS,
+    HEADER_REPLY_PARTITION,
+    HEADER_REPLY_TOPIC,
+    MAX_ID_CHARS,
+    ErrorBody,
+    ErrorCode,
+    ErrorReply,
+    RerankReply,
+    RerankRequest,
+    RerankResult,
+    Timing,
+    Usage,
+)
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "DLQ_HEADER_ERROR_CODE",
+    "DLQ_HEADER_ERROR_MESSAGE",
+    "DLQ_HEADER_SOURCE_OFFSET",
+    "DLQ_HEADER_SOURCE_PARTITION",
+    "DLQ_HEADER_SOURCE_TOPIC",
+    "HEADER_CORRELATION_ID",
+    "HEADER_DEADLINE_MS",
+    "HEADER_REPLY_PARTITION",
+    "HEADER_REPLY_TOPIC",
+    "MAX_ID_CHARS",
+    "ErrorBody",
+    "ErrorCode",
+    "ErrorReply",
+    "RerankReply",
+    "RerankRequest",
+    "RerankResult",
+    "Timing",
+    "Usage",
+]
