@@ -1,15 +1,42 @@
-"""Load a reranking model (local folder or hub id) and pick its encoder and scorer."""
+"""Load a reranking model (local folder or hub id) and pick its encoder and scorer.
+
+The kind comes from the checkpoint's config.json:
+
+- ``Qwen3ForCausalLM`` (the released Qwen3-Reranker 0.6B/4B/8B) -> ``causal-lm``;
+- ``*ForSequenceClassification`` with one label -> ``seq-cls`` (Qwen3 template when
+  model_type is qwen3, else the tokenizer's own (query, document) pair encoding);
+- a bare encoder (BERT-like, or a sentence-transformers folder) -> ``bi-encoder``.
+
+Anything else is a :class:`ModelLoadError`; nothing falls back silently.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from consumer.model_options import ModelOptions
-from consumer.prompt import PromptEncoder
-from consumer.scorer import Scorer
+from consumer.packed_qwen3 import PackedQwen3, supports_packing, varlen_available
+from consumer.prompt import (
+    BiEncoderEncoder,
+    PromptEncoder,
+    Qwen3RerankerEncoder,
+    TextPairEncoder,
+)
+from consumer.scorer import BiEncoderScorer, LastTokenScorer, Scorer, TextPairScorer
 
 log = logging.getLogger(__name__)
+
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "deberta-v2", "modernbert"}
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WEIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
 class ModelLoadError(Exception):
@@ -28,6 +55,270 @@ class LoadedModel:
     dtype: str
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    """Options with every "auto" decided."""
+
+    device: str
+    dtype: str
+    attn_implementation: str
+    compile: bool
+    packed: str  # "on" | "off" | "auto" (decided per kind)
+
+
 def load_model(options: ModelOptions) -> LoadedModel:
     """Load ``options.model``; raises :class:`ModelLoadError` with one clear line."""
-    raise NotImplementedError("being written")
+    name = options.model
+    try:
+        folder = resolve_folder(name)
+        config = _read_config(folder)
+        kind = detect_kind(config, folder)
+        run = resolve_options(options)
+        loaded = _BUILDERS[kind](name, folder, config, options, run)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {_one_line(exc)}") from exc
+    log.info(
+        "loaded model %s: kind=%s device=%s dtype=%s packed=%s",
+        name,
+        loaded.kind,
+        loaded.device,
+        loaded.dtype,
+        getattr(loaded.scorer, "packed", False),
+    )
+    return loaded
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def resolve_folder(name: str) -> Path:
+    """A local folder as is; otherwise download the hub repo's config, tokenizer and weights."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"cannot load model {name!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=[*WEIGHT_PATTERNS, "*.bin"]))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: not a local folder and it could not be fetched from "
+            f"the Hugging Face hub ({_one_line(exc)})"
+        ) from exc
+    return folder
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"cannot load model from {str(folder)!r}: it has no config.json")
+    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return config
+
+
+def detect_kind(config: dict[str, Any], folder: Path) -> str:
+    """ "causal-lm", "seq-cls" or "bi-encoder" from config.json; ModelLoadError otherwise."""
+    archs = list(config.get("architectures") or [])
+    model_type = config.get("model_type")
+    if "Qwen3ForCausalLM" in archs:
+        return "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+        if labels != 1:
+            raise ModelLoadError(
+                f"cannot load model from {str(folder)!r}: {archs[0]} has {labels} labels; "
+                "a reranker needs exactly one relevance logit"
+            )
+        return "seq-cls"
+    is_sentence_transformer = (folder / "modules.json").is_file()
+    bare = bool(archs) and all(a.endswith("Model") for a in archs)
+    if model_type in ENCODER_MODEL_TYPES and (bare or is_sentence_transformer):
+        return "bi-encoder"
+    raise ModelLoadError(
+        f"cannot load model from {str(folder)!r}: unsupported architecture "
+        f"{', '.join(archs) or '(none)'} (model_type {model_type!r}); supported: Qwen3ForCausalLM, "
+        "*ForSequenceClassification with one label, BERT-like sentence encoders"
+    )
+
+
+def resolve_options(options: ModelOptions) -> _Resolved:
+    """Decide every "auto" option for this machine."""
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    dtype = options.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    for field in ("compile", "packed"):
+        if getattr(options, field) not in ("auto", "on", "off"):
+            raise ModelLoadError(
+                f"{field} must be auto, on or off, not {getattr(options, field)!r}"
+            )
+    compile_on = options.compile == "on" or (
+        options.compile == "auto" and device.startswith("cuda")
+    )
+    attn = "sdpa" if options.attn_implementation == "auto" else options.attn_implementation
+    return _Resolved(device, dtype, attn, compile_on, options.packed)
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _from_pretrained(auto_cls: Any, folder: Path, run: _Resolved) -> Any:
+    model = auto_cls.from_pretrained(
+        str(folder), dtype=DTYPES[run.dtype], attn_implementation=run.attn_implementation
+    )
+    return model.eval()
+
+
+def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
+    """The packed forward when asked ("on") or possible ("auto"); ModelLoadError if "on" can't."""
+    possible = run.device.startswith("cuda") and varlen_available() and supports_packing(base)
+    if run.packed == "on" and not possible:
+        raise ModelLoadError(
+            "packed=on needs a CUDA device, torch.nn.attention.varlen and a Qwen3 model "
+            "without sliding-window layers"
+        )
+    if run.packed == "off" or not possible:
+        return None
+    return PackedQwen3(base, run.device)
+
+
+def _last_token_model(
+    name: str,
+    kind: str,
+    base: torch.nn.Module,
+    head: torch.Tensor,
+    bias: float,
+    tokenizer: Any,
+    options: ModelOptions,
+    run: _Resolved,
+) -> LoadedModel:
+    """Qwen3 causal-lm and seq-cls share everything but where the head vector comes from."""
+    base = base.to(run.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scorer = LastTokenScorer(
+        kind,
+        base,
+        head,
+        bias,
+        pad_id,
+        run.device,
+        run.dtype,
+        packed=_packed_for(base, run),
+        compile_model=run.compile,
+    )
+    encoder = Qwen3RerankerEncoder(tokenizer, options.max_pair_tokens, options.default_instruction)
+    return LoadedModel(name, kind, encoder, scorer, run.device, run.dtype)
+
+
+def _load_causal_lm(
+    name: str, folder: Path, config: dict[str, Any], options: ModelOptions, run: _Resolved
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _load_tokenizer(folder)
+    yes, no = (_token_id(tokenizer, t, folder) for t in ("yes", "no"))
+    model = _from_pretrained(AutoModelForCausalLM, folder, run)
+    lm_head = model.get_output_embeddings()
+    with torch.no_grad():
+        head = (lm_head.weight[yes].float() - lm_head.weight[no].float()).clone()
+        bias = 0.0
+        if getattr(lm_head, "bias", None) is not None:
+            bias = float(lm_head.bias[yes].float() - lm_head.bias[no].float())
+    # keep only the base model: an untied LM head (4B/8B) is freed with the wrapper
+    base = getattr(model, model.base_model_prefix)
+    return _last_token_model(name, "causal-lm", base, head, bias, tokenizer, options, run)
+
+
+def _token_id(tokenizer: Any, token: str, folder: Path) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or tid == tokenizer.unk_token_id:
+        raise ModelLoadError(
+            f"cannot load model from {str(folder)!r}: tokenizer has no {token!r} token"
+        )
+    return tid
+
+
+def _load_seq_cls(
+    name: str, folder: Path, config: dict[str, Any], options: ModelOptions, run: _Resolved
+) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = _load_tokenizer(folder)
+    model = _from_pretrained(AutoModelForSequenceClassification, folder, run)
+    if config.get("model_type") == "qwen3":
+        with torch.no_grad():
+            head = model.score.weight[0].float().clone()
+            bias = (
+                float(model.score.bias[0])
+                if getattr(model.score, "bias", None) is not None
+                else 0.0
+            )
+        base = getattr(model, model.base_model_prefix)
+        return _last_token_model(name, "seq-cls", base, head, bias, tokenizer, options, run)
+    if run.packed == "on":
+        raise ModelLoadError(
+            f"packed=on is only for Qwen3 models, not {config.get('model_type')!r}"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    use_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+    scorer = TextPairScorer(model.to(run.device), pad_id, use_types, run.device, run.dtype)
+    encoder = TextPairEncoder(tokenizer, _max_positions(config, options.max_pair_tokens))
+    return LoadedModel(name, "seq-cls", encoder, scorer, run.device, run.dtype)
+
+
+def _max_positions(config: dict[str, Any], limit: int) -> int:
+    """The pair limit, capped by the model's position table (minus XLM-R's 2 offset slots)."""
+    positions = config.get("max_position_embeddings")
+    if not positions:
+        return limit
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        positions -= 2
+    return min(limit, int(positions))
+
+
+def _load_bi_encoder(
+    name: str, folder: Path, config: dict[str, Any], options: ModelOptions, run: _Resolved
+) -> LoadedModel:
+    from transformers import AutoModel
+
+    if run.packed == "on":
+        raise ModelLoadError("packed=on is only for Qwen3 models")
+    tokenizer = _load_tokenizer(folder)
+    model = _from_pretrained(AutoModel, folder, run).to(run.device)
+    st_config = _json_or_empty(folder / "sentence_bert_config.json")
+    max_seq = int(st_config.get("max_seq_length") or 512)
+    max_seq = min(max_seq, _max_positions(config, options.max_pair_tokens))
+    pooling_config = _json_or_empty(folder / "1_Pooling" / "config.json")
+    pooling = "cls" if pooling_config.get("pooling_mode_cls_token") else "mean"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scorer = BiEncoderScorer(model, pad_id, pooling, run.device, run.dtype)
+    return LoadedModel(
+        name, "bi-encoder", BiEncoderEncoder(tokenizer, max_seq), scorer, run.device, run.dtype
+    )
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+_BUILDERS = {"causal-lm": _load_causal_lm, "seq-cls": _load_seq_cls, "bi-encoder": _load_bi_encoder}

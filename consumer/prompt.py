@@ -1,15 +1,24 @@
 """Prompt building and tokenization: (query, documents) -> token ids per pair.
 
 Pure CPU work, no torch. Encoders are safe to call from several threads at once:
-each owns a private copy of the Rust tokenizer whose settings never change after
-construction.
+each owns a private copy of the Rust tokenizer whose settings are fixed at
+construction, and encoding never mutates it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from tokenizers import Tokenizer
+
+QWEN3_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".'
+    "<|im_end|>\n<|im_start|>user\n"
+)
+QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 class PromptTooLong(ValueError):
@@ -21,7 +30,8 @@ class EncodedPair:
     """One tokenized (query, document) pair.
 
     ``payload`` is scorer-specific (a ``list[int]`` of prompt ids for the Qwen3
-    cross-encoders); ``tokens`` is its token cost; ``truncated`` says whether the
+    cross-encoders, :class:`TextPairIds` for other cross-encoders, :class:`BiEncoderIds`
+    for bi-encoders); ``tokens`` is its token cost; ``truncated`` says whether the
     document was cut to fit the pair limit.
     """
 
@@ -36,3 +46,139 @@ class PromptEncoder(Protocol):
     def encode(
         self, query: str, documents: Sequence[str], instruction: str | None
     ) -> list[EncodedPair]: ...
+
+
+def private_tokenizer(hf_tokenizer: Any) -> Tokenizer:
+    """A private copy of a fast tokenizer's Rust backend, with no truncation or padding.
+
+    A copy, so that settings we fix on it can never be changed under us by other code
+    calling the shared Hugging Face tokenizer (which reconfigures its backend per call).
+    """
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise TypeError(f"{type(hf_tokenizer).__name__} has no fast (Rust) tokenizer backend")
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    return own
+
+
+class Qwen3RerankerEncoder:
+    """The Qwen3-Reranker prompt, tokenized the way its model card does it.
+
+    The model card tokenizes ``<Instruct>: ..\\n<Query>: ..\\n<Document>: {doc}`` without
+    special tokens and concatenates the ids of PREFIX and SUFFIX around it. Here the
+    middle part is split after ``<Document>:`` so the instruction+query head is tokenized
+    once per request and the documents in one batch call. The split is exact: the head
+    ends with ``:`` and every document part starts with the space, which the Qwen2
+    pre-tokenizer always separates, so the ids equal those of the whole string.
+
+    Only document tokens are cut to fit ``max_pair_tokens``.
+    """
+
+    def __init__(self, hf_tokenizer: Any, max_pair_tokens: int, default_instruction: str) -> None:
+        self._tok = private_tokenizer(hf_tokenizer)
+        self._prefix = self._ids(QWEN3_PREFIX)
+        self._suffix = self._ids(QWEN3_SUFFIX)
+        self.max_pair_tokens = max_pair_tokens
+        self.default_instruction = default_instruction
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode(
+        self, query: str, documents: Sequence[str], instruction: str | None
+    ) -> list[EncodedPair]:
+        """Encode every document of one request against the query."""
+        instruction = self.default_instruction if instruction is None else instruction
+        head = self._prefix + self._ids(f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>:")
+        room = self.max_pair_tokens - len(head) - len(self._suffix)
+        if room < 1:
+            raise PromptTooLong(
+                f"instruction and query take {len(head) + len(self._suffix)} prompt tokens, "
+                f"leaving no room for a document within max_pair_tokens={self.max_pair_tokens}"
+            )
+        encodings = self._tok.encode_batch([" " + d for d in documents], add_special_tokens=False)
+        pairs = []
+        for enc in encodings:
+            doc = enc.ids
+            cut = len(doc) > room
+            ids = head + (doc[:room] if cut else doc) + self._suffix
+            pairs.append(EncodedPair(payload=ids, tokens=len(ids), truncated=cut))
+        return pairs
+
+
+@dataclass(frozen=True)
+class TextPairIds:
+    """A tokenizer-native (query, document) pair for non-Qwen3 cross-encoders."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+
+
+class TextPairEncoder:
+    """Cross-encoders of other families (e.g. bge-reranker): the tokenizer's own pair encoding.
+
+    Equivalent to ``tokenizer(query, doc, truncation="only_second", max_length=...)``; the
+    instruction is not part of these models' input and is ignored.
+    """
+
+    def __init__(self, hf_tokenizer: Any, max_pair_tokens: int) -> None:
+        self._tok = private_tokenizer(hf_tokenizer)
+        limit = getattr(hf_tokenizer, "model_max_length", max_pair_tokens) or max_pair_tokens
+        self.max_pair_tokens = min(max_pair_tokens, int(limit))
+        self._tok.enable_truncation(self.max_pair_tokens, strategy="only_second")
+
+    def encode(
+        self, query: str, documents: Sequence[str], instruction: str | None
+    ) -> list[EncodedPair]:
+        """Encode every document of one request against the query."""
+        try:
+            encodings = self._tok.encode_batch([(query, d) for d in documents])
+        except Exception as exc:  # the Rust tokenizer's error when the query alone is too long
+            raise PromptTooLong(
+                f"query leaves no room for a document within {self.max_pair_tokens} tokens ({exc})"
+            ) from exc
+        return [
+            EncodedPair(
+                payload=TextPairIds(list(e.ids), list(e.type_ids)),
+                tokens=len(e.ids),
+                truncated=bool(e.overflowing),
+            )
+            for e in encodings
+        ]
+
+
+@dataclass(frozen=True)
+class BiEncoderIds:
+    """Separately tokenized query and document for a bi-encoder."""
+
+    query_ids: list[int]
+    doc_ids: list[int]
+
+
+class BiEncoderEncoder:
+    """Bi-encoders (sentence-transformers style): query and document are embedded apart.
+
+    Each text is cut to ``max_seq_tokens`` (the model's max_seq_length); the instruction
+    is ignored.
+    """
+
+    def __init__(self, hf_tokenizer: Any, max_seq_tokens: int) -> None:
+        self._tok = private_tokenizer(hf_tokenizer)
+        self.max_seq_tokens = max_seq_tokens
+        self._tok.enable_truncation(max_seq_tokens)
+
+    def encode(
+        self, query: str, documents: Sequence[str], instruction: str | None
+    ) -> list[EncodedPair]:
+        """Encode the query once and every document."""
+        q = list(self._tok.encode(query).ids)
+        return [
+            EncodedPair(
+                payload=BiEncoderIds(q, list(e.ids)),
+                tokens=len(q) + len(e.ids),
+                truncated=bool(e.overflowing),
+            )
+            for e in self._tok.encode_batch(list(documents))
+        ]

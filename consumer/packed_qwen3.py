@@ -1,0 +1,136 @@
+"""Padding-free (packed) forward of a Hugging Face Qwen3 base model, for CUDA.
+
+All pairs of a batch are concatenated into one (T, hidden) stream; rotary positions
+restart at every pair and ``torch.nn.attention.varlen.varlen_attn`` keeps attention
+causal inside each pair (``window_size=(-1, 0)``). It reuses the model's own modules
+(norms, projections, MLP, rotary embedding), so it computes what the padded HF
+forward computes, without the padding. Needs torch with ``varlen_attn`` (2.11+).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+# (q, k, v, cu_seqlens, max_len, scale) -> (T, heads, head_dim)
+VarlenAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor
+]
+
+
+def varlen_available() -> bool:
+    """Whether this torch has ``torch.nn.attention.varlen.varlen_attn``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def causal_varlen_attention() -> VarlenAttention:
+    """Causal varlen attention on torch's kernel, with grouped-query heads expanded if needed."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    native_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu: torch.Tensor,
+        max_len: int,
+        scale: float,
+    ) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if native_gqa:
+            extra["enable_gqa"] = True
+        elif k.shape[1] != q.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = varlen_attn(
+            q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), **extra
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    return attend
+
+
+def supports_packing(base: torch.nn.Module) -> bool:
+    """True for a Qwen3 base model without sliding-window layers (which this path does not do)."""
+    config = getattr(base, "config", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    return getattr(config, "model_type", None) == "qwen3" and "sliding_attention" not in layer_types
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedQwen3:
+    """Runs a Qwen3 base model (``Qwen3Model``) on packed sequences."""
+
+    def __init__(self, base: Any, device: str, attention: VarlenAttention | None = None) -> None:
+        self.base = base
+        self.device = device
+        self.attention = attention or causal_varlen_attention()
+        self._run: Callable[..., torch.Tensor] = self.forward_packed
+
+    def compile(self) -> None:
+        """Compile the packed forward with dynamic shapes (one graph for every batch)."""
+        self._run = torch.compile(self.forward_packed, dynamic=True)
+
+    def pack(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, ...]:
+        """Flat ids, positions, cu_seqlens (int32) and last-token indices, on the device."""
+        flat: list[int] = []
+        positions: list[int] = []
+        cu = [0]
+        for s in seqs:
+            flat.extend(s)
+            positions.extend(range(len(s)))
+            cu.append(cu[-1] + len(s))
+        cpu = (
+            torch.tensor(flat, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            torch.tensor(cu, dtype=torch.int32),
+            torch.tensor(cu[1:], dtype=torch.long) - 1,
+        )
+        if self.device.startswith("cuda"):
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in cpu)
+        return cpu
+
+    @torch.inference_mode()
+    def last_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
+        """(n, hidden) final-normed hidden states at each sequence's last token."""
+        ids, positions, cu, last = self.pack(seqs)
+        return self._run(ids, positions, cu, max(len(s) for s in seqs), last)
+
+    def forward_packed(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cu: torch.Tensor,
+        max_len: int,
+        last: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder stack over one packed stream; returns normed hidden states at ``last``."""
+        base = self.base
+        x = base.embed_tokens(ids)
+        cos, sin = base.rotary_emb(x, positions[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (T, 1, head_dim) broadcasts over heads
+        n = ids.shape[0]
+        for layer in base.layers:
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_norm(attn.q_proj(h).view(n, -1, attn.head_dim))
+            k = attn.k_norm(attn.k_proj(h).view(n, -1, attn.head_dim))
+            v = attn.v_proj(h).view(n, -1, attn.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = self.attention(q, k, v, cu, max_len, attn.scaling)
+            x = x + attn.o_proj(o.reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return base.norm(x[last])
