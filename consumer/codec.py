@@ -356,12 +356,13 @@ _JSON_TYPE_WORDS: Final = {
 def describe_validation_error(
     exc: ValidationError, limit: int = _MAX_VALIDATION_ERRORS_SHOWN
 ) -> str:
-    """A short readable summary of a pydantic error: ``"documents: must have at least
-    1 item; top_n: must be an integer, got string"``."""
+    """A short readable summary of a :class:`RerankRequest` validation error, such as
+    ``"documents: list should have at least 1 item; top_n: must be an integer, got string"``.
+    """
     errors = exc.errors(include_url=False, include_context=True)
     parts = [_describe_one(err) for err in errors[:limit]]
     if len(errors) > limit:
-        parts.append(f"and {len(errors) - limit} more errors")
+        parts.append(f"{len(errors) - limit} more error(s)")
     return "; ".join(parts)
 
 
