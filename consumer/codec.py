@@ -73,6 +73,18 @@ class RequestLimits:
     ``None`` disables a limit.
     """
 
+    def __post_init__(self) -> None:
+        for name in (
+            "max_documents",
+            "max_request_bytes",
+            "max_query_chars",
+            "max_instruction_chars",
+            "max_document_chars",
+        ):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {limit}")
+
     max_documents: int = 1000
     max_request_bytes: int = 4_000_000
     max_query_chars: int | None = 10_000
@@ -157,14 +169,8 @@ def decode_request(
     route, route_error = _route(header_map)
     deadline, deadline_error = _deadline(header_map)
 
-    body: dict[str, Any] | None = None
-    body_error: _Invalid | None = None
-    try:
-        body = _parse_body(value, limits)
-    except _Invalid as exc:
-        body_error = exc
-
-    body_id = _usable_body_id(body)
+    body = _parse_body(value, limits)
+    body_id = _usable_body_id(body) if isinstance(body, dict) else None
     correlation_id = header_id if header_id is not None else body_id
 
     def reject(code: ErrorCode, message: str) -> Rejection:
@@ -173,9 +179,8 @@ def decode_request(
     first_error = header_id_error or route_error or deadline_error
     if first_error is not None:
         return reject(ErrorCode.INVALID_REQUEST, first_error)
-    if body_error is not None:
-        return reject(body_error.code, body_error.message)
-    assert body is not None  # _parse_body returned
+    if isinstance(body, _Invalid):
+        return reject(body.code, body.message)
     try:
         _check_limits(body, limits)
         request = RerankRequest.model_validate(body)
@@ -268,21 +273,21 @@ def _deadline(headers: Mapping[str, bytes | None]) -> tuple[float | None, str | 
     return int(text) / 1000.0, None
 
 
-def _parse_body(value: bytes | None, limits: RequestLimits) -> dict[str, Any]:
-    """The record value as a JSON object; raises _Invalid."""
+def _parse_body(value: bytes | None, limits: RequestLimits) -> dict[str, Any] | _Invalid:
+    """The record value as a JSON object, or why it is not one."""
     if value is None:
-        raise _Invalid(ErrorCode.INVALID_REQUEST, "record has no value (tombstone)")
+        return _Invalid(ErrorCode.INVALID_REQUEST, "record has no value (tombstone)")
     if len(value) > limits.max_request_bytes:
-        raise _Invalid(
+        return _Invalid(
             ErrorCode.PAYLOAD_TOO_LARGE,
             f"request is {len(value)} bytes; the limit is {limits.max_request_bytes}",
         )
     try:
         body = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise _Invalid(ErrorCode.INVALID_REQUEST, _json_error_message(value, exc)) from None
+        return _Invalid(ErrorCode.INVALID_REQUEST, _json_error_message(value, exc))
     if not isinstance(body, dict):
-        raise _Invalid(
+        return _Invalid(
             ErrorCode.INVALID_REQUEST,
             f"request body must be a JSON object, got {_json_type(body)}",
         )
@@ -297,10 +302,8 @@ def _json_error_message(value: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"request body is not valid JSON: {exc}"
 
 
-def _usable_body_id(body: Mapping[str, Any] | None) -> str | None:
+def _usable_body_id(body: Mapping[str, Any]) -> str | None:
     """The body's ``id`` when it is a valid correlation id, else None."""
-    if body is None:
-        return None
     body_id = body.get("id")
     if isinstance(body_id, str) and 1 <= len(body_id) <= MAX_ID_CHARS:
         return body_id

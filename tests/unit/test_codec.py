@@ -543,3 +543,9 @@ def test_codec_bench_runs() -> None:
         "encode",
         "decode+encode",
     }
+
+
+@pytest.mark.parametrize("field", ["max_documents", "max_request_bytes", "max_query_chars"])
+def test_limits_must_be_positive(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        RequestLimits(**{field: 0})
