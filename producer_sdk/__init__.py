@@ -1,1 +1,45 @@
-"""producer_sdk."""
+"""Client SDK of the Kafka rerank service.
+
+::
+
+    from producer_sdk import RerankClient
+
+    async with RerankClient(bootstrap_servers="kafka:9092") as client:
+        result = await client.rerank("what is kafka?", ["a distributed log", "a novelist"])
+        for item in result:
+            print(item.index, item.score)
+"""
+
+from producer_sdk.client import ClientStats, RerankClient
+from producer_sdk.errors import (
+    ClientClosed,
+    ClientStartError,
+    DeliveryError,
+    InvalidArgument,
+    MalformedReply,
+    RerankError,
+    RerankErrorReply,
+    RerankTimeout,
+)
+from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
+from producer_sdk.security import KafkaSecurity
+from producer_sdk.sync_client import SyncRerankClient
+
+__all__ = [
+    "ClientClosed",
+    "ClientStartError",
+    "ClientStats",
+    "DeliveryError",
+    "InvalidArgument",
+    "KafkaSecurity",
+    "MalformedReply",
+    "RankedDocument",
+    "RerankClient",
+    "RerankError",
+    "RerankErrorReply",
+    "RerankResult",
+    "RerankTimeout",
+    "SyncRerankClient",
+    "Timing",
+    "Usage",
+]
