@@ -25,6 +25,13 @@ class DeadlineExceeded(EngineError):
     retriable = False
 
 
+class InvalidRequest(EngineError):
+    """The request cannot be scored as given (e.g. its query leaves no room for a document)."""
+
+    code = "invalid_request"
+    retriable = False
+
+
 class EngineClosed(EngineError):
     """The engine is shutting down and takes no more work."""
 

@@ -1,0 +1,772 @@
+"""The scoring engine: tokenizer threads, one token-budget queue, one inference thread.
+
+Data flow of one request (``Engine.score``)::
+
+    event loop --encode in a tokenizer thread--> pairs --> one shared TokenBudgetBatcher
+                                                                |
+      batch former thread: cuts batch k+1 (and builds its tensors) while ...
+                                                                |
+      ... the inference thread runs batch k --> call_soon_threadsafe(results) --> event loop
+
+* The event loop never runs torch or the tokenizer.
+* Batch ``k + 1`` is cut (and, if the scorer offers ``prepare``, its input tensors are
+  built) while the model runs batch ``k``; a short ``max_wait_ms`` applies only while
+  the model is idle, so under load batches go back to back.
+* Every queued pair is resolved exactly once, with a score or an error, whatever
+  happens to its batch: a failing batch fails each of its requests; an out-of-memory
+  batch is split in halves and retried (and the token budget lowered); ``close()``
+  fails everything pending with :class:`EngineClosed`.
+* Expired pairs are dropped before they reach the model.
+
+Payloads are opaque here and the batch cost comes from ``scorer.padded_cost``, so
+packed (padding-free) batches or prefix reuse change only the scorer.
+
+Optional scorer hooks (used when both exist): ``prepare(pairs) -> object`` builds a
+batch's inputs on the batch former thread (host work only, e.g. pinned tensors), and
+``score_prepared(prepared) -> list[float]`` runs it on the inference thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from consumer.batcher import TokenBudgetBatcher
+from consumer.engine_api import (
+    DeadlineExceeded,
+    EngineClosed,
+    EngineError,
+    InvalidRequest,
+    ScoreRequest,
+    ScoreResult,
+)
+from consumer.prompt import EncodedPair, PromptEncoder, PromptTooLong
+
+if TYPE_CHECKING:  # torch and prometheus_client stay out of this module's imports
+    from consumer.metrics import Metrics
+    from consumer.model_loader import LoadedModel
+    from consumer.model_options import ModelOptions
+    from consumer.scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Batching and threading knobs of the engine.
+
+    ``max_batch_tokens`` is in the scorer's cost units (padded tokens, or real tokens
+    for packed batches); after an out-of-memory it is lowered by ``oom_budget_factor``,
+    never below ``min_batch_tokens``.
+    """
+
+    max_batch_tokens: int = 65536
+    max_batch_pairs: int = 512
+    max_wait_ms: float = 2.0
+    tokenizer_threads: int = 2
+    warmup: bool = True
+    window_pairs: int = 4096
+    min_batch_tokens: int = 4096
+    oom_budget_factor: float = 0.75
+    close_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_batch_pairs < 1:
+            raise ValueError("max_batch_tokens and max_batch_pairs must be at least 1")
+        if self.tokenizer_threads < 1:
+            raise ValueError("tokenizer_threads must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must not be negative")
+        if not 0 < self.oom_budget_factor < 1:
+            raise ValueError("oom_budget_factor must be between 0 and 1")
+
+
+class _Request:
+    """Loop-side state of one request; mutated only on the event loop thread."""
+
+    __slots__ = (
+        "batch_seconds",
+        "deadline",
+        "done",
+        "enqueued",
+        "finished",
+        "future",
+        "logits",
+        "remaining",
+        "scores",
+        "tickets",
+    )
+
+    def __init__(self, future: asyncio.Future[None], size: int, deadline: float | None) -> None:
+        self.future = future
+        self.deadline = deadline
+        self.logits = [0.0] * size
+        self.scores = [0.0] * size
+        self.remaining = size
+        # Read without a lock by the worker threads: at worst they score a pair whose
+        # request was just given up, and its result is ignored.
+        self.done = False
+        self.enqueued = time.perf_counter()
+        self.finished = self.enqueued
+        self.batch_seconds: dict[int, float] = {}
+        self.tickets: list[_Ticket] = []
+
+
+@dataclass(eq=False, slots=True)
+class _Ticket:
+    """One queued pair (a :class:`consumer.batcher.BatchItem`)."""
+
+    pair: EncodedPair
+    request: _Request
+    index: int
+    tokens: int
+    deadline: float | None
+    enqueued: float
+
+
+@dataclass(eq=False)
+class _Batch:
+    tickets: list[_Ticket]
+    cost: int
+    prepared: object | None = None
+
+
+@dataclass(eq=False)
+class _Outcome:
+    """Results of one model call (or one error) for the loop to hand out."""
+
+    tickets: list[_Ticket]
+    logits: Sequence[float] = ()
+    scores: Sequence[float] = ()
+    error_type: type[EngineError] | None = None
+    error_message: str = ""
+    batch_id: int = 0
+    seconds: float = 0.0
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch.cuda.OutOfMemoryError and any error class named like it."""
+    return any("OutOfMemory" in cls.__name__ for cls in type(exc).__mro__)
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine keeps even without a Metrics object (written by its threads)."""
+
+    batches: int = 0
+    pairs_scored: int = 0
+    oom_splits: int = 0
+    warmup_s: float = 0.0
+
+
+class Engine:
+    """The :class:`consumer.engine_api.RerankEngine` over an encoder and a scorer.
+
+    Build it from a :class:`LoadedModel`, from ``encoder`` + ``scorer`` + ``name``, or
+    with :meth:`from_options` to load the model in :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel | None = None,
+        settings: EngineSettings | None = None,
+        metrics: Metrics | None = None,
+        *,
+        encoder: PromptEncoder | None = None,
+        scorer: Scorer | None = None,
+        name: str | None = None,
+        loader: Callable[[], LoadedModel] | None = None,
+    ) -> None:
+        given = sum(x is not None for x in (model, scorer, loader))
+        if given != 1 or (scorer is not None and (encoder is None or name is None)):
+            raise ValueError("give exactly one of: model, encoder+scorer+name, loader")
+        self.settings = settings or EngineSettings()
+        self._metrics = metrics
+        self._loader = loader
+        self._name = name or ""
+        self._encoder: PromptEncoder | None = encoder
+        self._scorer: Scorer | None = scorer
+        if model is not None:
+            self._adopt(model)
+
+        self._cond = threading.Condition()
+        self._batcher: TokenBudgetBatcher[_Ticket] = TokenBudgetBatcher(
+            max_batch_tokens=self.settings.max_batch_tokens,
+            max_batch_pairs=self.settings.max_batch_pairs,
+            cost=self._batch_cost,
+            window_pairs=self.settings.window_pairs,
+        )
+        self._next_batch: _Batch | None = None  # cut, waiting for the inference thread
+        self._busy = False  # the inference thread is running a batch
+        self._stopping = False
+        self._batch_ids = itertools.count(1)
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokenizer_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads: list[threading.Thread] = []
+        self._warmed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._active: set[_Request] = set()
+        self._in_flight = 0
+        self._started = False
+        self._ready = False
+        self._closed = False
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_options(
+        cls,
+        options: ModelOptions,
+        settings: EngineSettings | None = None,
+        metrics: Metrics | None = None,
+    ) -> Engine:
+        """An engine that loads ``options.model`` (in a worker thread) when started."""
+
+        def load() -> LoadedModel:
+            from consumer.model_loader import load_model  # imports torch
+
+            return load_model(options)
+
+        return cls(settings=settings, metrics=metrics, loader=load, name=options.model)
+
+    def _adopt(self, model: LoadedModel) -> None:
+        self._name = model.name
+        self._encoder = model.encoder
+        self._scorer = model.scorer
+
+    # ---- RerankEngine -------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The model id reported in replies."""
+        return self._name
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed up, until close()."""
+        return self._ready
+
+    @property
+    def in_flight_pairs(self) -> int:
+        """Pairs accepted (tokenized and queued) and not yet resolved."""
+        return self._in_flight
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """The current token budget (lower than the setting after an out-of-memory)."""
+        return self._batcher.max_batch_tokens
+
+    async def start(self) -> None:
+        """Load the model (if needed), warm it up on the inference thread, start batching."""
+        if self._started:
+            return
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._loader is not None:
+            self._adopt(await loop.run_in_executor(None, self._loader))
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.tokenizer_threads, thread_name_prefix="rerank-tokenize"
+        )
+        self._threads = [
+            threading.Thread(target=self._inference_main, name="rerank-inference", daemon=True),
+            threading.Thread(target=self._former_main, name="rerank-batcher", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        try:
+            await asyncio.wrap_future(self._warmed)
+        except asyncio.CancelledError:
+            if self._closed:  # close() was called during the warm-up
+                raise EngineClosed("the engine was closed during its warm-up") from None
+            raise
+        except Exception as exc:
+            await self.close()
+            raise EngineError(f"model warm-up failed: {type(exc).__name__}: {exc}") from exc
+        self._ready = True
+        self._publish_model_info()
+        log.info(
+            "engine ready: model=%s max_batch_tokens=%d max_batch_pairs=%d",
+            self._name,
+            self._batcher.max_batch_tokens,
+            self._batcher.max_batch_pairs,
+        )
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Score every document of ``request``, in order; raises :class:`EngineError`."""
+        self._check_open()
+        if _expired(request.deadline):
+            raise DeadlineExceeded("the request's deadline passed before it was scored")
+        if not request.documents:
+            return ScoreResult((), (), 0, (), 0.0, 0.0)
+        started = time.perf_counter()
+        pairs = await self._encode(request)
+        tokenize_s = time.perf_counter() - started
+        self._check_open()
+        if _expired(request.deadline):
+            raise DeadlineExceeded("the request's deadline passed while it was tokenized")
+        req = self._enqueue(pairs, request.deadline)
+        try:
+            if request.deadline is None:
+                await req.future
+            else:
+                async with asyncio.timeout(max(0.0, request.deadline - time.time())):
+                    await req.future
+        except TimeoutError:
+            self._abandon(req)
+            raise DeadlineExceeded(
+                "the request's deadline passed before all pairs were scored"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(req)
+            raise
+        return self._result(req, pairs, tokenize_s)
+
+    async def close(self) -> None:
+        """Fail pending work with :class:`EngineClosed` and stop the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        with self._cond:
+            self._stopping = True
+            self._batcher.drain()
+            self._next_batch = None
+            self._cond.notify_all()
+        for req in list(self._active):
+            self._fail(req, EngineClosed, "the engine is shutting down")
+        self._warmed.cancel()  # a start() still warming up stops waiting
+        if self._tokenizer_pool is not None:
+            self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self._threads:
+            # The inference thread may be inside a long batch: join off the loop.
+            await asyncio.get_running_loop().run_in_executor(None, self._join_threads)
+        log.info("engine closed")
+
+    # ---- loop side ----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine is shutting down")
+        if not self._ready:
+            raise EngineError("the engine is not started")
+
+    async def _encode(self, request: ScoreRequest) -> list[EncodedPair]:
+        assert self._encoder is not None and self._tokenizer_pool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            pairs = await loop.run_in_executor(
+                self._tokenizer_pool,
+                self._encoder.encode,
+                request.query,
+                request.documents,
+                request.instruction,
+            )
+        except PromptTooLong as exc:
+            raise InvalidRequest(str(exc)) from exc
+        except RuntimeError as exc:  # the pool was shut down by close()
+            if self._closed:
+                raise EngineClosed("the engine is shutting down") from exc
+            raise EngineError(f"tokenization failed: {exc}") from exc
+        except Exception as exc:
+            raise EngineError(f"tokenization failed: {type(exc).__name__}: {exc}") from exc
+        if len(pairs) != len(request.documents):
+            raise EngineError(
+                f"encoder gave {len(pairs)} pairs for {len(request.documents)} documents"
+            )
+        return pairs
+
+    def _enqueue(self, pairs: list[EncodedPair], deadline: float | None) -> _Request:
+        assert self._loop is not None
+        req = _Request(self._loop.create_future(), len(pairs), deadline)
+        req.tickets = [
+            _Ticket(pair, req, i, pair.tokens, deadline, req.enqueued)
+            for i, pair in enumerate(pairs)
+        ]
+        with self._cond:
+            self._batcher.add_many(req.tickets)
+            self._cond.notify_all()
+        self._active.add(req)
+        self._add_in_flight(len(pairs))
+        return req
+
+    def _result(self, req: _Request, pairs: list[EncodedPair], tokenize_s: float) -> ScoreResult:
+        inference_s = sum(req.batch_seconds.values())
+        in_engine_s = req.finished - req.enqueued
+        return ScoreResult(
+            logits=tuple(req.logits),
+            scores=tuple(req.scores),
+            prompt_tokens=sum(p.tokens for p in pairs),
+            truncated=tuple(p.truncated for p in pairs),
+            queue_ms=max(0.0, in_engine_s - inference_s) * 1000.0,
+            inference_ms=inference_s * 1000.0,
+            extra={"tokenize_ms": tokenize_s * 1000.0, "batches": float(len(req.batch_seconds))},
+        )
+
+    def _deliver(self, outcome: _Outcome) -> None:
+        """Hand one batch's results (or error) to their requests. Runs on the loop."""
+        if outcome.error_type is not None:
+            for req in {t.request: None for t in outcome.tickets}:
+                self._fail(req, outcome.error_type, outcome.error_message)
+            return
+        now = time.perf_counter()
+        for ticket, logit, score in zip(
+            outcome.tickets, outcome.logits, outcome.scores, strict=True
+        ):
+            req = ticket.request
+            if req.done:
+                continue
+            req.logits[ticket.index] = logit
+            req.scores[ticket.index] = score
+            req.batch_seconds[outcome.batch_id] = outcome.seconds
+            req.remaining -= 1
+            self._add_in_flight(-1)
+            if req.remaining == 0:
+                req.done = True
+                req.finished = now
+                self._active.discard(req)
+                if not req.future.done():
+                    req.future.set_result(None)
+
+    def _fail(self, req: _Request, error_type: type[EngineError], message: str) -> None:
+        if req.done:
+            return
+        self._abandon(req)
+        if not req.future.done():
+            req.future.set_exception(error_type(message))
+
+    def _abandon(self, req: _Request) -> None:
+        """Give up a request: drop its queued pairs and stop counting them."""
+        if req.done:
+            return
+        req.done = True
+        self._active.discard(req)
+        with self._cond:
+            for ticket in req.tickets:
+                self._batcher.remove(ticket)
+        self._add_in_flight(-req.remaining)
+        req.remaining = 0
+
+    def _add_in_flight(self, delta: int) -> None:
+        self._in_flight += delta
+        if self._metrics is not None:
+            self._metrics.in_flight_pairs.set(self._in_flight)
+
+    def _publish_model_info(self) -> None:
+        if self._metrics is None or self._scorer is None:
+            return
+        self._metrics.max_batch_tokens.set(self._batcher.max_batch_tokens)
+        self._metrics.model_info.info(
+            {
+                "model": self._name,
+                "kind": str(getattr(self._scorer, "kind", "")),
+                "device": str(getattr(self._scorer, "device", "")),
+                "dtype": str(getattr(self._scorer, "dtype", "")),
+            }
+        )
+
+    def _join_threads(self) -> None:
+        deadline = time.monotonic() + self.settings.close_timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("thread %s did not stop within the close timeout", thread.name)
+
+    # ---- batch former thread ------------------------------------------------------
+
+    def _former_main(self) -> None:
+        """Cut the next batch while the model runs the current one."""
+        try:
+            while True:
+                batch = self._cut_next_batch()
+                if batch is None:
+                    return
+                batch.prepared = self._prepare(batch.tickets)
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._next_batch = batch
+                    self._cond.notify_all()
+        except BaseException:
+            log.exception("batch former thread failed")
+            self._fail_everything("the batch former failed")
+            raise
+
+    def _cut_next_batch(self) -> _Batch | None:
+        """Block until a batch can be handed over; None when stopping."""
+        with self._cond:
+            while True:
+                while not self._stopping and (self._next_batch is not None or not self._batcher):
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                self._wait_while_idle()
+                if self._stopping:
+                    return None
+                formed = self._batcher.next_batch(time.time())
+                if formed.expired:
+                    self._post(
+                        _Outcome(
+                            formed.expired,
+                            error_type=DeadlineExceeded,
+                            error_message="the request's deadline passed in the queue",
+                        )
+                    )
+                if formed.items:
+                    return _Batch(formed.items, formed.cost)
+
+    def _wait_while_idle(self) -> None:
+        """With the model idle and less than a batch queued, wait up to max_wait_ms.
+
+        Called with the condition held. Under load (model busy) there is no wait:
+        the next batch is cut at once and runs as soon as the model is free.
+        """
+        wait_s = self.settings.max_wait_ms / 1000.0
+        while not self._stopping and not self._busy and not self._batcher.would_fill_batch():
+            oldest = self._batcher.oldest()
+            if oldest is None:
+                return
+            left = oldest.enqueued + wait_s - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _prepare(self, tickets: list[_Ticket]) -> object | None:
+        prepare = getattr(self._scorer, "prepare", None)
+        if prepare is None or not hasattr(self._scorer, "score_prepared"):
+            return None
+        try:
+            return prepare([t.pair for t in tickets])
+        except Exception:
+            log.warning(
+                "preparing a batch failed; the inference thread will build it", exc_info=True
+            )
+            return None
+
+    # ---- inference thread ---------------------------------------------------------
+
+    def _inference_main(self) -> None:
+        """Warm up, then run batches one after another until stopped."""
+        if not self._warm_up():
+            return
+        while True:
+            with self._cond:
+                while self._next_batch is None and not self._stopping:
+                    self._cond.wait()
+                if self._stopping or self._next_batch is None:
+                    return
+                batch = self._next_batch
+                self._next_batch = None
+                self._busy = True
+                self._cond.notify_all()  # the former may cut the next batch now
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:
+                log.exception("inference thread failed")
+                self._post(
+                    _Outcome(
+                        batch.tickets,
+                        error_type=EngineError,
+                        error_message=f"inference failed: {type(exc).__name__}",
+                    )
+                )
+                self._fail_everything("the inference thread failed")
+                raise
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _warm_up(self) -> bool:
+        assert self._scorer is not None and self._encoder is not None
+        try:
+            if self.settings.warmup:
+                started = time.perf_counter()
+                self._scorer.warmup(self._encoder)
+                self.stats.warmup_s = time.perf_counter() - started
+        except BaseException as exc:
+            if not self._warmed.cancelled():
+                self._warmed.set_exception(exc)
+            return False
+        if not self._warmed.cancelled():
+            self._warmed.set_result(None)
+        return True
+
+    def _run_batch(self, batch: _Batch) -> None:
+        now = time.time()
+        live = [t for t in batch.tickets if not t.request.done]
+        expired = [t for t in live if t.deadline is not None and t.deadline <= now]
+        if expired:
+            self._post(
+                _Outcome(
+                    expired,
+                    error_type=DeadlineExceeded,
+                    error_message="the request's deadline passed in the queue",
+                )
+            )
+            live = [t for t in live if t.deadline is None or t.deadline > now]
+        if not live:
+            return
+        prepared = batch.prepared if len(live) == len(batch.tickets) else None
+        self._score_chunk(live, prepared)
+
+    def _score_chunk(self, tickets: list[_Ticket], prepared: object | None) -> None:
+        """Score ``tickets`` and post their results; on out-of-memory split in halves."""
+        assert self._scorer is not None
+        pairs = [t.pair for t in tickets]
+        started = time.perf_counter()
+        out_of_memory = False
+        try:
+            if prepared is not None:
+                logits = list(self._scorer.score_prepared(prepared))  # type: ignore[attr-defined]
+            else:
+                logits = list(self._scorer.score(pairs))
+            if len(logits) != len(pairs):
+                raise RuntimeError(f"scorer gave {len(logits)} logits for {len(pairs)} pairs")
+            scores = list(self._scorer.calibrate(logits))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                log.exception("scoring a batch of %d pairs failed", len(pairs))
+                self._post(
+                    _Outcome(
+                        tickets,
+                        error_type=EngineError,
+                        error_message=f"scoring failed: {type(exc).__name__}: {exc}",
+                    )
+                )
+                return
+            out_of_memory = True
+        if out_of_memory:
+            # Retried outside the except block, so the failed attempt's tensors
+            # (held by the traceback) are freed first.
+            self._after_out_of_memory(tickets)
+            return
+        seconds = time.perf_counter() - started
+        batch_id = next(self._batch_ids)
+        self._record_batch(tickets, seconds, started)
+        self._post(_Outcome(tickets, logits, scores, batch_id=batch_id, seconds=seconds))
+
+    def _after_out_of_memory(self, tickets: list[_Ticket]) -> None:
+        self._empty_device_cache()
+        lowered = self._lower_budget()
+        if len(tickets) == 1:
+            log.warning("out of memory on a single pair of %d tokens", tickets[0].tokens)
+            self._post(
+                _Outcome(
+                    tickets,
+                    error_type=EngineError,
+                    error_message=f"out of memory scoring one pair of {tickets[0].tokens} tokens",
+                )
+            )
+            return
+        self.stats.oom_splits += 1
+        if self._metrics is not None:
+            self._metrics.oom_splits.inc()
+        log.warning(
+            "out of memory on a batch of %d pairs: split in halves; max_batch_tokens now %d",
+            len(tickets),
+            lowered,
+        )
+        half = len(tickets) // 2
+        self._score_chunk(tickets[:half], None)
+        self._score_chunk(tickets[half:], None)
+
+    def _lower_budget(self) -> int:
+        with self._cond:
+            current = self._batcher.max_batch_tokens
+            floor = min(current, self.settings.min_batch_tokens)
+            lowered = max(floor, int(current * self.settings.oom_budget_factor))
+            self._batcher.max_batch_tokens = lowered
+        if self._metrics is not None:
+            self._metrics.max_batch_tokens.set(lowered)
+        return lowered
+
+    def _record_batch(self, tickets: list[_Ticket], seconds: float, started: float) -> None:
+        self.stats.batches += 1
+        self.stats.pairs_scored += len(tickets)
+        metrics = self._metrics
+        if metrics is None:
+            return
+        cost = self._batch_cost(tickets)
+        real = sum(t.tokens for t in tickets)
+        metrics.batch_pairs.observe(len(tickets))
+        metrics.batch_tokens.observe(cost)
+        if cost > 0:
+            metrics.padding_ratio.observe(max(0.0, 1.0 - real / cost))
+        metrics.inference.observe(seconds)
+        metrics.pairs.inc(len(tickets))
+        metrics.tokens.inc(real)
+        truncated = sum(1 for t in tickets if t.pair.truncated)
+        if truncated:
+            metrics.truncated_pairs.inc(truncated)
+        for ticket in tickets:
+            metrics.queue_wait.observe(max(0.0, started - ticket.enqueued))
+        memory = _device_memory(self._device)
+        if memory is not None:
+            metrics.gpu_memory.labels(kind="allocated").set(memory[0])
+            metrics.gpu_memory.labels(kind="reserved").set(memory[1])
+
+    # ---- shared helpers -----------------------------------------------------------
+
+    @property
+    def _device(self) -> str:
+        return str(getattr(self._scorer, "device", "cpu"))
+
+    def _batch_cost(self, tickets: Sequence[_Ticket]) -> int:
+        assert self._scorer is not None
+        return int(self._scorer.padded_cost([t.pair for t in tickets]))
+
+    def _empty_device_cache(self) -> None:
+        torch: Any = sys.modules.get("torch")
+        if torch is not None and self._device.startswith("cuda"):
+            try:
+                torch.cuda.empty_cache()
+            except Exception:
+                log.debug("torch.cuda.empty_cache failed", exc_info=True)
+
+    def _post(self, outcome: _Outcome) -> None:
+        """Send an outcome to the event loop (from a worker thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._deliver, outcome)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.debug("event loop closed; dropped the results of %d pairs", len(outcome.tickets))
+
+    def _fail_everything(self, reason: str) -> None:
+        """A worker thread died: stop and fail every pending pair."""
+        with self._cond:
+            self._stopping = True
+            pending = self._batcher.drain()
+            if self._next_batch is not None:
+                pending.extend(self._next_batch.tickets)
+                self._next_batch = None
+            self._cond.notify_all()
+        self._ready = False
+        if pending:
+            self._post(_Outcome(pending, error_type=EngineError, error_message=reason))
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.time() >= deadline
+
+
+def _device_memory(device: str) -> tuple[int, int] | None:
+    """(allocated, reserved) bytes of torch's CUDA allocator, or None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    torch: Any = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        return int(torch.cuda.memory_allocated(device)), int(torch.cuda.memory_reserved(device))
+    except Exception:
+        return None

@@ -1,0 +1,446 @@
+"""The scoring engine with a fake encoder and scorer of our own interfaces (no torch model)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer.engine import Engine, EngineSettings, is_out_of_memory
+from consumer.engine_api import (
+    DeadlineExceeded,
+    EngineClosed,
+    EngineError,
+    InvalidRequest,
+    ScoreRequest,
+)
+from consumer.metrics import Metrics
+from consumer.prompt import EncodedPair, PromptEncoder, PromptTooLong
+
+TRUNCATE_AT = 300  # the fake encoder cuts documents longer than this many "tokens"
+
+
+def fake_logit(payload: str) -> float:
+    """The fake model: a deterministic function of the encoded pair."""
+    return (sum(ord(c) * (i + 1) for i, c in enumerate(payload)) % 2000) / 100.0 - 10.0
+
+
+def fake_calibrate(logit: float) -> float:
+    return logit / 100.0 + 0.5
+
+
+class FakeEncoder:
+    """Payload = "query|doc"; one token per character of the document plus the query's."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def encode(
+        self, query: str, documents: Sequence[str], instruction: str | None
+    ) -> list[EncodedPair]:
+        with self.lock:
+            self.calls += 1
+        if len(query) > 1000:
+            raise PromptTooLong("query too long")
+        pairs = []
+        for doc in documents:
+            cut = len(doc) > TRUNCATE_AT
+            doc = doc[:TRUNCATE_AT]
+            pairs.append(EncodedPair(f"{query}|{doc}", len(query) + len(doc), cut))
+        return pairs
+
+
+class FakeScorer:
+    """Records every batch; can block on a gate, fail, or run out of memory on demand."""
+
+    kind = "fake"
+    device = "cpu"
+    dtype = "float32"
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.warmed = False
+        self.threads: set[str] = set()
+
+    def padded_cost(self, pairs: Sequence[EncodedPair]) -> int:
+        return max((p.tokens for p in pairs), default=0) * len(pairs)
+
+    def check(self, payloads: list[str]) -> None:
+        """Hook for subclasses: raise to simulate a failure."""
+
+    def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
+        payloads = [str(p.payload) for p in pairs]
+        self.threads.add(threading.current_thread().name)
+        self.entered.set()
+        assert self.gate.wait(10), "test gate never opened"
+        self.check(payloads)
+        with self.lock:
+            self.batches.append(payloads)
+        return [fake_logit(p) for p in payloads]
+
+    def calibrate(self, logits: Sequence[float]) -> list[float]:
+        return [fake_calibrate(x) for x in logits]
+
+    def warmup(self, encoder: PromptEncoder) -> None:
+        self.warmed = True
+
+    def scored(self) -> list[str]:
+        with self.lock:
+            return [p for batch in self.batches for p in batch]
+
+
+class FakeOutOfMemoryError(RuntimeError):
+    pass
+
+
+class OomScorer(FakeScorer):
+    """Runs out of memory on batches of more than ``limit`` pairs, or on a poisoned payload."""
+
+    def __init__(self, limit: int, poison: str | None = None) -> None:
+        super().__init__()
+        self.limit = limit
+        self.poison = poison
+        self.ooms = 0
+
+    def check(self, payloads: list[str]) -> None:
+        if len(payloads) > self.limit or any(self.poison and self.poison in p for p in payloads):
+            self.ooms += 1
+            raise FakeOutOfMemoryError("CUDA out of memory (fake)")
+
+
+class FailingScorer(FakeScorer):
+    """Fails (plain error) every batch that holds a poisoned payload."""
+
+    def __init__(self, poison: str) -> None:
+        super().__init__()
+        self.poison = poison
+        self.failed: list[list[str]] = []
+
+    def check(self, payloads: list[str]) -> None:
+        if any(self.poison in p for p in payloads):
+            self.failed.append(payloads)
+            raise ValueError("model exploded")
+
+
+class PreparingScorer(FakeScorer):
+    """Offers the optional prepare / score_prepared hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepare_threads: set[str] = set()
+        self.prepared_runs = 0
+
+    def prepare(self, pairs: Sequence[EncodedPair]) -> list[EncodedPair]:
+        self.prepare_threads.add(threading.current_thread().name)
+        return list(pairs)
+
+    def score_prepared(self, prepared: list[EncodedPair]) -> list[float]:
+        self.prepared_runs += 1
+        return self.score(prepared)
+
+
+def random_request(rng: random.Random, docs: int | None = None) -> ScoreRequest:
+    query = "q" + "".join(rng.choice("abcdef") for _ in range(rng.randint(1, 20)))
+    documents = tuple(
+        "".join(rng.choice("xyz ") for _ in range(rng.randint(1, 400)))
+        for _ in range(docs if docs is not None else rng.randint(1, 12))
+    )
+    return ScoreRequest(query=query, documents=documents)
+
+
+def expected_logits(request: ScoreRequest) -> tuple[float, ...]:
+    return tuple(fake_logit(f"{request.query}|{d[:TRUNCATE_AT]}") for d in request.documents)
+
+
+async def started_engine(
+    scorer: FakeScorer, metrics: Metrics | None = None, **settings: object
+) -> Engine:
+    engine = Engine(
+        encoder=FakeEncoder(),
+        scorer=scorer,
+        name="fake-model",
+        settings=EngineSettings(**settings),  # type: ignore[arg-type]
+        metrics=metrics,
+    )
+    await engine.start()
+    return engine
+
+
+async def wait_for(condition: object, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_concurrent_requests_get_their_own_scores_back() -> None:
+    rng = random.Random(1)
+    scorer = FakeScorer()
+    metrics = Metrics(CollectorRegistry())
+    engine = await started_engine(scorer, metrics, max_batch_tokens=2000, max_batch_pairs=16)
+    assert scorer.warmed and engine.ready and engine.model_name == "fake-model"
+    requests = [random_request(rng) for _ in range(40)]
+    results = await asyncio.gather(*(engine.score(r) for r in requests))
+    for request, result in zip(requests, results, strict=True):
+        assert result.logits == expected_logits(request)
+        assert result.scores == tuple(fake_calibrate(x) for x in result.logits)
+        assert result.truncated == tuple(len(d) > TRUNCATE_AT for d in request.documents)
+        assert result.prompt_tokens == sum(
+            len(request.query) + min(len(d), TRUNCATE_AT) for d in request.documents
+        )
+        assert result.queue_ms >= 0 and result.inference_ms >= 0
+    assert scorer.threads == {"rerank-inference"}
+    assert engine.in_flight_pairs == 0
+    total_pairs = sum(len(r.documents) for r in requests)
+    assert metrics.registry.get_sample_value("rerank_pairs_total") == total_pairs
+    assert metrics.registry.get_sample_value("rerank_queue_wait_seconds_count") == total_pairs
+    assert metrics.registry.get_sample_value("rerank_batch_pairs_count") == len(scorer.batches)
+    assert metrics.registry.get_sample_value("rerank_in_flight_pairs") == 0
+    await engine.close()
+
+
+async def test_batches_respect_the_token_budget_and_score_each_pair_once() -> None:
+    rng = random.Random(2)
+    scorer = FakeScorer()
+    scorer.gate.clear()  # let a backlog build up so batches are cut from a full queue
+    engine = await started_engine(scorer, max_batch_tokens=1500, max_batch_pairs=8)
+    requests = [random_request(rng, docs=6) for _ in range(30)]
+    tasks = [asyncio.create_task(engine.score(r)) for r in requests]
+    await wait_for(lambda: engine.in_flight_pairs == 180)
+    scorer.gate.set()
+    results = await asyncio.gather(*tasks)
+
+    for batch in scorer.batches:
+        assert len(batch) <= 8
+        if len(batch) > 1:
+            assert max(len(p) - 1 for p in batch) * len(batch) <= 1500
+    scored = scorer.scored()
+    assert sorted(scored) == sorted(
+        f"{r.query}|{d[:TRUNCATE_AT]}" for r in requests for d in r.documents
+    )
+    assert [res.logits for res in results] == [expected_logits(r) for r in requests]
+    await engine.close()
+
+
+async def test_request_past_its_deadline_is_refused_without_tokenizing() -> None:
+    scorer = FakeScorer()
+    engine = await started_engine(scorer)
+    encoder = engine._encoder
+    assert isinstance(encoder, FakeEncoder)
+    calls = encoder.calls
+    with pytest.raises(DeadlineExceeded):
+        await engine.score(ScoreRequest("q", ("d",), deadline=time.time() - 1))
+    assert encoder.calls == calls
+    assert scorer.batches == []
+    await engine.close()
+
+
+async def test_pairs_expiring_in_the_queue_never_reach_the_scorer() -> None:
+    scorer = FakeScorer()
+    scorer.gate.clear()
+    engine = await started_engine(scorer)
+    blocker = asyncio.create_task(engine.score(ScoreRequest("blocker", ("a", "b"))))
+    await asyncio.to_thread(scorer.entered.wait, 5)  # the model is busy with the blocker
+    late = ScoreRequest("late", ("x", "y", "z"), deadline=time.time() + 0.1)
+    with pytest.raises(DeadlineExceeded):
+        await engine.score(late)
+    scorer.gate.set()
+    assert (await blocker).logits == expected_logits(ScoreRequest("blocker", ("a", "b")))
+    assert not [p for p in scorer.scored() if p.startswith("late|")]
+    assert engine.in_flight_pairs == 0
+    # the engine still works afterwards
+    ok = ScoreRequest("after", ("m", "n"), deadline=time.time() + 30)
+    assert (await engine.score(ok)).logits == expected_logits(ok)
+    await engine.close()
+
+
+async def test_out_of_memory_splits_the_batch_and_lowers_the_budget() -> None:
+    rng = random.Random(3)
+    scorer = OomScorer(limit=3)
+    scorer.gate.clear()
+    metrics = Metrics(CollectorRegistry())
+    engine = await started_engine(
+        scorer, metrics, max_batch_tokens=100_000, min_batch_tokens=10, max_batch_pairs=64
+    )
+    requests = [random_request(rng, docs=5) for _ in range(12)]
+    tasks = [asyncio.create_task(engine.score(r)) for r in requests]
+    await wait_for(lambda: engine.in_flight_pairs == 60)
+    scorer.gate.set()
+    results = await asyncio.gather(*tasks)
+
+    assert [res.logits for res in results] == [expected_logits(r) for r in requests]
+    assert scorer.ooms > 0
+    assert all(len(batch) <= 3 for batch in scorer.batches)
+    assert len(scorer.scored()) == 60
+    assert engine.max_batch_tokens < 100_000
+    assert metrics.registry.get_sample_value("rerank_max_batch_tokens") == engine.max_batch_tokens
+    assert (metrics.registry.get_sample_value("rerank_oom_splits_total") or 0) >= 1
+    await engine.close()
+
+
+async def test_single_pair_out_of_memory_fails_only_its_request() -> None:
+    scorer = OomScorer(limit=10_000, poison="POISON")
+    engine = await started_engine(scorer, max_batch_tokens=100_000, min_batch_tokens=10)
+    scorer.gate.clear()
+    good = ScoreRequest("good", ("a", "bb", "ccc"))
+    bad = ScoreRequest("bad", ("POISON", "fine"))
+    tasks = [asyncio.create_task(engine.score(r)) for r in (good, bad)]
+    await wait_for(lambda: engine.in_flight_pairs == 5)
+    scorer.gate.set()
+    good_result, bad_result = await asyncio.gather(*tasks, return_exceptions=True)
+    assert not isinstance(good_result, BaseException)
+    assert good_result.logits == expected_logits(good)
+    assert isinstance(bad_result, EngineError)
+    assert "out of memory" in str(bad_result)
+    assert engine.in_flight_pairs == 0
+    await engine.close()
+
+
+async def test_scorer_error_fails_every_request_in_the_batch_and_later_ones_work() -> None:
+    rng = random.Random(4)
+    scorer = FailingScorer(poison="POISON")
+    scorer.gate.clear()
+    engine = await started_engine(scorer, max_batch_tokens=100_000)
+    requests = [random_request(rng, docs=3) for _ in range(6)]
+    requests.append(ScoreRequest("poisoned", ("POISON doc", "other")))
+    tasks = [asyncio.create_task(engine.score(r)) for r in requests]
+    await wait_for(lambda: engine.in_flight_pairs == 20)
+    scorer.gate.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+
+    failed_payloads = {p for batch in scorer.failed for p in batch}
+    assert failed_payloads
+    for request, outcome in zip(requests, outcomes, strict=True):
+        in_failed_batch = any(
+            f"{request.query}|{d[:TRUNCATE_AT]}" in failed_payloads for d in request.documents
+        )
+        if in_failed_batch:
+            assert isinstance(outcome, EngineError) and "model exploded" in str(outcome)
+        else:
+            assert not isinstance(outcome, BaseException)
+            assert outcome.logits == expected_logits(request)
+    assert engine.in_flight_pairs == 0
+    later = random_request(rng)
+    assert (await engine.score(later)).logits == expected_logits(later)
+    await engine.close()
+
+
+async def test_close_resolves_pending_requests_with_engine_closed() -> None:
+    rng = random.Random(5)
+    scorer = FakeScorer()
+    scorer.gate.clear()
+    engine = await started_engine(scorer, max_batch_pairs=4)
+    tasks = [asyncio.create_task(engine.score(random_request(rng, docs=4))) for _ in range(5)]
+    await wait_for(lambda: engine.in_flight_pairs == 20)
+    closing = asyncio.create_task(engine.close())
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, EngineClosed) for o in outcomes)
+    scorer.gate.set()  # lets the batch on the "GPU" finish so the thread can stop
+    await asyncio.wait_for(closing, 10)
+    assert not engine.ready
+    assert engine.in_flight_pairs == 0
+    with pytest.raises(EngineClosed):
+        await engine.score(random_request(rng))
+
+
+async def test_tokenization_does_not_block_the_event_loop() -> None:
+    ticks = 0
+    ticked = threading.Event()
+
+    class SlowEncoder(FakeEncoder):
+        seen_ticks = -1
+
+        def encode(
+            self, query: str, documents: Sequence[str], instruction: str | None
+        ) -> list[EncodedPair]:
+            # Busy "tokenization" that only ends once the loop has ticked meanwhile.
+            start = ticks
+            deadline = time.monotonic() + 5
+            while ticks < start + 3 and time.monotonic() < deadline:
+                sum(range(1000))
+                ticked.wait(0.001)
+            self.seen_ticks = ticks - start
+            return super().encode(query, documents, instruction)
+
+    encoder = SlowEncoder()
+    engine = Engine(encoder=encoder, scorer=FakeScorer(), name="fake", settings=EngineSettings())
+    await engine.start()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    big = ScoreRequest("big", tuple(f"doc {i}" for i in range(2000)))
+    result = await engine.score(big)
+    ticking.cancel()
+    assert encoder.seen_ticks >= 3
+    assert result.logits == expected_logits(big)
+    await engine.close()
+
+
+async def test_prompt_too_long_is_an_invalid_request() -> None:
+    engine = await started_engine(FakeScorer())
+    with pytest.raises(InvalidRequest) as caught:
+        await engine.score(ScoreRequest("q" * 2000, ("doc",)))
+    assert caught.value.code == "invalid_request"
+    assert engine.in_flight_pairs == 0
+    await engine.close()
+
+
+async def test_cancelled_request_leaves_nothing_in_flight() -> None:
+    scorer = FakeScorer()
+    scorer.gate.clear()
+    engine = await started_engine(scorer)
+    blocker = asyncio.create_task(engine.score(ScoreRequest("blocker", ("a",))))
+    await asyncio.to_thread(scorer.entered.wait, 5)
+    victim = asyncio.create_task(engine.score(ScoreRequest("victim", ("x", "y"))))
+    await wait_for(lambda: engine.in_flight_pairs == 3)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    assert engine.in_flight_pairs == 1
+    scorer.gate.set()
+    await blocker
+    assert not [p for p in scorer.scored() if p.startswith("victim|")]
+    await engine.close()
+
+
+async def test_prepared_batches_are_built_off_the_inference_thread() -> None:
+    rng = random.Random(6)
+    scorer = PreparingScorer()
+    engine = await started_engine(scorer)
+    requests = [random_request(rng) for _ in range(10)]
+    results = await asyncio.gather(*(engine.score(r) for r in requests))
+    assert [res.logits for res in results] == [expected_logits(r) for r in requests]
+    assert scorer.prepared_runs > 0
+    assert scorer.prepare_threads == {"rerank-batcher"}
+    assert scorer.threads == {"rerank-inference"}
+    await engine.close()
+
+
+async def test_score_before_start_and_empty_request() -> None:
+    engine = Engine(encoder=FakeEncoder(), scorer=FakeScorer(), name="fake")
+    with pytest.raises(EngineError):
+        await engine.score(ScoreRequest("q", ("d",)))
+    await engine.start()
+    result = await engine.score(ScoreRequest("q", ()))
+    assert result.logits == () and result.prompt_tokens == 0
+    await engine.close()
+
+
+def test_out_of_memory_is_recognised_by_class_name() -> None:
+    assert is_out_of_memory(FakeOutOfMemoryError("x"))
+    assert not is_out_of_memory(RuntimeError("CUDA out of memory"))
