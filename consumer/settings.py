@@ -394,6 +394,11 @@ class Settings(BaseSettings):
                 f"{_env('inflight_low_pairs')} ({self.inflight_low_pairs}) must be below "
                 f"{_env('inflight_high_pairs')} ({self.inflight_high_pairs})"
             )
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            found.append(
+                f"{_env('heartbeat_interval_ms')} ({self.heartbeat_interval_ms}) must be below "
+                f"{_env('session_timeout_ms')} ({self.session_timeout_ms})"
+            )
         found.extend(self._reply_pattern_problems())
         found.extend(self._shared_topics())
         found.extend(f"Kafka security: {p}" for p in self._unchecked_security().problems())
@@ -598,14 +603,14 @@ def build_parser(prog: str = "rerank-consumer") -> argparse.ArgumentParser:
             "Kafka rerank worker. Every setting is a flag and an environment variable; "
             "a flag beats its environment variable, which beats the default."
         ),
+        usage="%(prog)s [options]",
         argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for name, info in Settings.model_fields.items():
         help_text = _help_text(name, info).replace("%", "%%")
         group = groups[field_group(info)]
-        group.add_argument(flag_name(name), dest=name, metavar=_metavar(name, info), help=help_text)
+        group.add_argument(flag_name(name), dest=name, metavar=_metavar(info), help=help_text)
     return parser
 
 
@@ -614,11 +619,14 @@ def _help_text(name: str, info: FieldInfo) -> str:
     return f"{info.description} [env {env_name(name)}; default: {default}]"
 
 
-def _metavar(name: str, info: FieldInfo) -> str:
+def _metavar(info: FieldInfo) -> str:
     allowed = choices(info)
     if allowed is not None:
         return "{" + ",".join(allowed) + "}"
-    return name.upper()
+    kinds = {int, float}.intersection((info.annotation, *get_args(info.annotation)))
+    if kinds:
+        return "N"
+    return "TEXT"
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
