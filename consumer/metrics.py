@@ -67,6 +67,11 @@ class Metrics:
         self.paused = Gauge(
             "rerank_consumer_paused", "1 while the consumer's partitions are paused.", registry=r
         )
+        self.ready = Gauge(
+            "rerank_ready",
+            "1 while the worker is ready (what /health/ready reports), else 0.",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "rerank_consumer_lag", "Records behind the end of the partition.",
             ["topic", "partition"], registry=r,
