@@ -54,7 +54,7 @@ class Worker(Protocol):
     """What the service needs from the Kafka worker (``consumer.worker.Worker``)."""
 
     @property
-    def in_group(self) -> bool: ...
+    def not_ready_reasons(self) -> list[str]: ...
 
     async def run(self) -> None: ...
 
@@ -117,21 +117,21 @@ class Service:
         self._signals = 0
         self._stopping = False
         self._gave_up = False
+        self._give_up_timer: asyncio.TimerHandle | None = None
         self.http: HealthServer | None = None
 
     # --- health ----------------------------------------------------------------------
 
     def readiness(self) -> list[str]:
         """Why the worker should not get traffic yet; empty when it is ready."""
-        reasons: list[str] = []
-        if self._stopping:
-            reasons.append("shutting down")
+        if self._worker is not None:  # it also checks the engine
+            return self._worker.not_ready_reasons
+        reasons = ["stopping"] if self._stopping else []
         if self._model is None:
             reasons.append("model loading")
         elif self._engine is None or not self._engine.ready:
             reasons.append("model warming up")
-        if self._worker is None or not self._worker.in_group:
-            reasons.append("consumer not in its group")
+        reasons.append("Kafka consumer not started")
         return reasons
 
     def _refresh_gauges(self) -> None:
@@ -154,10 +154,15 @@ class Service:
         except ServiceError as exc:
             log.error("%s", exc)
             code = EXIT_FAILED
-        except Exception:
-            log.exception("the worker failed")
+        except Exception as exc:
+            if type(exc).__module__.startswith("aiokafka."):  # e.g. no broker: one line will do
+                log.error("Kafka failed: %s: %s", type(exc).__name__, exc)
+            else:
+                log.exception("the worker failed")
             code = EXIT_FAILED
         finally:
+            if self._give_up_timer is not None:
+                self._give_up_timer.cancel()
             for signum in STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
         log.info(
@@ -230,8 +235,9 @@ class Service:
                 self.settings.drain_timeout_s,
             )
             self._worker.request_stop()
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.settings.drain_timeout_s + STOP_GRACE_S, self._give_up)
+            self._give_up_timer = asyncio.get_running_loop().call_later(
+                self.settings.drain_timeout_s + STOP_GRACE_S, self._give_up
+            )
         else:
             log.info("%s while starting: stopping", name)
             self._cancel_main()

@@ -61,6 +61,11 @@ class HealthServer:
             raise RuntimeError("the HTTP server is not started")
         return self._bound_port
 
+    @property
+    def serving(self) -> bool:
+        """True between a successful :meth:`start` and :meth:`stop`."""
+        return self._runner is not None
+
     async def start(self) -> None:
         """Bind and start serving; raises ``OSError`` when the port is taken."""
         runner = web.AppRunner(self.make_app(), handle_signals=False)
