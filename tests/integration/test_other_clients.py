@@ -10,7 +10,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 TopicFactory = Callable[..., Awaitable[str]]
 READ_TIMEOUT_S = 20.0
-Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+Headers = list[tuple[str, str | bytes | None]]
+Record = tuple[str | bytes | None, str | bytes | None, Headers]
 
 
 def confluent_produce(bootstrap: str, topic: str, records: list[Record]) -> None:
@@ -46,11 +47,17 @@ def confluent_consume(bootstrap: str, topic: str, group: str, count: int) -> lis
             if message is None:
                 continue
             assert message.error() is None, message.error()
-            records.append((message.key(), message.value(), list(message.headers() or [])))
+            records.append((message.key(), message.value(), headers_of(message)))
         consumer.commit(asynchronous=False)
     finally:
         consumer.close()
     return records
+
+
+def headers_of(message: Message) -> Headers:
+    # librdkafka gives a list of (name, value) pairs, or None when there are none.
+    headers = message.headers() or []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
 
 
 def sample_records(tag: str) -> list[Record]:
