@@ -1,0 +1,156 @@
+"""Where a reply may go: the allow pattern, and whether the topic and partition exist.
+
+A request names its reply topic, so the worker checks two things before producing:
+the topic matches the allow pattern (a request cannot make the worker write into
+someone else's topic), and the topic and partition exist. A producer asked to send to
+a missing topic waits for its metadata for its whole request timeout; doing that per
+record would stall the worker, so the router asks the cluster once, within a bounded
+wait, and remembers the answer for a short while (a topic created later is found
+once the memory expires).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from consumer.codec import ReplyRoute
+from schemas.models import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A checked reply destination; ``partition=None`` lets the producer choose by key."""
+
+    topic: str
+    partition: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unroutable:
+    """Why a reply cannot be delivered: the record goes to the dead-letter topic."""
+
+    code: ErrorCode
+    message: str
+
+
+class TopicLookup(Protocol):
+    """What the router needs to know about topics."""
+
+    def known_partitions(self, topic: str) -> Collection[int] | None:
+        """Partitions of ``topic`` from metadata already at hand, or None (no wait)."""
+        ...
+
+    async def fetch_partitions(self, topic: str) -> Collection[int] | None:
+        """Partitions of ``topic`` asked from the cluster now; None if it does not exist."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    partitions: Collection[int] | None
+    expires: float
+
+
+class ReplyRouter:
+    """Checks reply routes against the allow pattern and the cluster's topics."""
+
+    def __init__(
+        self,
+        default_topic: str,
+        allowed: re.Pattern[str],
+        lookup: TopicLookup,
+        wait_s: float,
+        answer_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._default_topic = default_topic
+        self._allowed = allowed
+        self._lookup = lookup
+        self._wait_s = wait_s
+        self._answer_ttl_s = answer_ttl_s
+        self._clock = clock
+        self._answers: dict[str, _Answer] = {}
+        self._asking: dict[str, asyncio.Future[Collection[int] | None]] = {}
+
+    async def resolve(self, route: ReplyRoute) -> Destination | Unroutable:
+        """The destination of a reply on ``route``, or why there is none."""
+        topic = route.topic if route.topic is not None else self._default_topic
+        if not self._allowed.fullmatch(topic):
+            return Unroutable(ErrorCode.INVALID_REQUEST, f"reply topic {topic!r} is not allowed")
+        partition = route.partition
+        partitions = self._lookup.known_partitions(topic)
+        if partitions is None or (partition is not None and partition not in partitions):
+            partitions = await self._fresh_partitions(topic)
+        if partitions is None:
+            return Unroutable(
+                ErrorCode.INVALID_REQUEST,
+                f"reply topic {topic!r} does not exist "
+                f"(no metadata for it within {self._wait_s:g} s)",
+            )
+        if partition is not None and partition not in partitions:
+            return Unroutable(
+                ErrorCode.INVALID_REQUEST,
+                f"reply partition {partition} does not exist: "
+                f"topic {topic!r} has {len(partitions)} partition(s)",
+            )
+        return Destination(topic, partition)
+
+    async def _fresh_partitions(self, topic: str) -> Collection[int] | None:
+        """Ask the cluster about ``topic``: once per topic at a time, answers remembered."""
+        answer = self._answers.get(topic)
+        if answer is not None and answer.expires > self._clock():
+            return answer.partitions
+        asking = self._asking.get(topic)
+        if asking is None:
+            asking = asyncio.ensure_future(self._ask(topic))
+            self._asking[topic] = asking
+        # shield: one caller being cancelled must not cancel the others' lookup.
+        return await asyncio.shield(asking)
+
+    async def _ask(self, topic: str) -> Collection[int] | None:
+        try:
+            partitions = await asyncio.wait_for(self._lookup.fetch_partitions(topic), self._wait_s)
+        except Exception as exc:
+            # A lookup that fails or takes too long counts as "missing": the record goes
+            # to the dead-letter topic instead of holding its partition's commits.
+            log.warning(
+                "reply topic lookup failed", extra={"reply_topic": topic, "error": repr(exc)}
+            )
+            partitions = None
+        else:
+            if partitions is None:
+                log.warning("reply topic does not exist", extra={"reply_topic": topic})
+        finally:
+            self._asking.pop(topic, None)
+        self._answers[topic] = _Answer(partitions, self._clock() + self._answer_ttl_s)
+        return partitions
+
+
+class ClientTopicLookup:
+    """:class:`TopicLookup` over an aiokafka client (the reply producer's ``client``)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def known_partitions(self, topic: str) -> Collection[int] | None:
+        partitions: Collection[int] | None = self._client.cluster.partitions_for_topic(topic)
+        return partitions
+
+    async def fetch_partitions(self, topic: str) -> Collection[int] | None:
+        # A metadata request for every topic, not for this one: asking for one topic
+        # would add it to the producer's tracked topics for good (and could auto-create
+        # it on brokers that allow that).
+        cluster = await self._client.fetch_all_metadata()
+        partitions: Collection[int] | None = cluster.partitions_for_topic(topic)
+        if partitions is not None:
+            # Track it, so the producer's own metadata (used by send) knows it too.
+            await self._client.add_topic(topic)
+        return partitions

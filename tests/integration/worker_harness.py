@@ -1,0 +1,360 @@
+"""Helpers for the worker's integration tests: a fake engine of our own interface,
+an in-process worker, and a request producer / reply reader on the real broker.
+
+Requests are produced with confluent-kafka (librdkafka), a client independent of the
+worker's aiokafka, so the tests check the wire contract rather than one library
+agreeing with itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from confluent_kafka import KafkaError, Message, Producer
+from prometheus_client import CollectorRegistry
+
+from consumer.engine_api import EngineError, ScoreRequest, ScoreResult
+from consumer.metrics import Metrics
+from consumer.worker import Worker
+from consumer.worker_config import WorkerConfig
+
+TopicFactory = Callable[..., Awaitable[str]]
+Headers = list[tuple[str, bytes]]
+
+JOIN_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+READ_TIMEOUT_S = 30.0
+MODEL_NAME = "fake-reranker"
+# The queries that make the fake engine misbehave, to test the service's handling.
+QUERY_ENGINE_ERROR = "__engine_error__"
+QUERY_VALUE_ERROR = "__value_error__"
+QUERY_NAN = "__nan__"
+QUERY_CRASH = "__crash__"
+
+
+def fake_logit(query: str, instruction: str | None, document: str) -> float:
+    """The fake engine's deterministic relevance logit of one pair, in [-5, 5]."""
+    text = f"{instruction or ''}\x00{query}\x00{document}".encode()
+    return (zlib.crc32(text) % 10_001) / 1000.0 - 5.0
+
+
+def fake_score(query: str, instruction: str | None, document: str) -> float:
+    """sigmoid(fake_logit): the calibrated score the fake engine reports."""
+    return 1.0 / (1.0 + math.exp(-fake_logit(query, instruction, document)))
+
+
+class FakeEngine:
+    """A :class:`consumer.engine_api.RerankEngine` with deterministic scores.
+
+    ``delay_s`` makes every request take that long (as if the GPU were busy). Every
+    request it is asked to score is recorded in ``seen`` (queries only).
+    """
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.seen: list[str] = []
+        self._in_flight = 0
+        self.max_in_flight_pairs = 0
+
+    @property
+    def model_name(self) -> str:
+        return MODEL_NAME
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def in_flight_pairs(self) -> int:
+        return self._in_flight
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        self.seen.append(request.query)
+        n = len(request.documents)
+        self._in_flight += n
+        self.max_in_flight_pairs = max(self.max_in_flight_pairs, self._in_flight)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return self._result(request)
+        finally:
+            self._in_flight -= n
+
+    def _result(self, request: ScoreRequest) -> ScoreResult:
+        if request.query == QUERY_ENGINE_ERROR:
+            raise EngineError("the fake engine failed on purpose")
+        if request.query == QUERY_VALUE_ERROR:
+            raise ValueError("prompt too long for the fake model")
+        if request.query == QUERY_CRASH:
+            raise RuntimeError("unexpected crash inside the fake engine")
+        logits = [fake_logit(request.query, request.instruction, d) for d in request.documents]
+        if request.query == QUERY_NAN:
+            logits[0] = math.nan
+        scores = [1.0 / (1.0 + math.exp(-x)) if not math.isnan(x) else x for x in logits]
+        return ScoreResult(
+            logits=tuple(logits),
+            scores=tuple(scores),
+            prompt_tokens=sum(len(d) for d in request.documents),
+            truncated=tuple(False for _ in request.documents),
+            queue_ms=0.1,
+            inference_ms=0.2,
+        )
+
+
+REPLY_PARTITIONS = 2
+
+
+@dataclass
+class Topics:
+    """The topics of one test."""
+
+    requests: str
+    replies: str
+    dlq: str
+
+
+async def make_topics(new_topic: TopicFactory, request_partitions: int = 1) -> Topics:
+    return Topics(
+        requests=await new_topic(partitions=request_partitions),
+        replies=await new_topic(partitions=REPLY_PARTITIONS),
+        dlq=await new_topic(partitions=1),
+    )
+
+
+def reply_reader(bootstrap: str, topics: Topics) -> TopicReader:
+    return TopicReader(bootstrap, topics.replies, REPLY_PARTITIONS)
+
+
+def dlq_reader(bootstrap: str, topics: Topics) -> TopicReader:
+    return TopicReader(bootstrap, topics.dlq, 1)
+
+
+# Any test topic may be a reply topic (the fixture names them test-<uuid hex>).
+TEST_TOPIC_PATTERN = r"test-[0-9a-f]{32}"
+
+
+def worker_config(bootstrap: str, topics: Topics, group_id: str, **overrides: Any) -> WorkerConfig:
+    """A worker configuration with short timings for tests."""
+    config = WorkerConfig(
+        bootstrap_servers=bootstrap,
+        request_topic=topics.requests,
+        reply_topic=topics.replies,
+        dlq_topic=topics.dlq,
+        group_id=group_id,
+        client_id=f"test-worker-{uuid.uuid4().hex[:8]}",
+        allowed_reply_topics=TEST_TOPIC_PATTERN,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+        reply_topic_wait_s=2.0,
+        missing_topic_ttl_s=2.0,
+        drain_timeout_s=10.0,
+        revoke_timeout_s=5.0,
+        commit_interval_s=0.2,
+        lag_interval_s=0.5,
+    )
+    return replace(config, **overrides)
+
+
+def fresh_metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    config: WorkerConfig, engine: FakeEngine | Any, metrics: Metrics | None = None
+) -> AsyncIterator[Worker]:
+    """A worker running in this event loop, in its group; stopped cleanly on exit."""
+    worker = Worker(config, engine, metrics if metrics is not None else fresh_metrics())
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.in_group or task.done(), JOIN_TIMEOUT_S, "group join")
+        if task.done():
+            task.result()  # raises what run() raised
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, STOP_TIMEOUT_S)
+
+
+# ------------------------------------------------------------------ producing
+
+
+@dataclass
+class Request:
+    """One request record to produce."""
+
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    key: bytes | None = None
+    partition: int | None = None
+
+
+def request(
+    correlation_id: str | None,
+    body: dict[str, Any] | bytes | None,
+    *,
+    reply_topic: str | None = None,
+    reply_partition: int | None = None,
+    deadline_ms: int | None = None,
+    partition: int | None = None,
+) -> Request:
+    """A request record with the contract's headers."""
+    headers: Headers = []
+    if correlation_id is not None:
+        headers.append(("correlation-id", correlation_id.encode()))
+    if reply_topic is not None:
+        headers.append(("reply-topic", reply_topic.encode()))
+    if reply_partition is not None:
+        headers.append(("reply-partition", str(reply_partition).encode()))
+    if deadline_ms is not None:
+        headers.append(("deadline-ms", str(deadline_ms).encode()))
+    value = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+    key = correlation_id.encode() if correlation_id is not None else None
+    return Request(value=value, headers=headers, key=key, partition=partition)
+
+
+def _produce_sync(bootstrap: str, topic: str, requests: Sequence[Request]) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
+    )
+    errors: list[KafkaError] = []
+
+    def on_delivery(error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            errors.append(error)
+
+    for r in requests:
+        kwargs: dict[str, Any] = {"value": r.value, "key": r.key, "headers": r.headers}
+        if r.partition is not None:
+            kwargs["partition"] = r.partition
+        producer.produce(topic, on_delivery=on_delivery, **kwargs)
+        producer.poll(0)
+    remaining = producer.flush(READ_TIMEOUT_S)
+    assert remaining == 0, f"{remaining} requests not delivered"
+    assert errors == [], errors
+
+
+async def produce(bootstrap: str, topic: str, requests: Sequence[Request]) -> None:
+    """Produce ``requests`` with confluent-kafka (in a thread: the worker shares this loop)."""
+    await asyncio.to_thread(_produce_sync, bootstrap, topic, list(requests))
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass
+class Received:
+    """A record read back from a reply or dead-letter topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+    def json(self) -> dict[str, Any]:
+        assert self.value is not None
+        parsed: dict[str, Any] = orjson.loads(self.value)
+        return parsed
+
+    @property
+    def correlation_id(self) -> str:
+        return self.headers["correlation-id"].decode()
+
+
+class TopicReader:
+    """Reads every record of a topic from the beginning, across all its partitions."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self._topic = topic
+        self._partitions = partitions
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self.records: list[Received] = []
+
+    async def __aenter__(self) -> TopicReader:
+        await self._consumer.start()
+        tps = [TopicPartition(self._topic, p) for p in range(self._partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def poll(self, timeout_s: float = 0.2) -> list[Received]:
+        batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000))
+        fresh = [
+            Received(
+                partition=m.partition,
+                offset=m.offset,
+                key=m.key,
+                value=m.value,
+                headers={k: bytes(v) for k, v in (m.headers or ())},
+            )
+            for messages in batches.values()
+            for m in messages
+        ]
+        self.records.extend(fresh)
+        return fresh
+
+    async def read(self, count: int, timeout_s: float = READ_TIMEOUT_S) -> list[Received]:
+        """Wait until at least ``count`` records were read in all; returns all of them."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.records) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self._topic}: {len(self.records)} records after {timeout_s} s, "
+                    f"expected {count}"
+                )
+            await self.poll()
+        return self.records
+
+    async def quiet(self, seconds: float) -> list[Received]:
+        """Read for ``seconds`` more; returns what arrived meanwhile."""
+        before = len(self.records)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await self.poll(min(0.2, max(0.01, deadline - time.monotonic())))
+        return self.records[before:]
+
+
+def by_correlation_id(records: Sequence[Received]) -> dict[str, list[Received]]:
+    found: dict[str, list[Received]] = {}
+    for r in records:
+        found.setdefault(r.correlation_id, []).append(r)
+    return found
+
+
+def documents(n: int, prefix: str = "doc") -> list[str]:
+    return [f"{prefix} {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(n)]
+
+
+def expected_order(query: str, instruction: str | None, docs: Sequence[str]) -> list[int]:
+    """Indices of ``docs`` by fake score, best first (ties: lower index first)."""
+    logits = [fake_logit(query, instruction, d) for d in docs]
+    return sorted(range(len(docs)), key=lambda i: -logits[i])
