@@ -1,0 +1,215 @@
+"""``rerank-client``: output formatting, input reading and argument errors; no broker."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import orjson
+import pytest
+
+from producer_sdk import cli
+from producer_sdk.errors import InvalidArgument
+from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
+
+DOCUMENTS = [
+    "Kafka is a distributed event log.",
+    "Franz Kafka wrote The Trial.\nIt was published in 1925.",
+    "Consumer groups share the partitions of a topic.",
+]
+
+
+def ranked_result() -> RerankResult:
+    return RerankResult(
+        id="corr-1",
+        model="Qwen/Qwen3-Reranker-0.6B",
+        results=[
+            RankedDocument(index=2, score=0.98765),
+            RankedDocument(index=0, score=0.5),
+            RankedDocument(index=1, score=0.0123),
+        ],
+        usage=Usage(prompt_tokens=321),
+        timing=Timing(queue_ms=1.0, inference_ms=2.0, total_ms=3.5),
+    )
+
+
+# -- table -----------------------------------------------------------------------------
+
+
+def test_table_lists_results_best_first_with_rank_score_and_index() -> None:
+    lines = cli.format_table(ranked_result(), DOCUMENTS, width=200).splitlines()
+
+    assert lines[0].split() == ["rank", "score", "index", "document"]
+    rows = [line.split(maxsplit=3) for line in lines[1:]]
+    assert [row[:3] for row in rows] == [
+        ["1", "0.9877", "2"],
+        ["2", "0.5000", "0"],
+        ["3", "0.0123", "1"],
+    ]
+    assert rows[0][3] == DOCUMENTS[2]
+
+
+def test_table_puts_each_document_on_one_line() -> None:
+    lines = cli.format_table(ranked_result(), DOCUMENTS, width=200).splitlines()
+
+    assert len(lines) == 1 + len(DOCUMENTS)
+    assert lines[3].endswith("Franz Kafka wrote The Trial. It was published in 1925.")
+
+
+@pytest.mark.parametrize("width", [35, 45, 55])
+def test_table_cuts_documents_to_the_width(width: int) -> None:
+    lines = cli.format_table(ranked_result(), DOCUMENTS, width=width).splitlines()
+
+    assert all(len(line) <= width for line in lines)
+    assert any(line.endswith("…") for line in lines[1:])
+
+
+def test_table_keeps_some_document_text_on_a_very_narrow_terminal() -> None:
+    lines = cli.format_table(ranked_result(), DOCUMENTS, width=5).splitlines()
+
+    best = DOCUMENTS[2]
+    assert lines[1].endswith(best[: cli.MIN_DOCUMENT_WIDTH - 1] + "…")
+
+
+def test_table_aligns_columns_for_wide_numbers() -> None:
+    result = RerankResult(
+        id="x",
+        model="m",
+        results=[RankedDocument(index=10, score=-12.5), RankedDocument(index=3, score=4.0)],
+        usage=Usage(prompt_tokens=1),
+        timing=Timing(0.0, 0.0, 0.0),
+    )
+    documents = [f"doc {n}" for n in range(11)]
+
+    lines = cli.format_table(result, documents, width=80).splitlines()
+
+    starts = {line.index("doc") for line in lines[1:]}
+    assert len(starts) == 1  # the document column starts at the same place on every row
+    assert "-12.5000" in lines[1]
+
+
+# -- JSON ------------------------------------------------------------------------------
+
+
+def test_json_has_the_reply_shape_with_documents() -> None:
+    printed = orjson.loads(cli.format_json(ranked_result(), DOCUMENTS))
+
+    assert printed["id"] == "corr-1"
+    assert printed["model"] == "Qwen/Qwen3-Reranker-0.6B"
+    assert [r["index"] for r in printed["results"]] == [2, 0, 1]
+    assert [r["document"] for r in printed["results"]] == [DOCUMENTS[2], DOCUMENTS[0], DOCUMENTS[1]]
+    assert printed["results"][0]["relevance_score"] == 0.98765
+    assert printed["usage"] == {"prompt_tokens": 321}
+    assert printed["timing_ms"] == {"queue": 1.0, "inference": 2.0, "total": 3.5}
+
+
+# -- input -----------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> Any:
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_input_from_arguments() -> None:
+    given = cli.read_input(parse("--top-n", "2", "query", "a", "b"), io.StringIO())
+
+    assert given == cli.RerankInput(query="query", documents=["a", "b"], top_n=2)
+
+
+def test_input_from_json_on_stdin() -> None:
+    stdin = io.StringIO(
+        '{"query": "q", "documents": ["a", "b"], "instruction": "find", "top_n": 1}'
+    )
+    given = cli.read_input(parse(), stdin)
+
+    assert given == cli.RerankInput(query="q", documents=["a", "b"], instruction="find", top_n=1)
+
+
+def test_flags_win_over_json_fields() -> None:
+    stdin = io.StringIO('{"query": "q", "documents": ["a"], "instruction": "x", "top_n": 1}')
+    given = cli.read_input(parse("--top-n", "3", "--instruction", "y"), stdin)
+
+    assert (given.top_n, given.instruction) == (3, "y")
+
+
+@pytest.mark.parametrize(
+    ("stdin", "complaint"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "must be an object"),
+        ('{"documents": ["a"]}', "lacks 'query'"),
+        ('{"query": "q"}', "lacks 'documents'"),
+        ('{"query": "q", "documents": ["a"], "topn": 2}', "unknown fields: topn"),
+        ('{"query": "q", "documents": []}', "documents is empty"),
+        ('{"query": "q", "documents": [1]}', r"documents\[0\] must be a str"),
+        ('{"query": "q", "documents": ["a"], "top_n": "2"}', "top_n must be an int"),
+    ],
+)
+def test_bad_stdin_is_refused(stdin: str, complaint: str) -> None:
+    with pytest.raises(InvalidArgument, match=complaint):
+        cli.read_input(parse(), io.StringIO(stdin))
+
+
+def test_query_without_documents_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="at least one document"):
+        cli.read_input(parse("lonely query"), io.StringIO())
+
+
+# -- exit codes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["lonely query"], "at least one document"),
+        (["--top-n", "0", "q", "d"], "top_n must be at least 1"),
+        (["--timeout", "0", "q", "d"], "timeout"),
+        (["", "d"], "query is empty"),
+        (["--security-protocol", "SASL_SSL", "q", "d"], "SASL"),
+        (["--ssl-keyfile", "key.pem", "q", "d"], "certificate"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = cli.main(["--bootstrap-servers", "127.0.0.1:1", *argv])
+
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_BAD_ARGS
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert complaint in captured.err
+
+
+def test_unknown_flag_exits_2() -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--no-such-flag", "q", "d"])
+    assert raised.value.code == cli.EXIT_BAD_ARGS
+
+
+def test_bad_json_on_stdin_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("{"))
+
+    status = cli.main(["--bootstrap-servers", "127.0.0.1:1"])
+
+    assert status == cli.EXIT_BAD_ARGS
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_unreachable_broker_exits_1_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["--bootstrap-servers", "127.0.0.1:1", "--timeout", "5", "q", "d"])
+
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_FAILED
+    assert captured.err.count("\n") == 1
+    assert "ClientStartError" in captured.err
+
+
+def test_bootstrap_servers_default_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RERANK_BOOTSTRAP_SERVERS", "kafka-a:9092,kafka-b:9092")
+
+    assert parse("q", "d").bootstrap_servers == "kafka-a:9092,kafka-b:9092"
