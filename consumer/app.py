@@ -135,6 +135,8 @@ class Service:
         return reasons
 
     def _refresh_gauges(self) -> None:
+        """Before each scrape: the ready gauge (what /health/ready would say), GPU memory."""
+        self.metrics.ready.set(0 if self.readiness() else 1)
         if self._model is not None:
             refresh_gpu_memory(self.metrics.gpu_memory, self._model.device)
 

@@ -141,6 +141,12 @@ async def get(session: aiohttp.ClientSession, service: Service, path: str) -> tu
         return response.status, await response.json()
 
 
+async def metrics_text(session: aiohttp.ClientSession, service: Service) -> str:
+    assert service.http is not None
+    async with session.get(f"http://127.0.0.1:{service.http.port}/metrics") as response:
+        return await response.text()
+
+
 async def test_health_answers_during_model_load_then_ready_then_clean_stop(session) -> None:
     fakes = FakeParts()
     service = make_service(fakes)
@@ -152,10 +158,12 @@ async def test_health_answers_during_model_load_then_ready_then_clean_stop(sessi
         status, body = await get(session, service, "/health/ready")
         assert status == 503
         assert "model loading" in body["reasons"]
+        assert "rerank_ready 0.0" in await metrics_text(session, service)
 
         fakes.release_load.set()
         await wait_for(lambda: fakes.workers and fakes.workers[0].joined.is_set())
         assert await get(session, service, "/health/ready") == (200, {"status": "ready"})
+        assert "rerank_ready 1.0" in await metrics_text(session, service)
 
         service._on_signal(signal.SIGTERM)
         assert await asyncio.wait_for(running, WAIT_S) == EXIT_OK
