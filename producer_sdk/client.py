@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TOPIC = "rerank.requests"
 DEFAULT_REPLY_TOPIC = "rerank.replies"
+PRODUCER_BATCH_BYTES = 512 * 1024
 
 
 @dataclass
@@ -188,10 +189,10 @@ class RerankClient:
         try:
             async with asyncio.timeout(self._start_timeout):
                 await self._connect()
-        except (TimeoutError, KafkaError, ClientStartError) as error:
-            await self._disconnect()
+        except BaseException as error:  # cancelled too: never leave connections behind
             self._closed = True
-            if isinstance(error, ClientStartError):
+            await self._disconnect()
+            if not isinstance(error, TimeoutError | KafkaError):
                 raise
             raise ClientStartError(
                 f"could not start against {self._bootstrap_servers}: {_describe(error)}"
@@ -252,9 +253,10 @@ class RerankClient:
             async with asyncio.timeout(seconds):
                 return await future
         except TimeoutError:
-            if future.cancelled():  # our timeout, not an error carried by the future
-                raise RerankTimeout(f"no reply within {seconds:g} s") from None
-            raise
+            if future.done() and not future.cancelled():
+                # The reply won the race, only the wake-up came after the timer fired.
+                return future.result()
+            raise RerankTimeout(f"no reply within {seconds:g} s") from None
         finally:
             if self._pending.pop(correlation_id, None) is not None:
                 self._recent.remember(correlation_id, resolved=False)
@@ -286,7 +288,12 @@ class RerankClient:
                 raise ClientStartError(f"topic {topic!r} does not exist on the broker")
 
         self._producer = AIOKafkaProducer(
-            acks="all", enable_idempotence=True, **{**kafka, **self._producer_options}
+            acks="all",
+            enable_idempotence=True,
+            # aiokafka's 16 KiB default holds only a few requests of real size, and a
+            # send that finds the batch full waits a broker round trip for it to drain.
+            max_batch_size=PRODUCER_BATCH_BYTES,
+            **{**kafka, **self._producer_options},
         )
         await self._producer.start()
         partitions = sorted(await self._producer.partitions_for(self._reply_topic))
@@ -374,6 +381,9 @@ class RerankClient:
             _fail(future, InvalidArgument(f"the request is too large ({len(value)} bytes)"))
         except KafkaError as error:
             _fail(future, DeliveryError(f"sending failed: {_describe(error)}", error.retriable))
+        except Exception as error:  # whatever happens, the waiting call must hear of it
+            log.exception("sending request %s failed", correlation_id)
+            _fail(future, DeliveryError(f"sending failed: {_describe(error)}", retriable=False))
         else:
             self.stats.requests_sent += 1
 

@@ -66,7 +66,9 @@ class FakeRerankService:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False
         )
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers, acks="all", max_batch_size=512 * 1024
+        )
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
