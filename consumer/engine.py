@@ -58,6 +58,10 @@ if TYPE_CHECKING:  # torch and prometheus_client stay out of this module's impor
 
 log = logging.getLogger(__name__)
 
+# Called on the inference thread after each successful model call with the pairs and
+# the seconds it took (benchmarks and tracing).
+BatchObserver = Callable[[Sequence[EncodedPair], float], None]
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -163,6 +167,8 @@ class EngineStats:
 
     batches: int = 0
     pairs_scored: int = 0
+    real_tokens: int = 0
+    cost_tokens: int = 0  # what the batches cost (padded tokens, or real ones when packed)
     oom_splits: int = 0
     warmup_s: float = 0.0
 
@@ -184,6 +190,7 @@ class Engine:
         scorer: Scorer | None = None,
         name: str | None = None,
         loader: Callable[[], LoadedModel] | None = None,
+        batch_observer: BatchObserver | None = None,
     ) -> None:
         given = sum(x is not None for x in (model, scorer, loader))
         if given != 1 or (scorer is not None and (encoder is None or name is None)):
@@ -191,6 +198,7 @@ class Engine:
         self.settings = settings or EngineSettings()
         self._metrics = metrics
         self._loader = loader
+        self._batch_observer = batch_observer
         self._name = name or ""
         self._encoder: PromptEncoder | None = encoder
         self._scorer: Scorer | None = scorer
@@ -689,13 +697,20 @@ class Engine:
         return lowered
 
     def _record_batch(self, tickets: list[_Ticket], seconds: float, started: float) -> None:
+        cost = self._batch_cost(tickets)
+        real = sum(t.tokens for t in tickets)
         self.stats.batches += 1
         self.stats.pairs_scored += len(tickets)
+        self.stats.real_tokens += real
+        self.stats.cost_tokens += cost
+        if self._batch_observer is not None:
+            try:
+                self._batch_observer([t.pair for t in tickets], seconds)
+            except Exception:
+                log.warning("batch observer failed", exc_info=True)
         metrics = self._metrics
         if metrics is None:
             return
-        cost = self._batch_cost(tickets)
-        real = sum(t.tokens for t in tickets)
         metrics.batch_pairs.observe(len(tickets))
         metrics.batch_tokens.observe(cost)
         if cost > 0:

