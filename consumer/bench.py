@@ -381,7 +381,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m consumer.bench", description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=2048, help="pairs in the load phase")
     p.add_argument("--docs-per-request", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=64, help="requests in flight under load")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=256,
+        help="requests in flight under load; 256 x 8 docs = 2048 pairs, the service's default "
+        "low-water mark (with the default --pairs that is one burst)",
+    )
     p.add_argument(
         "--idle-requests", type=int, default=32, help="one-at-a-time requests on an idle engine"
     )
