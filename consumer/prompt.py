@@ -78,6 +78,8 @@ class Qwen3RerankerEncoder:
 
     def __init__(self, hf_tokenizer: Any, max_pair_tokens: int, default_instruction: str) -> None:
         self._tok = private_tokenizer(hf_tokenizer)
+        # encode_batch_fast (tokenizers >= 0.21) skips character offsets we never use
+        self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         self._prefix = self._ids(QWEN3_PREFIX)
         self._suffix = self._ids(QWEN3_SUFFIX)
         self.max_pair_tokens = max_pair_tokens
@@ -98,7 +100,7 @@ class Qwen3RerankerEncoder:
                 f"instruction and query take {len(head) + len(self._suffix)} prompt tokens, "
                 f"leaving no room for a document within max_pair_tokens={self.max_pair_tokens}"
             )
-        encodings = self._tok.encode_batch([" " + d for d in documents], add_special_tokens=False)
+        encodings = self._encode_batch([" " + d for d in documents], add_special_tokens=False)
         pairs = []
         for enc in encodings:
             doc = enc.ids

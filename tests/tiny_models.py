@@ -18,6 +18,7 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 REAL_CONFIG = (
     Path(__file__).resolve().parents[1] / "consumer" / "data" / "qwen3-reranker-0.6b.config.json"
@@ -65,9 +66,9 @@ def copy_tokenizer(path: Path) -> None:
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)
 
 
-def tiny_qwen3_config_dict() -> dict[str, object]:
+def tiny_qwen3_config_dict() -> dict[str, Any]:
     """The real 0.6B config shrunk to toy size (same vocabulary, same special tokens)."""
-    config: dict[str, object] = json.loads(REAL_CONFIG.read_text())
+    config: dict[str, Any] = json.loads(REAL_CONFIG.read_text())
     config.update(TINY_SHAPE)
     return config
 

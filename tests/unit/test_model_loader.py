@@ -1,0 +1,143 @@
+"""load_model: kind detection, option resolution and one-line load errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub.constants
+import pytest
+import torch
+from tiny_models import minilm_dir
+
+from consumer.model_loader import ModelLoadError, load_model
+from consumer.model_options import ModelOptions
+from consumer.prompt import BiEncoderIds
+from consumer.prompt_throughput import measure_encoder_throughput
+
+
+def test_released_qwen3_reranker_layout_loads_as_causal_lm(tiny_causal_dir: Path) -> None:
+    loaded = load_model(ModelOptions(model=str(tiny_causal_dir)))
+    assert (loaded.kind, loaded.device, loaded.dtype) == ("causal-lm", "cpu", "float32")
+    assert loaded.name == str(tiny_causal_dir)
+    assert loaded.scorer.kind == "causal-lm"
+    assert getattr(loaded.scorer, "packed", None) is False  # no CUDA here: padded path
+
+
+def test_converted_seq_cls_loads_as_seq_cls(tiny_seqcls_dir: Path) -> None:
+    loaded = load_model(ModelOptions(model=str(tiny_seqcls_dir)))
+    assert (loaded.kind, loaded.scorer.kind) == ("seq-cls", "seq-cls")
+
+
+def test_sentence_encoder_loads_as_bi_encoder() -> None:
+    loaded = load_model(ModelOptions(model=str(minilm_dir())))
+    assert loaded.kind == "bi-encoder"
+    (pair,) = loaded.encoder.encode("a query", ["a document " * 400], None)
+    assert isinstance(pair.payload, BiEncoderIds)
+    assert (
+        pair.truncated and len(pair.payload.doc_ids) == 256
+    )  # its sentence-transformers max_seq_length
+
+
+def test_bfloat16_option_loads_a_bfloat16_model(tiny_causal_dir: Path) -> None:
+    fp32 = load_model(ModelOptions(model=str(tiny_causal_dir)))
+    bf16 = load_model(ModelOptions(model=str(tiny_causal_dir), dtype="bfloat16"))
+    assert bf16.dtype == "bfloat16"
+    assert next(bf16.scorer._base.parameters()).dtype == torch.bfloat16  # type: ignore[attr-defined]
+    pairs = bf16.encoder.encode("what is bf16?", ["a number format", "a train timetable"], None)
+    assert bf16.scorer.score(pairs) == pytest.approx(fp32.scorer.score(pairs), abs=0.1)
+
+
+def test_warmup_runs_on_every_kind(tiny_causal_dir: Path) -> None:
+    loaded = load_model(ModelOptions(model=str(tiny_causal_dir), max_pair_tokens=128))
+    loaded.scorer.warmup(loaded.encoder)
+
+
+def test_missing_folder_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelOptions(model=str(tmp_path / "nope")))
+    assert str(info.value) == f"cannot load model {str(tmp_path / 'nope')!r}: no such folder"
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"has no config\.json"):
+        load_model(ModelOptions(model=str(tmp_path)))
+
+
+def _folder_with_config(tmp_path: Path, **config: object) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_unknown_architecture_is_named(tmp_path: Path) -> None:
+    folder = _folder_with_config(tmp_path, architectures=["LlamaForCausalLM"], model_type="llama")
+    with pytest.raises(ModelLoadError, match="unsupported architecture LlamaForCausalLM") as info:
+        load_model(ModelOptions(model=str(folder)))
+    assert "\n" not in str(info.value)
+
+
+def test_classifier_with_several_labels_is_refused(tmp_path: Path) -> None:
+    folder = _folder_with_config(
+        tmp_path,
+        architectures=["BertForSequenceClassification"],
+        model_type="bert",
+        id2label={"0": "neg", "1": "pos"},
+    )
+    with pytest.raises(ModelLoadError, match="has 2 labels"):
+        load_model(ModelOptions(model=str(folder)))
+
+
+def test_broken_weights_become_a_model_load_error(tmp_path: Path, tiny_causal_dir: Path) -> None:
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_causal_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot load model") as info:
+        load_model(ModelOptions(model=str(folder)))
+    assert "\n" not in str(info.value)
+
+
+def test_hub_id_without_network_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelOptions(model="Qwen/Qwen3-Reranker-0.6B"))
+    message = str(info.value)
+    assert message.startswith(
+        "cannot load model 'Qwen/Qwen3-Reranker-0.6B': not a local folder and it could not be "
+        "fetched from the Hugging Face hub ("
+    )
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("dtype", "float8", "unknown dtype 'float8'"),
+        ("packed", "on", "packed=on needs a CUDA device"),
+        ("compile", "maybe", "compile must be auto, on or off"),
+    ],
+)
+def test_bad_options_are_refused(
+    tiny_causal_dir: Path, option: str, value: str, match: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=match):
+        change: dict[str, Any] = {option: value}
+        load_model(replace(ModelOptions(model=str(tiny_causal_dir)), **change))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_requested_without_cuda(tiny_causal_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_model(ModelOptions(model=str(tiny_causal_dir), device="cuda"))
+
+
+def test_encoder_throughput_counts_what_it_encoded(tiny_causal_dir: Path) -> None:
+    loaded = load_model(ModelOptions(model=str(tiny_causal_dir)))
+    result = measure_encoder_throughput(loaded.encoder, requests=4, docs_per_request=3)
+    assert result.pairs == 12
+    assert result.tokens > result.pairs
+    assert result.tokens_per_s > 0 and result.pairs_per_s > 0
