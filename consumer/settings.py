@@ -16,7 +16,8 @@ import argparse
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -61,6 +62,20 @@ def _setting(default: Any, description: str, group: str, **constraints: Any) -> 
     return Field(
         default, description=description, json_schema_extra={"group": group}, **constraints
     )
+
+
+_SECURITY_FIELDS = (
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+)
+# Fields whose own validation failed, while settings_from looks for the other problems.
+_SKIP_CHECKS_OF: ContextVar[frozenset[str]] = ContextVar("skip_checks_of", default=frozenset())
 
 
 class SettingsError(Exception):
@@ -388,22 +403,41 @@ class Settings(BaseSettings):
         return self
 
     def _cross_field_problems(self) -> list[str]:
+        # Checks that involve a field which failed its own validation are skipped: that
+        # field holds a stand-in default here (see settings_from), not the user's value.
+        skip = _SKIP_CHECKS_OF.get()
+        checks: list[tuple[tuple[str, ...], Callable[[], list[str]]]] = [
+            (("inflight_low_pairs", "inflight_high_pairs"), self._inflight_problems),
+            (("heartbeat_interval_ms", "session_timeout_ms"), self._heartbeat_problems),
+            (("allowed_reply_topics", "reply_topic"), self._reply_pattern_problems),
+            (("request_topic", "reply_topic", "dlq_topic"), self._shared_topics),
+            (_SECURITY_FIELDS, self._security_problems),
+        ]
         found: list[str] = []
-        if self.inflight_low_pairs >= self.inflight_high_pairs:
-            found.append(
-                f"{_env('inflight_low_pairs')} ({self.inflight_low_pairs}) must be below "
-                f"{_env('inflight_high_pairs')} ({self.inflight_high_pairs})"
-            )
-        if self.heartbeat_interval_ms >= self.session_timeout_ms:
-            found.append(
-                f"{_env('heartbeat_interval_ms')} ({self.heartbeat_interval_ms}) must be below "
-                f"{_env('session_timeout_ms')} ({self.session_timeout_ms})"
-            )
-        found.extend(self._reply_pattern_problems())
-        found.extend(self._shared_topics())
-        found.extend(f"Kafka security: {p}" for p in self._unchecked_security().problems())
-        found.extend(self._missing_files())
+        for fields, check in checks:
+            if skip.isdisjoint(fields):
+                found.extend(check())
         return found
+
+    def _inflight_problems(self) -> list[str]:
+        if self.inflight_low_pairs < self.inflight_high_pairs:
+            return []
+        return [
+            f"{_env('inflight_low_pairs')} ({self.inflight_low_pairs}) must be below "
+            f"{_env('inflight_high_pairs')} ({self.inflight_high_pairs})"
+        ]
+
+    def _heartbeat_problems(self) -> list[str]:
+        if self.heartbeat_interval_ms < self.session_timeout_ms:
+            return []
+        return [
+            f"{_env('heartbeat_interval_ms')} ({self.heartbeat_interval_ms}) must be below "
+            f"{_env('session_timeout_ms')} ({self.session_timeout_ms})"
+        ]
+
+    def _security_problems(self) -> list[str]:
+        found = [f"Kafka security: {p}" for p in self._unchecked_security().problems()]
+        return found + self._missing_files()
 
     def _reply_pattern_problems(self) -> list[str]:
         if self.allowed_reply_topics is None:
@@ -640,11 +674,37 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
 
 
 def settings_from(values: Mapping[str, Any]) -> Settings:
-    """Build :class:`Settings` from explicit values (over env and defaults)."""
+    """Build :class:`Settings` from explicit values (over env and defaults).
+
+    Raises :class:`SettingsError` with every problem: the fields that fail on their own
+    and, among the others, every inconsistency.
+    """
     try:
         return Settings(**values)
     except ValidationError as exc:
-        raise SettingsError(_problem_lines(exc)) from None
+        problems = _problem_lines(exc)
+        failed = frozenset(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
+        if failed:
+            problems.extend(_cross_field_problems_without(values, failed))
+        raise SettingsError(problems) from None
+
+
+def _cross_field_problems_without(values: Mapping[str, Any], failed: frozenset[str]) -> list[str]:
+    """The cross-field problems of ``values`` with the ``failed`` fields left out."""
+    stand_ins = {name: Settings.model_fields[name].default for name in failed}
+    token = _SKIP_CHECKS_OF.set(failed)
+    try:
+        Settings(**{**values, **stand_ins})
+    except ValidationError as exc:
+        return [
+            line
+            for error in exc.errors()
+            if isinstance(cause := error.get("ctx", {}).get("error"), _CrossFieldProblems)
+            for line in cause.problems
+        ]
+    finally:
+        _SKIP_CHECKS_OF.reset(token)
+    return []
 
 
 def _problem_lines(exc: ValidationError) -> list[str]:
@@ -663,6 +723,7 @@ def _field_problem(error: Any) -> str:
     field = str(loc[0]) if loc else ""
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
     info = Settings.model_fields.get(field)
     if info is None:
         return f"unknown setting {field!r}: {message}" if field else message

@@ -192,6 +192,30 @@ def test_cross_field_problems_are_all_reported() -> None:
     assert any("request topic and the dead-letter topic" in p for p in problems)
 
 
+def test_field_and_cross_field_problems_come_together() -> None:
+    problems = problems_of(
+        [
+            "--http-port",
+            "-1",
+            "--inflight-high-pairs",
+            "10",
+            "--inflight-low-pairs",
+            "20",
+            "--sasl-mechanism",
+            "MD5",
+            "--security-protocol",
+            "SASL_SSL",
+        ]
+    )
+
+    assert len(problems) == 3, problems
+    assert any("RERANK_HTTP_PORT" in p for p in problems)
+    assert any("RERANK_SASL_MECHANISM" in p and "MD5" in p for p in problems)
+    assert any("RERANK_INFLIGHT_LOW_PAIRS" in p for p in problems)
+    # No second line about the mechanism from the security check of a stand-in value.
+    assert not any(p.startswith("Kafka security") for p in problems)
+
+
 def test_reply_pattern_must_allow_the_reply_topic() -> None:
     (problem,) = problems_of(["--allowed-reply-topics", r"team-a\..+"])
 
