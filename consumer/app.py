@@ -308,6 +308,8 @@ def main(argv: Sequence[str] | None = None, parts: Parts = REAL_PARTS) -> int:
         _print_problems([str(exc)])
         return EXIT_BAD_SETTINGS
     configure_logging(settings.log_level, settings.log_format)
+    # Progress bars (weights loading) would break the one-record-a-line log output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     log.info("rerank worker starting", extra={"settings": settings.masked()})
     return asyncio.run(_run(settings, parts))
 
