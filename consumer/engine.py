@@ -379,6 +379,12 @@ class Engine:
             )
         except PromptTooLong as exc:
             raise InvalidRequest(str(exc)) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and (task is None or not task.cancelling()):
+                # close() cancelled the tokenizer pool's queue, not this caller
+                raise EngineClosed("the engine is shutting down") from None
+            raise
         except RuntimeError as exc:  # the pool was shut down by close()
             if self._closed:
                 raise EngineClosed("the engine is shutting down") from exc

@@ -473,3 +473,32 @@ async def test_engine_scores_equal_the_scorer_alone_on_a_tiny_real_model(
         assert result.logits == pytest.approx(alone, rel=1e-4, abs=1e-4)
         assert result.scores == pytest.approx(model.scorer.calibrate(alone), rel=1e-4, abs=1e-5)
         assert result.prompt_tokens == sum(p.tokens for p in pairs)
+
+
+async def test_close_fails_requests_still_waiting_for_tokenization() -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    class BlockingEncoder(FakeEncoder):
+        def encode(
+            self, query: str, documents: Sequence[str], instruction: str | None
+        ) -> list[EncodedPair]:
+            entered.set()
+            release.wait(10)
+            return super().encode(query, documents, instruction)
+
+    encoder = BlockingEncoder()
+    engine = Engine(
+        encoder=encoder,
+        scorer=FakeScorer(),
+        name="fake",
+        settings=EngineSettings(tokenizer_threads=1),
+    )
+    await engine.start()
+    running = asyncio.create_task(engine.score(ScoreRequest("a", ("x",))))
+    queued = asyncio.create_task(engine.score(ScoreRequest("b", ("y",))))
+    await asyncio.to_thread(entered.wait, 5)
+    await asyncio.sleep(0.01)  # let the second request reach the pool's queue
+    await engine.close()
+    release.set()
+    outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+    assert all(isinstance(o, EngineClosed) for o in outcomes), outcomes
