@@ -34,6 +34,11 @@ class PairGate:
         return self._pairs
 
     @property
+    def room(self) -> int:
+        """Pairs that can still be accepted before the high mark (0 when at or above it)."""
+        return max(0, self._high - self._pairs)
+
+    @property
     def paused(self) -> bool:
         """True while fetching should stay paused."""
         return self._paused

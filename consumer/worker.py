@@ -94,6 +94,7 @@ class Worker:
         self._stop_requested = False
         self._stopped = False
         self._in_group = False
+        self._pairs_per_record = 1.0  # running average, sizes each poll to the room left
         self._missing_topics: list[str] = []
         self._fetch_error: str | None = None
 
@@ -287,12 +288,11 @@ class Worker:
     async def _fetch_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        max_records = self._config.max_poll_records
         while not self._stop_requested:
             self._polling = True
             try:
                 batches = await consumer.getmany(
-                    timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records
+                    timeout_ms=_POLL_TIMEOUT_MS, max_records=self._poll_size()
                 )
             except asyncio.CancelledError:
                 if self._stop_requested:
@@ -316,6 +316,15 @@ class Worker:
                     self._accept(work, record, now)
             self._apply_flow()
 
+    def _poll_size(self) -> int:
+        """Records to take in one poll: about what fits below the high mark.
+
+        Taking a whole poll's worth regardless would overshoot the mark by up to
+        ``max_poll_records`` requests; one request's worth is the most it overshoots now.
+        """
+        fits = int(self._gate.room / self._pairs_per_record)
+        return max(1, min(self._config.max_poll_records, fits))
+
     def _on_fetch_error(self, exc: KafkaError) -> None:
         message = repr(exc)
         if message != self._fetch_error:
@@ -331,6 +340,7 @@ class Worker:
         decoded = processor.decode(record)
         weight = processor.weight(decoded)
         self._gate.add(weight)
+        self._pairs_per_record += (weight - self._pairs_per_record) * 0.1
         task = asyncio.create_task(processor.process(record, decoded, received))
         self._tasks.add(task)
         work.tasks.add(task)
@@ -375,11 +385,11 @@ class Worker:
         if change is FlowChange.PAUSE:
             self._consumer.pause(*partitions)
             self._metrics.paused.set(1)
-            log.info("fetching paused", extra={"in_flight_pairs": self._gate.pairs})
+            log.debug("fetching paused", extra={"in_flight_pairs": self._gate.pairs})
         else:
             self._consumer.resume(*partitions)
             self._metrics.paused.set(0)
-            log.info("fetching resumed", extra={"in_flight_pairs": self._gate.pairs})
+            log.debug("fetching resumed", extra={"in_flight_pairs": self._gate.pairs})
 
     # --------------------------------------------------------------- commits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from worker_harness import (
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def test_success_replies_follow_the_contract(
-    kafka_bootstrap: str, new_topic: TopicFactory, new_group: object
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
 ) -> None:
     topics = await make_topics(new_topic)
     other_replies = await new_topic(partitions=3)
@@ -56,7 +57,7 @@ async def test_success_replies_follow_the_contract(
     # The body-only request has no correlation-id header: its id comes from the body.
     requests[5].headers = []
     engine = FakeEngine()
-    config = worker_config(kafka_bootstrap, topics, new_group())  # type: ignore[operator]
+    config = worker_config(kafka_bootstrap, topics, new_group())
     async with running_worker(config, engine), reply_reader(kafka_bootstrap, topics) as replies:
         await produce(kafka_bootstrap, topics.requests, requests)
         received = by_correlation_id(await replies.read(len(requests) - 1))
@@ -120,7 +121,7 @@ async def test_success_replies_follow_the_contract(
 
 
 async def test_many_concurrent_requests_across_partitions_get_their_own_scores(
-    kafka_bootstrap: str, new_topic: TopicFactory, new_group: object
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
 ) -> None:
     topics = await make_topics(new_topic, request_partitions=4)
     count = 200
@@ -131,7 +132,7 @@ async def test_many_concurrent_requests_across_partitions_get_their_own_scores(
         for i, (cid, docs) in enumerate(docs_of.items())
     ]
     engine = FakeEngine(delay_s=0.01)
-    config = worker_config(kafka_bootstrap, topics, new_group())  # type: ignore[operator]
+    config = worker_config(kafka_bootstrap, topics, new_group())
     async with running_worker(config, engine), reply_reader(kafka_bootstrap, topics) as replies:
         await produce(kafka_bootstrap, topics.requests, requests)
         received = by_correlation_id(await replies.read(count))

@@ -57,12 +57,14 @@ def fake_score(query: str, instruction: str | None, document: str) -> float:
 class FakeEngine:
     """A :class:`consumer.engine_api.RerankEngine` with deterministic scores.
 
-    ``delay_s`` makes every request take that long (as if the GPU were busy). Every
-    request it is asked to score is recorded in ``seen`` (queries only).
+    ``delay_s`` makes every request take that long; with ``blocking`` the wait is a
+    blocking sleep in a thread, as the real engine's GPU thread is. Every request it is
+    asked to score is recorded in ``seen`` (queries only).
     """
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, blocking: bool = False) -> None:
         self.delay_s = delay_s
+        self.blocking = blocking
         self.seen: list[str] = []
         self._in_flight = 0
         self.max_in_flight_pairs = 0
@@ -91,7 +93,9 @@ class FakeEngine:
         self._in_flight += n
         self.max_in_flight_pairs = max(self.max_in_flight_pairs, self._in_flight)
         try:
-            if self.delay_s:
+            if self.blocking:
+                await asyncio.to_thread(time.sleep, self.delay_s)
+            elif self.delay_s:
                 await asyncio.sleep(self.delay_s)
             return self._result(request)
         finally:

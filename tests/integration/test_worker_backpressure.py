@@ -1,0 +1,133 @@
+"""Flow control: the worker pauses above its high mark and resumes below its low mark, and
+stays in its group while the engine is busy for longer than the poll interval."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from worker_harness import (
+    FakeEngine,
+    TopicFactory,
+    by_correlation_id,
+    fresh_metrics,
+    make_topics,
+    produce,
+    reply_reader,
+    request,
+    running_worker,
+    worker_config,
+)
+
+from consumer.worker import Worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextlib.asynccontextmanager
+async def sampling(
+    probe: Callable[[], object], every_s: float = 0.005
+) -> AsyncIterator[list[object]]:
+    """Collects ``probe()`` every few ms while the block runs."""
+    samples: list[object] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append(probe())
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield samples
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_the_consumer_pauses_above_the_high_mark_and_resumes(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic, request_partitions=2)
+    high, low, docs_per_request = 4, 2, 2
+    config = worker_config(
+        kafka_bootstrap,
+        topics,
+        new_group(),
+        inflight_high_pairs=high,
+        inflight_low_pairs=low,
+    )
+    requests = [
+        request(
+            f"req-{i}", {"query": f"q{i}", "documents": ["a"] * docs_per_request}, partition=i % 2
+        )
+        for i in range(40)
+    ]
+    metrics = fresh_metrics()
+    engine = FakeEngine(delay_s=0.02, blocking=True)
+
+    def state(worker: Worker) -> tuple[bool, int, float | None]:
+        paused_gauge = metrics.registry.get_sample_value("rerank_consumer_paused")
+        return worker.paused, worker.in_flight_pairs, paused_gauge
+
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, engine, metrics) as worker,
+    ):
+        async with sampling(lambda: state(worker)) as samples:
+            await produce(kafka_bootstrap, topics.requests, requests)
+            await replies.read(len(requests))
+        final = state(worker)
+
+    assert set(by_correlation_id(replies.records)) == {f"req-{i}" for i in range(len(requests))}
+    paused_flags = [s[0] for s in samples]  # type: ignore[index]
+    assert any(paused_flags), "the consumer paused"
+    first_pause = paused_flags.index(True)
+    assert not all(paused_flags[first_pause:]), "and resumed"
+    assert any(s[2] == 1 for s in samples), "the paused metric showed it"  # type: ignore[index]
+    assert final == (False, 0, 0)
+    # A poll takes about what fits below the high mark, so the overshoot is bounded
+    # (by one poll's worth), far below taking every request at once.
+    peak = max(s[1] for s in samples)  # type: ignore[index]
+    assert peak <= 2 * high + docs_per_request
+    assert engine.max_in_flight_pairs <= peak
+
+
+async def test_a_busy_engine_does_not_cost_the_group_membership(
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each request keeps the (blocking, threaded) engine busy for longer than the poll
+    # interval, with the partition paused meanwhile: the worker must keep polling anyway.
+    poll_interval_ms, session_ms = 1000, 6000
+    busy_s = 2 * poll_interval_ms / 1000
+    topics = await make_topics(new_topic)
+    config = worker_config(
+        kafka_bootstrap,
+        topics,
+        new_group(),
+        max_poll_interval_ms=poll_interval_ms,
+        session_timeout_ms=session_ms,
+        inflight_high_pairs=1,
+        inflight_low_pairs=0,
+    )
+    requests = [request("slow", {"query": "q", "documents": ["a", "b"]})]
+    caplog.set_level(logging.INFO, logger="consumer.worker")
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, FakeEngine(delay_s=busy_s, blocking=True)) as worker,
+        sampling(lambda: worker.in_group, every_s=0.05) as in_group,
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        await replies.read(len(requests), timeout_s=4 * busy_s)
+        await replies.quiet(0.5)
+
+    assert all(in_group), "never left the group"
+    messages = [r.getMessage() for r in caplog.records if r.name == "consumer.worker"]
+    assert "partitions lost" not in messages and "partitions revoked" not in messages
+    assert len(replies.records) == len(requests), "each request answered once"

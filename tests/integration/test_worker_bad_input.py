@@ -1,0 +1,197 @@
+"""Bad input gets an error reply or a dead-letter record, and never stops the partition.
+
+All cases share one partition, in one run of the worker, followed by a good request:
+if any bad record stopped or stalled the partition, the last request would not be
+answered, and the committed offset would not reach the end of the partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from worker_harness import (
+    QUERY_CRASH,
+    QUERY_ENGINE_ERROR,
+    QUERY_NAN,
+    QUERY_VALUE_ERROR,
+    FakeEngine,
+    TopicFactory,
+    by_correlation_id,
+    dlq_reader,
+    documents,
+    fresh_metrics,
+    make_topics,
+    produce,
+    reply_reader,
+    request,
+    running_worker,
+    wait_until,
+    worker_config,
+)
+
+from consumer.codec import RequestLimits
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX_DOCUMENTS = 5
+MAX_REQUEST_BYTES = 4000
+GOOD = {"query": "q", "documents": ["a", "b"]}
+
+# correlation id -> (request value, expected error code, retriable)
+ERROR_REPLIES: dict[str, tuple[bytes | None, str, bool]] = {
+    "invalid-json": (b'{"query": "q", "documents": [', "invalid_request", False),
+    "not-an-object": (b'["q", "a"]', "invalid_request", False),
+    "wrong-types": (orjson.dumps({"query": 5, "documents": "a"}), "invalid_request", False),
+    "empty-query": (orjson.dumps({"query": "  ", "documents": ["a"]}), "invalid_request", False),
+    "no-documents": (orjson.dumps({"query": "q", "documents": []}), "invalid_request", False),
+    "too-many-documents": (
+        orjson.dumps({"query": "q", "documents": ["d"] * (MAX_DOCUMENTS + 1)}),
+        "payload_too_large",
+        False,
+    ),
+    "oversized": (
+        orjson.dumps({"query": "q", "documents": ["x" * MAX_REQUEST_BYTES]}),
+        "payload_too_large",
+        False,
+    ),
+    "bad-utf8": (b'{"query": "\xff\xfe", "documents": ["a"]}', "invalid_request", False),
+    "unknown-field": (orjson.dumps({**GOOD, "topn": 3}), "invalid_request", False),
+    "empty-value": (b"", "invalid_request", False),
+    "tombstone": (None, "invalid_request", False),
+    "engine-error": (
+        orjson.dumps({"query": QUERY_ENGINE_ERROR, "documents": ["a"]}),
+        "internal",
+        True,
+    ),
+    "engine-value-error": (
+        orjson.dumps({"query": QUERY_VALUE_ERROR, "documents": ["a"]}),
+        "invalid_request",
+        False,
+    ),
+    "engine-crash": (orjson.dumps({"query": QUERY_CRASH, "documents": ["a"]}), "internal", True),
+    "engine-nan": (orjson.dumps({"query": QUERY_NAN, "documents": ["a", "b"]}), "internal", True),
+}
+
+
+async def test_bad_input_is_answered_or_dead_lettered_and_the_partition_goes_on(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic)
+    not_allowed = f"other-{uuid.uuid4().hex}"
+    missing = f"test-{uuid.uuid4().hex}"  # allowed by the test pattern, never created
+    past_ms = int(time.time() * 1000) - 60_000
+
+    requests = [request(cid, value) for cid, (value, _, _) in ERROR_REPLIES.items()]
+    requests += [
+        request("expired", {"query": "expired query", "documents": ["a"]}, deadline_ms=past_ms),
+        request(None, orjson.dumps(GOOD)),  # no correlation id anywhere -> DLQ
+        request("to-missing-topic", GOOD, reply_topic=missing),
+        request("to-missing-topic-2", GOOD, reply_topic=missing),
+        request("to-forbidden-topic", GOOD, reply_topic=not_allowed),
+        request("to-missing-partition", GOOD, reply_partition=7),
+        request("last-good", {"query": "still here", "documents": documents(3)}),
+    ]
+    requests[-6].key = b"the-original-key"
+    requests[-6].headers = [("x-custom", b"kept")]
+    dead_lettered: dict[str | None, str] = {
+        None: "no correlation id",
+        "to-missing-topic": "does not exist",
+        "to-missing-topic-2": "does not exist",
+        "to-forbidden-topic": "is not allowed",
+        "to-missing-partition": "partition 7 does not exist",
+    }
+    replied = len(requests) - len(dead_lettered)
+
+    engine = FakeEngine()
+    metrics = fresh_metrics()
+    config = worker_config(kafka_bootstrap, topics, new_group())
+    config = replace(
+        config,
+        limits=RequestLimits(max_documents=MAX_DOCUMENTS, max_request_bytes=MAX_REQUEST_BYTES),
+    )
+    async with (
+        running_worker(config, engine, metrics) as worker,
+        reply_reader(kafka_bootstrap, topics) as replies,
+        dlq_reader(kafka_bootstrap, topics) as dlq,
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        received = by_correlation_id(await replies.read(replied))
+        dlq_records = await dlq.read(len(dead_lettered))
+        tp = TopicPartition(topics.requests, 0)
+        await wait_until(lambda: worker.in_flight_pairs == 0, 10, "every request to finish")
+        committed = await _committed(kafka_bootstrap, config.group_id, tp, len(requests))
+        extra_replies = await replies.quiet(0.5)
+
+    assert committed == len(requests), "every offset, bad ones included, is committed"
+    assert extra_replies == []
+
+    # Error replies: right code, retriable flag, keyed and headed by the correlation id.
+    for cid, (_, code, retriable) in ERROR_REPLIES.items():
+        (reply,) = received[cid]
+        assert reply.key == cid.encode()
+        body = reply.json()
+        assert body["id"] == cid
+        assert body["error"]["code"] == code, (cid, body)
+        assert body["error"]["retriable"] is retriable, (cid, body)
+        assert body["error"]["message"]
+    (expired,) = received["expired"]
+    assert expired.json()["error"]["code"] == "deadline_exceeded"
+    assert "expired query" not in engine.seen, "an expired request never reaches the engine"
+    (last,) = received["last-good"]
+    assert len(last.json()["results"]) == 3
+
+    # Dead-letter records: the original record, unchanged, plus the DLQ headers.
+    assert len(dlq_records) == len(dead_lettered)
+    by_id = {
+        (r.headers["correlation-id"].decode() if "correlation-id" in r.headers else None): r
+        for r in dlq_records
+    }
+    assert set(by_id) == set(dead_lettered)
+    offsets_of = {
+        (dict(r.headers).get("correlation-id", b"").decode() or None): i
+        for i, r in enumerate(requests)
+    }
+    for dead_id, message_part in dead_lettered.items():
+        record = by_id[dead_id]
+        original = requests[offsets_of[dead_id]]
+        assert record.value == original.value
+        assert record.key == original.key
+        assert record.headers["error-code"] == b"invalid_request"
+        assert message_part in record.headers["error-message"].decode()
+        assert record.headers["source-topic"] == topics.requests.encode()
+        assert record.headers["source-partition"] == b"0"
+        assert record.headers["source-offset"] == str(offsets_of[dead_id]).encode()
+        for name, value in original.headers:
+            assert record.headers[name] == value
+    assert by_id[None].headers["x-custom"] == b"kept"
+
+    # Metrics: outcomes and DLQ records by code.
+    registry = metrics.registry
+    assert registry.get_sample_value("rerank_requests_total", {"outcome": "ok"}) == 1
+    assert registry.get_sample_value("rerank_requests_total", {"outcome": "deadline_exceeded"}) == 1
+    assert registry.get_sample_value(
+        "rerank_dlq_records_total", {"code": "invalid_request"}
+    ) == len(dead_lettered)
+
+
+async def _committed(bootstrap: str, group: str, tp: TopicPartition, expected: int) -> int | None:
+    """The group's committed offset of ``tp`` once it reaches ``expected`` (or the last seen)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            committed = await consumer.committed(tp)
+            if committed == expected or time.monotonic() > deadline:
+                return committed
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()

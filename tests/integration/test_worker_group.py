@@ -1,0 +1,106 @@
+"""Workers of one group share the partitions; when one leaves, the others take over."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from worker_harness import (
+    FakeEngine,
+    Request,
+    TopicFactory,
+    by_correlation_id,
+    make_topics,
+    produce,
+    reply_reader,
+    request,
+    running_worker,
+    wait_until,
+    worker_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+PARTITIONS = 4
+
+
+def _batch(prefix: str, count: int) -> list[Request]:
+    return [
+        request(
+            f"{prefix}-{i}",
+            {"query": f"{prefix} {i}", "documents": ["a", "b"]},
+            partition=i % PARTITIONS,
+        )
+        for i in range(count)
+    ]
+
+
+async def test_two_workers_split_the_partitions_and_one_takes_over_when_the_other_stops(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic, request_partitions=PARTITIONS)
+    config = worker_config(kafka_bootstrap, topics, new_group())
+    engine_a, engine_b = FakeEngine(delay_s=0.01), FakeEngine(delay_s=0.01)
+    first, second = _batch("first", 40), _batch("second", 40)
+
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, engine_a) as a,
+    ):
+        async with running_worker(config, engine_b) as b:
+            await wait_until(
+                lambda: (
+                    len(a.assignment) + len(b.assignment) == PARTITIONS
+                    and bool(a.assignment)
+                    and bool(b.assignment)
+                    and a.in_group
+                    and b.in_group
+                ),
+                30,
+                "the partitions to be split between both workers",
+            )
+            assert not a.assignment & b.assignment
+            await produce(kafka_bootstrap, topics.requests, first)
+            await replies.read(len(first))
+        # b has left the group: a gets every partition and answers the rest.
+        await wait_until(lambda: len(a.assignment) == PARTITIONS and a.in_group, 30, "takeover")
+        await produce(kafka_bootstrap, topics.requests, second)
+        await replies.read(len(first) + len(second))
+        await replies.quiet(0.5)
+
+    received = by_correlation_id(replies.records)
+    assert set(received) == {r.key.decode() for r in first + second if r.key}
+    assert all(len(v) == 1 for v in received.values()), "a clean handover repeats nothing"
+    first_queries = {f"first {i}" for i in range(len(first))}
+    assert first_queries & set(engine_a.seen) and first_queries & set(engine_b.seen)
+    assert {f"second {i}" for i in range(len(second))} <= set(engine_a.seen)
+
+
+async def test_a_rebalance_mid_work_loses_no_request(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic, request_partitions=PARTITIONS)
+    config = worker_config(
+        kafka_bootstrap,
+        topics,
+        new_group(),
+        inflight_high_pairs=8,
+        inflight_low_pairs=4,
+    )
+    requests = _batch("req", 80)
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, FakeEngine(delay_s=0.05, blocking=True)),
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        await replies.read(10)
+        # A second member joins while the first is busy: the first's partitions are
+        # revoked with requests in flight.
+        async with running_worker(config, FakeEngine(delay_s=0.05, blocking=True)):
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(by_correlation_id(replies.records)) < len(requests):
+                assert asyncio.get_running_loop().time() < deadline, "requests went missing"
+                await replies.poll()
+
+    assert set(by_correlation_id(replies.records)) == {r.key.decode() for r in requests if r.key}
