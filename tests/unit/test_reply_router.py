@@ -1,0 +1,162 @@
+"""Reply routing: the allow pattern, missing topics and partitions, one lookup per burst."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Collection
+
+import pytest
+
+from consumer.codec import ReplyRoute
+from consumer.reply_router import Destination, ReplyRouter, Unroutable
+from schemas.models import ErrorCode
+
+DEFAULT = "rerank.replies"
+ALLOWED = re.compile(r"rerank\.replies(\..+)?")
+
+
+class FakeLookup:
+    """Topics the 'cluster' has; ``known`` is what the producer's metadata already holds."""
+
+    def __init__(self, cluster: dict[str, int], known: set[str] | None = None) -> None:
+        self.cluster = cluster
+        self.known = known if known is not None else set()
+        self.fetches: list[str] = []
+        self.delay_s = 0.0
+        self.fail: Exception | None = None
+
+    def known_partitions(self, topic: str) -> Collection[int] | None:
+        if topic in self.known and topic in self.cluster:
+            return range(self.cluster[topic])
+        return None
+
+    async def fetch_partitions(self, topic: str) -> Collection[int] | None:
+        self.fetches.append(topic)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        if topic not in self.cluster:
+            return None
+        self.known.add(topic)
+        return range(self.cluster[topic])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_router(lookup: FakeLookup, clock: Clock | None = None, wait_s: float = 1.0) -> ReplyRouter:
+    return ReplyRouter(DEFAULT, ALLOWED, lookup, wait_s, 5.0, clock or Clock())
+
+
+async def test_default_route_goes_to_the_default_topic_without_a_lookup() -> None:
+    lookup = FakeLookup({DEFAULT: 3}, known={DEFAULT})
+    router = make_router(lookup)
+    assert await router.resolve(ReplyRoute()) == Destination(DEFAULT, None)
+    assert await router.resolve(ReplyRoute(None, 2)) == Destination(DEFAULT, 2)
+    assert lookup.fetches == []
+
+
+async def test_a_topic_outside_the_pattern_is_refused_without_a_lookup() -> None:
+    lookup = FakeLookup({"payments": 1}, known={"payments"})
+    router = make_router(lookup)
+    for topic in ("payments", "rerank.repliesX", "xrerank.replies"):
+        result = await router.resolve(ReplyRoute(topic))
+        assert isinstance(result, Unroutable)
+        assert result.code is ErrorCode.INVALID_REQUEST
+        assert "not allowed" in result.message
+    assert lookup.fetches == []
+
+
+async def test_an_allowed_topic_not_yet_known_is_looked_up_once() -> None:
+    lookup = FakeLookup({"rerank.replies.team-a": 2})
+    router = make_router(lookup)
+    route = ReplyRoute("rerank.replies.team-a", 1)
+    assert await router.resolve(route) == Destination("rerank.replies.team-a", 1)
+    assert await router.resolve(route) == Destination("rerank.replies.team-a", 1)
+    assert lookup.fetches == ["rerank.replies.team-a"]
+
+
+async def test_a_missing_topic_is_unroutable_and_remembered_until_the_answer_expires() -> None:
+    clock = Clock()
+    lookup = FakeLookup({})
+    router = make_router(lookup, clock)
+    route = ReplyRoute("rerank.replies.gone")
+    for _ in range(3):
+        result = await router.resolve(route)
+        assert isinstance(result, Unroutable)
+        assert "does not exist" in result.message
+    assert lookup.fetches == ["rerank.replies.gone"]
+
+    lookup.cluster["rerank.replies.gone"] = 1  # created later
+    clock.now += 4.9
+    assert isinstance(await router.resolve(route), Unroutable)
+    clock.now += 0.2
+    assert await router.resolve(route) == Destination("rerank.replies.gone", None)
+    assert lookup.fetches == ["rerank.replies.gone"] * 2
+
+
+async def test_a_burst_for_a_missing_topic_shares_one_lookup() -> None:
+    lookup = FakeLookup({})
+    lookup.delay_s = 0.05
+    router = make_router(lookup)
+    results = await asyncio.gather(
+        *(router.resolve(ReplyRoute("rerank.replies.gone")) for _ in range(50))
+    )
+    assert all(isinstance(r, Unroutable) for r in results)
+    assert lookup.fetches == ["rerank.replies.gone"]
+
+
+async def test_a_lookup_slower_than_the_wait_counts_as_missing() -> None:
+    lookup = FakeLookup({"rerank.replies.slow": 1})
+    lookup.delay_s = 5.0
+    router = make_router(lookup, wait_s=0.05)
+    result = await asyncio.wait_for(router.resolve(ReplyRoute("rerank.replies.slow")), 2.0)
+    assert isinstance(result, Unroutable)
+    assert "within 0.05 s" in result.message
+
+
+async def test_a_failing_lookup_counts_as_missing() -> None:
+    lookup = FakeLookup({"rerank.replies.x": 1})
+    lookup.fail = RuntimeError("broker unreachable")
+    router = make_router(lookup)
+    assert isinstance(await router.resolve(ReplyRoute("rerank.replies.x")), Unroutable)
+
+
+@pytest.mark.parametrize("partition", [3, 99])
+async def test_a_partition_out_of_range_is_unroutable(partition: int) -> None:
+    lookup = FakeLookup({DEFAULT: 3}, known={DEFAULT})
+    router = make_router(lookup)
+    result = await router.resolve(ReplyRoute(None, partition))
+    assert isinstance(result, Unroutable)
+    assert f"partition {partition} does not exist" in result.message
+    assert "3 partition(s)" in result.message
+
+
+async def test_a_partition_added_later_is_found_after_a_fresh_lookup() -> None:
+    clock = Clock()
+    lookup = FakeLookup({DEFAULT: 2}, known={DEFAULT})
+    router = make_router(lookup, clock)
+    assert isinstance(await router.resolve(ReplyRoute(None, 2)), Unroutable)
+    lookup.cluster[DEFAULT] = 4
+    lookup.known.discard(DEFAULT)  # the producer's metadata has not caught up yet
+    clock.now += 10
+    assert await router.resolve(ReplyRoute(None, 2)) == Destination(DEFAULT, 2)
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_lookup() -> None:
+    lookup = FakeLookup({"rerank.replies.a": 1})
+    lookup.delay_s = 0.05
+    router = make_router(lookup)
+    first = asyncio.create_task(router.resolve(ReplyRoute("rerank.replies.a")))
+    second = asyncio.create_task(router.resolve(ReplyRoute("rerank.replies.a")))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await second == Destination("rerank.replies.a", None)
+    assert lookup.fetches == ["rerank.replies.a"]
