@@ -194,6 +194,7 @@ async def saturate(
     seconds = time.perf_counter() - started
     pairs = sum(len(docs) for _, docs in requests)
     return {
+        "requests": len(requests),
         "seconds": seconds,
         "pairs": pairs,
         "tokens": tokens,
@@ -430,7 +431,8 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"settings     {json.dumps(r['settings'])}",
         f"workload     {load['pairs']} pairs, {load['tokens']} prompt tokens "
         f"(mean {load['tokens'] / load['pairs']:.0f} a pair), {docs} docs a request, "
-        f"{r['settings']['concurrency']} requests in flight",
+        f"{min(r['settings']['concurrency'], load['requests'])} of {load['requests']} "
+        "requests in flight at a time",
         f"tokenizer    {engine['tokenizer']['tokens_per_s']:,} tokens/s "
         "on one CPU thread (the service's encoder)",
         f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} tokens/s, "
