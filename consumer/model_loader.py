@@ -188,11 +188,16 @@ def _from_pretrained(auto_cls: Any, folder: Path, run: _Resolved) -> Any:
 
 def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
     """The packed forward when asked ("on") or possible ("auto"); ModelLoadError if "on" can't."""
-    possible = run.device.startswith("cuda") and varlen_available() and supports_packing(base)
+    possible = (
+        run.device.startswith("cuda")
+        and run.dtype in ("bfloat16", "float16")  # the varlen (flash) kernel has no fp32
+        and varlen_available()
+        and supports_packing(base)
+    )
     if run.packed == "on" and not possible:
         raise ModelLoadError(
-            "packed=on needs a CUDA device, torch.nn.attention.varlen and a Qwen3 model "
-            "without sliding-window layers"
+            "packed=on needs a CUDA device, bfloat16/float16, torch.nn.attention.varlen and "
+            "a Qwen3 model without sliding-window layers"
         )
     if run.packed == "off" or not possible:
         return None

@@ -1,0 +1,215 @@
+"""GPU parity check: packed vs padded vs model-card reference on a random 0.6B-shaped model.
+
+    python -m consumer.gpu_check TOKENIZER_DIR [N_PAIRS] [--tiny]
+
+Builds Qwen3ForCausalLM with random weights from the released 0.6B config
+(consumer/data/qwen3-reranker-0.6b.config.json), saves it with the tokenizer into a temp
+folder, loads it through :func:`consumer.model_loader.load_model` three ways
+(packed+compiled, padded+compiled, padded eager) and scores ~64 mixed pairs (lengths
+from a few to a few thousand tokens, CJK, emoji, truncated documents) in batches of
+several sizes. The reference is the model card's way: one pair at a time, HF forward,
+full-vocabulary logits at the last token. Prints JSON lines; exits 1 when a score
+differs from the reference by more than ``SCORE_TOL``.
+
+Needs only torch, transformers and this package (no Kafka or metrics dependencies).
+``--tiny`` shrinks the model to toy size; without CUDA the script runs only the padded
+eager path on CPU in float32 (a smoke test of the script itself).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consumer.model_loader import LoadedModel, load_model
+from consumer.model_options import ModelOptions
+from consumer.prompt import EncodedPair
+from consumer.scorer import sigmoid
+
+CONFIG = Path(__file__).resolve().parent / "data" / "qwen3-reranker-0.6b.config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+SCORE_TOL = 0.02  # bf16 noise; the packed probe measured 0.0024 against the HF padded path
+MAX_PAIR_TOKENS = 1024  # small enough that the longest documents below get truncated
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> None:
+    """Random-weight Qwen3-Reranker-0.6B checkpoint (seeded) plus the real tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = json.loads(CONFIG.read_text())
+    config["initializer_range"] = 0.05  # spread the random yes/no logits a little
+    if tiny:
+        config.update(TINY, initializer_range=0.1)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model: Any = Qwen3ForCausalLM(Qwen3Config(**config))
+    model = model.to(DTYPE)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, folder / name)
+
+
+def mixed_requests(tokenizer: object, n_pairs: int) -> list[tuple[str, list[str], str | None]]:
+    """Requests of 8 documents: random-token text of very different lengths, CJK and emoji."""
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return str(tokenizer.decode([rng.randrange(1000, 100000) for _ in range(n)]))  # type: ignore[attr-defined]
+
+    extras = ["北京烤鸭是北京最有名的菜。", "Rocket 🚀 launch 🌕", "", "x"]
+    requests: list[tuple[str, list[str], str | None]] = []
+    for r in range(max(1, n_pairs // 8)):
+        docs = [text(rng.choice((3, 40, 200, 600, 1500, 3000))) for _ in range(7)]
+        docs.append(extras[r % len(extras)])
+        instruction = None if r % 2 else "Judge relevance for a technical question"
+        requests.append((text(rng.randint(4, 40)), docs, instruction))
+    return requests
+
+
+@torch.inference_mode()
+def reference_logits(folder: Path, pairs: list[EncodedPair]) -> list[float]:
+    """Model card: HF causal LM, one pair at a time, full-vocabulary logits at the last token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE)
+    model = model.to(DEVICE).eval()
+    out = []
+    for pair in pairs:
+        ids = torch.tensor([pair.payload], device=DEVICE)
+        logits = model(input_ids=ids).logits[0, -1].float()
+        out.append(float(logits[yes] - logits[no]))
+    return out
+
+
+def score_in_batches(loaded: LoadedModel, pairs: list[EncodedPair]) -> tuple[list[float], float]:
+    """Scores of every pair, in batches of 1, 7 and the rest (length-sorted like the batcher)."""
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].tokens)
+    cuts = [0, 1, 8, len(order)]
+    logits = [0.0] * len(pairs)
+    sync()
+    t0 = time.perf_counter()
+    for lo, hi in itertools.pairwise(cuts):
+        batch = order[lo:hi]
+        for i, x in zip(batch, loaded.scorer.score([pairs[i] for i in batch]), strict=True):
+            logits[i] = x
+    sync()
+    return logits, time.perf_counter() - t0
+
+
+def max_diff(a: list[float], b: list[float], calibrate: bool) -> float:
+    if calibrate:
+        a, b = [sigmoid(x) for x in a], [sigmoid(x) for x in b]
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def main(argv: list[str]) -> int:
+    tiny = "--tiny" in argv
+    args = [a for a in argv if a != "--tiny"]
+    if len(args) < 2:
+        print(__doc__)
+        return 2
+    tokenizer_dir = Path(args[1])
+    n_pairs = int(args[2]) if len(args) > 2 else 64
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else None
+    emit(torch=torch.__version__, device=DEVICE, gpu=gpu, cuda=torch.version.cuda, tiny=tiny)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "qwen3-reranker-0.6b-random"
+        build_model(folder, tokenizer_dir, tiny)
+        variants = {  # name: (packed, compile)
+            "packed_compiled": ("on", "on"),
+            "padded_compiled": ("off", "on"),
+            "padded_eager": ("off", "off"),
+        }
+        if DEVICE != "cuda":
+            variants = {"padded_eager": ("off", "off")}
+        results: dict[str, list[float]] = {}
+        pairs: list[EncodedPair] = []
+        for name, (packed, compile_) in variants.items():
+            options = ModelOptions(
+                model=str(folder), max_pair_tokens=MAX_PAIR_TOKENS, packed=packed, compile=compile_
+            )
+            loaded = load_model(options)
+            if not pairs:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(folder))
+                for query, docs, instruction in mixed_requests(tok, n_pairs):
+                    pairs += loaded.encoder.encode(query, docs, instruction)
+                lengths = [p.tokens for p in pairs]
+                emit(
+                    pairs=len(pairs),
+                    min_len=min(lengths),
+                    max_len=max(lengths),
+                    truncated=sum(p.truncated for p in pairs),
+                )
+            t0 = time.perf_counter()
+            loaded.scorer.warmup(loaded.encoder)
+            warm_s = time.perf_counter() - t0
+            score_in_batches(loaded, pairs)  # first pass may still specialize shapes
+            results[name], seconds = score_in_batches(loaded, pairs)
+            emit(
+                variant=name,
+                packed=getattr(loaded.scorer, "packed", None),
+                warmup_s=round(warm_s, 1),
+                score_s=round(seconds, 3),
+                padded_cost=loaded.scorer.padded_cost(pairs),
+                real_tokens=sum(p.tokens for p in pairs),
+            )
+            del loaded
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        results["reference"] = reference_logits(folder, pairs)
+    worst = 0.0
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d_score = max_diff(results[a], results[b], calibrate=True)
+            worst = max(worst, d_score)
+            emit(
+                compare=f"{a} vs {b}",
+                max_abs_logit_diff=round(max_diff(results[a], results[b], False), 5),
+                max_abs_score_diff=round(d_score, 5),
+            )
+    spread = max(results["reference"]) - min(results["reference"])
+    emit(
+        reference_logit_spread=round(spread, 3),
+        worst_score_diff=round(worst, 5),
+        ok=worst <= SCORE_TOL,
+    )
+    if DEVICE == "cuda":
+        emit(max_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    return 0 if worst <= SCORE_TOL else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
