@@ -12,8 +12,8 @@ cost (``max_batch_tokens``) and by ``max_batch_pairs``:
   batch's cost *with* it stays within the budget (for the default cost,
   ``max_len * (n + 1) > max_batch_tokens`` stops the batch). A single pair over the
   budget still goes alone, so nothing waits forever.
-* Pairs whose deadline has passed are taken out and returned separately, so they
-  never reach the model.
+* Pairs whose deadline has passed are taken out (those met while filling the window)
+  and returned separately, so they never reach the model.
 
 The cost function is injected (the scorer knows whether it pads or packs); it must
 be monotone: adding a pair never makes a batch cheaper.
