@@ -67,7 +67,7 @@ def _construct_override(loader: yaml.SafeLoader, node: yaml.Node) -> Override:
         return Override(loader.construct_mapping(node, deep=True))
     if isinstance(node, yaml.SequenceNode):
         return Override(loader.construct_sequence(node, deep=True))
-    return Override(loader.construct_scalar(node))  # type: ignore[arg-type]
+    return Override(loader.construct_scalar(node))
 
 
 _ComposeLoader.add_constructor("!reset", _construct_reset)
@@ -192,7 +192,7 @@ def _load_file(path: Path, env: Mapping[str, str], chain: tuple[str, ...]) -> di
     for service in services.values():
         _absolute_paths(service, path.parent)
     for name in list(services):
-        services[name] = _resolve_extends(services[name], path, env, chain + (f"{path}:{name}",))
+        services[name] = _resolve_extends(services[name], path, env, (*chain, f"{path}:{name}"))
     return data
 
 

@@ -5,7 +5,11 @@
 #
 # Environment:
 #   BOOTSTRAP_SERVERS   required  host:port[,host:port...]
-#   PARTITIONS          required  partitions of each topic; at least the number of workers
+#   PARTITIONS          required  partitions of the request topic: at least the number of
+#                                 workers (one partition feeds at most one worker of a group)
+#   REPLY_PARTITIONS    default PARTITIONS (each SDK client reads one reply partition: more
+#                       partitions, fewer foreign replies per client)
+#   DLQ_PARTITIONS      default PARTITIONS
 #   REPLICATION_FACTOR  default 1 (3 on a real cluster)
 #   REQUEST_TOPIC       default rerank.requests
 #   REPLY_TOPIC         default rerank.replies
@@ -16,7 +20,7 @@
 #   COMMAND_CONFIG      optional client properties file (SASL/SSL), passed as --command-config
 #   KAFKA_BIN           default /opt/kafka/bin
 #
-# A topic that has fewer partitions than PARTITIONS gets more (Kafka cannot remove any; the
+# A topic that has fewer partitions than asked gets more (Kafka cannot remove any; the
 # request keys are correlation ids, so no ordering depends on the key-to-partition mapping).
 set -euo pipefail
 
@@ -25,14 +29,15 @@ set -euo pipefail
 REPLICATION_FACTOR="${REPLICATION_FACTOR:-1}"
 KAFKA_BIN="${KAFKA_BIN:-/opt/kafka/bin}"
 
-if ! [[ "$PARTITIONS" =~ ^[1-9][0-9]*$ ]]; then
-    echo "create-topics: PARTITIONS must be a positive integer, got '$PARTITIONS'" >&2
-    exit 2
-fi
-if ! [[ "$REPLICATION_FACTOR" =~ ^[1-9][0-9]*$ ]]; then
-    echo "create-topics: REPLICATION_FACTOR must be a positive integer, got '$REPLICATION_FACTOR'" >&2
-    exit 2
-fi
+REPLY_PARTITIONS="${REPLY_PARTITIONS:-$PARTITIONS}"
+DLQ_PARTITIONS="${DLQ_PARTITIONS:-$PARTITIONS}"
+
+for setting in PARTITIONS REPLY_PARTITIONS DLQ_PARTITIONS REPLICATION_FACTOR; do
+    if ! [[ "${!setting}" =~ ^[1-9][0-9]*$ ]]; then
+        echo "create-topics: $setting must be a positive integer, got '${!setting}'" >&2
+        exit 2
+    fi
+done
 
 topics_cmd() {
     local extra=()
@@ -46,26 +51,26 @@ partition_count() {
     topics_cmd --describe --topic "$1" | sed -n 's/.*PartitionCount: *\([0-9][0-9]*\).*/\1/p' | head -n 1
 }
 
-# ensure_topic NAME RETENTION_MS
+# ensure_topic NAME PARTITIONS RETENTION_MS
 ensure_topic() {
-    local topic="$1" retention_ms="$2" current
+    local topic="$1" partitions="$2" retention_ms="$3" current
     topics_cmd --create --if-not-exists --topic "$topic" \
-        --partitions "$PARTITIONS" --replication-factor "$REPLICATION_FACTOR" \
+        --partitions "$partitions" --replication-factor "$REPLICATION_FACTOR" \
         --config "retention.ms=$retention_ms"
     current="$(partition_count "$topic")"
     if [[ -z "$current" ]]; then
         echo "create-topics: cannot read the partition count of $topic" >&2
         exit 1
     fi
-    if (( current < PARTITIONS )); then
-        echo "create-topics: $topic has $current partitions, adding up to $PARTITIONS"
-        topics_cmd --alter --topic "$topic" --partitions "$PARTITIONS"
-    elif (( current > PARTITIONS )); then
-        echo "create-topics: $topic keeps its $current partitions (more than PARTITIONS=$PARTITIONS)"
+    if (( current < partitions )); then
+        echo "create-topics: $topic has $current partitions, adding up to $partitions"
+        topics_cmd --alter --topic "$topic" --partitions "$partitions"
+    elif (( current > partitions )); then
+        echo "create-topics: $topic keeps its $current partitions (more than the $partitions asked)"
     fi
     echo "create-topics: $topic ready"
 }
 
-ensure_topic "${REQUEST_TOPIC:-rerank.requests}" "${REQUEST_RETENTION_MS:-86400000}"
-ensure_topic "${REPLY_TOPIC:-rerank.replies}" "${REPLY_RETENTION_MS:-86400000}"
-ensure_topic "${DLQ_TOPIC:-rerank.requests.dlq}" "${DLQ_RETENTION_MS:-1209600000}"
+ensure_topic "${REQUEST_TOPIC:-rerank.requests}" "$PARTITIONS" "${REQUEST_RETENTION_MS:-86400000}"
+ensure_topic "${REPLY_TOPIC:-rerank.replies}" "$REPLY_PARTITIONS" "${REPLY_RETENTION_MS:-86400000}"
+ensure_topic "${DLQ_TOPIC:-rerank.requests.dlq}" "$DLQ_PARTITIONS" "${DLQ_RETENTION_MS:-1209600000}"
