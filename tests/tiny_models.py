@@ -144,7 +144,7 @@ def build_tiny_bert_cross_encoder(path: str | Path, seed: int = 0) -> Path:
     if _built(path):
         return path
     torch.manual_seed(seed)
-    config = BertConfig(
+    shape: dict[str, Any] = dict(
         vocab_size=30522,
         hidden_size=32,
         intermediate_size=64,
@@ -154,7 +154,7 @@ def build_tiny_bert_cross_encoder(path: str | Path, seed: int = 0) -> Path:
         num_labels=1,
         initializer_range=0.2,
     )
-    BertForSequenceClassification(config).eval().save_pretrained(path)
+    BertForSequenceClassification(BertConfig(**shape)).eval().save_pretrained(path)
     for name in BERT_TOKENIZER_FILES:
         shutil.copy(minilm_dir() / name, path / name)
     return path
