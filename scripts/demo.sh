@@ -26,4 +26,4 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
     export KAFKA_BOOTSTRAP="127.0.0.1:$port"
 fi
 
-"$VENV/bin/python" -m producer_sdk.demo --bootstrap-servers "$KAFKA_BOOTSTRAP" "$@"
+"$VENV/bin/python" scripts/demo.py --bootstrap-servers "$KAFKA_BOOTSTRAP" "$@"
