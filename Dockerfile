@@ -18,9 +18,8 @@ ARG TORCH_VERSION=2.15.0
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv
 # torch first, in a layer of its own: it is most of the image and changes least often.
-RUN pip install "torch==${TORCH_VERSION}"
+RUN python -m venv /opt/venv && pip install "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY consumer ./consumer
@@ -50,7 +49,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 # HF_HOME holds the downloaded model; the compile caches make a restart skip most of
 # torch.compile's warm-up. Both outlive the container.
 VOLUME ["/var/cache/rerank/huggingface", "/var/cache/rerank/compile"]
-USER rerank
+# Numeric, so that a runtime (Kubernetes runAsNonRoot) can tell it is not root.
+USER ${UID}:${UID}
 WORKDIR /home/rerank
 EXPOSE 8080
 # Ready = model loaded and the consumer in its group. A long start period: the first start

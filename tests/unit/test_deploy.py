@@ -462,6 +462,11 @@ def _dockerfile() -> tuple[dict[str, str], list[tuple[str, str]]]:
     return args, instructions
 
 
+def _expand(text: str, args: dict[str, str]) -> str:
+    """``${ARG}`` replaced by the ARG's default."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
+
 def test_dockerfile_bases_are_pinned() -> None:
     args, instructions = _dockerfile()
     stages = set()
@@ -469,7 +474,7 @@ def test_dockerfile_bases_are_pinned() -> None:
         if op != "FROM":
             continue
         image = rest.split()[0]
-        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        image = _expand(image, args)
         if image not in stages:
             name, _, tag = image.rpartition(":")
             assert name and tag and tag != "latest", image
@@ -478,9 +483,11 @@ def test_dockerfile_bases_are_pinned() -> None:
 
 
 def test_dockerfile_runs_the_worker_as_a_non_root_user() -> None:
-    _, instructions = _dockerfile()
-    users = [rest for op, rest in instructions if op == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    args, instructions = _dockerfile()
+    users = [_expand(rest, args) for op, rest in instructions if op == "USER"]
+    assert users, "no USER: the worker would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0") and user.isdigit(), user
     entrypoints = [json.loads(rest) for op, rest in instructions if op == "ENTRYPOINT"]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert entrypoints[-1] == ["rerank-consumer"] and "rerank-consumer" in scripts
