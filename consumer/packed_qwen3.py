@@ -10,7 +10,9 @@ forward computes, without the padding. Needs torch with ``varlen_attn`` (2.11+).
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +72,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class PackedInputs:
+    """Host tensors of one packed batch: flat ids, per-sequence positions, int32
+    cu_seqlens, the index of every sequence's last token, and the longest length."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    last: torch.Tensor
+    max_len: int
+
+
 class PackedQwen3:
     """Runs a Qwen3 base model (``Qwen3Model``) on packed sequences."""
 
@@ -83,30 +97,38 @@ class PackedQwen3:
         """Compile the packed forward with dynamic shapes (one graph for every batch)."""
         self._run = torch.compile(self.forward_packed, dynamic=True)
 
-    def pack(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, ...]:
-        """Flat ids, positions, cu_seqlens (int32) and last-token indices, on the device."""
-        flat: list[int] = []
-        positions: list[int] = []
-        cu = [0]
-        for s in seqs:
-            flat.extend(s)
-            positions.extend(range(len(s)))
-            cu.append(cu[-1] + len(s))
-        cpu = (
-            torch.tensor(flat, dtype=torch.long),
-            torch.tensor(positions, dtype=torch.long),
-            torch.tensor(cu, dtype=torch.int32),
-            torch.tensor(cu[1:], dtype=torch.long) - 1,
+    def prepare(self, seqs: Sequence[list[int]]) -> PackedInputs:
+        """Host tensors of one packed batch (pinned on CUDA); no GPU work."""
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        ends = lengths.cumsum(0)
+        starts = ends - lengths
+        total = int(ends[-1])
+        # rotary positions restart at 0 in every sequence
+        positions = torch.arange(total) - starts.repeat_interleave(lengths)
+        cu = torch.cat((torch.zeros(1, dtype=torch.long), ends)).to(torch.int32)
+        flat = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
+        pin = self.device.startswith("cuda")
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory() if pin else t
+
+        return PackedInputs(
+            host(flat), host(positions), host(cu), host(ends - 1), max_len=int(lengths.max())
         )
-        if self.device.startswith("cuda"):
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in cpu)
-        return cpu
 
     @torch.inference_mode()
+    def last_hidden_prepared(self, inputs: object) -> torch.Tensor:
+        """(n, hidden) final-normed hidden states at each sequence's last token."""
+        assert isinstance(inputs, PackedInputs)
+        ids, positions, cu, last = (
+            t.to(self.device, non_blocking=True)
+            for t in (inputs.ids, inputs.positions, inputs.cu_seqlens, inputs.last)
+        )
+        return self._run(ids, positions, cu, inputs.max_len, last)
+
     def last_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """(n, hidden) final-normed hidden states at each sequence's last token."""
-        ids, positions, cu, last = self.pack(seqs)
-        return self._run(ids, positions, cu, max(len(s) for s in seqs), last)
+        return self.last_hidden_prepared(self.prepare(seqs))
 
     def forward_packed(
         self,

@@ -7,10 +7,12 @@ state times one head vector (W_yes - W_no of the LM head, or the seq-cls score r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -54,20 +56,30 @@ def sigmoid(x: float) -> float:
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask) as right-padded int64 CPU tensors."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[row, : len(s)] = 1
-    return ids, mask
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    ids = torch.full(mask.shape, pad_id, dtype=torch.long)
+    ids[mask] = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
+    return ids, mask.long()
+
+
+def pinned(t: torch.Tensor, device: str) -> torch.Tensor:
+    """Page-locked copy for an asynchronous host-to-GPU copy; unchanged for a CPU device."""
+    return t.pin_memory() if device.startswith("cuda") else t
 
 
 def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
-    """Copy to the device, asynchronously from pinned memory when it is a GPU."""
-    if device.startswith("cuda"):
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    """Copy to the device (asynchronously when ``t`` is pinned)."""
+    return t.to(device, non_blocking=True)
+
+
+@dataclass
+class PaddedInputs:
+    """Host tensors of one right-padded batch; ``mask`` is None when nothing is padded."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    last: torch.Tensor
 
 
 def warmup_shapes(encoder: PromptEncoder, max_tokens: int) -> list[list[EncodedPair]]:
@@ -140,29 +152,52 @@ class LastTokenScorer(_WarmupMixin):
             return sum(p.tokens for p in pairs)
         return max(p.tokens for p in pairs) * len(pairs)
 
-    @torch.inference_mode()
-    def last_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
-        """(n, hidden) final-normed hidden states at each sequence's last token."""
+    def prepare(self, pairs: Sequence[EncodedPair]) -> object:
+        """Host-side batch tensors (pinned on CUDA); safe to run off the inference thread."""
+        seqs: list[list[int]] = [p.payload for p in pairs]  # type: ignore[misc]
+        if not seqs:
+            return None
         if self._packed is not None:
-            return self._packed.last_hidden(seqs)
+            return self._packed.prepare(seqs)
         ids, mask = pad_right(seqs, self._pad_id)
         lengths = mask.sum(1)
         # equal lengths need no mask, which lets SDPA take its plain causal kernel
-        attn = None if bool((lengths == ids.shape[1]).all()) else to_device(mask, self.device)
-        out = self._forward(
-            input_ids=to_device(ids, self.device), attention_mask=attn, use_cache=False
+        padded = not bool((lengths == ids.shape[1]).all())
+        return PaddedInputs(
+            pinned(ids, self.device),
+            pinned(mask, self.device) if padded else None,
+            pinned(lengths - 1, self.device),
         )
-        rows = torch.arange(len(seqs), device=self.device)
-        return out.last_hidden_state[rows, lengths.to(self.device) - 1]
 
     @torch.inference_mode()
+    def hidden_prepared(self, prepared: object) -> torch.Tensor:
+        """(n, hidden) final-normed hidden states at each sequence's last token."""
+        if self._packed is not None:
+            return self._packed.last_hidden_prepared(prepared)
+        assert isinstance(prepared, PaddedInputs)
+        dev = self.device
+        mask = None if prepared.mask is None else to_device(prepared.mask, dev)
+        out = self._forward(
+            input_ids=to_device(prepared.ids, dev), attention_mask=mask, use_cache=False
+        )
+        rows = torch.arange(prepared.ids.shape[0], device=dev)
+        return out.last_hidden_state[rows, to_device(prepared.last, dev)]
+
+    def last_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
+        """(n, hidden) final-normed hidden states at each sequence's last token."""
+        return self.hidden_prepared(self.prepare([EncodedPair(s, len(s), False) for s in seqs]))
+
+    @torch.inference_mode()
+    def score_prepared(self, prepared: object) -> list[float]:
+        """Raw logits for a batch made by :meth:`prepare`."""
+        if prepared is None:
+            return []
+        logits = self.hidden_prepared(prepared).float() @ self._head + self._bias
+        return [float(x) for x in logits.cpu().tolist()]
+
     def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
         """Raw logits (logit_yes - logit_no for Qwen3-Reranker), one per pair."""
-        if not pairs:
-            return []
-        h = self.last_hidden([p.payload for p in pairs])  # type: ignore[misc]
-        logits = h.float() @ self._head + self._bias
-        return [float(x) for x in logits.cpu().tolist()]
+        return self.score_prepared(self.prepare(pairs))
 
     def calibrate(self, logits: Sequence[float]) -> list[float]:
         """Sigmoid: softmax([logit_no, logit_yes])[yes]."""

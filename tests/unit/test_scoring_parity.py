@@ -320,3 +320,26 @@ def test_non_qwen_cross_encoder_matches_its_tokenizer_and_model(
             assert logit == pytest.approx(float(model(**ref).logits[0, 0]), abs=TOL)
     assert pairs[0].truncated and not pairs[1].truncated
     assert loaded.scorer.calibrate([0.0]) == [0.5]
+
+
+def test_prepared_batches_score_like_direct_ones(causal: LoadedModel) -> None:
+    """The engine may build a batch's tensors on another thread (prepare) and run it later."""
+    scorer = causal.scorer
+    assert isinstance(scorer, LastTokenScorer)
+    pairs, _ = all_pairs(causal)
+    prepared = scorer.prepare(pairs)
+    assert scorer.score_prepared(prepared) == pytest.approx(scorer.score(pairs), abs=TOL)
+    assert scorer.score_prepared(scorer.prepare([])) == []
+
+
+def test_packed_inputs_layout(causal: LoadedModel) -> None:
+    scorer = causal.scorer
+    assert isinstance(scorer, LastTokenScorer)
+    packed = PackedQwen3(scorer._base, "cpu", attention=segment_causal_attention)
+    inputs = packed.prepare([[5, 6, 7], [8], [9, 10]])
+    assert inputs.ids.tolist() == [5, 6, 7, 8, 9, 10]
+    assert inputs.positions.tolist() == [0, 1, 2, 0, 0, 1]
+    assert inputs.cu_seqlens.tolist() == [0, 3, 4, 6]
+    assert inputs.cu_seqlens.dtype == torch.int32
+    assert inputs.last.tolist() == [2, 3, 5]
+    assert inputs.max_len == 3
