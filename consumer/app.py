@@ -152,6 +152,8 @@ class Service:
         try:
             code = await self._serve()
         except asyncio.CancelledError:
+            if not (self._stopping or self._gave_up):
+                raise  # cancelled by someone else: not ours to swallow
             code = EXIT_FAILED if self._gave_up else EXIT_OK
         except ServiceError as exc:
             log.error("%s", exc)
