@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -441,13 +442,13 @@ async def serve_and_ask(args: argparse.Namespace, worker: WorkerProcess) -> list
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    model = choose_model(args.model)
     asyncio.run(
         ensure_topics(
             args.bootstrap_servers,
             {args.request_topic: 3, args.reply_topic: 3, args.dlq_topic: 1},
         )
     )
+    model = choose_model(args.model)
     log_path = Path(tempfile.mkdtemp(prefix="rerank-demo-")) / "worker.log"
     http_port = free_port()
     worker = WorkerProcess(worker_args(args, model, http_port), log_path, http_port)
@@ -477,8 +478,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    name = type(exc).__name__
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text if text.startswith(name) else f"{name}: {text}".rstrip(": ")
 
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
@@ -487,6 +489,9 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Failures are reported in one line each; the Kafka client's own log would repeat them.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return run(args)
