@@ -70,10 +70,10 @@ def load_model(options: ModelOptions) -> LoadedModel:
     """Load ``options.model``; raises :class:`ModelLoadError` with one clear line."""
     name = options.model
     try:
+        run = resolve_options(options)
         folder = resolve_folder(name)
         config = _read_config(folder)
         kind = detect_kind(config, folder)
-        run = resolve_options(options)
         loaded = _BUILDERS[kind](name, folder, config, options, run)
     except ModelLoadError:
         raise
@@ -102,6 +102,7 @@ def resolve_folder(name: str) -> Path:
         return path
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"cannot load model {name!r}: no such folder")
+    log.info("model %s is not a local folder: fetching it from the Hugging Face hub", name)
     try:
         from huggingface_hub import snapshot_download
 

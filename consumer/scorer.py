@@ -82,11 +82,15 @@ class PaddedInputs:
     last: torch.Tensor
 
 
-def warmup_shapes(encoder: PromptEncoder, max_tokens: int) -> list[list[EncodedPair]]:
-    """A few synthetic batches of growing size and length, capped near ``max_tokens`` a pair."""
+def warmup_batches(encoder: PromptEncoder) -> list[list[EncodedPair]]:
+    """A few synthetic batches of growing size and length.
+
+    The first has one pair (no padding); the others mix lengths, so a padded model also
+    meets its masked variant before the first request does.
+    """
     batches = []
     for n_docs, words in ((1, 8), (4, 64), (8, 200), (16, 400)):
-        docs = [" ".join(["warmup"] * min(words, max_tokens)) + f" {i}" for i in range(n_docs)]
+        docs = [" ".join(["warmup"] * (words + 5 * i)) for i in range(n_docs)]
         batches.append(encoder.encode("warm up query", docs, None))
     return batches
 
@@ -94,15 +98,13 @@ def warmup_shapes(encoder: PromptEncoder, max_tokens: int) -> list[list[EncodedP
 class _WarmupMixin:
     """Shared warm-up: score a few batch shapes and log how long it took."""
 
-    max_warmup_tokens = 512
-
     def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
         raise NotImplementedError
 
     def warmup(self, encoder: PromptEncoder) -> None:
         """Run a few batch shapes so the first request pays no compile or kernel selection."""
         t0 = time.perf_counter()
-        for batch in warmup_shapes(encoder, self.max_warmup_tokens):
+        for batch in warmup_batches(encoder):
             self.score(batch)
         log.info("scorer warm-up took %.1f s", time.perf_counter() - t0)
 
