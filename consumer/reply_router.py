@@ -6,7 +6,8 @@ someone else's topic), and the topic and partition exist. A producer asked to se
 a missing topic waits for its metadata for its whole request timeout; doing that per
 record would stall the worker, so the router asks the cluster once, within a bounded
 wait, and remembers the answer for a short while (a topic created later is found
-once the memory expires).
+once the memory expires). Known topics are remembered the same way, which keeps the
+per-reply cost to a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -86,9 +87,15 @@ class ReplyRouter:
         if not self._allowed.fullmatch(topic):
             return Unroutable(ErrorCode.INVALID_REQUEST, f"reply topic {topic!r} is not allowed")
         partition = route.partition
-        partitions = self._lookup.known_partitions(topic)
-        if partitions is None or (partition is not None and partition not in partitions):
-            partitions = await self._fresh_partitions(topic)
+        answer = self._answers.get(topic)
+        if answer is not None and answer.expires > self._clock():
+            partitions = answer.partitions
+        else:
+            partitions = self._lookup.known_partitions(topic)
+            if partitions is None or (partition is not None and partition not in partitions):
+                partitions = await self._fresh_partitions(topic)
+            else:
+                self._remember(topic, partitions)
         if partitions is None:
             return Unroutable(
                 ErrorCode.INVALID_REQUEST,
@@ -130,8 +137,11 @@ class ReplyRouter:
                 log.warning("reply topic does not exist", extra={"reply_topic": topic})
         finally:
             self._asking.pop(topic, None)
-        self._answers[topic] = _Answer(partitions, self._clock() + self._answer_ttl_s)
+        self._remember(topic, partitions)
         return partitions
+
+    def _remember(self, topic: str, partitions: Collection[int] | None) -> None:
+        self._answers[topic] = _Answer(partitions, self._clock() + self._answer_ttl_s)
 
 
 class ClientTopicLookup:
