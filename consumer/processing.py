@@ -17,6 +17,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.codec import (
     DecodedRequest,
     Rejection,
+    ReplyRoute,
     RequestLimits,
     decode_request,
     encode_rejection,
@@ -49,8 +50,23 @@ class RequestProcessor:
         self._clock = clock
 
     def decode(self, record: ConsumerRecord[Any, Any]) -> Decoded:
-        """Decode and validate ``record``'s request; never raises for bad input."""
-        return decode_request(record.value, record.headers or (), self._limits)
+        """Decode and validate ``record``'s request; never raises."""
+        try:
+            return decode_request(record.value, record.headers or (), self._limits)
+        except Exception as exc:
+            # A bug in decoding must not turn one record into a poison pill that stops
+            # the worker on every redelivery: the record goes to the dead-letter topic.
+            log.exception(
+                "decoding a request failed",
+                extra={
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                },
+            )
+            return Rejection(
+                None, ReplyRoute(), ErrorCode.INTERNAL, f"decoding failed: {type(exc).__name__}"
+            )
 
     @staticmethod
     def weight(decoded: Decoded) -> int:

@@ -246,9 +246,10 @@ class Worker:
             log.warning("could not check topics", extra={"error": repr(exc)})
             return
         needed = (config.request_topic, config.reply_topic, config.dlq_topic)
-        self._missing_topics = [t for t in needed if cluster.partitions_for_topic(t) is None]
-        for topic in self._missing_topics:
+        missing = [t for t in needed if cluster.partitions_for_topic(t) is None]
+        for topic in set(missing) - set(self._missing_topics):
             log.error("topic does not exist", extra={"topic_name": topic})
+        self._missing_topics = missing
 
     async def _drain(self) -> None:
         """Let in-flight requests finish (bounded), then commit what is done."""
@@ -477,6 +478,8 @@ class Worker:
     async def _lag_loop(self) -> None:
         while True:
             await asyncio.sleep(self._config.lag_interval_s)
+            if self._missing_topics:  # created since? readiness follows
+                await self._check_topics()
             try:
                 await asyncio.wait_for(self._update_lag(), _LAG_TIMEOUT_S)
             except (KafkaError, TimeoutError) as exc:

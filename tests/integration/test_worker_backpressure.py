@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import pytest
 from worker_harness import (
@@ -19,6 +20,7 @@ from worker_harness import (
     reply_reader,
     request,
     running_worker,
+    wait_until,
     worker_config,
 )
 
@@ -26,13 +28,13 @@ from consumer.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
 
+T = TypeVar("T")
+
 
 @contextlib.asynccontextmanager
-async def sampling(
-    probe: Callable[[], object], every_s: float = 0.005
-) -> AsyncIterator[list[object]]:
+async def sampling(probe: Callable[[], T], every_s: float = 0.005) -> AsyncIterator[list[T]]:
     """Collects ``probe()`` every few ms while the block runs."""
-    samples: list[object] = []
+    samples: list[T] = []
 
     async def sample() -> None:
         while True:
@@ -59,6 +61,7 @@ async def test_the_consumer_pauses_above_the_high_mark_and_resumes(
         new_group(),
         inflight_high_pairs=high,
         inflight_low_pairs=low,
+        lag_interval_s=0.1,
     )
     requests = [
         request(
@@ -73,27 +76,38 @@ async def test_the_consumer_pauses_above_the_high_mark_and_resumes(
         paused_gauge = metrics.registry.get_sample_value("rerank_consumer_paused")
         return worker.paused, worker.in_flight_pairs, paused_gauge
 
+    def lag() -> float:
+        return sum(
+            metrics.registry.get_sample_value(
+                "rerank_consumer_lag", {"topic": topics.requests, "partition": str(p)}
+            )
+            or 0.0
+            for p in range(2)
+        )
+
     async with (
         reply_reader(kafka_bootstrap, topics) as replies,
         running_worker(config, engine, metrics) as worker,
     ):
-        async with sampling(lambda: state(worker)) as samples:
+        async with sampling(lambda: state(worker)) as samples, sampling(lag) as lags:
             await produce(kafka_bootstrap, topics.requests, requests)
             await replies.read(len(requests))
+            await wait_until(lambda: lag() == 0, 10, "the lag to reach 0")
         final = state(worker)
 
     assert set(by_correlation_id(replies.records)) == {f"req-{i}" for i in range(len(requests))}
-    paused_flags = [s[0] for s in samples]  # type: ignore[index]
+    paused_flags = [s[0] for s in samples]
     assert any(paused_flags), "the consumer paused"
     first_pause = paused_flags.index(True)
     assert not all(paused_flags[first_pause:]), "and resumed"
-    assert any(s[2] == 1 for s in samples), "the paused metric showed it"  # type: ignore[index]
+    assert any(s[2] == 1 for s in samples), "the paused metric showed it"
     assert final == (False, 0, 0)
     # A poll takes about what fits below the high mark, so the overshoot is bounded
     # (by one poll's worth), far below taking every request at once.
-    peak = max(s[1] for s in samples)  # type: ignore[index]
+    peak = max(s[1] for s in samples)
     assert peak <= 2 * high + docs_per_request
     assert engine.max_in_flight_pairs <= peak
+    assert max(lags) > 0, "the backlog behind the paused partitions showed as lag"
 
 
 async def test_a_busy_engine_does_not_cost_the_group_membership(
