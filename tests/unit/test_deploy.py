@@ -362,6 +362,22 @@ def test_alert_rules_are_complete(exported: set[str]) -> None:
         assert needed in metrics_alerted
 
 
+def test_every_alert_has_a_promtool_rule_test() -> None:
+    # The rule tests run with `promtool test rules` (not installed in CI); this keeps the
+    # file complete as alerts are added.
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts.test.yml").read_text())
+    assert tests["rule_files"] == [ALERTS.name]
+    tested = {case["alertname"] for t in tests["tests"] for case in t["alert_rule_test"]}
+    firing = {
+        case["alertname"]
+        for t in tests["tests"]
+        for case in t["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    alerts = {name for name, _ in rule_queries(ALERTS)}
+    assert tested == alerts and firing == alerts
+
+
 def test_alert_rules_ask_for_exported_metrics(exported: set[str]) -> None:
     for name, expr in rule_queries(ALERTS):
         names = promql_metric_names(expr)
