@@ -75,13 +75,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class PackedInputs:
     """Host tensors of one packed batch: flat ids, per-sequence positions, int32
-    cu_seqlens, the index of every sequence's last token, and the longest length."""
+    cu_seqlens, the index of every sequence's last token, the longest length, and the
+    number of sequences (``last`` may hold more rows than that, see ``prepare``)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     cu_seqlens: torch.Tensor
     last: torch.Tensor
     max_len: int
+    count: int
 
 
 class PackedQwen3:
@@ -107,13 +109,25 @@ class PackedQwen3:
         positions = torch.arange(total) - starts.repeat_interleave(lengths)
         cu = torch.cat((torch.zeros(1, dtype=torch.long), ends)).to(torch.int32)
         flat = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
+        last = ends - 1
+        if len(seqs) == 1:
+            # torch.compile specializes a dimension of size 1: a one-pair batch would
+            # recompile the whole stack (a minute on an H100 host) the first time a
+            # one-document request comes. Gathering the last token twice keeps `last`
+            # at size >= 2, so one dynamic graph serves every batch size.
+            last = last.repeat(2)
         pin = self.device.startswith("cuda")
 
         def host(t: torch.Tensor) -> torch.Tensor:
             return t.pin_memory() if pin else t
 
         return PackedInputs(
-            host(flat), host(positions), host(cu), host(ends - 1), max_len=int(lengths.max())
+            host(flat),
+            host(positions),
+            host(cu),
+            host(last),
+            max_len=int(lengths.max()),
+            count=len(seqs),
         )
 
     @torch.inference_mode()
@@ -124,7 +138,7 @@ class PackedQwen3:
             t.to(self.device, non_blocking=True)
             for t in (inputs.ids, inputs.positions, inputs.cu_seqlens, inputs.last)
         )
-        return self._run(ids, positions, cu, inputs.max_len, last)
+        return self._run(ids, positions, cu, inputs.max_len, last)[: inputs.count]
 
     def last_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """(n, hidden) final-normed hidden states at each sequence's last token."""
