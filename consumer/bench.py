@@ -402,7 +402,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=65536)
     p.add_argument("--max-batch-pairs", type=int, default=512)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--tokenizer-threads", type=int, default=2)
+    p.add_argument("--tokenizer-threads", type=int, default=4)
     p.add_argument(
         "--config", default="0.6b", help="a config.json path, or one of: " + ", ".join(CONFIGS)
     )

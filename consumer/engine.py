@@ -75,7 +75,7 @@ class EngineSettings:
     max_batch_tokens: int = 65536
     max_batch_pairs: int = 512
     max_wait_ms: float = 2.0
-    tokenizer_threads: int = 2
+    tokenizer_threads: int = 4
     warmup: bool = True
     window_pairs: int = 4096
     min_batch_tokens: int = 4096

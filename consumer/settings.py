@@ -296,7 +296,11 @@ class Settings(BaseSettings):
         gt=0,
     )
     tokenizer_threads: int = _setting(
-        2, "Threads that tokenize requests.", "Batching and back-pressure", gt=0
+        4,
+        "Threads that tokenize requests (the Rust tokenizer releases the GIL; 4 kept an "
+        "H100 fed in docs/benchmarks.md, 2 did not).",
+        "Batching and back-pressure",
+        gt=0,
     )
     inflight_high_pairs: int = _setting(
         4096,
