@@ -29,6 +29,7 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -412,6 +413,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_BF16_TFLOPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="Python's GIL switch interval (default: Python's own, 5 ms)",
+    )
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line at the end")
     return p.parse_args(argv)
 
@@ -511,7 +518,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.switch_interval_ms is not None:
+        # how long the inference thread may wait for the GIL while tokenizer threads hold it
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     report = asyncio.run(main_async(args))
+    report["switch_interval_ms"] = sys.getswitchinterval() * 1000.0
     print("\n".join(report_lines(report, args.peak_tflops)))
     if args.json:
         print(json.dumps(_rounded(report)))
