@@ -22,6 +22,7 @@ from worker_harness import (
     reply_reader,
     request,
     running_worker,
+    wait_until,
     worker_config,
 )
 
@@ -135,3 +136,44 @@ async def test_after_kill_9_mid_batch_every_request_is_answered(
     assert set(received) == {f"req-{i}" for i in range(count)}
     for cid, records in received.items():
         assert all(r.json()["id"] == cid for r in records)
+
+
+async def test_stop_finishes_in_flight_requests_and_commits_them(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic)
+    config = worker_config(kafka_bootstrap, topics, new_group(), commit_interval_s=60.0)
+    requests = [request(f"req-{i}", {"query": f"q{i}", "documents": ["a"]}) for i in range(5)]
+    engine = FakeEngine(delay_s=1.0, blocking=True)
+    async with reply_reader(kafka_bootstrap, topics) as replies:
+        async with running_worker(config, engine):
+            await produce(kafka_bootstrap, topics.requests, requests)
+            await wait_until(lambda: len(engine.seen) == len(requests), 20, "work in flight")
+            assert replies.records == [] or len(replies.records) < len(requests)
+        # running_worker has asked the worker to stop and waited for run() to return:
+        # the in-flight requests were answered and committed (the periodic commit is
+        # far away, so only the final commit can have done it).
+        await replies.read(len(requests))
+        restarted = FakeEngine()
+        async with running_worker(config, restarted):
+            await replies.quiet(1.0)
+    assert restarted.seen == []
+    assert len(replies.records) == len(requests)
+
+
+async def test_requests_still_running_at_the_drain_timeout_are_redelivered(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic)
+    group = new_group()
+    config = worker_config(kafka_bootstrap, topics, group, drain_timeout_s=0.5)
+    requests = [request(f"req-{i}", {"query": f"q{i}", "documents": ["a"]}) for i in range(3)]
+    stuck = FakeEngine(delay_s=30.0)
+    async with reply_reader(kafka_bootstrap, topics) as replies:
+        async with running_worker(config, stuck):
+            await produce(kafka_bootstrap, topics.requests, requests)
+            await wait_until(lambda: len(stuck.seen) == len(requests), 20, "work in flight")
+        assert await replies.quiet(0.5) == [], "nothing answered by the stopped worker"
+        async with running_worker(config, FakeEngine()):
+            await replies.read(len(requests))
+    assert {r.correlation_id for r in replies.records} == {f"req-{i}" for i in range(3)}
