@@ -403,6 +403,8 @@ class Worker:
         """Commit every finished prefix in ``work``; failures are logged, not raised."""
         consumer = self._consumer
         assert consumer is not None
+        if self._membership_lost():
+            return  # the partitions may be someone else's by now: see _on_revoked
         offsets = {tp: w.offsets.uncommitted for tp, w in work.items()}
         to_commit = {tp: offset for tp, offset in offsets.items() if offset is not None}
         if not to_commit:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +21,8 @@ from worker_harness import (
     wait_until,
     worker_config,
 )
+
+from consumer.engine_api import ScoreRequest, ScoreResult
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -102,5 +106,54 @@ async def test_a_rebalance_mid_work_loses_no_request(
             while len(by_correlation_id(replies.records)) < len(requests):
                 assert asyncio.get_running_loop().time() < deadline, "requests went missing"
                 await replies.poll()
+
+    assert set(by_correlation_id(replies.records)) == {r.key.decode() for r in requests if r.key}
+
+
+class LoopBlockingEngine(FakeEngine):
+    """Blocks the event loop (a bug no real engine should have) once, for ``block_s``,
+    so that the worker misses its heartbeats and the group drops it."""
+
+    def __init__(self, block_s: float) -> None:
+        super().__init__()
+        self.block_s = block_s
+        self.blocked = False
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        if request.query == "block" and not self.blocked:
+            self.blocked = True
+            time.sleep(self.block_s)
+        return await super().score(request)
+
+
+async def test_lost_membership_commits_nothing_and_every_request_is_still_answered(
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session_ms = 6000
+    topics = await make_topics(new_topic)
+    config = worker_config(kafka_bootstrap, topics, new_group(), session_timeout_ms=session_ms)
+    requests = [request("block", {"query": "block", "documents": ["a"]})] + [
+        request(f"req-{i}", {"query": f"q{i}", "documents": ["a"]}) for i in range(5)
+    ]
+    engine = LoopBlockingEngine(block_s=session_ms / 1000 + 3)
+    caplog.set_level(logging.INFO, logger="consumer.worker")
+
+    def lost() -> bool:
+        return any(r.getMessage() == "partitions lost" for r in caplog.records)
+
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, engine) as worker,
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        await wait_until(lambda: engine.blocked, 20, "the engine to block")
+        await wait_until(lambda: lost() and worker.in_group, 30, "membership lost and rejoined")
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(by_correlation_id(replies.records)) < len(requests):
+            assert asyncio.get_running_loop().time() < deadline, "requests went missing"
+            await replies.poll()
 
     assert set(by_correlation_id(replies.records)) == {r.key.decode() for r in requests if r.key}
