@@ -90,7 +90,7 @@ class Delivery:
             error = encode_error(correlation_id, ErrorCode.PAYLOAD_TOO_LARGE, message, False)
             await self.reply(record, route, correlation_id, error, ErrorCode.PAYLOAD_TOO_LARGE)
             return
-        except KafkaError as exc:
+        except Exception as exc:  # KafkaError, or a producer bug: never leave it unanswered
             await self._reply_failed(record, destination.topic, exc)
             return
         self._count_reply(record, outcome)
@@ -117,7 +117,7 @@ class Delivery:
         )
         try:
             await self._send_retrying(self._dlq_topic, None, record.key, record.value, headers)
-        except KafkaError as exc:
+        except Exception as exc:
             self._metrics.errors.labels(code="dlq_failed").inc()
             log.error(
                 "dead-letter record refused; the request is dropped",
@@ -128,7 +128,7 @@ class Delivery:
         self._metrics.errors.labels(code=code.value).inc()
 
     async def _reply_failed(
-        self, record: ConsumerRecord[Any, Any], topic: str, exc: KafkaError
+        self, record: ConsumerRecord[Any, Any], topic: str, exc: Exception
     ) -> None:
         log.error(
             "reply refused by the broker; sending the request to the dead-letter topic",

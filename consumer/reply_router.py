@@ -78,7 +78,9 @@ class ReplyRouter:
         self._wait_s = wait_s
         self._answer_ttl_s = answer_ttl_s
         self._clock = clock
-        self._answers: dict[str, _Answer] = {}
+        # Topics seen to exist lately: (expires, partitions); the per-reply fast path.
+        self._known: dict[str, tuple[float, Collection[int]]] = {}
+        self._answers: dict[str, _Answer] = {}  # the cluster's answers, "missing" included
         self._asking: dict[str, asyncio.Future[Collection[int] | None]] = {}
 
     async def resolve(self, route: ReplyRoute) -> Destination | Unroutable:
@@ -87,15 +89,21 @@ class ReplyRouter:
         if not self._allowed.fullmatch(topic):
             return Unroutable(ErrorCode.INVALID_REQUEST, f"reply topic {topic!r} is not allowed")
         partition = route.partition
-        answer = self._answers.get(topic)
-        if answer is not None and answer.expires > self._clock():
-            partitions = answer.partitions
-        else:
-            partitions = self._lookup.known_partitions(topic)
-            if partitions is None or (partition is not None and partition not in partitions):
-                partitions = await self._fresh_partitions(topic)
-            else:
-                self._remember(topic, partitions)
+        # Fast path: a topic (and partition) seen to exist lately.
+        known = self._known.get(topic)
+        if (
+            known is not None
+            and known[0] > self._clock()
+            and (partition is None or partition in known[1])
+        ):
+            return Destination(topic, partition)
+        partitions = self._lookup.known_partitions(topic)
+        if partitions is None or (partition is not None and partition not in partitions):
+            # Not in the producer's metadata: ask the cluster (answers, "missing" too,
+            # are remembered for a while, so a burst of such requests asks once).
+            partitions = await self._fresh_partitions(topic)
+        if partitions is not None:
+            self._known[topic] = (self._clock() + self._answer_ttl_s, partitions)
         if partitions is None:
             return Unroutable(
                 ErrorCode.INVALID_REQUEST,
@@ -161,6 +169,9 @@ class ClientTopicLookup:
         cluster = await self._client.fetch_all_metadata()
         partitions: Collection[int] | None = cluster.partitions_for_topic(topic)
         if partitions is not None:
-            # Track it, so the producer's own metadata (used by send) knows it too.
+            # Track it, so the producer's own metadata (used by send) knows it too; a
+            # topic it knew with fewer partitions (partitions were added) needs a refresh.
             await self._client.add_topic(topic)
+            if self.known_partitions(topic) != partitions:
+                await self._client.force_metadata_update()
         return partitions

@@ -160,3 +160,13 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_lookup() -> None:
     first.cancel()
     assert await second == Destination("rerank.replies.a", None)
     assert lookup.fetches == ["rerank.replies.a"]
+
+
+async def test_a_new_partition_of_a_known_topic_is_found_without_waiting() -> None:
+    lookup = FakeLookup({DEFAULT: 2}, known={DEFAULT})
+    router = make_router(lookup)
+    assert await router.resolve(ReplyRoute(None, 1)) == Destination(DEFAULT, 1)
+    lookup.cluster[DEFAULT] = 4  # partitions added; the producer's metadata is stale
+    lookup.known.discard(DEFAULT)
+    assert await router.resolve(ReplyRoute(None, 3)) == Destination(DEFAULT, 3)
+    assert lookup.fetches == [DEFAULT]
