@@ -1,0 +1,89 @@
+"""Scorer-only throughput: the model path without the engine, to split a gap between them.
+
+    PYTHONPATH=. python benchmarks/forward_only.py --tokenizer DIR [--pairs 4096]
+
+Builds the same random 0.6B-shaped model and synthetic workload as ``consumer.bench``,
+tokenizes everything first, cuts batches from globally length-sorted pairs by a token
+budget (as the shared packed probe does), then times ``scorer.score`` batch after batch
+on one thread. Compare its pairs/s with the engine's (``python -m consumer.bench``) from
+the same run: the difference is what the engine (tokenizer threads, batch former,
+futures) costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from consumer.bench import CONFIGS, build_random_model, default_tokenizer_dir, synthetic_requests
+from consumer.model_loader import load_model
+from consumer.model_options import ModelOptions
+from consumer.prompt import EncodedPair
+
+
+def batches_by_budget(pairs: list[EncodedPair], budget: int) -> list[list[EncodedPair]]:
+    """Length-sorted pairs cut whenever the next one would pass the token budget."""
+    out: list[list[EncodedPair]] = []
+    current: list[EncodedPair] = []
+    total = 0
+    for pair in sorted(pairs, key=lambda p: p.tokens):
+        if current and total + pair.tokens > budget:
+            out.append(current)
+            current, total = [], 0
+        current.append(pair)
+        total += pair.tokens
+    if current:
+        out.append(current)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--pairs", type=int, default=4096)
+    parser.add_argument("--budget", type=int, default=65536)
+    parser.add_argument("--config", default="0.6b")
+    args = parser.parse_args()
+    import torch
+
+    tokenizer_dir = args.tokenizer or default_tokenizer_dir()
+    config = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
+    requests = synthetic_requests(tokenizer_dir, args.pairs, 8, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_random_model(config, tokenizer_dir, Path(tmp), "cuda", 0)
+        model = load_model(ModelOptions(model=tmp))
+        pairs = [p for q, docs in requests for p in model.encoder.encode(q, docs, None)]
+        batches = batches_by_budget(pairs, args.budget)
+        t0 = time.perf_counter()
+        model.scorer.warmup(model.encoder)
+        for batch in batches[:2]:
+            model.scorer.score(batch)
+        warm_s = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for batch in batches:
+            model.scorer.score(batch)
+        seconds = time.perf_counter() - t0
+    tokens = sum(p.tokens for p in pairs)
+    print(
+        json.dumps(
+            {
+                "what": "scorer only, pre-tokenized, globally length-sorted batches",
+                "gpu": torch.cuda.get_device_name(),
+                "packed": bool(getattr(model.scorer, "packed", False)),
+                "pairs": len(pairs),
+                "batches": len(batches),
+                "budget": args.budget,
+                "warmup_s": round(warm_s, 1),
+                "pairs_per_s": round(len(pairs) / seconds, 1),
+                "tokens_per_s": round(tokens / seconds),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
