@@ -469,9 +469,9 @@ class Engine:
         req.remaining = 0
 
     def _add_in_flight(self, delta: int) -> None:
+        # The rerank_in_flight_pairs gauge belongs to the worker, which counts from
+        # record fetch to reply acknowledged (the number backpressure acts on).
         self._in_flight += delta
-        if self._metrics is not None:
-            self._metrics.in_flight_pairs.set(self._in_flight)
 
     def _publish_model_info(self) -> None:
         if self._metrics is None or self._scorer is None:

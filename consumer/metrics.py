@@ -11,7 +11,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 # Latencies that matter for an online reranker: a few ms (one batch) up to tens of s
 # (a backlog behind a paused partition).
 LATENCY_BUCKETS = (
-    0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 BATCH_PAIRS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_TOKENS_BUCKETS = (256, 1024, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
@@ -29,8 +44,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "rerank_requests", "Requests answered, by outcome (ok or an error code).",
-            ["outcome"], registry=r,
+            "rerank_requests",
+            "Requests answered, by outcome (ok or an error code).",
+            ["outcome"],
+            registry=r,
         )
         self.pairs = Counter("rerank_pairs", "Query-document pairs scored.", registry=r)
         self.tokens = Counter("rerank_tokens", "Prompt tokens scored.", registry=r)
@@ -40,26 +57,35 @@ class Metrics:
         self.request_latency = Histogram(
             "rerank_request_latency_seconds",
             "End to end: request record timestamp to reply acknowledged by the broker.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "rerank_queue_wait_seconds", "Time a pair waited in the batcher queue.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "rerank_queue_wait_seconds",
+            "Time a pair waited in the batcher queue.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
-            "rerank_inference_seconds", "Model forward time of one batch.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "rerank_inference_seconds",
+            "Model forward time of one batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_pairs = Histogram(
             "rerank_batch_pairs", "Pairs in one batch.", buckets=BATCH_PAIRS_BUCKETS, registry=r
         )
         self.batch_tokens = Histogram(
-            "rerank_batch_tokens", "Padded tokens in one batch.",
-            buckets=BATCH_TOKENS_BUCKETS, registry=r,
+            "rerank_batch_tokens",
+            "Padded tokens in one batch.",
+            buckets=BATCH_TOKENS_BUCKETS,
+            registry=r,
         )
         self.padding_ratio = Histogram(
-            "rerank_batch_padding_ratio", "Share of a batch's tokens that are padding.",
-            buckets=RATIO_BUCKETS, registry=r,
+            "rerank_batch_padding_ratio",
+            "Share of a batch's tokens that are padding.",
+            buckets=RATIO_BUCKETS,
+            registry=r,
         )
         self.in_flight_pairs = Gauge(
             "rerank_in_flight_pairs", "Pairs accepted and not yet answered.", registry=r
@@ -73,16 +99,22 @@ class Metrics:
             registry=r,
         )
         self.consumer_lag = Gauge(
-            "rerank_consumer_lag", "Records behind the end of the partition.",
-            ["topic", "partition"], registry=r,
+            "rerank_consumer_lag",
+            "Records behind the end of the partition.",
+            ["topic", "partition"],
+            registry=r,
         )
         self.dlq_records = Counter(
-            "rerank_dlq_records", "Records sent to the dead-letter topic, by error code.",
-            ["code"], registry=r,
+            "rerank_dlq_records",
+            "Records sent to the dead-letter topic, by error code.",
+            ["code"],
+            registry=r,
         )
         self.errors = Counter(
-            "rerank_errors", "Error replies and dead-letter records, by error code.",
-            ["code"], registry=r,
+            "rerank_errors",
+            "Error replies and dead-letter records, by error code.",
+            ["code"],
+            registry=r,
         )
         self.oom_splits = Counter(
             "rerank_oom_splits", "Batches split after running out of GPU memory.", registry=r

@@ -37,13 +37,13 @@ class KafkaSecurity:
         """Every reason these settings cannot work, one line each."""
         found: list[str] = []
         if self.protocol not in PROTOCOLS:
-            found.append(f"security protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+            choices = ", ".join(PROTOCOLS)
+            found.append(f"security protocol {self.protocol!r} is not one of {choices}")
         uses_sasl = self.protocol.startswith("SASL_")
         if uses_sasl:
             if self.sasl_mechanism not in SASL_MECHANISMS:
-                found.append(
-                    f"SASL mechanism {self.sasl_mechanism!r} is not one of {', '.join(SASL_MECHANISMS)}"
-                )
+                choices = ", ".join(SASL_MECHANISMS)
+                found.append(f"SASL mechanism {self.sasl_mechanism!r} is not one of {choices}")
             if not self.sasl_username or self.sasl_password is None:
                 found.append(f"{self.protocol} needs a SASL username and password")
         if self.ssl_keyfile and not self.ssl_certfile:
