@@ -5,7 +5,7 @@ the released Qwen3-Reranker-0.6B, so compute cost equals the real model's), with
 real Qwen3 tokenizer, loads it through ``consumer.model_loader`` like the service does,
 and drives the :class:`consumer.engine.Engine` with synthetic requests:
 
-1. tokenizer path alone (one CPU thread, the service's encoder);
+1. tokenizer path alone (one calling thread, the service's encoder);
 2. saturating load: ``--concurrency`` requests in flight, closed loop;
 3. one request at a time on an idle engine;
 4. the reference FastAPI recipe on the same pairs and card: seq-cls, fp16 on GPU,
@@ -50,7 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 # The reference recipe's prompt (a typical FastAPI reranker wrapper), not the model card's.
 REFERENCE_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 H100_SXM_DENSE_BF16_TFLOPS = 989.0  # NVIDIA spec sheet, dense (no sparsity)
-ACHIEVABLE_BF16_TFLOPS = 790.0  # what ARCHITECTURE.md's roofline uses
+ACHIEVABLE_BF16_TFLOPS = 790.0  # what docs/architecture.md's roofline uses
 
 
 # ---- inputs ---------------------------------------------------------------------------
@@ -441,7 +441,8 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"{min(r['settings']['concurrency'], load['requests'])} of {load['requests']} "
         "requests in flight at a time",
         f"tokenizer    {engine['tokenizer']['tokens_per_s']:,} tokens/s "
-        "on one CPU thread (the service's encoder)",
+        "from one calling thread (the service's encoder; the Rust tokenizer spreads a "
+        f"batch over cores unless TOKENIZERS_PARALLELISM=false; {os.cpu_count()} cores here)",
         f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} tokens/s, "
         f"{load['batches']} batches of {load['mean_batch_pairs']:.0f} pairs on average",
         f"padding      cost {load['padding_overhead']:.3f}x the real tokens; "
