@@ -40,12 +40,31 @@ def batches_by_budget(pairs: list[EncodedPair], budget: int) -> list[list[Encode
     return out
 
 
+def print_profile(scorer: object, batches: list[list[EncodedPair]]) -> None:
+    """torch.profiler's kernel table for a few batches: where the GPU time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    score = scorer.score  # type: ignore[attr-defined]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            score(batch)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+    )
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--pairs", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=65536)
     parser.add_argument("--config", default="0.6b")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print the top GPU kernels of 3 batches"
+    )
     args = parser.parse_args()
     import torch
 
@@ -67,6 +86,8 @@ def main() -> None:
         for batch in batches:
             model.scorer.score(batch)
         seconds = time.perf_counter() - t0
+        if args.profile:
+            print_profile(model.scorer, batches[len(batches) // 2 :][:3])
     tokens = sum(p.tokens for p in pairs)
     print(
         json.dumps(
