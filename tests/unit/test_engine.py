@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from consumer.engine import Engine, EngineSettings, is_out_of_memory
@@ -107,16 +108,22 @@ class FakeOutOfMemoryError(RuntimeError):
 class OomScorer(FakeScorer):
     """Runs out of memory on batches of more than ``limit`` pairs, or on a poisoned payload."""
 
-    def __init__(self, limit: int, poison: str | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        poison: str | None = None,
+        error: type[Exception] = FakeOutOfMemoryError,
+    ) -> None:
         super().__init__()
         self.limit = limit
         self.poison = poison
+        self.error = error
         self.ooms = 0
 
     def check(self, payloads: list[str]) -> None:
         if len(payloads) > self.limit or any(self.poison and self.poison in p for p in payloads):
             self.ooms += 1
-            raise FakeOutOfMemoryError("CUDA out of memory (fake)")
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
 
 class FailingScorer(FakeScorer):
@@ -264,14 +271,20 @@ async def test_pairs_expiring_in_the_queue_never_reach_the_scorer() -> None:
     await engine.close()
 
 
-async def test_out_of_memory_splits_the_batch_and_lowers_the_budget() -> None:
+@pytest.mark.parametrize(
+    "error", [torch.cuda.OutOfMemoryError, FakeOutOfMemoryError], ids=["torch", "named-like-it"]
+)
+async def test_out_of_memory_splits_the_batch_and_lowers_the_budget(
+    error: type[Exception], caplog: pytest.LogCaptureFixture
+) -> None:
     rng = random.Random(3)
-    scorer = OomScorer(limit=3)
+    scorer = OomScorer(limit=3, error=error)
     scorer.gate.clear()
     metrics = Metrics(CollectorRegistry())
     engine = await started_engine(
         scorer, metrics, max_batch_tokens=100_000, min_batch_tokens=10, max_batch_pairs=64
     )
+    assert metrics.registry.get_sample_value("rerank_max_batch_tokens") == 100_000
     requests = [random_request(rng, docs=5) for _ in range(12)]
     tasks = [asyncio.create_task(engine.score(r)) for r in requests]
     await wait_for(lambda: engine.in_flight_pairs == 60)
@@ -285,6 +298,9 @@ async def test_out_of_memory_splits_the_batch_and_lowers_the_budget() -> None:
     assert engine.max_batch_tokens < 100_000
     assert metrics.registry.get_sample_value("rerank_max_batch_tokens") == engine.max_batch_tokens
     assert (metrics.registry.get_sample_value("rerank_oom_splits_total") or 0) >= 1
+    splits = [r for r in caplog.records if "out of memory on a batch" in r.getMessage()]
+    assert splits and all(r.levelname == "WARNING" for r in splits)
+    assert f"max_batch_tokens now {engine.max_batch_tokens}" in splits[-1].getMessage()
     await engine.close()
 
 
@@ -501,3 +517,68 @@ async def test_close_fails_requests_still_waiting_for_tokenization() -> None:
     release.set()
     outcomes = await asyncio.gather(running, queued, return_exceptions=True)
     assert all(isinstance(o, EngineClosed) for o in outcomes), outcomes
+
+
+async def test_max_wait_applies_only_while_the_model_is_idle() -> None:
+    # A wait far longer than the test's timeouts: a request that waited for it fails.
+    scorer = FakeScorer()
+    engine = await started_engine(
+        scorer, max_wait_ms=600_000, max_batch_pairs=4, max_batch_tokens=100_000
+    )
+    first, second = ScoreRequest("a", ("1", "2")), ScoreRequest("b", ("3", "4"))
+    waiting = asyncio.create_task(engine.score(first))
+    await wait_for(lambda: engine.in_flight_pairs == 2)
+    await asyncio.sleep(0.05)
+    assert scorer.batches == []  # idle model, less than a batch queued: it waits
+    results = await asyncio.wait_for(asyncio.gather(waiting, engine.score(second)), 10)
+    assert [r.logits for r in results] == [expected_logits(first), expected_logits(second)]
+    assert len(scorer.batches) == 1  # the wait let both requests share one batch
+
+    scorer.gate.clear()
+    scorer.entered.clear()
+    full = ScoreRequest("c", ("5", "6", "7", "8"))  # a full batch goes at once
+    busy = asyncio.create_task(engine.score(full))
+    await asyncio.to_thread(scorer.entered.wait, 5)
+    small = asyncio.create_task(engine.score(ScoreRequest("d", ("9",))))
+    await wait_for(lambda: engine.in_flight_pairs == 5)
+    scorer.gate.set()
+    # The small request was cut while the model was busy: no max_wait for it.
+    done = await asyncio.wait_for(asyncio.gather(busy, small), 10)
+    assert done[1].logits == expected_logits(ScoreRequest("d", ("9",)))
+    assert scorer.batches[-1] == ["d|9"]
+    await engine.close()
+
+
+async def test_the_service_engine_reports_batch_metrics_from_the_start(
+    tiny_causal_dir: Path,
+) -> None:
+    from consumer.app import load_real_model, make_real_engine
+    from consumer.settings import load_settings
+
+    settings = load_settings(
+        ["--model", str(tiny_causal_dir), "--device", "cpu", "--max-batch-tokens", "3000"]
+    )
+    metrics = Metrics(CollectorRegistry())
+    engine = make_real_engine(load_real_model(settings), settings, metrics)
+    await engine.start()
+    # Set at start, not only after an out-of-memory lowered it.
+    assert metrics.registry.get_sample_value("rerank_max_batch_tokens") == 3000
+    assert (
+        metrics.registry.get_sample_value(
+            "rerank_model_info",
+            {
+                "model": str(tiny_causal_dir),
+                "kind": "causal-lm",
+                "device": "cpu",
+                "dtype": "float32",
+            },
+        )
+        == 1
+    )
+    result = await engine.score(ScoreRequest("what is kafka", ("a log", "a cat", "a topic")))
+    await engine.close()
+    assert len(result.scores) == 3
+    assert metrics.registry.get_sample_value("rerank_pairs_total") == 3
+    assert metrics.registry.get_sample_value("rerank_tokens_total") == result.prompt_tokens
+    assert (metrics.registry.get_sample_value("rerank_batch_pairs_count") or 0) >= 1
+    assert (metrics.registry.get_sample_value("rerank_batch_tokens_count") or 0) >= 1
