@@ -156,7 +156,11 @@ def resolve_options(options: ModelOptions) -> _Resolved:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+        # Say which torch: a CPU-only wheel on a GPU host is the usual cause.
+        raise ModelLoadError(
+            f"device {device!r} requested but CUDA is not available (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'none'}); use device auto or cpu"
+        )
     dtype = options.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"

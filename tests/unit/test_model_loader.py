@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_models import minilm_dir
 
-from consumer.model_loader import ModelLoadError, load_model
+from consumer.model_loader import ModelLoadError, load_model, resolve_options
 from consumer.model_options import ModelOptions
 from consumer.prompt import BiEncoderIds
 from consumer.prompt_throughput import measure_encoder_throughput
@@ -129,10 +129,31 @@ def test_bad_options_are_refused(
         load_model(replace(ModelOptions(model=str(tiny_causal_dir)), **change))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
-def test_cuda_requested_without_cuda(tiny_causal_dir: Path) -> None:
-    with pytest.raises(ModelLoadError, match="CUDA is not available"):
-        load_model(ModelOptions(model=str(tiny_causal_dir), device="cuda"))
+def test_cuda_requested_without_cuda_is_refused_not_run_on_cpu(
+    tiny_causal_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(ModelOptions(model=str(tiny_causal_dir), device=device))
+        message = str(info.value)
+        assert message.startswith(f"device {device!r} requested but CUDA is not available")
+        assert "use device auto or cpu" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("cuda", "expected"),
+    [(True, ("cuda", "bfloat16", True)), (False, ("cpu", "float32", False))],
+    ids=["gpu-host", "cpu-host"],
+)
+def test_auto_options_follow_the_machine(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, expected: tuple[str, str, bool]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    run = resolve_options(ModelOptions())
+    assert (run.device, run.dtype, run.compile) == expected
+    assert run.attn_implementation == "sdpa"
+    assert resolve_options(ModelOptions(compile="off")).compile is False
 
 
 def test_encoder_throughput_counts_what_it_encoded(tiny_causal_dir: Path) -> None:
