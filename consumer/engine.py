@@ -671,7 +671,12 @@ class Engine:
         self._empty_device_cache()
         lowered = self._lower_budget()
         if len(tickets) == 1:
-            log.warning("out of memory on a single pair of %d tokens", tickets[0].tokens)
+            log.warning(
+                "out of memory on a single pair of %d tokens (answered with an error); "
+                "max_batch_tokens now %d",
+                tickets[0].tokens,
+                lowered,
+            )
             self._post(
                 _Outcome(
                     tickets,
