@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from consumer.settings import Settings, env_name
 from producer_sdk import cli
 from producer_sdk.errors import InvalidArgument
 from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
@@ -213,3 +215,61 @@ def test_bootstrap_servers_default_comes_from_the_environment(
     monkeypatch.setenv("RERANK_BOOTSTRAP_SERVERS", "kafka-a:9092,kafka-b:9092")
 
     assert parse("q", "d").bootstrap_servers == "kafka-a:9092,kafka-b:9092"
+
+
+# -- security: the worker's settings -------------------------------------------------------
+
+
+def worker_security_fields() -> list[str]:
+    return [
+        name
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.json_schema_extra, dict)
+        and field.json_schema_extra.get("group") == "Kafka security"
+    ]
+
+
+def test_security_flags_default_to_the_workers_environment_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fields = worker_security_fields()
+    assert {"security_protocol", "sasl_password", "ssl_cafile"} <= set(fields)
+    values = {name: f"value of {name}" for name in fields}
+    values.update(security_protocol="sasl_ssl", sasl_mechanism="scram-sha-512")
+    for name, value in values.items():
+        monkeypatch.setenv(env_name(name), value)
+
+    args = parse("q", "d")
+
+    # Every security setting of the worker has its flag here, read from the same variable.
+    assert {name: getattr(args, name) for name in values} == {
+        **values,
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+    }
+
+
+def test_missing_ssl_file_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--security-protocol", "ssl", "--ssl-cafile", "no-such-ca.pem", "q", "d"]
+
+    status = cli.main(["--bootstrap-servers", "127.0.0.1:1", *argv])
+
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_BAD_ARGS
+    assert captured.err.count("\n") == 1
+    assert "--ssl-cafile: no such file: no-such-ca.pem" in captured.err
+
+
+def test_unloadable_ssl_file_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_certificate = tmp_path / "ca.pem"
+    not_a_certificate.write_text("not a certificate\n")
+    argv = ["--security-protocol", "SSL", "--ssl-cafile", str(not_a_certificate), "q", "d"]
+
+    status = cli.main(["--bootstrap-servers", "127.0.0.1:1", *argv])
+
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_BAD_ARGS
+    assert captured.err.count("\n") == 1
+    assert "SSL settings do not load" in captured.err
