@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.settings import Settings, env_name
+from consumer.settings import Settings, env_name, load_settings
 from producer_sdk import cli
 from producer_sdk.errors import InvalidArgument
 from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
@@ -273,3 +273,18 @@ def test_unloadable_ssl_file_exits_2_with_one_line(
     assert status == cli.EXIT_BAD_ARGS
     assert captured.err.count("\n") == 1
     assert "SSL settings do not load" in captured.err
+
+
+def test_cli_and_worker_connect_alike_from_the_same_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RERANK_SECURITY_PROTOCOL", "sasl_plaintext")
+    monkeypatch.setenv("RERANK_SASL_MECHANISM", "scram-sha-256")
+    monkeypatch.setenv("RERANK_SASL_USERNAME", "reranker")
+    monkeypatch.setenv("RERANK_SASL_PASSWORD", "s3cret")
+
+    worker = load_settings([]).kafka_security().aiokafka_kwargs()
+    client = cli.security_from_args(parse("q", "d")).aiokafka_kwargs()
+
+    assert client == worker
+    assert client["sasl_plain_password"] == "s3cret"
