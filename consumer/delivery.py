@@ -15,6 +15,10 @@ Failures, in order of fallback:
   worker that stops meanwhile leaves the request to be redelivered;
 * the dead-letter record itself is refused for good -> logged at error level and
   counted (``rerank_errors{code="dlq_failed"}``); nothing else can be done with it.
+
+Logging: a dead-letter record is one warning line (nobody else hears of it); an error
+reply is one debug line (its client is told). Both carry the record's topic, partition,
+offset and correlation id. Successful replies are never logged.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Delivery:
         """Deliver a reply ``value``; ``outcome`` is ``"ok"`` or the error code it carries."""
         destination = await self._router.resolve(route)
         if isinstance(destination, Unroutable):
-            await self.dead_letter(record, destination.code, destination.message)
+            await self.dead_letter(record, destination.code, destination.message, correlation_id)
             return
         key = correlation_id.encode("utf-8")
         try:
@@ -81,7 +85,7 @@ class Delivery:
             )
         except _TOO_LARGE as exc:
             if outcome != OUTCOME_OK:
-                await self._reply_failed(record, destination.topic, exc)
+                await self._reply_failed(record, destination.topic, correlation_id, exc)
                 return
             message = (
                 f"the reply is too large for Kafka ({len(value)} bytes); "
@@ -91,9 +95,15 @@ class Delivery:
             await self.reply(record, route, correlation_id, error, ErrorCode.PAYLOAD_TOO_LARGE)
             return
         except Exception as exc:  # KafkaError, or a producer bug: never leave it unanswered
-            await self._reply_failed(record, destination.topic, exc)
+            await self._reply_failed(record, destination.topic, correlation_id, exc)
             return
         self._count_reply(record, outcome)
+        if outcome != OUTCOME_OK:
+            log.debug(
+                "error reply sent",
+                extra=_coordinates(record)
+                | {"correlation_id": correlation_id, "error_code": outcome},
+            )
 
     async def reply_error(
         self,
@@ -109,33 +119,61 @@ class Delivery:
         await self.reply(record, route, correlation_id, value, code.value)
 
     async def dead_letter(
-        self, record: ConsumerRecord[Any, Any], code: ErrorCode, message: str
+        self,
+        record: ConsumerRecord[Any, Any],
+        code: ErrorCode,
+        message: str,
+        correlation_id: str | None = None,
     ) -> None:
-        """Copy ``record`` unchanged (key, value, headers) to the dead-letter topic."""
+        """Copy ``record`` unchanged (key, value, headers) to the dead-letter topic.
+
+        One exception: a record with neither key nor value gets an empty value, as the
+        producer cannot send one without both.
+
+        ``correlation_id`` (when the request had one) only goes into the log line.
+        """
+        context = _coordinates(record) | {"correlation_id": correlation_id}
         headers = list(record.headers or ()) + dlq_headers(
             code, message, record.topic, record.partition, record.offset
         )
+        value = record.value
+        if value is None and record.key is None:
+            # aiokafka refuses a record with neither key nor value (a tombstone without a
+            # key); an empty value stands for it, and error-message says it had none.
+            value = b""
         try:
-            await self._send_retrying(self._dlq_topic, None, record.key, record.value, headers)
+            await self._send_retrying(self._dlq_topic, None, record.key, value, headers)
         except Exception as exc:
             self._metrics.errors.labels(code="dlq_failed").inc()
             log.error(
                 "dead-letter record refused; the request is dropped",
-                extra=_coordinates(record) | {"error_code": code.value, "error": repr(exc)},
+                extra=context | {"error_code": code.value, "error": repr(exc)},
             )
             return
         self._metrics.dlq_records.labels(code=code.value).inc()
         self._metrics.errors.labels(code=code.value).inc()
+        log.warning(
+            "request sent to the dead-letter topic",
+            extra=context | {"error_code": code.value, "error": message},
+        )
 
     async def _reply_failed(
-        self, record: ConsumerRecord[Any, Any], topic: str, exc: Exception
+        self,
+        record: ConsumerRecord[Any, Any],
+        topic: str,
+        correlation_id: str,
+        exc: Exception,
     ) -> None:
         log.error(
             "reply refused by the broker; sending the request to the dead-letter topic",
-            extra=_coordinates(record) | {"reply_topic": topic, "error": repr(exc)},
+            extra=_coordinates(record)
+            | {"correlation_id": correlation_id, "reply_topic": topic, "error": repr(exc)},
         )
         await self.dead_letter(
-            record, ErrorCode.INTERNAL, f"the reply could not be produced to {topic!r}: {exc!r}"
+            record,
+            ErrorCode.INTERNAL,
+            f"the reply could not be produced to {topic!r}: {exc!r}",
+            correlation_id,
         )
 
     def _count_reply(self, record: ConsumerRecord[Any, Any], outcome: str) -> None:

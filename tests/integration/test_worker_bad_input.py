@@ -8,10 +8,12 @@ answered, and the committed offset would not reach the end of the partition.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import orjson
 import pytest
@@ -23,6 +25,7 @@ from worker_harness import (
     QUERY_NAN,
     QUERY_VALUE_ERROR,
     FakeEngine,
+    Request,
     TopicFactory,
     by_correlation_id,
     dlq_reader,
@@ -82,32 +85,49 @@ ERROR_REPLIES: dict[str, tuple[bytes | None, str, bool]] = {
 
 
 async def test_bad_input_is_answered_or_dead_lettered_and_the_partition_goes_on(
-    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="consumer")
     topics = await make_topics(new_topic)
     not_allowed = f"other-{uuid.uuid4().hex}"
     missing = f"test-{uuid.uuid4().hex}"  # allowed by the test pattern, never created
     past_ms = int(time.time() * 1000) - 60_000
 
+    no_id = request(None, orjson.dumps(GOOD))  # no correlation id anywhere -> DLQ
+    no_id.key = b"the-original-key"
+    no_id.headers = [("x-custom", b"kept")]
+    # No value, no correlation id, and a header whose value is null.
+    null_everything = Request(value=None, headers=[("x-null", None)])
+    # The request's index -> the expected dead-letter message (a part of it).
+    dead_lettered = {
+        len(ERROR_REPLIES) + i: message
+        for i, message in enumerate(
+            [
+                "no correlation id",
+                "tombstone",
+                "does not exist",
+                "does not exist",
+                "is not allowed",
+                "partition 7 does not exist",
+            ],
+            start=1,
+        )
+    }
     requests = [request(cid, value) for cid, (value, _, _) in ERROR_REPLIES.items()]
     requests += [
         request("expired", {"query": "expired query", "documents": ["a"]}, deadline_ms=past_ms),
-        request(None, orjson.dumps(GOOD)),  # no correlation id anywhere -> DLQ
+        no_id,
+        null_everything,
         request("to-missing-topic", GOOD, reply_topic=missing),
         request("to-missing-topic-2", GOOD, reply_topic=missing),
         request("to-forbidden-topic", GOOD, reply_topic=not_allowed),
+        # The reply topic has REPLY_PARTITIONS (2) partitions.
         request("to-missing-partition", GOOD, reply_partition=7),
         request("last-good", {"query": "still here", "documents": documents(3)}),
     ]
-    requests[-6].key = b"the-original-key"
-    requests[-6].headers = [("x-custom", b"kept")]
-    dead_lettered: dict[str | None, str] = {
-        None: "no correlation id",
-        "to-missing-topic": "does not exist",
-        "to-missing-topic-2": "does not exist",
-        "to-forbidden-topic": "is not allowed",
-        "to-missing-partition": "partition 7 does not exist",
-    }
     replied = len(requests) - len(dead_lettered)
 
     engine = FakeEngine()
@@ -150,36 +170,62 @@ async def test_bad_input_is_answered_or_dead_lettered_and_the_partition_goes_on(
 
     # Dead-letter records: the original record, unchanged, plus the DLQ headers.
     assert len(dlq_records) == len(dead_lettered)
-    by_id = {
-        (r.headers["correlation-id"].decode() if "correlation-id" in r.headers else None): r
-        for r in dlq_records
-    }
-    assert set(by_id) == set(dead_lettered)
-    offsets_of = {
-        (dict(r.headers).get("correlation-id", b"").decode() or None): i
-        for i, r in enumerate(requests)
-    }
-    for dead_id, message_part in dead_lettered.items():
-        record = by_id[dead_id]
-        original = requests[offsets_of[dead_id]]
-        assert record.value == original.value
+    by_offset = {int(r.headers["source-offset"]): r for r in dlq_records}
+    assert set(by_offset) == set(dead_lettered)
+    for offset, message_part in dead_lettered.items():
+        record = by_offset[offset]
+        original = requests[offset]
+        # A record without key and value is dead-lettered with an empty value.
+        assert record.value == (
+            b"" if original.value is None and original.key is None else original.value
+        )
         assert record.key == original.key
         assert record.headers["error-code"] == b"invalid_request"
         assert message_part in record.headers["error-message"].decode()
         assert record.headers["source-topic"] == topics.requests.encode()
         assert record.headers["source-partition"] == b"0"
-        assert record.headers["source-offset"] == str(offsets_of[dead_id]).encode()
         for name, value in original.headers:
             assert record.headers[name] == value
-    assert by_id[None].headers["x-custom"] == b"kept"
+    assert requests.index(no_id) in by_offset
+    assert by_offset[requests.index(no_id)].headers["x-custom"] == b"kept"
 
-    # Metrics: outcomes and DLQ records by code.
+    # Metrics: outcomes, DLQ records and errors by code.
     registry = metrics.registry
     assert registry.get_sample_value("rerank_requests_total", {"outcome": "ok"}) == 1
     assert registry.get_sample_value("rerank_requests_total", {"outcome": "deadline_exceeded"}) == 1
     assert registry.get_sample_value(
         "rerank_dlq_records_total", {"code": "invalid_request"}
     ) == len(dead_lettered)
+    replied_codes = [code for _, code, _ in ERROR_REPLIES.values()] + ["deadline_exceeded"]
+    for code in set(replied_codes):
+        dead = len(dead_lettered) if code == "invalid_request" else 0
+        assert registry.get_sample_value("rerank_errors_total", {"code": code}) == (
+            replied_codes.count(code) + dead
+        ), code
+        assert registry.get_sample_value("rerank_requests_total", {"outcome": code}) == (
+            replied_codes.count(code)
+        ), code
+
+    # Logs: one warning per dead-letter record and one debug line per error reply, each
+    # with the record's coordinates; no per-request line at info level.
+    ours = [r for r in caplog.records if r.name.startswith("consumer.")]
+    dlq_lines = [r for r in ours if r.getMessage() == "request sent to the dead-letter topic"]
+    assert sorted(_extra(r, "offset") for r in dlq_lines) == sorted(dead_lettered)
+    for line in dlq_lines:
+        assert line.levelno == logging.WARNING
+        assert (_extra(line, "topic"), _extra(line, "partition")) == (topics.requests, 0)
+        expected_id = dict(requests[_extra(line, "offset")].headers).get("correlation-id")
+        assert _extra(line, "correlation_id") == (expected_id.decode() if expected_id else None)
+    error_lines = [r for r in ours if r.getMessage() == "error reply sent"]
+    assert {_extra(r, "correlation_id") for r in error_lines} == set(ERROR_REPLIES) | {"expired"}
+    assert all(r.levelno == logging.DEBUG for r in error_lines)
+    per_request_info = [r for r in ours if r.levelno == logging.INFO and hasattr(r, "offset")]
+    assert per_request_info == []
+
+
+def _extra(record: logging.LogRecord, name: str) -> Any:
+    """A field a log line got through ``extra=``."""
+    return record.__dict__[name]
 
 
 async def _committed(bootstrap: str, group: str, tp: TopicPartition, expected: int) -> int | None:

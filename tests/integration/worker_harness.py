@@ -30,7 +30,7 @@ from consumer.worker import Worker
 from consumer.worker_config import WorkerConfig
 
 TopicFactory = Callable[..., Awaitable[str]]
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes | None]]
 
 JOIN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 60.0
@@ -279,7 +279,7 @@ class Received:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: dict[str, bytes]
+    headers: dict[str, bytes | None]  # None: a null header value
 
     def json(self) -> dict[str, Any]:
         assert self.value is not None
@@ -288,7 +288,9 @@ class Received:
 
     @property
     def correlation_id(self) -> str:
-        return self.headers["correlation-id"].decode()
+        value = self.headers["correlation-id"]
+        assert value is not None
+        return value.decode()
 
 
 class TopicReader:
@@ -318,7 +320,7 @@ class TopicReader:
                 offset=m.offset,
                 key=m.key,
                 value=m.value,
-                headers={k: bytes(v) for k, v in (m.headers or ())},
+                headers={k: (bytes(v) if v is not None else None) for k, v in m.headers or ()},
             )
             for messages in batches.values()
             for m in messages
