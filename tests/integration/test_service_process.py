@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +153,22 @@ async def scrape(http: aiohttp.ClientSession, worker: WorkerProcess) -> dict[str
     return samples
 
 
+async def scrape_until(
+    http: aiohttp.ClientSession,
+    worker: WorkerProcess,
+    condition: Callable[[dict[str, float]], bool],
+    what: str,
+) -> dict[str, float]:
+    """The first ``/metrics`` scrape that meets ``condition``."""
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while True:
+        samples = await scrape(http, worker)
+        if condition(samples):
+            return samples
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {samples}"
+        await asyncio.sleep(0.1)
+
+
 def produce(bootstrap: str, topic: str, correlation_id: str, value: bytes) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
     producer.produce(
@@ -204,6 +220,7 @@ async def test_worker_process_serves_health_replies_metrics_and_stops_on_sigterm
         http_host="127.0.0.1",
         http_port=str(port),
         drain_timeout_s=str(DRAIN_TIMEOUT_S),
+        lag_interval_s="0.2",
         log_format="json",
         sasl_password=SECRET,  # unused with PLAINTEXT; must never be printed
     )
@@ -239,11 +256,36 @@ async def test_worker_process_serves_health_replies_metrics_and_stops_on_sigterm
         assert reply["usage"]["prompt_tokens"] > 0
         assert got[bad]["error"]["code"] == "invalid_request"
 
-        after = await scrape(http, worker)
+        lag_key = f'rerank_consumer_lag{{partition="0",topic="{requests}"}}'
+        after = await scrape_until(
+            http,
+            worker,
+            lambda m: m.get(lag_key) == 0 and m.get("rerank_in_flight_pairs{}") == 0,
+            "the lag of the request partition and the pairs in flight to reach 0",
+        )
+
+        def moved(name: str) -> float:
+            return after[name] - before.get(name, 0.0)
+
         assert after['rerank_requests_total{outcome="ok"}'] == 1, after
         assert after['rerank_requests_total{outcome="invalid_request"}'] == 1, after
-        assert after["rerank_pairs_total{}"] - before.get("rerank_pairs_total{}", 0) == 3
+        assert after['rerank_errors_total{code="invalid_request"}'] == 1, after
+        assert moved("rerank_pairs_total{}") == 3
         assert after["rerank_tokens_total{}"] >= reply["usage"]["prompt_tokens"]
+        # The engine's metrics (it gets the service's registry), per batch and per pair.
+        assert moved("rerank_queue_wait_seconds_count{}") == 3
+        assert moved("rerank_batch_pairs_sum{}") == 3
+        assert moved("rerank_inference_seconds_count{}") >= 1
+        assert moved("rerank_batch_tokens_count{}") == moved("rerank_inference_seconds_count{}")
+        assert moved("rerank_batch_padding_ratio_count{}") >= 1
+        # End to end, record timestamp to reply acknowledged: both replies.
+        assert moved("rerank_request_latency_seconds_count{}") == 2
+        assert after["rerank_consumer_paused{}"] == 0
+        assert after["rerank_ready{}"] == 1
+        infos = [k for k in after if k.startswith("rerank_model_info{")]
+        assert len(infos) == 1, infos
+        assert f'model="{tiny_model}"' in infos[0] and 'device="cpu"' in infos[0]
+        assert not any(k.startswith("rerank_gpu_memory_bytes") for k in after), "no GPU here"
 
         worker.process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(worker.process.wait, timeout=DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
@@ -263,6 +305,14 @@ async def test_worker_process_serves_health_replies_metrics_and_stops_on_sigterm
     # broker trouble at ERROR on a loaded machine; that is not this test's subject).
     ours = [line for line in lines if line["logger"].startswith("consumer")]
     assert not [line for line in ours if line["level"] in ("ERROR", "CRITICAL")], output
+    # No per-request line at info level (the error reply's line is at debug).
+    per_request = [
+        line
+        for line in ours
+        if line["level"] == "INFO"
+        and ({"offset", "correlation_id"} & line.keys() or good in str(line) or bad in str(line))
+    ]
+    assert per_request == [], per_request
 
 
 def test_invalid_settings_exit_2_with_one_line_per_problem() -> None:
