@@ -19,7 +19,10 @@ stop_broker() {
 }
 trap stop_broker EXIT
 if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
-    if ! KAFKA_PORT="$port" "$ROOT/deploy/local/kafka" status >/dev/null 2>&1; then
+    status=0
+    KAFKA_PORT="$port" "$ROOT/deploy/local/kafka" status >/dev/null 2>&1 || status=$?
+    # 0: our broker runs there; 5: some other broker answers there: use it either way
+    if [[ $status -ne 0 && $status -ne 5 ]]; then
         KAFKA_PORT="$port" "$ROOT/deploy/local/kafka" start
         started_broker="yes"
     fi

@@ -179,3 +179,13 @@ def test_a_failed_download_fails_in_one_line_and_caches_nothing(tmp_path: Path) 
     assert_one_line_error(done, "downloading Kafka jars with Maven failed")
     assert not list(cache.glob("kafka-*/libs"))  # a later start downloads again
     assert "Could not transfer artifact" in next(cache.glob("kafka-*/fetch.log")).read_text()
+
+
+def test_status_names_a_broker_it_did_not_start(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The session's broker, seen from another state dir: exit 5, so demo.sh reuses it."""
+    port = kafka_bootstrap.rsplit(":", 1)[1]
+    status = kafka(
+        "status", KAFKA_PORT=port, RERANK_CACHE_DIR=str(tmp_path), KAFKA_STATE_DIR=str(tmp_path)
+    )
+    assert status.returncode == 5, status.stdout + status.stderr
+    assert "another broker answers" in status.stdout + status.stderr
