@@ -80,8 +80,33 @@ class RequestProcessor:
     ) -> None:
         """Answer one request; returns once its reply or DLQ record is acknowledged.
 
-        ``received`` is ``time.monotonic()`` when the record was fetched.
+        ``received`` is ``time.monotonic()`` when the record was fetched. Never raises
+        (but for cancellation): a bug while answering sends the record to the dead-letter
+        topic, so its offset can be committed and the partition does not stall behind it.
         """
+        try:
+            await self._answer(record, decoded, received)
+        except Exception as exc:
+            correlation_id = getattr(decoded, "correlation_id", None)
+            log.exception(
+                "answering a request failed; dead-lettering it",
+                extra={
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "correlation_id": correlation_id,
+                },
+            )
+            await self._delivery.dead_letter(
+                record,
+                ErrorCode.INTERNAL,
+                f"processing failed: {type(exc).__name__}",
+                correlation_id,
+            )
+
+    async def _answer(
+        self, record: ConsumerRecord[Any, Any], decoded: Decoded, received: float
+    ) -> None:
         if isinstance(decoded, Rejection):
             await self._reject(record, decoded)
             return

@@ -361,7 +361,8 @@ class Worker:
         if task.cancelled():
             pass  # given up (rebalance, drain timeout): stays uncommitted, redelivered
         elif (exc := task.exception()) is not None:
-            # A bug, not bad input: keep the offset unfinished (commits of this partition
+            # process() dead-letters a record whose answering failed, so this is a bug in
+            # that fallback itself: keep the offset unfinished (commits of this partition
             # stop here, so the request is redelivered rather than lost) and say so loudly.
             log.error(
                 "request processing failed",

@@ -1,0 +1,70 @@
+"""RequestProcessor: a bug while answering dead-letters the record instead of stalling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.structs import ConsumerRecord
+
+from consumer.codec import RequestLimits
+from consumer.engine_api import ScoreRequest, ScoreResult
+from consumer.processing import RequestProcessor
+from schemas.models import ErrorCode
+
+
+class BrokenDelivery:
+    """Replies fail with a bug; dead-letter records are remembered."""
+
+    def __init__(self) -> None:
+        self.dead: list[tuple[int, ErrorCode, str, str | None]] = []
+
+    async def reply(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in reply delivery")
+
+    async def reply_error(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in reply delivery")
+
+    async def dead_letter(
+        self, record: Any, code: ErrorCode, message: str, correlation_id: str | None = None
+    ) -> None:
+        self.dead.append((record.offset, code, message, correlation_id))
+
+
+class ConstantEngine:
+    model_name = "constant"
+    ready = True
+    in_flight_pairs = 0
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        n = len(request.documents)
+        return ScoreResult((0.0,) * n, (0.5,) * n, n, (False,) * n, 0.0, 0.0)
+
+
+def record(offset: int, value: bytes, correlation_id: str) -> ConsumerRecord[Any, Any]:
+    return ConsumerRecord(
+        topic="rerank.requests",
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=None,
+        value=value,
+        checksum=None,
+        serialized_key_size=0,
+        serialized_value_size=len(value),
+        headers=[("correlation-id", correlation_id.encode())],
+    )
+
+
+async def test_a_bug_while_answering_dead_letters_the_record() -> None:
+    delivery = BrokenDelivery()
+    processor = RequestProcessor(ConstantEngine(), delivery, RequestLimits())  # type: ignore[arg-type]
+    good = record(7, b'{"query": "q", "documents": ["a", "b"]}', "c-1")
+    bad = record(8, b"not json", "c-2")
+    for rec in (good, bad):
+        await processor.process(rec, processor.decode(rec), received=0.0)
+    assert [(offset, code, cid) for offset, code, _, cid in delivery.dead] == [
+        (7, ErrorCode.INTERNAL, "c-1"),
+        (8, ErrorCode.INTERNAL, "c-2"),
+    ]
+    assert all("RuntimeError" in message for _, _, message, _ in delivery.dead)
