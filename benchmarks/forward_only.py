@@ -63,6 +63,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=65536)
     parser.add_argument("--config", default="0.6b")
     parser.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="q/k/v and gate/up as one matrix product each (PackedQwen3.fuse_projections)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also print the top GPU kernels of 3 batches"
     )
     args = parser.parse_args()
@@ -74,6 +79,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_random_model(config, tokenizer_dir, Path(tmp), "cuda", 0)
         model = load_model(ModelOptions(model=tmp))
+        if args.fuse_projections:
+            packed = model.scorer._packed  # type: ignore[attr-defined]
+            packed.fuse_projections()
+            packed.compile()
         pairs = [p for q, docs in requests for p in model.encoder.encode(q, docs, None)]
         batches = batches_by_budget(pairs, args.budget)
         t0 = time.perf_counter()
@@ -95,6 +104,7 @@ def main() -> None:
                 "what": "scorer only, pre-tokenized, globally length-sorted batches",
                 "gpu": torch.cuda.get_device_name(),
                 "packed": bool(getattr(model.scorer, "packed", False)),
+                "fused_projections": args.fuse_projections,
                 "pairs": len(pairs),
                 "batches": len(batches),
                 "budget": args.budget,

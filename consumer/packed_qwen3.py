@@ -94,6 +94,32 @@ class PackedQwen3:
         self.device = device
         self.attention = attention or causal_varlen_attention()
         self._run: Callable[..., torch.Tensor] = self.forward_packed
+        # per layer: (q|k|v weight, their output sizes, gate|up weight); see fuse_projections
+        self._fused: list[tuple[torch.Tensor, list[int], torch.Tensor]] | None = None
+
+    def fuse_projections(self) -> None:
+        """Run q/k/v as one matrix product and gate/up as another (an experiment).
+
+        Fewer, larger products and one read of the normed input instead of three. The
+        weights are concatenated copies (about 0.8 GB more for the 0.6B model). Not on by
+        default: its speed on the GPU is not measured yet (``benchmarks/forward_only.py
+        --fuse-projections``). Call before :meth:`compile`.
+        """
+        fused = []
+        for layer in self.base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+            if any(m.bias is not None for m in (*qkv, mlp.gate_proj, mlp.up_proj)):
+                raise ValueError("fused projections expect bias-free q/k/v and gate/up")
+            fused.append(
+                (
+                    torch.cat([m.weight for m in qkv]).detach(),
+                    [m.weight.shape[0] for m in qkv],
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                )
+            )
+        self._fused = fused
+        self._run = self.forward_packed
 
     def compile(self) -> None:
         """Compile the packed forward with dynamic shapes (one graph for every batch)."""
@@ -158,15 +184,33 @@ class PackedQwen3:
         cos, sin = base.rotary_emb(x, positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (T, 1, head_dim) broadcasts over heads
         n = ids.shape[0]
-        for layer in base.layers:
+        for index, layer in enumerate(base.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_norm(attn.q_proj(h).view(n, -1, attn.head_dim))
-            k = attn.k_norm(attn.k_proj(h).view(n, -1, attn.head_dim))
-            v = attn.v_proj(h).view(n, -1, attn.head_dim)
+            q, k, v = self._qkv(index, layer, h)
+            q = attn.q_norm(q.view(n, -1, attn.head_dim))
+            k = attn.k_norm(k.view(n, -1, attn.head_dim))
+            v = v.view(n, -1, attn.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = self.attention(q, k, v, cu, max_len, attn.scaling)
             x = x + attn.o_proj(o.reshape(n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(index, layer, layer.post_attention_layernorm(x))
         return base.norm(x[last])
+
+    def _qkv(
+        self, index: int, layer: Any, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        if self._fused is None:
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        weight, sizes, _ = self._fused[index]
+        q, k, v = torch.nn.functional.linear(h, weight).split(sizes, dim=-1)
+        return q, k, v
+
+    def _mlp(self, index: int, layer: Any, h: torch.Tensor) -> torch.Tensor:
+        mlp = layer.mlp
+        if self._fused is None:
+            return mlp(h)
+        gate, up = torch.nn.functional.linear(h, self._fused[index][2]).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)

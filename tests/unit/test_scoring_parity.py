@@ -251,6 +251,9 @@ def test_packed_forward_matches_padded_path(causal: LoadedModel) -> None:
     packed = PackedQwen3(scorer._base, "cpu", attention=segment_causal_attention)
     padded = scorer.last_hidden(seqs)
     assert torch.allclose(packed.last_hidden(seqs), padded, atol=TOL)
+    fused = PackedQwen3(scorer._base, "cpu", attention=segment_causal_attention)
+    fused.fuse_projections()
+    assert torch.allclose(fused.last_hidden(seqs), padded, atol=TOL)
     # a one-pair batch gathers its last token twice (no size-1 recompile) and returns one row
     one = packed.last_hidden(seqs[:1])
     assert one.shape[0] == 1
