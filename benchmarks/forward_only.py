@@ -17,6 +17,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from consumer.bench import CONFIGS, build_random_model, default_tokenizer_dir, synthetic_requests
 from consumer.model_loader import load_model
@@ -38,6 +39,26 @@ def batches_by_budget(pairs: list[EncodedPair], budget: int) -> list[list[Encode
     if current:
         out.append(current)
     return out
+
+
+def native_gqa_attention() -> Any:
+    """Causal varlen flash attention that takes k/v with fewer heads than q (an experiment).
+
+    FlashAttention handles grouped-query attention itself; torch 2.11's ``varlen_attn``
+    has no ``enable_gqa``, so ``consumer.packed_qwen3`` copies k and v to every query head
+    first (16% of the GPU time in the profile of docs/benchmarks.md, with the kernels
+    around it). This calls the flash op underneath directly. Unverified on a GPU: the run
+    compares its scores with the default path before timing it.
+    """
+    import torch
+
+    def attend(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
+        return out[0]
+
+    return attend
 
 
 def print_profile(scorer: object, batches: list[list[EncodedPair]]) -> None:
@@ -68,29 +89,46 @@ def main() -> None:
         help="q/k/v and gate/up as one matrix product each (PackedQwen3.fuse_projections)",
     )
     parser.add_argument(
+        "--native-gqa",
+        action="store_true",
+        help="flash attention on 8 kv heads without copying them (see native_gqa_attention)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also print the top GPU kernels of 3 batches"
     )
     args = parser.parse_args()
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run only
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
     config = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
     requests = synthetic_requests(tokenizer_dir, args.pairs, 8, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        build_random_model(config, tokenizer_dir, Path(tmp), "cuda", 0)
+        build_random_model(config, tokenizer_dir, Path(tmp), device, 0)
         model = load_model(ModelOptions(model=tmp))
-        if args.fuse_projections:
-            packed = model.scorer._packed  # type: ignore[attr-defined]
-            packed.fuse_projections()
-            packed.compile()
         pairs = [p for q, docs in requests for p in model.encoder.encode(q, docs, None)]
+        if args.native_gqa or args.fuse_projections:
+            # A variant is checked against the default path first (two compiles).
+            packed = getattr(model.scorer, "_packed", None)
+            if packed is None:
+                raise SystemExit("--native-gqa and --fuse-projections need the packed (CUDA) path")
+            baseline = model.scorer.score(pairs[:64])
+            if args.native_gqa:
+                packed.attention = native_gqa_attention()
+            if args.fuse_projections:
+                packed.fuse_projections()
+            packed.compile()
+            variant = model.scorer.score(pairs[:64])
+            drift = max(abs(a - b) for a, b in zip(baseline, variant, strict=True))
+            print(json.dumps({"variant_vs_default_max_abs_logit_diff": round(drift, 5)}))
         batches = batches_by_budget(pairs, args.budget)
         t0 = time.perf_counter()
         model.scorer.warmup(model.encoder)
         for batch in batches[:2]:
             model.scorer.score(batch)
         warm_s = time.perf_counter() - t0
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for batch in batches:
             model.scorer.score(batch)
@@ -102,9 +140,10 @@ def main() -> None:
         json.dumps(
             {
                 "what": "scorer only, pre-tokenized, globally length-sorted batches",
-                "gpu": torch.cuda.get_device_name(),
+                "gpu": torch.cuda.get_device_name() if device == "cuda" else "none (cpu)",
                 "packed": bool(getattr(model.scorer, "packed", False)),
                 "fused_projections": args.fuse_projections,
+                "native_gqa": args.native_gqa,
                 "pairs": len(pairs),
                 "batches": len(batches),
                 "budget": args.budget,
