@@ -160,7 +160,7 @@ class Service:
             code = EXIT_FAILED
         except Exception as exc:
             if type(exc).__module__.startswith("aiokafka."):  # e.g. no broker: one line will do
-                log.error("Kafka failed: %s: %s", type(exc).__name__, exc)
+                log.error("Kafka failed: %s", _named(exc))
             else:
                 log.exception("the worker failed")
             code = EXIT_FAILED
@@ -288,6 +288,12 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 
     threading.Thread(target=target, name="rerank-model-load", daemon=True).start()
     return await future
+
+
+def _named(exc: BaseException) -> str:
+    """``Type: message``; aiokafka's errors already start their text with the type."""
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 def _print_problems(problems: Sequence[str]) -> None:

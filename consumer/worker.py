@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.backpressure import FlowChange, PairGate
@@ -39,6 +39,7 @@ from consumer.offsets import PartitionOffsets
 from consumer.processing import Decoded, RequestProcessor
 from consumer.reply_router import ClientTopicLookup, ReplyRouter
 from consumer.worker_config import WorkerConfig
+from producer_sdk.connect_check import bootstrap_failure
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,7 @@ class Worker:
         )
         background: list[asyncio.Task[None]] = []
         try:
-            await self._producer.start()
-            await self._consumer.start()
+            await self._connect()
             await self._check_topics()
             self._consumer.subscribe([config.request_topic], listener=_Listener(self))
             self._started = True
@@ -206,6 +206,19 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._close()
+
+    async def _connect(self) -> None:
+        """Start the producer and consumer; a failed bootstrap says why (e.g. a SASL login)."""
+        assert self._producer is not None and self._consumer is not None
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except KafkaConnectionError as exc:
+            config = self._config
+            reason = await bootstrap_failure(
+                config.bootstrap_servers, config.security, config.client_id
+            )
+            raise KafkaConnectionError(f"cannot connect to Kafka: {reason or exc}") from exc
 
     def _make_producer(self) -> AIOKafkaProducer:
         config = self._config

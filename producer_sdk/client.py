@@ -26,8 +26,9 @@ from typing import Any, Self
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 
+from producer_sdk.connect_check import bootstrap_failure
 from producer_sdk.errors import (
     ClientClosed,
     ClientStartError,
@@ -194,6 +195,13 @@ class RerankClient:
             await self._disconnect()
             if not isinstance(error, TimeoutError | KafkaError):
                 raise
+            if isinstance(error, KafkaConnectionError):  # aiokafka logged why, but did not say
+                reason = await bootstrap_failure(
+                    self._bootstrap_servers, self._security, self.client_id
+                )
+                raise ClientStartError(
+                    f"could not connect to Kafka: {reason or _describe(error)}"
+                ) from error
             raise ClientStartError(
                 f"could not start against {self._bootstrap_servers}: {_describe(error)}"
             ) from error

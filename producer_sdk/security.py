@@ -6,6 +6,7 @@ Secrets are held as :class:`pydantic.SecretStr`, so printing or logging a
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class KafkaSecurity:
         """Keyword arguments for aiokafka's producer, consumer and admin client."""
         kwargs: dict[str, Any] = {"security_protocol": self.protocol}
         if self.protocol.startswith("SASL_"):
+            hide_sasl_secrets_in_aiokafka_logs()
             kwargs["sasl_mechanism"] = self.sasl_mechanism
             kwargs["sasl_plain_username"] = self.sasl_username
             assert self.sasl_password is not None  # checked in problems()
@@ -68,3 +70,36 @@ class KafkaSecurity:
             password = self.ssl_password.get_secret_value() if self.ssl_password else None
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
         return context
+
+
+class _HideSaslAuthentication(logging.Filter):
+    """Blanks the SASL authenticate request in aiokafka's DEBUG "Request to ..." lines.
+
+    aiokafka logs every request it sends at DEBUG with all its fields, and the
+    SaslAuthenticateRequest of PLAIN carries the password in clear.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(_is_sasl_auth(a) for a in record.args):
+            record.args = tuple(
+                "SaslAuthenticateRequest(hidden)" if _is_sasl_auth(a) else a for a in record.args
+            )
+        return True
+
+
+def _is_sasl_auth(value: object) -> bool:
+    return type(value).__name__.startswith("SaslAuthenticateRequest")
+
+
+_SASL_FILTER = _HideSaslAuthentication()
+
+
+def hide_sasl_secrets_in_aiokafka_logs() -> None:
+    """Keep SASL passwords out of aiokafka's DEBUG logs, whoever handles them.
+
+    A filter on aiokafka's connection logger (not a handler, level or format: those stay
+    the application's choice). Idempotent; called for every SASL client.
+    """
+    logger = logging.getLogger("aiokafka.conn")
+    if _SASL_FILTER not in logger.filters:
+        logger.addFilter(_SASL_FILTER)
