@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 from test_local_kafka import (
@@ -34,6 +33,7 @@ from worker_harness import (
     fake_score,
     fresh_metrics,
     running_worker,
+    topics_on,
     wait_until,
     worker_config,
 )
@@ -100,20 +100,8 @@ def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SaslBroker
 @pytest.fixture(scope="module")
 async def sasl_topics(sasl_broker: SaslBroker) -> AsyncIterator[Topics]:
     """Request, reply and dead-letter topics, created over the PLAINTEXT listener."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=sasl_broker.plaintext)
-    await admin.start()
-    try:
-        names = [f"test-{uuid.uuid4().hex}" for _ in range(3)]
-        await admin.create_topics([NewTopic(name, 1, 1) for name in names])
-        async with asyncio.timeout(TOPIC_READY_S):
-            while True:
-                described = await admin.describe_topics(names)
-                if all(t["error_code"] == 0 and t["partitions"] for t in described):
-                    break
-                await asyncio.sleep(0.05)
-        yield Topics(requests=names[0], replies=names[1], dlq=names[2])
-    finally:
-        await admin.close()
+    async with topics_on(sasl_broker.plaintext, TOPIC_READY_S) as topics:
+        yield topics
 
 
 def sasl(mechanism: str, password: str = PASSWORD) -> KafkaSecurity:

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import SecretStr
 from test_local_kafka import (
     SMALL_HEAP,
@@ -29,7 +28,14 @@ from test_local_kafka import (
     kafka,
 )
 from test_security_sasl import free_port_besides
-from worker_harness import FakeEngine, Topics, fake_score, running_worker, worker_config
+from worker_harness import (
+    FakeEngine,
+    Topics,
+    fake_score,
+    running_worker,
+    topics_on,
+    worker_config,
+)
 
 from producer_sdk import ClientStartError, KafkaSecurity, RerankClient
 
@@ -86,20 +92,8 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 @pytest.fixture(scope="module")
 async def tls_topics(tls_broker: TlsBroker) -> AsyncIterator[Topics]:
     """Request, reply and dead-letter topics, created over the PLAINTEXT listener."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=tls_broker.plaintext)
-    await admin.start()
-    try:
-        names = [f"test-{uuid.uuid4().hex}" for _ in range(3)]
-        await admin.create_topics([NewTopic(name, 1, 1) for name in names])
-        async with asyncio.timeout(TOPIC_READY_S):
-            while True:
-                described = await admin.describe_topics(names)
-                if all(t["error_code"] == 0 and t["partitions"] for t in described):
-                    break
-                await asyncio.sleep(0.05)
-        yield Topics(requests=names[0], replies=names[1], dlq=names[2])
-    finally:
-        await admin.close()
+    async with topics_on(tls_broker.plaintext, TOPIC_READY_S) as topics:
+        yield topics
 
 
 def tls(broker: TlsBroker) -> KafkaSecurity:

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import CollectorRegistry
@@ -132,6 +133,26 @@ class Topics:
     requests: str
     replies: str
     dlq: str
+
+
+@contextlib.asynccontextmanager
+async def topics_on(bootstrap: str, ready_s: float = 10.0) -> AsyncIterator[Topics]:
+    """Request, reply and dead-letter topics (one partition each) on a broker of a test's
+    own, created over ``bootstrap`` (a PLAINTEXT listener) once every partition has a leader."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [f"test-{uuid.uuid4().hex}" for _ in range(3)]
+        await admin.create_topics([NewTopic(name, 1, 1) for name in names])
+        async with asyncio.timeout(ready_s):
+            while True:
+                described = await admin.describe_topics(names)
+                if all(t["error_code"] == 0 and t["partitions"] for t in described):
+                    break
+                await asyncio.sleep(0.05)
+        yield Topics(requests=names[0], replies=names[1], dlq=names[2])
+    finally:
+        await admin.close()
 
 
 async def make_topics(new_topic: TopicFactory, request_partitions: int = 1) -> Topics:
