@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -30,13 +29,13 @@ from typing import Any
 
 import torch
 
+from consumer.bench import build_random_model
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
 from consumer.prompt import EncodedPair
 from consumer.scorer import sigmoid
 
 CONFIG = Path(__file__).resolve().parent / "data" / "qwen3-reranker-0.6b.config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 TINY = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -62,19 +61,11 @@ def sync() -> None:
 
 def build_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> None:
     """Random-weight Qwen3-Reranker-0.6B checkpoint (seeded) plus the real tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     config = json.loads(CONFIG.read_text())
     config["initializer_range"] = 0.05  # spread the random yes/no logits a little
     if tiny:
         config.update(TINY, initializer_range=0.1)
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model: Any = Qwen3ForCausalLM(Qwen3Config(**config))
-    model = model.to(DTYPE)
-    model.save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, folder / name)
+    build_random_model(config, tokenizer_dir, folder, DEVICE, seed=0)
 
 
 def mixed_requests(tokenizer: object, n_pairs: int) -> list[tuple[str, list[str], str | None]]:
