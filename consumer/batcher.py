@@ -17,6 +17,11 @@ cost (``max_batch_tokens``) and by ``max_batch_pairs``:
 
 The cost function is injected (the scorer knows whether it pads or packs); it must
 be monotone: adding a pair never makes a batch cheaper.
+
+Length order only pays when rows are padded. For a packed (padding-free) scorer the
+batcher takes pairs in arrival order instead (``by_length=False``): the pairs of one
+request then stay together, so their shared prefix is computed once, and requests are
+served first come, first served.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ def total_tokens(items: Sequence[BatchItem]) -> int:
 class FormedBatch(Generic[ItemT]):
     """The outcome of one :meth:`TokenBudgetBatcher.next_batch` call.
 
-    ``items`` are sorted by length (shortest first); ``expired`` were removed from
+    ``items`` are sorted by length (shortest first), or in arrival order when the
+    batcher does not order by length; ``expired`` were removed from
     the queue because their deadline passed; ``cost`` is the batch's cost.
     """
 
@@ -83,6 +89,7 @@ class TokenBudgetBatcher(Generic[ItemT]):
         max_batch_pairs: most pairs in one batch.
         cost: cost of a candidate batch; must be monotone. Default: longest * count.
         window_pairs: how many of the oldest pending pairs are considered per batch.
+        by_length: batch pairs of close lengths (padded scorers); False: oldest first.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class TokenBudgetBatcher(Generic[ItemT]):
         max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
         cost: CostFunction[ItemT] | None = None,
         window_pairs: int = DEFAULT_WINDOW_PAIRS,
+        by_length: bool = True,
     ) -> None:
         if max_batch_pairs < 1:
             raise ValueError("max_batch_pairs must be at least 1")
@@ -100,6 +108,7 @@ class TokenBudgetBatcher(Generic[ItemT]):
         self.max_batch_pairs = max_batch_pairs
         self._cost: CostFunction[ItemT] = cost if cost is not None else longest_times_count
         self._window_pairs = max(window_pairs, max_batch_pairs)
+        self.by_length = by_length
         # A dict keeps insertion order (= age) and removes in O(1).
         self._pending: dict[ItemT, None] = {}
         self._pending_tokens = 0
@@ -168,10 +177,13 @@ class TokenBudgetBatcher(Generic[ItemT]):
             self.remove(item)
         if not window:
             return FormedBatch([], expired, 0)
-        by_length = sorted(window, key=_tokens)  # stable: equal lengths stay oldest first
-        growth = _nearest_first(by_length, anchor=window[0])
+        if self.by_length:
+            by_length = sorted(window, key=_tokens)  # stable: equal lengths stay oldest first
+            growth = _nearest_first(by_length, anchor=window[0])
+        else:
+            growth = window
         size, cost = self._largest_affordable(growth)
-        batch = sorted(growth[:size], key=_tokens)
+        batch = sorted(growth[:size], key=_tokens) if self.by_length else growth[:size]
         for item in batch:
             self.remove(item)
         return FormedBatch(batch, expired, cost)

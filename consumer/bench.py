@@ -141,29 +141,43 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class BatchLog:
-    """Shapes and times of the model calls (filled on the inference thread)."""
+    """The pairs and times of the model calls (filled on the inference thread)."""
 
-    lengths: list[list[int]] = field(default_factory=list)
+    batches: list[list[EncodedPair]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
+    @property
+    def lengths(self) -> list[list[int]]:
+        return [[p.tokens for p in batch] for batch in self.batches]
+
     def observe(self, pairs: Sequence[EncodedPair], seconds: float) -> None:
-        self.lengths.append([p.tokens for p in pairs])
+        self.batches.append(list(pairs))
         self.seconds.append(seconds)
 
     def clear(self) -> None:
-        self.lengths.clear()
+        self.batches.clear()
         self.seconds.clear()
 
     def device_flops(self, shape: ModelShape, packed: bool) -> float:
-        """FLOPs the device executed, padding included."""
+        """FLOPs the device executed: padding included, shared heads counted once."""
         total = 0.0
-        for lens in self.lengths:
+        for batch in self.batches:
             if packed:
-                total += shape.flops(sum(lens), sum(n * n for n in lens))
+                tokens, sum_q_k = packed_work(batch)
+                total += shape.flops(tokens, sum_q_k)
             else:
-                longest = max(lens)
-                total += shape.flops(longest * len(lens), len(lens) * longest * longest)
+                longest = max(p.tokens for p in batch)
+                total += shape.flops(longest * len(batch), len(batch) * longest * longest)
         return total
+
+
+def packed_work(batch: Sequence[EncodedPair]) -> tuple[int, int]:
+    """Stream tokens and sum of (query x key) segment lengths of a packed batch."""
+    from consumer.packed_qwen3 import pack
+
+    inputs = pack([p.payload for p in batch], [p.shared_prefix for p in batch])  # type: ignore[misc]
+    q_lengths, k_lengths = inputs.cu_q.diff().long(), inputs.cu_k.diff().long()
+    return inputs.ids.numel(), int((q_lengths * k_lengths).sum())
 
 
 def measure_tokenizer(encoder: Any, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
@@ -270,6 +284,9 @@ async def run_engine(
         batches=len(log.lengths),
         mean_batch_pairs=statistics.mean(len(x) for x in log.lengths),
         padding_overhead=cost / real,
+        computed_token_share=(
+            sum(packed_work(b)[0] for b in log.batches) / real if packed else cost / real
+        ),
         device_busy_share=sum(log.seconds) / load["seconds"],
         useful_tflops=useful / load["seconds"] / 1e12,
         device_tflops=log.device_flops(shape, packed) / load["seconds"] / 1e12,
@@ -445,11 +462,15 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"batch over cores unless TOKENIZERS_PARALLELISM=false; {os.cpu_count()} cores here)",
         f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} tokens/s, "
         f"{load['batches']} batches of {load['mean_batch_pairs']:.0f} pairs on average",
-        f"padding      cost {load['padding_overhead']:.3f}x the real tokens; "
+        f"padding      cost {load['padding_overhead']:.3f}x the real tokens, computed "
+        f"{load['computed_token_share']:.3f}x (packed: shared heads once); "
         f"device busy {100 * load['device_busy_share']:.0f}% of the wall time",
         f"compute      {FLOPS_FORMULA}",
     ]
-    for name, value in (("useful", load["useful_tflops"]), ("executed", load["device_tflops"])):
+    for name, value in (
+        ("useful", load["useful_tflops"]),
+        ("executed", load["device_tflops"]),  # padding included, shared heads counted once
+    ):
         lines.append(
             f"             {name}: {value:.1f} TFLOP/s = {100 * value / peak:.1f}% of "
             f"{peak:.0f} (dense bf16 peak), {100 * value / ACHIEVABLE_BF16_TFLOPS:.1f}% of "

@@ -280,6 +280,8 @@ class Engine:
         self._loop = loop
         if self._loader is not None:
             self._adopt(await loop.run_in_executor(None, self._loader))
+        # packed batches cost no padding: keep each request's pairs together instead
+        self._batcher.by_length = not getattr(self._scorer, "packed", False)
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.tokenizer_threads, thread_name_prefix="rerank-tokenize"
         )

@@ -1,14 +1,16 @@
 """GPU parity check: packed vs padded vs model-card reference on a random 0.6B-shaped model.
 
-    python -m consumer.gpu_check TOKENIZER_DIR [N_PAIRS] [--tiny]
+    python -m consumer.gpu_check TOKENIZER_DIR [N_PAIRS] [--tiny] [--padded-compiled]
 
 Builds Qwen3ForCausalLM with random weights from the released 0.6B config
 (consumer/data/qwen3-reranker-0.6b.config.json), saves it with the tokenizer into a temp
 folder, loads it through :func:`consumer.model_loader.load_model` three ways
-(packed+compiled, padded+compiled, padded eager) and scores ~64 mixed pairs (lengths
+(packed+compiled, packed eager, padded eager; ``--padded-compiled`` adds the padded
+path compiled, which takes minutes) and scores ~64 mixed pairs (lengths
 from a few to a few thousand tokens, CJK, emoji, truncated documents) in batches of
-several sizes. The reference is the model card's way: one pair at a time, HF forward,
-full-vocabulary logits at the last token. Prints JSON lines; exits 1 when a score
+several sizes (the pairs of one request share their head in the packed batches). The
+reference is the model card's way: one pair at a time, HF forward, full-vocabulary
+logits at the last token. Prints JSON lines; exits 1 when a score
 differs from the reference by more than ``SCORE_TOL``.
 
 Needs only torch, transformers and this package (no Kafka or metrics dependencies).
@@ -125,7 +127,8 @@ def max_diff(a: list[float], b: list[float], calibrate: bool) -> float:
 
 def main(argv: list[str]) -> int:
     tiny = "--tiny" in argv
-    args = [a for a in argv if a != "--tiny"]
+    padded_compiled = "--padded-compiled" in argv
+    args = [a for a in argv if not a.startswith("--")]
     if len(args) < 2:
         print(__doc__)
         return 2
@@ -138,9 +141,11 @@ def main(argv: list[str]) -> int:
         build_model(folder, tokenizer_dir, tiny)
         variants = {  # name: (packed, compile)
             "packed_compiled": ("on", "on"),
-            "padded_compiled": ("off", "on"),
+            "packed_eager": ("on", "off"),
             "padded_eager": ("off", "off"),
         }
+        if padded_compiled:
+            variants["padded_compiled"] = ("off", "on")
         if DEVICE != "cuda":
             variants = {"padded_eager": ("off", "off")}
         results: dict[str, list[float]] = {}

@@ -1,70 +1,201 @@
 """Padding-free (packed) forward of a Hugging Face Qwen3 base model, for CUDA.
 
-All pairs of a batch are concatenated into one (T, hidden) stream; rotary positions
-restart at every pair and ``torch.nn.attention.varlen.varlen_attn`` keeps attention
-causal inside each pair (``window_size=(-1, 0)``). It reuses the model's own modules
-(norms, projections, MLP, rotary embedding), so it computes what the padded HF
-forward computes, without the padding. Needs torch with ``varlen_attn`` (2.11+).
+All pairs of a batch are concatenated into one (T, hidden) stream and run through
+the decoder layers once, with FlashAttention's variable-length kernel keeping every
+pair's attention causal and private. Two savings over the padded forward:
+
+* no padding: a batch costs exactly its real tokens;
+* a shared prefix is computed once: the pairs of one request start with the same
+  tokens (template, instruction, query), so the stream holds that *head* once and
+  each pair only as its *tail*. A tail's queries attend to the head's keys and values
+  (gathered in front of the tail's own) plus its own, causally; its rotary positions
+  continue after the head. That is the same computation as the full sequence, done
+  once for the head instead of once per pair.
+
+Grouped-query attention goes to the kernel as is (8 key/value heads for 16 query
+heads), so keys and values are never copied per query head.
+
+Each decoder layer runs as two compiled regions (norm + q/k/v + q/k norm + rotary;
+output projection + residual + norm + MLP + residual) around the attention call.
+One compiled graph serves all layers and every token count, so compiling takes
+seconds, not the minutes a whole-model graph takes. Needs torch with
+``torch.ops.aten._flash_attention_forward`` on CUDA (bf16/fp16).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-# (q, k, v, cu_seqlens, max_len, scale) -> (T, heads, head_dim)
+# (q, k, v, cu_seqlens_q, cu_seqlens_k, max_len_q, max_len_k, scale) -> (Tq, heads, head_dim)
+# Causal with the diagonal at the bottom right when a k segment is longer than its q one.
 VarlenAttention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, float],
+    torch.Tensor,
 ]
 
 
 def varlen_available() -> bool:
-    """Whether this torch has ``torch.nn.attention.varlen.varlen_attn``."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether this torch build has the flash attention op the packed path calls."""
+    return torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
-def causal_varlen_attention() -> VarlenAttention:
-    """Causal varlen attention on torch's kernel, with grouped-query heads expanded if needed."""
-    from torch.nn.attention.varlen import varlen_attn
+def flash_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """FlashAttention-2 varlen, causal, grouped-query heads handled by the kernel.
 
-    native_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-    def attend(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu: torch.Tensor,
-        max_len: int,
-        scale: float,
-    ) -> torch.Tensor:
-        extra: dict[str, Any] = {}
-        if native_gqa:
-            extra["enable_gqa"] = True
-        elif k.shape[1] != q.shape[1]:
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = varlen_attn(
-            q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), **extra
-        )
-        return out[0] if isinstance(out, tuple) else out
-
-    return attend
+    FlashAttention aligns the causal diagonal to the bottom right of each (q, k)
+    segment pair, so a tail's queries see the whole head in front of their keys.
+    """
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+    )
+    return out[0]
 
 
 def supports_packing(base: torch.nn.Module) -> bool:
-    """True for a Qwen3 base model without sliding-window layers (which this path does not do)."""
+    """True for a bias-free SiLU Qwen3 base model without sliding-window layers."""
     config = getattr(base, "config", None)
     layer_types = getattr(config, "layer_types", None) or []
-    return getattr(config, "model_type", None) == "qwen3" and "sliding_attention" not in layer_types
+    return (
+        getattr(config, "model_type", None) == "qwen3"
+        and "sliding_attention" not in layer_types
+        and not getattr(config, "attention_bias", False)
+        and getattr(config, "hidden_act", "silu") == "silu"
+    )
+
+
+# ---- batch layout -----------------------------------------------------------------
+
+
+@dataclass
+class PackedInputs:
+    """Host tensors of one packed batch.
+
+    ``ids``/``positions``: the stream. ``cu_q``/``cu_k``: int32 segment bounds of the
+    queries (the stream) and of the keys (``kv_index`` gathers them from the stream;
+    None when no pair shares a head, then keys are the stream itself). ``last``: the
+    stream index of every pair's last token, in the batch's pair order.
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    kv_index: torch.Tensor | None
+    last: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @property
+    def shared(self) -> bool:
+        """Whether some pairs share a head (keys are gathered)."""
+        return self.kv_index is not None
+
+
+def _concat_ranges(starts: list[int], lengths: list[int]) -> torch.Tensor:
+    """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop."""
+    lens = torch.tensor(lengths, dtype=torch.long)
+    begin = torch.tensor(starts, dtype=torch.long)
+    offsets = lens.cumsum(0) - lens
+    return torch.arange(int(lens.sum())) + (begin - offsets).repeat_interleave(lens)
+
+
+def _cumulative(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def _groups(seqs: Sequence[list[int]], prefixes: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """(shared head length, member indices) per group, in order of first appearance.
+
+    Pairs group when their first ``prefix`` ids are equal; a head always leaves every
+    member at least one token of its own. Head length 0 means "not shared".
+    """
+    by_head: dict[tuple[int, ...], list[int]] = {}
+    groups: list[tuple[int, list[int]]] = []
+    for index, (seq, prefix) in enumerate(zip(seqs, prefixes, strict=True)):
+        if prefix <= 0:
+            groups.append((0, [index]))
+            continue
+        members = by_head.get(key := tuple(seq[:prefix]))
+        if members is None:
+            by_head[key] = members = []
+            groups.append((prefix, members))
+        members.append(index)
+    out = []
+    for prefix, members in groups:
+        head = min(prefix, min(len(seqs[i]) for i in members) - 1)
+        out.append((head if len(members) > 1 and head > 0 else 0, members))
+    return out
+
+
+def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> PackedInputs:
+    """Lay a batch out as one stream; ``prefixes[i]`` = ids pair i may share (0: none)."""
+    prefixes = prefixes if prefixes is not None else [0] * len(seqs)
+    chunks: list[list[int]] = []
+    q_lengths: list[int] = []
+    q_first_position: list[int] = []
+    k_piece_starts: list[int] = []
+    k_piece_lengths: list[int] = []
+    k_lengths: list[int] = []
+    last = [0] * len(seqs)
+    offset = 0
+
+    def segment(tokens: list[int], position: int, head_start: int, head: int) -> int:
+        nonlocal offset
+        start = offset
+        chunks.append(tokens)
+        q_lengths.append(len(tokens))
+        q_first_position.append(position)
+        if head:
+            k_piece_starts.append(head_start)
+            k_piece_lengths.append(head)
+        k_piece_starts.append(start)
+        k_piece_lengths.append(len(tokens))
+        k_lengths.append(head + len(tokens))
+        offset += len(tokens)
+        return offset - 1
+
+    for head, members in _groups(seqs, prefixes):
+        head_start = offset
+        if head:
+            segment(seqs[members[0]][:head], 0, 0, 0)
+        for index in members:
+            last[index] = segment(seqs[index][head:], head, head_start, head)
+    shared = len(k_piece_starts) > len(q_lengths)
+    return PackedInputs(
+        ids=torch.tensor(list(itertools.chain.from_iterable(chunks)), dtype=torch.long),
+        positions=_concat_ranges(q_first_position, q_lengths),
+        cu_q=_cumulative(q_lengths),
+        cu_k=_cumulative(k_lengths),
+        kv_index=_concat_ranges(k_piece_starts, k_piece_lengths) if shared else None,
+        last=torch.tensor(last, dtype=torch.long),
+        max_q=max(q_lengths),
+        max_k=max(k_lengths),
+    )
+
+
+# ---- decoder layer ------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3RMSNorm exactly: normalize in fp32, cast back, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -72,145 +203,214 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-@dataclass
-class PackedInputs:
-    """Host tensors of one packed batch: flat ids, per-sequence positions, int32
-    cu_seqlens, the index of every sequence's last token, the longest length, and the
-    number of sequences (``last`` may hold more rows than that, see ``prepare``)."""
+def _linear_split(h: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One product per weight, or one over a fused weight split back into its parts."""
+    return [F.linear(h, w) for w in weights]
 
-    ids: torch.Tensor
-    positions: torch.Tensor
-    cu_seqlens: torch.Tensor
-    last: torch.Tensor
-    max_len: int
-    count: int
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors (views of the model's own parameters)."""
+
+    input_norm: torch.Tensor
+    qkv: list[torch.Tensor]  # [q|k|v fused] or [q, k, v]
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: list[torch.Tensor]  # [gate|up fused] or [gate, up]
+    down: torch.Tensor
+
+
+def attention_inputs(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm: torch.Tensor,
+    qkv: list[torch.Tensor],
+    q_norm: torch.Tensor,
+    k_norm: torch.Tensor,
+    eps: float,
+    head_dim: int,
+    q_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm, q/k/v projections, per-head q/k norms and rotary: (T, heads, dim) each."""
+    n = x.shape[0]
+    h = rms_norm(x, norm, eps)
+    parts = _linear_split(h, qkv)
+    if len(parts) == 1:
+        kv_size = (parts[0].shape[-1] - q_size) // 2
+        parts = list(parts[0].split([q_size, kv_size, kv_size], dim=-1))
+    q, k, v = (p.reshape(n, -1, head_dim) for p in parts)
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def attention_output_and_mlp(
+    x: torch.Tensor,
+    attended: torch.Tensor,
+    o: torch.Tensor,
+    post_norm: torch.Tensor,
+    gate_up: list[torch.Tensor],
+    down: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Output projection and residual, then post-attention norm, SiLU MLP and residual."""
+    x = x + F.linear(attended.reshape(x.shape[0], -1), o)
+    h = rms_norm(x, post_norm, eps)
+    parts = _linear_split(h, gate_up)
+    gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down)
+
+
+def _layer_weights(layer: Any, fuse: bool) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    gate_up = [mlp.gate_proj, mlp.up_proj]
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        qkv=_fused(qkv) if fuse else [m.weight for m in qkv],
+        q_norm=attn.q_norm.weight,
+        k_norm=attn.k_norm.weight,
+        o=attn.o_proj.weight,
+        post_norm=layer.post_attention_layernorm.weight,
+        gate_up=_fused(gate_up) if fuse else [m.weight for m in gate_up],
+        down=mlp.down_proj.weight,
+    )
+
+
+def _fused(linears: list[torch.nn.Linear]) -> list[torch.Tensor]:
+    """One weight for several bias-free linears on the same input.
+
+    The modules' weights become views into it, so the model keeps working and the
+    weights are stored once (no extra memory after the copy).
+    """
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for module in linears:
+        rows = module.weight.shape[0]
+        module.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return [fused]
 
 
 class PackedQwen3:
-    """Runs a Qwen3 base model (``Qwen3Model``) on packed sequences."""
+    """Runs a Qwen3 base model (``Qwen3Model``) on packed sequences.
 
-    def __init__(self, base: Any, device: str, attention: VarlenAttention | None = None) -> None:
+    Args:
+        base: the ``Qwen3Model`` (its weights are used in place).
+        device: where it runs.
+        attention: the varlen attention (tests pass a CPU stand-in).
+        fuse_projections: run q/k/v and gate/up as one matrix product each.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        device: str,
+        attention: VarlenAttention | None = None,
+        fuse_projections: bool = True,
+    ) -> None:
+        if not supports_packing(base):
+            raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
         self.base = base
         self.device = device
-        self.attention = attention or causal_varlen_attention()
-        self._run: Callable[..., torch.Tensor] = self.forward_packed
-        # per layer: (q|k|v weight, their output sizes, gate|up weight); see fuse_projections
-        self._fused: list[tuple[torch.Tensor, list[int], torch.Tensor]] | None = None
-
-    def fuse_projections(self) -> None:
-        """Run q/k/v as one matrix product and gate/up as another (an experiment).
-
-        Fewer, larger products and one read of the normed input instead of three. The
-        weights are concatenated copies (about 0.8 GB more for the 0.6B model). Not on by
-        default: its speed on the GPU is not measured yet (``benchmarks/forward_only.py
-        --fuse-projections``). Call before :meth:`compile`.
-        """
-        fused = []
-        for layer in self.base.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
-            if any(m.bias is not None for m in (*qkv, mlp.gate_proj, mlp.up_proj)):
-                raise ValueError("fused projections expect bias-free q/k/v and gate/up")
-            fused.append(
-                (
-                    torch.cat([m.weight for m in qkv]).detach(),
-                    [m.weight.shape[0] for m in qkv],
-                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                )
-            )
-        self._fused = fused
-        self._run = self.forward_packed
+        self.attention = attention or flash_varlen_attention
+        config = base.config
+        self._eps = float(config.rms_norm_eps)
+        self._head_dim = int(getattr(config, "head_dim", None) or 0) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self._q_size = config.num_attention_heads * self._head_dim
+        self._scale = float(self._head_dim**-0.5)
+        with torch.no_grad():
+            self._layers = [_layer_weights(layer, fuse_projections) for layer in base.layers]
+        self._attention_inputs: Callable[..., Any] = attention_inputs
+        self._attention_output_and_mlp: Callable[..., torch.Tensor] = attention_output_and_mlp
+        self._compiled = False
 
     def compile(self) -> None:
-        """Compile the packed forward with dynamic shapes (one graph for every batch)."""
-        self._run = torch.compile(self.forward_packed, dynamic=True)
+        """Compile the two per-layer regions; one graph each serves all layers and sizes."""
+        self._attention_inputs = torch.compile(attention_inputs)
+        self._attention_output_and_mlp = torch.compile(attention_output_and_mlp)
+        self._compiled = True
 
-    def prepare(self, seqs: Sequence[list[int]]) -> PackedInputs:
-        """Host tensors of one packed batch (pinned on CUDA); no GPU work."""
-        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-        ends = lengths.cumsum(0)
-        starts = ends - lengths
-        total = int(ends[-1])
-        # rotary positions restart at 0 in every sequence
-        positions = torch.arange(total) - starts.repeat_interleave(lengths)
-        cu = torch.cat((torch.zeros(1, dtype=torch.long), ends)).to(torch.int32)
-        flat = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
-        last = ends - 1
-        if len(seqs) == 1:
-            # torch.compile specializes a dimension of size 1: a one-pair batch would
-            # recompile the whole stack (a minute on an H100 host) the first time a
-            # one-document request comes. Gathering the last token twice keeps `last`
-            # at size >= 2, so one dynamic graph serves every batch size.
-            last = last.repeat(2)
-        pin = self.device.startswith("cuda")
+    def prepare(
+        self, seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None
+    ) -> PackedInputs:
+        """Host tensors of one packed batch (pinned on CUDA); no GPU work.
 
-        def host(t: torch.Tensor) -> torch.Tensor:
-            return t.pin_memory() if pin else t
-
-        return PackedInputs(
-            host(flat),
-            host(positions),
-            host(cu),
-            host(last),
-            max_len=int(lengths.max()),
-            count=len(seqs),
-        )
+        ``prefixes[i]``: how many leading ids pair i shares with the other pairs of its
+        request (0 or None: nothing shared). Pairs with equal leading ids share them.
+        """
+        inputs = pack(seqs, prefixes)
+        if self.device.startswith("cuda"):
+            for name in ("ids", "positions", "cu_q", "cu_k", "kv_index", "last"):
+                tensor = getattr(inputs, name)
+                if tensor is not None:
+                    setattr(inputs, name, tensor.pin_memory())
+        return inputs
 
     @torch.inference_mode()
     def last_hidden_prepared(self, inputs: object) -> torch.Tensor:
-        """(n, hidden) final-normed hidden states at each sequence's last token."""
+        """(n, hidden) final-normed hidden states at each pair's last token."""
         assert isinstance(inputs, PackedInputs)
-        ids, positions, cu, last = (
-            t.to(self.device, non_blocking=True)
-            for t in (inputs.ids, inputs.positions, inputs.cu_seqlens, inputs.last)
-        )
-        return self._run(ids, positions, cu, inputs.max_len, last)[: inputs.count]
 
-    def last_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
-        """(n, hidden) final-normed hidden states at each sequence's last token."""
-        return self.last_hidden_prepared(self.prepare(seqs))
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        kv_index = None if inputs.kv_index is None else moved(inputs.kv_index)
+        x = self.forward_packed(
+            moved(inputs.ids),
+            moved(inputs.positions),
+            moved(inputs.cu_q),
+            moved(inputs.cu_k),
+            kv_index,
+            inputs.max_q,
+            inputs.max_k,
+        )
+        return self.base.norm(x[moved(inputs.last)])
+
+    def last_hidden(
+        self, seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """(n, hidden) final-normed hidden states at each pair's last token."""
+        return self.last_hidden_prepared(self.prepare(seqs, prefixes))
 
     def forward_packed(
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        cu: torch.Tensor,
-        max_len: int,
-        last: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        kv_index: torch.Tensor | None,
+        max_q: int,
+        max_k: int,
     ) -> torch.Tensor:
-        """The decoder stack over one packed stream; returns normed hidden states at ``last``."""
+        """The decoder stack over one packed stream: (T, hidden), before the final norm."""
         base = self.base
         x = base.embed_tokens(ids)
         cos, sin = base.rotary_emb(x, positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (T, 1, head_dim) broadcasts over heads
-        n = ids.shape[0]
-        for index, layer in enumerate(base.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(index, layer, h)
-            q = attn.q_norm(q.view(n, -1, attn.head_dim))
-            k = attn.k_norm(k.view(n, -1, attn.head_dim))
-            v = v.view(n, -1, attn.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            o = self.attention(q, k, v, cu, max_len, attn.scaling)
-            x = x + attn.o_proj(o.reshape(n, -1))
-            x = x + self._mlp(index, layer, layer.post_attention_layernorm(x))
-        return base.norm(x[last])
+        for w in self._layers:
+            self._mark_dynamic(x, cos, sin)
+            q, k, v = self._attention_inputs(
+                x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm,
+                self._eps, self._head_dim, self._q_size,
+            )  # fmt: skip
+            if kv_index is not None:
+                k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+            attended = self.attention(q, k, v, cu_q, cu_k, max_q, max_k, self._scale)
+            self._mark_dynamic(x, attended)
+            x = self._attention_output_and_mlp(
+                x, attended, w.o, w.post_norm, w.gate_up, w.down, self._eps
+            )
+        return x
 
-    def _qkv(
-        self, index: int, layer: Any, h: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn = layer.self_attn
-        if self._fused is None:
-            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        weight, sizes, _ = self._fused[index]
-        q, k, v = torch.nn.functional.linear(h, weight).split(sizes, dim=-1)
-        return q, k, v
-
-    def _mlp(self, index: int, layer: Any, h: torch.Tensor) -> torch.Tensor:
-        mlp = layer.mlp
-        if self._fused is None:
-            return mlp(h)
-        gate, up = torch.nn.functional.linear(h, self._fused[index][2]).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+    def _mark_dynamic(self, *tensors: torch.Tensor) -> None:
+        """The token count varies per batch: compile it as a symbol from the first call."""
+        if self._compiled:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)

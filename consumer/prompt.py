@@ -32,12 +32,15 @@ class EncodedPair:
     ``payload`` is scorer-specific (a ``list[int]`` of prompt ids for the Qwen3
     cross-encoders, :class:`TextPairIds` for other cross-encoders, :class:`BiEncoderIds`
     for bi-encoders); ``tokens`` is its token cost; ``truncated`` says whether the
-    document was cut to fit the pair limit.
+    document was cut to fit the pair limit; ``shared_prefix`` is how many leading ids of
+    the payload are the same for every pair of the request (template, instruction and
+    query), which a packed batch computes once (0: none).
     """
 
     payload: object
     tokens: int
     truncated: bool
+    shared_prefix: int = 0
 
 
 class PromptEncoder(Protocol):
@@ -106,7 +109,9 @@ class Qwen3RerankerEncoder:
             doc = enc.ids
             cut = len(doc) > room
             ids = head + (doc[:room] if cut else doc) + self._suffix
-            pairs.append(EncodedPair(payload=ids, tokens=len(ids), truncated=cut))
+            pairs.append(
+                EncodedPair(payload=ids, tokens=len(ids), truncated=cut, shared_prefix=len(head))
+            )
         return pairs
 
 

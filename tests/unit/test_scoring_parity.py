@@ -8,7 +8,6 @@ at a time (no padding), FULL vocabulary logits at the last token, softmax over
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 from pathlib import Path
@@ -21,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import DEFAULT_INSTRUCTION, ModelOptions
-from consumer.packed_qwen3 import PackedQwen3
 from consumer.prompt import QWEN3_PREFIX, QWEN3_SUFFIX, EncodedPair, PromptTooLong, TextPairIds
 from consumer.scorer import LastTokenScorer
 
@@ -224,42 +222,6 @@ def test_no_vocabulary_wide_projection_is_kept(causal: LoadedModel, tiny_causal_
     assert linears and all(m.out_features < vocab for m in linears)
 
 
-def segment_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
-) -> torch.Tensor:
-    """CPU stand-in for varlen_attn: causal SDPA inside each packed segment."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for start, end in itertools.pairwise(bounds):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
-        out[start:end] = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale
-        ).transpose(0, 1)
-    return out
-
-
-def test_packed_forward_matches_padded_path(causal: LoadedModel) -> None:
-    """The packed path's own math (rope restarts, gather, norms) on CPU.
-
-    The GPU varlen kernel itself is checked by consumer/gpu_check.py."""
-    scorer = causal.scorer
-    assert isinstance(scorer, LastTokenScorer)
-    pairs, _ = all_pairs(causal)
-    seqs = [ids_of(p) for p in pairs]
-    packed = PackedQwen3(scorer._base, "cpu", attention=segment_causal_attention)
-    padded = scorer.last_hidden(seqs)
-    assert torch.allclose(packed.last_hidden(seqs), padded, atol=TOL)
-    fused = PackedQwen3(scorer._base, "cpu", attention=segment_causal_attention)
-    fused.fuse_projections()
-    assert torch.allclose(fused.last_hidden(seqs), padded, atol=TOL)
-    # a one-pair batch gathers its last token twice (no size-1 recompile) and returns one row
-    one = packed.last_hidden(seqs[:1])
-    assert one.shape[0] == 1
-    assert torch.allclose(one, padded[:1], atol=TOL)
-
-
 def test_encoder_is_thread_safe(causal: LoadedModel) -> None:
     expected = [causal.encoder.encode(q, d, i) for q, d, i in REQUESTS]
     results: list[object] = [None] * 8
@@ -337,16 +299,3 @@ def test_prepared_batches_score_like_direct_ones(causal: LoadedModel) -> None:
     prepared = scorer.prepare(pairs)
     assert scorer.score_prepared(prepared) == pytest.approx(scorer.score(pairs), abs=TOL)
     assert scorer.score_prepared(scorer.prepare([])) == []
-
-
-def test_packed_inputs_layout(causal: LoadedModel) -> None:
-    scorer = causal.scorer
-    assert isinstance(scorer, LastTokenScorer)
-    packed = PackedQwen3(scorer._base, "cpu", attention=segment_causal_attention)
-    inputs = packed.prepare([[5, 6, 7], [8], [9, 10]])
-    assert inputs.ids.tolist() == [5, 6, 7, 8, 9, 10]
-    assert inputs.positions.tolist() == [0, 1, 2, 0, 0, 1]
-    assert inputs.cu_seqlens.tolist() == [0, 3, 4, 6]
-    assert inputs.cu_seqlens.dtype == torch.int32
-    assert inputs.last.tolist() == [2, 3, 5]
-    assert inputs.max_len == 3

@@ -1,0 +1,139 @@
+"""The packed forward's own math on the CPU: layout, shared heads, rotary, fused weights.
+
+FlashAttention itself only runs on CUDA; here a plain SDPA stand-in with the same
+contract (bottom-right causal per segment, grouped-query heads) takes its place. The
+kernel is checked against the model card on a GPU by ``python -m consumer.gpu_check``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from consumer.model_loader import LoadedModel, load_model
+from consumer.model_options import ModelOptions
+from consumer.packed_qwen3 import PackedQwen3, pack
+from consumer.prompt import EncodedPair
+from consumer.scorer import LastTokenScorer
+
+TOL = 1e-5
+REQUESTS = [
+    ("What is the capital of China?", ["Beijing is.", "Gravity " * 30, "x"], None),
+    ("北京有什么好吃的？", ["北京烤鸭是北京最有名的菜。" * 4, "Peking duck 🦆🔥"], "Chinese food"),
+    ("lonely query", ["a single document"], None),
+]
+
+
+def segment_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """CPU stand-in for flash varlen: per segment, query i sees keys up to i + (Lk - Lq)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = torch.empty_like(q)
+    q_bounds, k_bounds = itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist())
+    segments = zip(q_bounds, k_bounds, strict=True)
+    for (q0, q1), (k0, k1) in segments:
+        assert q1 - q0 <= max_q and k1 - k0 <= max_k
+        rows = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
+        visible = torch.arange(k1 - k0)[None, :] <= rows
+        out[q0:q1] = F.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1),
+            k[k0:k1].transpose(0, 1),
+            v[k0:k1].transpose(0, 1),
+            attn_mask=visible,
+            scale=scale,
+        ).transpose(0, 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal_dir: Path) -> LoadedModel:
+    return load_model(ModelOptions(model=str(tiny_causal_dir), max_pair_tokens=96))
+
+
+def scorer_of(loaded: LoadedModel) -> LastTokenScorer:
+    assert isinstance(loaded.scorer, LastTokenScorer)
+    return loaded.scorer
+
+
+def encoded(loaded: LoadedModel) -> list[EncodedPair]:
+    return [p for q, docs, i in REQUESTS for p in loaded.encoder.encode(q, docs, i)]
+
+
+def ids(pairs: list[EncodedPair]) -> list[list[int]]:
+    out = []
+    for pair in pairs:
+        assert isinstance(pair.payload, list)
+        out.append(pair.payload)
+    return out
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_packed_forward_matches_padded_path(causal: LoadedModel, fuse: bool) -> None:
+    scorer = scorer_of(causal)
+    seqs = ids(encoded(causal))
+    padded = scorer.last_hidden(seqs)
+    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention, fuse_projections=fuse)
+    assert torch.allclose(packed.last_hidden(seqs), padded, atol=TOL)
+    one = packed.last_hidden(seqs[:1])
+    assert one.shape[0] == 1 and torch.allclose(one, padded[:1], atol=TOL)
+
+
+def test_shared_heads_compute_what_full_sequences_do(causal: LoadedModel) -> None:
+    """Each request's template+instruction+query runs once; scores are unchanged."""
+    scorer = scorer_of(causal)
+    pairs = encoded(causal)
+    assert all(p.shared_prefix > 0 for p in pairs)
+    # interleave the requests: grouping must not depend on the pairs being adjacent
+    order = [0, 3, 5, 1, 4, 2]
+    pairs = [pairs[i] for i in order]
+    seqs = ids(pairs)
+    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
+    inputs = packed.prepare(seqs, [p.shared_prefix for p in pairs])
+    assert inputs.shared
+    assert inputs.ids.numel() < sum(len(s) for s in seqs)
+    padded = scorer.last_hidden(seqs)
+    assert torch.allclose(packed.last_hidden_prepared(inputs), padded, atol=TOL)
+
+
+def test_pack_layout_with_a_shared_head() -> None:
+    inputs = pack([[5, 6, 7, 8], [5, 6, 9], [1, 2]], [2, 2, 0])
+    assert inputs.ids.tolist() == [5, 6, 7, 8, 9, 1, 2]  # head 5 6 once, then the tails
+    assert inputs.positions.tolist() == [0, 1, 2, 3, 2, 0, 1]  # tails continue the head
+    assert inputs.cu_q.tolist() == [0, 2, 4, 5, 7]
+    assert inputs.cu_k.tolist() == [0, 2, 6, 9, 11]  # head, head+tail, head+tail, solo
+    assert inputs.kv_index is not None
+    assert inputs.kv_index.tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4, 5, 6]
+    assert inputs.last.tolist() == [3, 4, 6]
+    assert (inputs.max_q, inputs.max_k) == (2, 4)
+    assert inputs.cu_q.dtype == inputs.cu_k.dtype == torch.int32
+
+
+def test_pack_without_sharing_uses_the_stream_as_keys() -> None:
+    inputs = pack([[5, 6, 7], [8], [9, 10]])
+    assert inputs.ids.tolist() == [5, 6, 7, 8, 9, 10]
+    assert inputs.positions.tolist() == [0, 1, 2, 0, 0, 1]
+    assert inputs.cu_q.tolist() == inputs.cu_k.tolist() == [0, 3, 4, 6]
+    assert inputs.kv_index is None and not inputs.shared
+    assert inputs.last.tolist() == [2, 3, 5]
+    assert (inputs.max_q, inputs.max_k) == (3, 3)
+
+
+def test_pack_never_shares_a_whole_sequence() -> None:
+    """A head leaves every member a token of its own; a lone pair shares nothing."""
+    inputs = pack([[1, 2, 3], [1, 2, 3, 4], [7, 8]], [3, 3, 1])
+    assert inputs.ids.tolist() == [1, 2, 3, 3, 4, 7, 8]  # head clipped to [1, 2]
+    assert inputs.last.tolist() == [2, 4, 6]
+    assert inputs.cu_k.tolist() == [0, 2, 5, 9, 11]
