@@ -15,9 +15,12 @@ batch on one thread, for each variant:
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
   ``varlen_attn`` without ``enable_gqa`` needs.
 
-It also times one 8-document request alone (the floor of the idle engine's latency) and
-prints how far each variant's hidden states are from the default's. Compare its
-numbers only with numbers from the same run.
+Each variant first runs every batch once (compiling, filling the allocator's cache), then
+the variants are timed in turn, ``--rounds`` times, so an order effect shows. It also
+times one 8-document request alone (the floor of the idle engine's latency; "issue" is
+the time until the GPU work is queued, the rest is waiting for the GPU) and prints how
+far each variant's hidden states are from the first variant's. Compare its numbers only
+with numbers from the same run.
 """
 
 from __future__ import annotations
@@ -73,43 +76,42 @@ def build_variant(base: Any, name: str) -> PackedQwen3:
     return packed
 
 
-def runner(packed: PackedQwen3, share: bool) -> Callable[[list[EncodedPair]], torch.Tensor]:
-    def run(batch: list[EncodedPair]) -> torch.Tensor:
+Runner = Callable[[list[EncodedPair]], tuple[float, float]]
+
+
+def runner(packed: PackedQwen3, share: bool) -> Runner:
+    """Runs one batch; returns (seconds to issue the GPU work, seconds until its result)."""
+
+    def run(batch: list[EncodedPair]) -> tuple[float, float]:
+        t0 = time.perf_counter()
         prefixes = [p.shared_prefix if share else 0 for p in batch]
         inputs = packed.prepare([p.payload for p in batch], prefixes)  # type: ignore[misc]
-        return packed.last_hidden_prepared(inputs).float().cpu()
+        hidden = packed.last_hidden_prepared(inputs)
+        issued = time.perf_counter()
+        hidden.float().cpu()
+        return issued - t0, time.perf_counter() - t0
 
     return run
 
 
 def time_variant(
-    run: Callable[[list[EncodedPair]], torch.Tensor],
-    batches: list[list[EncodedPair]],
-    requests: list[list[EncodedPair]],
+    run: Runner, batches: list[list[EncodedPair]], requests: list[list[EncodedPair]]
 ) -> dict[str, float]:
-    t0 = time.perf_counter()
-    for batch in [*batches[:2], *requests[:3]]:
-        run(batch)
-    warm = time.perf_counter() - t0
+    """Throughput over all batches, then one request at a time (issue and total times)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for batch in batches:
         run(batch)
     seconds = time.perf_counter() - t0
-    lone = []
-    for request in requests[:50]:
-        t1 = time.perf_counter()
-        run(request)
-        lone.append(time.perf_counter() - t1)
+    lone = [run(request) for request in requests[:50]]
     return {
-        "warmup_s": warm,
         "seconds": seconds,
-        "one_request_p50_ms": 1000 * statistics.median(lone),
-        "one_request_min_ms": 1000 * min(lone),
+        "one_request_p50_ms": 1000 * statistics.median(t for _, t in lone),
+        "one_request_issue_p50_ms": 1000 * statistics.median(i for i, _ in lone),
     }
 
 
-def print_profile(run: Callable[[list[EncodedPair]], torch.Tensor], batches: list[Any]) -> None:
+def print_profile(run: Runner, batches: list[Any]) -> None:
     """torch.profiler's kernel table for a few batches: where the GPU time goes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -117,7 +119,7 @@ def print_profile(run: Callable[[list[EncodedPair]], torch.Tensor], batches: lis
         for batch in batches:
             run(batch)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
 
 
 def main() -> None:
@@ -127,7 +129,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=65536)
     parser.add_argument("--config", default="0.6b")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--profile", action="store_true", help="kernel table of the default")
+    parser.add_argument("--rounds", type=int, default=2, help="timed passes over the variants")
+    parser.add_argument("--profile", action="store_true", help="kernel tables of two variants")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the packed forward needs CUDA")
@@ -148,32 +151,42 @@ def main() -> None:
         batches = batches_in_order(pairs, args.budget)
         base = model.scorer._base  # type: ignore[attr-defined]
         check = batches[0][:64]
-        reference: torch.Tensor | None = None
+        runs: dict[str, Runner] = {}
+        hidden: dict[str, torch.Tensor] = {}
         for name in names:
-            run = runner(build_variant(base, name), share=name != "no-share")
-            hidden = run(check)
-            reference = hidden if reference is None else reference
-            result = time_variant(run, batches, requests)
-            drift = float((hidden - reference).abs().max() / reference.abs().max())
-            print(
-                json.dumps(
-                    {
-                        "variant": name,
-                        "pairs": len(pairs),
-                        "batches": len(batches),
-                        "budget": args.budget,
-                        "pairs_per_s": round(len(pairs) / result["seconds"], 1),
-                        "tokens_per_s": round(tokens / result["seconds"]),
-                        "warmup_s": round(result["warmup_s"], 1),
-                        "one_8doc_request_p50_ms": round(result["one_request_p50_ms"], 2),
-                        "one_8doc_request_min_ms": round(result["one_request_min_ms"], 2),
-                        "max_rel_diff_vs_first_variant": round(drift, 5),
-                    }
-                ),
-                flush=True,
-            )
-            if args.profile and name == "default":
-                print_profile(run, batches[len(batches) // 2 :][:3])
+            packed = build_variant(base, name)
+            share = name != "no-share"
+            runs[name] = runner(packed, share)
+            t0 = time.perf_counter()
+            for batch in [*batches, *requests[:50]]:  # compiles, fills the allocator's cache
+                runs[name](batch)
+            prefixes = [p.shared_prefix if share else 0 for p in check]
+            inputs = packed.prepare([p.payload for p in check], prefixes)  # type: ignore[misc]
+            hidden[name] = packed.last_hidden_prepared(inputs).float()
+            first = hidden[names[0]]
+            drift = float((hidden[name] - first).abs().max() / first.abs().max())
+            emit(variant=name, warmup_s=time.perf_counter() - t0, max_rel_diff_vs_first=drift)
+        for round_ in range(1, args.rounds + 1):
+            for name in names:
+                result = time_variant(runs[name], batches, requests)
+                emit(
+                    round=round_,
+                    variant=name,
+                    pairs=len(pairs),
+                    batches=len(batches),
+                    pairs_per_s=len(pairs) / result["seconds"],
+                    tokens_per_s=tokens / result["seconds"],
+                    one_8doc_request_p50_ms=result["one_request_p50_ms"],
+                    one_8doc_request_issue_p50_ms=result["one_request_issue_p50_ms"],
+                )
+        if args.profile:
+            for name in names[:2]:
+                print(f"== {name}: 3 batches from the middle, then 5 single requests")
+                print_profile(runs[name], [*batches[len(batches) // 2 :][:3], *requests[:5]])
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in fields.items()}))
 
 
 if __name__ == "__main__":

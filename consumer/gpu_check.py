@@ -48,7 +48,9 @@ TINY = {
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-SCORE_TOL = 0.02  # bf16 noise; the packed probe measured 0.0024 against the HF padded path
+# bf16 noise at toy size; at the full 0.6B depth the model card's own bf16 run is ~0.03
+# from its float32 run, so the bound there is twice that (see main)
+SCORE_TOL = 0.02
 MAX_PAIR_TOKENS = 1024  # small enough that the longest documents below get truncated
 
 
@@ -88,13 +90,15 @@ def mixed_requests(tokenizer: object, n_pairs: int) -> list[tuple[str, list[str]
 
 
 @torch.inference_mode()
-def reference_logits(folder: Path, pairs: list[EncodedPair]) -> list[float]:
+def reference_logits(
+    folder: Path, pairs: list[EncodedPair], dtype: torch.dtype = DTYPE
+) -> list[float]:
     """Model card: HF causal LM, one pair at a time, full-vocabulary logits at the last token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
-    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     model = model.to(DEVICE).eval()
     out = []
     for pair in pairs:
@@ -185,26 +189,33 @@ def main(argv: list[str]) -> int:
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
         results["reference"] = reference_logits(folder, pairs)
-    worst = 0.0
+        truth = reference_logits(folder, pairs, torch.float32)
     names = list(results)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            d_score = max_diff(results[a], results[b], calibrate=True)
-            worst = max(worst, d_score)
             emit(
                 compare=f"{a} vs {b}",
                 max_abs_logit_diff=round(max_diff(results[a], results[b], False), 5),
-                max_abs_score_diff=round(d_score, 5),
+                max_abs_score_diff=round(max_diff(results[a], results[b], True), 5),
             )
-    spread = max(results["reference"]) - min(results["reference"])
+    # Low precision is judged against the model card in float32: each way must be about as
+    # close to it as the model card's own run in the same precision is.
+    errors = {name: max_diff(logits, truth, calibrate=True) for name, logits in results.items()}
+    low_precision = DTYPE in (torch.bfloat16, torch.float16)
+    allowed = max(SCORE_TOL, 2 * errors["reference"]) if low_precision else SCORE_TOL
+    for name, error in errors.items():
+        emit(compare=f"{name} vs reference_fp32", max_abs_score_diff=round(error, 5))
+    worst = max(errors.values())
+    spread = max(truth) - min(truth)
     emit(
         reference_logit_spread=round(spread, 3),
-        worst_score_diff=round(worst, 5),
-        ok=worst <= SCORE_TOL,
+        worst_score_diff_vs_fp32=round(worst, 5),
+        allowed=round(allowed, 5),
+        ok=worst <= allowed,
     )
     if DEVICE == "cuda":
         emit(max_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-    return 0 if worst <= SCORE_TOL else 1
+    return 0 if worst <= allowed else 1
 
 
 if __name__ == "__main__":
