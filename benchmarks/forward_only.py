@@ -8,8 +8,10 @@ tokenizes everything first, cuts batches in request order by the token budget (a
 engine's batcher does for a packed scorer), then times the packed forward batch after
 batch on one thread, for each variant:
 
-* ``default``: what the service runs (fused q/k/v and gate/up, grouped-query heads
-  passed to FlashAttention as they are, each request's shared head computed once);
+* ``default``: fused q/k/v and gate/up, grouped-query heads passed to FlashAttention
+  as they are, each request's shared head computed once;
+* ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
+  service runs);
 * ``no-share``: every pair computes its own template, instruction and query;
 * ``separate-projections``: q, k, v, gate and up as five matrix products;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
@@ -39,10 +41,11 @@ import torch
 from consumer.bench import CONFIGS, build_random_model, default_tokenizer_dir, synthetic_requests
 from consumer.model_loader import load_model
 from consumer.model_options import ModelOptions
+from consumer.packed_graphs import PackedGraphs
 from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
 from consumer.prompt import EncodedPair
 
-VARIANTS = ("default", "no-share", "separate-projections", "expanded-gqa")
+VARIANTS = ("default", "graphs", "no-share", "separate-projections", "expanded-gqa")
 
 
 def batches_in_order(pairs: list[EncodedPair], budget: int) -> list[list[EncodedPair]]:
@@ -71,7 +74,9 @@ def expanded_gqa_attention(*args: Any) -> torch.Tensor:
 
 def build_variant(base: Any, name: str) -> PackedQwen3:
     attention = expanded_gqa_attention if name == "expanded-gqa" else None
-    packed = PackedQwen3(base, "cuda", attention, fuse_projections=name != "separate-projections")
+    graphs = PackedGraphs() if name == "graphs" else None
+    fuse = name != "separate-projections"
+    packed = PackedQwen3(base, "cuda", attention, fuse_projections=fuse, graphs=graphs)
     packed.compile()
     return packed
 
@@ -160,6 +165,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for batch in [*batches, *requests[:50]]:  # compiles, fills the allocator's cache
                 runs[name](batch)
+            packed.capture_graphs()
             prefixes = [p.shared_prefix if share else 0 for p in check]
             inputs = packed.prepare([p.payload for p in check], prefixes)  # type: ignore[misc]
             hidden[name] = packed.last_hidden_prepared(inputs).float()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from consumer.model_options import ModelOptions
+from consumer.packed_graphs import PackedGraphs
 from consumer.packed_qwen3 import PackedQwen3, supports_packing, varlen_available
 from consumer.prompt import (
     BiEncoderEncoder,
@@ -64,6 +65,7 @@ class _Resolved:
     attn_implementation: str
     compile: bool
     packed: str  # "on" | "off" | "auto" (decided per kind)
+    cuda_graphs: bool
 
 
 def load_model(options: ModelOptions) -> LoadedModel:
@@ -166,7 +168,7 @@ def resolve_options(options: ModelOptions) -> _Resolved:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
-    for field in ("compile", "packed"):
+    for field in ("compile", "packed", "cuda_graphs"):
         if getattr(options, field) not in ("auto", "on", "off"):
             raise ModelLoadError(
                 f"{field} must be auto, on or off, not {getattr(options, field)!r}"
@@ -175,7 +177,8 @@ def resolve_options(options: ModelOptions) -> _Resolved:
         options.compile == "auto" and device.startswith("cuda")
     )
     attn = "sdpa" if options.attn_implementation == "auto" else options.attn_implementation
-    return _Resolved(device, dtype, attn, compile_on, options.packed)
+    graphs_on = options.cuda_graphs != "off" and device.startswith("cuda")
+    return _Resolved(device, dtype, attn, compile_on, options.packed, graphs_on)
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -206,7 +209,7 @@ def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
         )
     if run.packed == "off" or not possible:
         return None
-    return PackedQwen3(base, run.device)
+    return PackedQwen3(base, run.device, graphs=PackedGraphs() if run.cuda_graphs else None)
 
 
 def _last_token_model(

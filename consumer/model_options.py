@@ -15,7 +15,8 @@ class ModelOptions:
     device -> cuda if available else cpu; dtype -> bfloat16 on cuda, float32 on cpu;
     attn_implementation -> sdpa; compile -> on for cuda, off for cpu;
     packed -> the padding-free varlen path when on cuda and
-    ``torch.nn.attention.varlen`` exists (Qwen3 models only), else padded batches.
+    FlashAttention's varlen op exists (Qwen3 models only), else padded batches;
+    cuda_graphs -> small packed batches replayed from CUDA graphs when packed is on.
     """
 
     model: str = "Qwen/Qwen3-Reranker-0.6B"
@@ -25,4 +26,5 @@ class ModelOptions:
     max_pair_tokens: int = 8192
     compile: str = "auto"
     packed: str = "auto"
+    cuda_graphs: str = "auto"
     default_instruction: str = DEFAULT_INSTRUCTION

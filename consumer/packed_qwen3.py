@@ -99,6 +99,8 @@ class PackedInputs:
     last: torch.Tensor
     max_q: int
     max_k: int
+    # the same batch in a captured graph's shapes (consumer.packed_graphs), if one fits
+    graph_inputs: Any = None
 
     @property
     def shared(self) -> bool:
@@ -186,6 +188,14 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> Pa
         max_q=max(q_lengths),
         max_k=max(k_lengths),
     )
+
+
+def _pin(inputs: Any) -> None:
+    """Page-locked copies of an inputs object's tensors (for asynchronous uploads)."""
+    for name in ("ids", "positions", "cu_q", "cu_k", "kv_index", "last"):
+        tensor = getattr(inputs, name)
+        if tensor is not None:
+            setattr(inputs, name, tensor.pin_memory())
 
 
 # ---- decoder layer ------------------------------------------------------------------
@@ -304,6 +314,8 @@ class PackedQwen3:
         device: where it runs.
         attention: the varlen attention (tests pass a CPU stand-in).
         fuse_projections: run q/k/v and gate/up as one matrix product each.
+        graphs: a :class:`consumer.packed_graphs.PackedGraphs` to replay small batches
+            from, once :meth:`capture_graphs` has run.
     """
 
     def __init__(
@@ -312,6 +324,7 @@ class PackedQwen3:
         device: str,
         attention: VarlenAttention | None = None,
         fuse_projections: bool = True,
+        graphs: Any = None,
     ) -> None:
         if not supports_packing(base):
             raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
@@ -330,6 +343,7 @@ class PackedQwen3:
         self._attention_inputs: Callable[..., Any] = attention_inputs
         self._attention_output_and_mlp: Callable[..., torch.Tensor] = attention_output_and_mlp
         self._compiled = False
+        self.graphs = graphs
 
     def compile(self) -> None:
         """Compile the two per-layer regions; one graph each serves all layers and sizes."""
@@ -346,23 +360,32 @@ class PackedQwen3:
         request (0 or None: nothing shared). Pairs with equal leading ids share them.
         """
         inputs = pack(seqs, prefixes)
+        if self.graphs is not None:
+            inputs.graph_inputs = self.graphs.fit(inputs)
         if self.device.startswith("cuda"):
-            for name in ("ids", "positions", "cu_q", "cu_k", "kv_index", "last"):
-                tensor = getattr(inputs, name)
-                if tensor is not None:
-                    setattr(inputs, name, tensor.pin_memory())
+            _pin(inputs)
+            if inputs.graph_inputs is not None:
+                _pin(inputs.graph_inputs)
         return inputs
+
+    def capture_graphs(self) -> None:
+        """Capture the small-batch graphs (on the thread that runs the model; after compile)."""
+        if self.graphs is not None:
+            with torch.inference_mode():
+                self.graphs.capture(self.hidden_at, self.device)
 
     @torch.inference_mode()
     def last_hidden_prepared(self, inputs: object) -> torch.Tensor:
         """(n, hidden) final-normed hidden states at each pair's last token."""
         assert isinstance(inputs, PackedInputs)
+        if inputs.graph_inputs is not None and self.graphs is not None:
+            return self.graphs.replay(inputs.graph_inputs)
 
         def moved(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, non_blocking=True)
 
         kv_index = None if inputs.kv_index is None else moved(inputs.kv_index)
-        x = self.forward_packed(
+        return self.hidden_at(
             moved(inputs.ids),
             moved(inputs.positions),
             moved(inputs.cu_q),
@@ -370,8 +393,23 @@ class PackedQwen3:
             kv_index,
             inputs.max_q,
             inputs.max_k,
+            moved(inputs.last),
         )
-        return self.base.norm(x[moved(inputs.last)])
+
+    def hidden_at(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        kv_index: torch.Tensor | None,
+        max_q: int,
+        max_k: int,
+        last: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final-normed hidden states of the stream at the ``last`` indices."""
+        x = self.forward_packed(ids, positions, cu_q, cu_k, kv_index, max_q, max_k)
+        return self.base.norm(x[last])
 
     def last_hidden(
         self, seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None

@@ -146,6 +146,13 @@ class LastTokenScorer(_WarmupMixin):
             else:
                 self._forward = torch.compile(base, dynamic=True)
 
+    def warmup(self, encoder: PromptEncoder) -> None:
+        """Compile and select kernels on a few shapes, then capture the packed path's graphs."""
+        super().warmup(encoder)
+        if self._packed is not None:
+            self._packed.capture_graphs()
+            super().warmup(encoder)  # the small batches again, now from their graphs
+
     def padded_cost(self, pairs: Sequence[EncodedPair]) -> int:
         """Sum of lengths when packed, longest x count when padded."""
         if not pairs:

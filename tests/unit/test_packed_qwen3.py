@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
+from consumer.packed_graphs import PackedGraphs, lay_out
 from consumer.packed_qwen3 import PackedQwen3, pack
 from consumer.prompt import EncodedPair
 from consumer.scorer import LastTokenScorer
@@ -137,3 +138,32 @@ def test_pack_never_shares_a_whole_sequence() -> None:
     assert inputs.ids.tolist() == [1, 2, 3, 3, 4, 7, 8]  # head clipped to [1, 2]
     assert inputs.last.tolist() == [2, 4, 6]
     assert inputs.cu_k.tolist() == [0, 2, 5, 9, 11]
+
+
+def test_bucket_layout_computes_the_same_rows(causal: LoadedModel) -> None:
+    """A batch laid out in a CUDA graph's fixed shapes (unused tokens and empty segments
+    at the end) gives the same hidden states as the batch itself."""
+    scorer = scorer_of(causal)
+    pairs = encoded(causal)
+    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
+    inputs = packed.prepare(ids(pairs), [p.shared_prefix for p in pairs])
+    bucket = next(b for b in PackedGraphs().buckets if b.fits(inputs))
+    laid = lay_out(inputs, bucket)
+    assert laid.ids.numel() == bucket.tokens and laid.kv_index.numel() == bucket.keys
+    assert laid.cu_q.numel() == laid.cu_k.numel() == bucket.segments + 1
+    assert laid.cu_q[-1] == inputs.ids.numel()  # trailing tokens belong to no segment
+    rows = packed.hidden_at(
+        laid.ids, laid.positions, laid.cu_q, laid.cu_k, laid.kv_index,
+        bucket.max_segment, 2 * bucket.max_segment, laid.last,
+    )  # fmt: skip
+    assert torch.allclose(rows[: laid.count], packed.last_hidden_prepared(inputs), atol=TOL)
+
+
+def test_batches_that_fit_no_bucket_run_without_a_graph() -> None:
+    graphs = PackedGraphs([512])
+    small = pack([[1] * 100, [2] * 100])
+    assert graphs.fit(small) is None  # nothing captured yet
+    bucket = graphs.buckets[0]
+    assert bucket.fits(small)
+    assert not bucket.fits(pack([[1] * 600]))  # more tokens than the bucket
+    assert not bucket.fits(pack([[1] * 10] * 30))  # more segments than 512 // 32 + 8

@@ -1,0 +1,188 @@
+"""CUDA graphs of the packed forward for small batches.
+
+A lone request (8 documents, ~3,000 tokens) costs the GPU a few milliseconds, but
+issuing its forward from Python (28 layers, two compiled regions and an attention call
+each) costs several times that: the idle engine's latency was the CPU's, not the GPU's.
+Replaying a captured CUDA graph issues the whole forward at once.
+
+A graph has fixed shapes, so batches are laid out into *buckets*: a bucket of ``T``
+tokens holds any batch of at most ``T`` stream tokens, ``T // 32 + 8`` segments,
+``2 T`` gathered keys and segments of at most ``min(T, 1024)`` tokens. Unused tokens
+are left outside every segment and unused segments are empty, so attention never
+touches them; their rows compute garbage that no real row ever reads (every other
+operation works row by row). Batches that fit no bucket run without a graph.
+
+Graphs are captured once, largest first, sharing one memory pool, on the thread that
+replays them (the engine's inference thread, during its warm-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from consumer.packed_qwen3 import PackedInputs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (512, 1024, 2048, 3072, 4096, 6144, 8192)
+MAX_SEGMENT = 1024
+
+# (ids, positions, cu_q, cu_k, kv_index, max_q, max_k, last) -> (len(last), hidden)
+Forward = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The fixed shapes of one graph."""
+
+    tokens: int
+
+    @property
+    def segments(self) -> int:
+        return self.tokens // 32 + 8
+
+    @property
+    def keys(self) -> int:
+        return 2 * self.tokens
+
+    @property
+    def max_segment(self) -> int:
+        return min(self.tokens, MAX_SEGMENT)
+
+    def fits(self, inputs: PackedInputs) -> bool:
+        return (
+            inputs.ids.numel() <= self.tokens
+            and inputs.cu_q.numel() - 1 <= self.segments
+            and key_count(inputs) <= self.keys
+            and inputs.max_q <= self.max_segment
+            and inputs.max_k <= 2 * self.max_segment
+        )
+
+
+def key_count(inputs: PackedInputs) -> int:
+    return inputs.ids.numel() if inputs.kv_index is None else inputs.kv_index.numel()
+
+
+@dataclass
+class BucketInputs:
+    """A batch laid out in a bucket's shapes (host tensors, pinned on CUDA)."""
+
+    bucket: Bucket
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    kv_index: torch.Tensor
+    last: torch.Tensor
+    count: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.ids, self.positions, self.cu_q, self.cu_k, self.kv_index, self.last)
+
+
+def _padded(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    return torch.cat((t, torch.full((size - t.numel(),), fill, dtype=t.dtype)))
+
+
+def lay_out(inputs: PackedInputs, bucket: Bucket) -> BucketInputs:
+    """``inputs`` in ``bucket``'s shapes: trailing tokens and segments unused."""
+    tokens = inputs.ids.numel()
+    kv_index = inputs.kv_index if inputs.kv_index is not None else torch.arange(tokens)
+    segments = bucket.segments + 1
+    return BucketInputs(
+        bucket=bucket,
+        ids=_padded(inputs.ids, bucket.tokens, 0),
+        positions=_padded(inputs.positions, bucket.tokens, 0),
+        cu_q=_padded(inputs.cu_q, segments, int(inputs.cu_q[-1])),  # empty segments
+        cu_k=_padded(inputs.cu_k, segments, int(inputs.cu_k[-1])),
+        kv_index=_padded(kv_index, bucket.keys, 0),
+        last=_padded(inputs.last, bucket.segments, 0),
+        count=inputs.last.numel(),
+    )
+
+
+class _Graph:
+    """One captured forward and the static tensors it reads and writes."""
+
+    def __init__(self, bucket: Bucket, forward: Forward, device: str, pool: Any) -> None:
+        self.bucket = bucket
+        sample = lay_out(_sample(bucket), bucket)
+        self.inputs = tuple(t.to(device) for t in sample.tensors())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile and autotune for these shapes first
+            for _ in range(2):
+                self._forward(forward)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = self._forward(forward)
+
+    def _forward(self, forward: Forward) -> torch.Tensor:
+        ids, positions, cu_q, cu_k, kv_index, last = self.inputs
+        b = self.bucket
+        # a key segment is a head plus a tail, each at most max_segment long
+        return forward(ids, positions, cu_q, cu_k, kv_index, b.max_segment, 2 * b.max_segment, last)
+
+    def replay(self, batch: BucketInputs) -> torch.Tensor:
+        for static, host in zip(self.inputs, batch.tensors(), strict=True):
+            static.copy_(host, non_blocking=True)
+        self.graph.replay()
+        # the output lives in the shared pool: copy it before another graph runs
+        return self.output[: batch.count].clone()
+
+
+def _sample(bucket: Bucket) -> PackedInputs:
+    """A batch that fills ``bucket``: segments of the longest allowed length."""
+    from consumer.packed_qwen3 import pack
+
+    length = bucket.max_segment
+    seqs = [[1] * length for _ in range(bucket.tokens // length)]
+    return pack(seqs)
+
+
+class PackedGraphs:
+    """Captured forwards per bucket; picks a bucket for a batch and replays it."""
+
+    def __init__(self, buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+        self.buckets = [Bucket(t) for t in sorted(set(buckets))]
+        self._graphs: dict[Bucket, _Graph] = {}
+
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
+    def capture(self, forward: Forward, device: str) -> None:
+        """Capture every bucket (call on the thread that will replay them)."""
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        for bucket in reversed(self.buckets):
+            graphs[bucket] = _Graph(bucket, forward, device, pool)
+        torch.cuda.synchronize()
+        self._graphs = graphs
+        log.info(
+            "captured CUDA graphs for batches up to %d tokens (%d buckets) in %.1f s",
+            max(b.tokens for b in graphs),
+            len(graphs),
+            time.perf_counter() - t0,
+        )
+
+    def fit(self, inputs: PackedInputs) -> BucketInputs | None:
+        """The batch in the smallest bucket that holds it, or None (run it without a graph)."""
+        if not self._graphs:
+            return None
+        for bucket in self.buckets:
+            if bucket.fits(inputs):
+                return lay_out(inputs, bucket)
+        return None
+
+    def replay(self, batch: BucketInputs) -> torch.Tensor:
+        """(count, hidden) final-normed hidden states at each pair's last token."""
+        return self._graphs[batch.bucket].replay(batch)
