@@ -1,19 +1,19 @@
 """Packed forward alone, variant against variant, in one process on one GPU.
 
     PYTHONPATH=. python benchmarks/forward_only.py --tokenizer DIR [--pairs 4096]
-        [--variants default,no-share,separate-projections,expanded-gqa] [--profile]
+        [--variants default,graphs,no-share,fused,expanded-gqa] [--rounds 2] [--profile]
 
 Builds the random 0.6B-shaped model and synthetic workload of ``consumer.bench``,
 tokenizes everything first, cuts batches in request order by the token budget (as the
 engine's batcher does for a packed scorer), then times the packed forward batch after
 batch on one thread, for each variant:
 
-* ``default``: fused q/k/v and gate/up, grouped-query heads passed to FlashAttention
-  as they are, each request's shared head computed once;
+* ``default``: grouped-query heads passed to FlashAttention as they are, each
+  request's shared head computed once;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs);
 * ``no-share``: every pair computes its own template, instruction and query;
-* ``separate-projections``: q, k, v, gate and up as five matrix products;
+* ``fused``: q/k/v and gate/up as one matrix product each;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
   ``varlen_attn`` without ``enable_gqa`` needs.
 
@@ -45,7 +45,7 @@ from consumer.packed_graphs import PackedGraphs
 from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
 from consumer.prompt import EncodedPair
 
-VARIANTS = ("default", "graphs", "no-share", "separate-projections", "expanded-gqa")
+VARIANTS = ("default", "graphs", "no-share", "fused", "expanded-gqa")
 
 
 def batches_in_order(pairs: list[EncodedPair], budget: int) -> list[list[EncodedPair]]:
@@ -75,7 +75,7 @@ def expanded_gqa_attention(*args: Any) -> torch.Tensor:
 def build_variant(base: Any, name: str) -> PackedQwen3:
     attention = expanded_gqa_attention if name == "expanded-gqa" else None
     graphs = PackedGraphs() if name == "graphs" else None
-    fuse = name != "separate-projections"
+    fuse = name == "fused"
     packed = PackedQwen3(base, "cuda", attention, fuse_projections=fuse, graphs=graphs)
     packed.compile()
     return packed

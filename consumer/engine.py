@@ -10,8 +10,9 @@ Data flow of one request (``Engine.score``)::
 
 * The event loop never runs torch or the tokenizer.
 * Batch ``k + 1`` is cut (and, if the scorer offers ``prepare``, its input tensors are
-  built) while the model runs batch ``k``; a short ``max_wait_ms`` applies only while
-  the model is idle, so under load batches go back to back.
+  built) while the model runs batch ``k``; a short ``max_wait_ms`` (for requests still
+  being tokenized) applies only while the model is idle, so under load batches go
+  back to back.
 * Every queued pair is resolved exactly once, with a score or an error, whatever
   happens to its batch: a failing batch fails each of its requests; an out-of-memory
   batch is split in halves and retried (and the token budget lowered); ``close()``
@@ -214,6 +215,7 @@ class Engine:
         )
         self._next_batch: _Batch | None = None  # cut, waiting for the inference thread
         self._busy = False  # the inference thread is running a batch
+        self._tokenizing = 0  # requests accepted and not yet queued (guarded by _cond)
         self._stopping = False
         self._batch_ids = itertools.count(1)
 
@@ -317,11 +319,16 @@ class Engine:
         if not request.documents:
             return ScoreResult((), (), 0, (), 0.0, 0.0)
         started = time.perf_counter()
-        pairs = await self._encode(request)
-        tokenize_s = time.perf_counter() - started
-        self._check_open()
-        if _expired(request.deadline):
-            raise DeadlineExceeded("the request's deadline passed while it was tokenized")
+        self._count_tokenizing(+1)
+        try:
+            pairs = await self._encode(request)
+            tokenize_s = time.perf_counter() - started
+            self._check_open()
+            if _expired(request.deadline):
+                raise DeadlineExceeded("the request's deadline passed while it was tokenized")
+        except BaseException:
+            self._count_tokenizing(-1)
+            raise
         req = self._enqueue(pairs, request.deadline)
         try:
             if request.deadline is None:
@@ -399,7 +406,13 @@ class Engine:
             )
         return pairs
 
+    def _count_tokenizing(self, delta: int) -> None:
+        with self._cond:
+            self._tokenizing += delta
+            self._cond.notify_all()
+
     def _enqueue(self, pairs: list[EncodedPair], deadline: float | None) -> _Request:
+        """Queue a tokenized request's pairs (and count it as no longer tokenizing)."""
         assert self._loop is not None
         req = _Request(self._loop.create_future(), len(pairs), deadline)
         req.tickets = [
@@ -408,6 +421,7 @@ class Engine:
         ]
         with self._cond:
             self._batcher.add_many(req.tickets)
+            self._tokenizing -= 1  # in the same step, so the batch former sees both
             self._cond.notify_all()
         self._active.add(req)
         self._add_in_flight(len(pairs))
@@ -539,13 +553,20 @@ class Engine:
                     return _Batch(formed.items, formed.cost)
 
     def _wait_while_idle(self) -> None:
-        """With the model idle and less than a batch queued, wait up to max_wait_ms.
+        """With the model idle, less than a batch queued and more requests being
+        tokenized, wait up to max_wait_ms for them.
 
-        Called with the condition held. Under load (model busy) there is no wait:
-        the next batch is cut at once and runs as soon as the model is free.
+        Called with the condition held. Under load (model busy) there is no wait: the
+        next batch is cut at once and runs as soon as the model is free. A lone request
+        (nothing else being tokenized) does not wait either: nothing is coming.
         """
         wait_s = self.settings.max_wait_ms / 1000.0
-        while not self._stopping and not self._busy and not self._batcher.would_fill_batch():
+        while (
+            not self._stopping
+            and not self._busy
+            and self._tokenizing > 0
+            and not self._batcher.would_fill_batch()
+        ):
             oldest = self._batcher.oldest()
             if oldest is None:
                 return

@@ -30,7 +30,9 @@ from consumer.packed_qwen3 import PackedInputs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (512, 1024, 2048, 3072, 4096, 6144, 8192)
+# 256-token steps up to 4,096 (a lone request's size), then 512: a batch pays at most
+# one step of unused tokens
+DEFAULT_BUCKETS = (*range(512, 4096 + 1, 256), *range(4608, 8192 + 1, 512))
 MAX_SEGMENT = 1024
 
 # (ids, positions, cu_q, cu_k, kv_index, max_q, max_k, last) -> (len(last), hidden)

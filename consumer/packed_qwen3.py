@@ -313,7 +313,8 @@ class PackedQwen3:
         base: the ``Qwen3Model`` (its weights are used in place).
         device: where it runs.
         attention: the varlen attention (tests pass a CPU stand-in).
-        fuse_projections: run q/k/v and gate/up as one matrix product each.
+        fuse_projections: run q/k/v and gate/up as one matrix product each (measured
+            slower than separate products on an H100, see docs/benchmarks.md).
         graphs: a :class:`consumer.packed_graphs.PackedGraphs` to replay small batches
             from, once :meth:`capture_graphs` has run.
     """
@@ -323,7 +324,7 @@ class PackedQwen3:
         base: Any,
         device: str,
         attention: VarlenAttention | None = None,
-        fuse_projections: bool = True,
+        fuse_projections: bool = False,
         graphs: Any = None,
     ) -> None:
         if not supports_packing(base):

@@ -292,7 +292,8 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = _setting(
         2.0,
-        "How long an idle device waits for more pairs before running a small batch.",
+        "How long an idle device waits for requests still being tokenized before running "
+        "a small batch (a lone request does not wait).",
         "Batching and back-pressure",
         ge=0,
     )

@@ -519,20 +519,51 @@ async def test_close_fails_requests_still_waiting_for_tokenization() -> None:
     assert all(isinstance(o, EngineClosed) for o in outcomes), outcomes
 
 
+async def test_an_idle_model_waits_for_requests_still_being_tokenized() -> None:
+    release = threading.Event()
+
+    class SlowForOneQuery(FakeEncoder):
+        def encode(
+            self, query: str, documents: Sequence[str], instruction: str | None
+        ) -> list[EncodedPair]:
+            if query == "slow":
+                release.wait(10)
+            return super().encode(query, documents, instruction)
+
+    scorer = FakeScorer()
+    engine = Engine(
+        encoder=SlowForOneQuery(),
+        scorer=scorer,
+        name="fake",
+        settings=EngineSettings(max_wait_ms=600_000, max_batch_pairs=8, tokenizer_threads=2),
+    )
+    await engine.start()
+    slow_request, fast_request = ScoreRequest("slow", ("1", "2")), ScoreRequest("a", ("3",))
+    slow = asyncio.create_task(engine.score(slow_request))
+    fast = asyncio.create_task(engine.score(fast_request))
+    await wait_for(lambda: engine.in_flight_pairs == 1)
+    await asyncio.sleep(0.05)
+    assert scorer.batches == []  # the queued request waits for the one being tokenized
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(slow, fast), 10)
+    assert [r.logits for r in results] == [
+        expected_logits(slow_request),
+        expected_logits(fast_request),
+    ]
+    assert len(scorer.batches) == 1  # the wait let both share one batch
+    await engine.close()
+
+
 async def test_max_wait_applies_only_while_the_model_is_idle() -> None:
     # A wait far longer than the test's timeouts: a request that waited for it fails.
     scorer = FakeScorer()
     engine = await started_engine(
         scorer, max_wait_ms=600_000, max_batch_pairs=4, max_batch_tokens=100_000
     )
-    first, second = ScoreRequest("a", ("1", "2")), ScoreRequest("b", ("3", "4"))
-    waiting = asyncio.create_task(engine.score(first))
-    await wait_for(lambda: engine.in_flight_pairs == 2)
-    await asyncio.sleep(0.05)
-    assert scorer.batches == []  # idle model, less than a batch queued: it waits
-    results = await asyncio.wait_for(asyncio.gather(waiting, engine.score(second)), 10)
-    assert [r.logits for r in results] == [expected_logits(first), expected_logits(second)]
-    assert len(scorer.batches) == 1  # the wait let both requests share one batch
+    # A lone request has nothing to wait for: it runs at once.
+    lone = ScoreRequest("z", ("0",))
+    assert (await asyncio.wait_for(engine.score(lone), 10)).logits == expected_logits(lone)
+    scorer.batches.clear()
 
     scorer.gate.clear()
     scorer.entered.clear()

@@ -1,0 +1,117 @@
+"""Varlen attention kernels on one packed batch's shapes: FlashAttention-2 vs cuDNN.
+
+    PYTHONPATH=. python benchmarks/attention_kernels.py [--tokens 50000]
+
+Builds the segment layout of a packed batch like the engine's (requests of 8 pairs:
+a shared head of 75-100 tokens, tails of 55-495 tokens; and the same pairs without
+sharing), random q/k/v with the 0.6B model's heads (16 query, 8 key/value, dim 128),
+then times each kernel over 50 calls and prints how far cuDNN's output is from
+FlashAttention's. A kernel that fails prints its error instead. Numbers are for one
+attention call of one layer; the model makes 28 per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from consumer.packed_qwen3 import flash_varlen_attention, pack
+
+HEADS, KV_HEADS, DIM = 16, 8, 128
+
+
+def layout(tokens: int, share: bool, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    seqs: list[list[int]] = []
+    prefixes: list[int] = []
+    total = 0
+    request = 0
+    while total < tokens:
+        head = [request] * rng.randint(75, 100)
+        for _ in range(8):
+            seqs.append(head + [0] * rng.randint(55, 495))
+            prefixes.append(len(head) if share else 0)
+            total += len(seqs[-1])
+        request += 1
+    return seqs, prefixes
+
+
+def cudnn_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.ops.aten._cudnn_attention_forward(
+        q, k, v, None, cu_q, cu_k, max_q, max_k, False, 0.0, True, False, scale=scale
+    )
+    return out[0]
+
+
+def expanded(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: object) -> torch.Tensor:
+        group = q.shape[1] // k.shape[1]
+        return kernel(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), *rest)
+
+    return run
+
+
+def time_ms(fn: Callable[[], torch.Tensor], calls: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=50000)
+    args = parser.parse_args()
+    print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "cudnn": torch.backends.cudnn.version()}))  # fmt: skip
+    kernels = {
+        "flash": flash_varlen_attention,
+        "cudnn": cudnn_attention,
+        "cudnn_expanded_gqa": expanded(cudnn_attention),
+    }
+    for share in (False, True):
+        seqs, prefixes = layout(args.tokens, share)
+        inputs = pack(seqs, prefixes)
+        t, tk = inputs.ids.numel(), inputs.kv_index.numel() if inputs.kv_index is not None else 0
+        tk = tk or t
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(t, HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(tk, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(tk, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cu_q, cu_k = inputs.cu_q.cuda(), inputs.cu_k.cuda()
+        call = (q, k, v, cu_q, cu_k, inputs.max_q, inputs.max_k, DIM**-0.5)
+        baseline = flash_varlen_attention(*call)
+        for name, kernel in kernels.items():
+            segments = inputs.cu_q.numel() - 1
+            row: dict[str, object] = {"kernel": name, "shared_heads": share}
+            row.update(q_tokens=t, k_tokens=tk, segments=segments)
+            try:
+                out = kernel(*call)
+                row["max_abs_diff_vs_flash"] = round(float((out - baseline).abs().max()), 5)
+                row["ms_per_call"] = round(time_ms(partial(kernel, *call)), 3)
+            except Exception as exc:  # report and go on: this is a probe
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
