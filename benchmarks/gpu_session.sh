@@ -3,21 +3,21 @@
 # parity at the full 0.6B shape, the packed forward's variants, then the engine against
 # the reference recipe. Run from the repository root on the device machine:
 #   OUT=/tmp/out TOK=.devcache/qwen3_tok bash benchmarks/gpu_session.sh [steps...]
-# Steps: check attention variants bench (default: all four).
+# Steps: check attention variants bench (default: check variants bench).
 set -u
 OUT=${OUT:?set OUT to a folder for the outputs}
 TOK=${TOK:-.devcache/qwen3_tok}
 export PYTHONPATH=.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(check attention variants bench)
+[ ${#steps[@]} -eq 0 ] && steps=(check variants bench)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "${steps[@]}"; do
   start=$(date +%s)
   case $step in
     check) timeout 240 python -m consumer.gpu_check "$TOK" 64 ;;
     attention) timeout 120 python benchmarks/attention_kernels.py ;;
-    variants) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" ;;
+    variants) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" --variants default,graphs,no-share,fused ;;
     bench) timeout 300 python -m consumer.bench --tokenizer "$TOK" --pairs 16384 --reference-pairs 4096 --json ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac >"$OUT/$step.txt" 2>"$OUT/$step.err"

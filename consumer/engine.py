@@ -24,7 +24,11 @@ packed (padding-free) batches or prefix reuse change only the scorer.
 
 Optional scorer hooks (used when both exist): ``prepare(pairs) -> object`` builds a
 batch's inputs on the batch former thread (host work only, e.g. pinned tensors), and
-``score_prepared(prepared) -> list[float]`` runs it on the inference thread.
+``score_prepared(prepared) -> list[float]`` runs it on the inference thread. A scorer
+that also has ``launch(prepared) -> handle`` (queue the device work, return at once) and
+``collect(handle) -> list[float]`` (wait for it) is driven two batches deep: batch
+``k + 1`` is queued on the device before the results of batch ``k`` are read, so the
+device never idles while the host finishes one batch and starts the next.
 """
 
 from __future__ import annotations
@@ -145,6 +149,15 @@ class _Batch:
 
 
 @dataclass(eq=False)
+class _Launched:
+    """A batch whose device work is queued (``handle``) and not collected yet."""
+
+    tickets: list[_Ticket]
+    handle: object
+    started: float
+
+
+@dataclass(eq=False)
 class _Outcome:
     """Results of one model call (or one error) for the loop to hand out."""
 
@@ -216,6 +229,7 @@ class Engine:
         self._next_batch: _Batch | None = None  # cut, waiting for the inference thread
         self._busy = False  # the inference thread is running a batch
         self._tokenizing = 0  # requests accepted and not yet queued (guarded by _cond)
+        self._last_batch_end = 0.0  # when the inference thread last collected results
         self._stopping = False
         self._batch_ids = itertools.count(1)
 
@@ -590,36 +604,48 @@ class Engine:
     # ---- inference thread ---------------------------------------------------------
 
     def _inference_main(self) -> None:
-        """Warm up, then run batches one after another until stopped."""
+        """Warm up, then run batches until stopped, one queued ahead when the scorer can."""
         if not self._warm_up():
             return
+        in_flight: _Launched | None = None
         while True:
-            with self._cond:
-                while self._next_batch is None and not self._stopping:
-                    self._cond.wait()
-                if self._stopping or self._next_batch is None:
-                    return
-                batch = self._next_batch
-                self._next_batch = None
-                self._busy = True
-                self._cond.notify_all()  # the former may cut the next batch now
+            batch = self._take_batch(block=in_flight is None)
+            if batch is None and in_flight is None:
+                return  # stopping
             try:
-                self._run_batch(batch)
+                launched = self._start_batch(batch) if batch is not None else None
+                if in_flight is not None:
+                    self._finish(in_flight)
             except BaseException as exc:
                 log.exception("inference thread failed")
+                lost = (batch.tickets if batch else []) + (in_flight.tickets if in_flight else [])
                 self._post(
                     _Outcome(
-                        batch.tickets,
+                        lost,
                         error_type=EngineError,
                         error_message=f"inference failed: {type(exc).__name__}",
                     )
                 )
                 self._fail_everything("the inference thread failed")
                 raise
-            finally:
+            in_flight = launched
+            if in_flight is None:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _take_batch(self, block: bool) -> _Batch | None:
+        """The next cut batch; waits for one only if ``block``. None when stopping."""
+        with self._cond:
+            while block and self._next_batch is None and not self._stopping:
+                self._cond.wait()
+            if self._stopping or self._next_batch is None:
+                return None
+            batch = self._next_batch
+            self._next_batch = None
+            self._busy = True
+            self._cond.notify_all()  # the former may cut the next batch now
+            return batch
 
     def _warm_up(self) -> bool:
         assert self._scorer is not None and self._encoder is not None
@@ -636,9 +662,45 @@ class Engine:
             self._warmed.set_result(None)
         return True
 
-    def _run_batch(self, batch: _Batch) -> None:
+    def _start_batch(self, batch: _Batch) -> _Launched | None:
+        """Queue the batch's device work if the scorer can; else score it right away."""
+        live = self._live_tickets(batch.tickets)
+        if not live:
+            return None
+        prepared = batch.prepared if len(live) == len(batch.tickets) else None
+        launch = getattr(self._scorer, "launch", None)
+        if prepared is None or launch is None:
+            self._score_chunk(live, prepared)
+            return None
+        started = time.perf_counter()
+        try:
+            return _Launched(live, launch(prepared), started)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                self._post_failure(live, exc)
+                return None
+        self._after_out_of_memory(live)  # outside the except block: frees the attempt
+        return None
+
+    def _finish(self, launched: _Launched) -> None:
+        """Wait for a queued batch and post its results."""
+        assert self._scorer is not None
+        tickets = launched.tickets
+        try:
+            logits = list(self._scorer.collect(launched.handle))  # type: ignore[attr-defined]
+            scores = self._checked_scores(tickets, logits)
+        except Exception as exc:
+            self._post_failure(tickets, exc)
+            return
+        # The device ran the previous batch first: count this one's time from the later
+        # of its launch and the previous batch's end.
+        started = max(launched.started, self._last_batch_end)
+        self._deliver_scored(tickets, logits, scores, started)
+
+    def _live_tickets(self, tickets: list[_Ticket]) -> list[_Ticket]:
+        """Tickets still wanted; those whose deadline passed are answered here."""
         now = time.time()
-        live = [t for t in batch.tickets if not t.request.done]
+        live = [t for t in tickets if not t.request.done]
         expired = [t for t in live if t.deadline is not None and t.deadline <= now]
         if expired:
             self._post(
@@ -649,46 +711,55 @@ class Engine:
                 )
             )
             live = [t for t in live if t.deadline is None or t.deadline > now]
-        if not live:
-            return
-        prepared = batch.prepared if len(live) == len(batch.tickets) else None
-        self._score_chunk(live, prepared)
+        return live
+
+    def _checked_scores(self, tickets: list[_Ticket], logits: list[float]) -> list[float]:
+        assert self._scorer is not None
+        if len(logits) != len(tickets):
+            raise RuntimeError(f"scorer gave {len(logits)} logits for {len(tickets)} pairs")
+        return list(self._scorer.calibrate(logits))
+
+    def _post_failure(self, tickets: list[_Ticket], exc: Exception) -> None:
+        log.error("scoring a batch of %d pairs failed", len(tickets), exc_info=exc)
+        self._post(
+            _Outcome(
+                tickets,
+                error_type=EngineError,
+                error_message=f"scoring failed: {type(exc).__name__}: {exc}",
+            )
+        )
+
+    def _deliver_scored(
+        self, tickets: list[_Ticket], logits: list[float], scores: list[float], started: float
+    ) -> None:
+        ended = time.perf_counter()
+        self._last_batch_end = ended
+        seconds = ended - started
+        batch_id = next(self._batch_ids)
+        self._record_batch(tickets, seconds, started)
+        self._post(_Outcome(tickets, logits, scores, batch_id=batch_id, seconds=seconds))
 
     def _score_chunk(self, tickets: list[_Ticket], prepared: object | None) -> None:
         """Score ``tickets`` and post their results; on out-of-memory split in halves."""
         assert self._scorer is not None
         pairs = [t.pair for t in tickets]
         started = time.perf_counter()
-        out_of_memory = False
         try:
             if prepared is not None:
                 logits = list(self._scorer.score_prepared(prepared))  # type: ignore[attr-defined]
             else:
                 logits = list(self._scorer.score(pairs))
-            if len(logits) != len(pairs):
-                raise RuntimeError(f"scorer gave {len(logits)} logits for {len(pairs)} pairs")
-            scores = list(self._scorer.calibrate(logits))
+            scores = self._checked_scores(tickets, logits)
         except Exception as exc:
             if not is_out_of_memory(exc):
-                log.exception("scoring a batch of %d pairs failed", len(pairs))
-                self._post(
-                    _Outcome(
-                        tickets,
-                        error_type=EngineError,
-                        error_message=f"scoring failed: {type(exc).__name__}: {exc}",
-                    )
-                )
+                self._post_failure(tickets, exc)
                 return
-            out_of_memory = True
-        if out_of_memory:
-            # Retried outside the except block, so the failed attempt's tensors
-            # (held by the traceback) are freed first.
-            self._after_out_of_memory(tickets)
+        else:
+            self._deliver_scored(tickets, logits, scores, started)
             return
-        seconds = time.perf_counter() - started
-        batch_id = next(self._batch_ids)
-        self._record_batch(tickets, seconds, started)
-        self._post(_Outcome(tickets, logits, scores, batch_id=batch_id, seconds=seconds))
+        # Retried outside the except block, so the failed attempt's tensors (held by
+        # the traceback) are freed first.
+        self._after_out_of_memory(tickets)
 
     def _after_out_of_memory(self, tickets: list[_Ticket]) -> None:
         self._empty_device_cache()

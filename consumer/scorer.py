@@ -109,6 +109,14 @@ class _WarmupMixin:
         log.info("scorer warm-up took %.1f s", time.perf_counter() - t0)
 
 
+@dataclass
+class _Pending:
+    """Logits on their way to the host, and the event that marks their arrival."""
+
+    logits: torch.Tensor
+    done: Any
+
+
 class LastTokenScorer(_WarmupMixin):
     """Qwen3-style rerankers: logit = final hidden state at the last prompt token . head.
 
@@ -207,6 +215,31 @@ class LastTokenScorer(_WarmupMixin):
     def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
         """Raw logits (logit_yes - logit_no for Qwen3-Reranker), one per pair."""
         return self.score_prepared(self.prepare(pairs))
+
+    @torch.inference_mode()
+    def launch(self, prepared: object) -> object:
+        """Queue a prepared batch's device work and the copy of its logits to the host.
+
+        Returns at once (on CUDA); :meth:`collect` waits for this batch alone, so the
+        engine can queue the next batch first.
+        """
+        if prepared is None:
+            return _Pending(torch.empty(0), None)
+        logits = self.hidden_prepared(prepared).float() @ self._head + self._bias
+        if not self.device.startswith("cuda"):
+            return _Pending(logits, None)
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        host.copy_(logits, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Pending(host, done)
+
+    def collect(self, handle: object) -> list[float]:
+        """The raw logits of a batch queued by :meth:`launch` (waits for that batch)."""
+        assert isinstance(handle, _Pending)
+        if handle.done is not None:
+            handle.done.synchronize()
+        return [float(x) for x in handle.logits.tolist()]
 
     def calibrate(self, logits: Sequence[float]) -> list[float]:
         """Sigmoid: softmax([logit_no, logit_yes])[yes]."""

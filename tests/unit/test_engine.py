@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 import time
@@ -154,6 +155,41 @@ class PreparingScorer(FakeScorer):
 
     def score_prepared(self, prepared: list[EncodedPair]) -> list[float]:
         self.prepared_runs += 1
+        return self.score(prepared)
+
+
+class LaunchingScorer(PreparingScorer):
+    """Offers launch / collect: device work queued, results read later.
+
+    Records the order of launches and collects; ``fail_collect`` fails the collect of a
+    batch holding that payload (an error the device reports late), ``oom_launch``
+    runs out of memory when launching more than that many pairs.
+    """
+
+    def __init__(self, fail_collect: str | None = None, oom_launch: int | None = None) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+        self.launches = itertools.count(1)
+        self.fail_collect = fail_collect
+        self.oom_launch = oom_launch
+        self.launch_gate = threading.Event()
+        self.launch_gate.set()
+
+    def launch(self, prepared: list[EncodedPair]) -> tuple[int, list[EncodedPair]]:
+        assert self.launch_gate.wait(10), "launch gate never opened"
+        if self.oom_launch is not None and len(prepared) > self.oom_launch:
+            raise FakeOutOfMemoryError("CUDA out of memory (simulated at launch)")
+        number = next(self.launches)
+        with self.lock:
+            self.events.append(("launch", number))
+        return number, prepared
+
+    def collect(self, handle: tuple[int, list[EncodedPair]]) -> list[float]:
+        number, prepared = handle
+        with self.lock:
+            self.events.append(("collect", number))
+        if self.fail_collect and any(self.fail_collect in str(p.payload) for p in prepared):
+            raise RuntimeError("device reported an error")
         return self.score(prepared)
 
 
@@ -517,6 +553,48 @@ async def test_close_fails_requests_still_waiting_for_tokenization() -> None:
     release.set()
     outcomes = await asyncio.gather(running, queued, return_exceptions=True)
     assert all(isinstance(o, EngineClosed) for o in outcomes), outcomes
+
+
+async def test_the_next_batch_is_launched_before_the_last_one_is_collected() -> None:
+    scorer = LaunchingScorer()
+    scorer.launch_gate.clear()  # hold the first launch until the next batch is cut
+    engine = await started_engine(scorer, max_batch_pairs=2, max_wait_ms=0)
+    requests = [ScoreRequest(f"q{i}", (f"{i}a", f"{i}b")) for i in range(4)]
+    tasks = [asyncio.create_task(engine.score(r)) for r in requests]
+    await wait_for(lambda: engine.in_flight_pairs == 8)
+    await asyncio.sleep(0.05)  # the batch former cuts batch 2 meanwhile
+    scorer.launch_gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert [r.logits for r in results] == [expected_logits(r) for r in requests]
+    assert scorer.events.index(("launch", 2)) < scorer.events.index(("collect", 1))
+    launched = [n for kind, n in scorer.events if kind == "launch"]
+    collected = [n for kind, n in scorer.events if kind == "collect"]
+    assert launched == collected == sorted(launched)  # every launch collected, in order
+    assert scorer.threads == {"rerank-inference"}
+    await engine.close()
+
+
+async def test_an_error_reported_at_collect_fails_only_that_batch() -> None:
+    scorer = LaunchingScorer(fail_collect="bad")
+    engine = await started_engine(scorer, max_batch_pairs=2, max_wait_ms=0)
+    bad, good = ScoreRequest("q", ("bad1", "bad2")), ScoreRequest("r", ("ok1", "ok2"))
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(engine.score(bad), engine.score(good), return_exceptions=True), 10
+    )
+    assert isinstance(outcomes[0], EngineError) and "device reported" in str(outcomes[0])
+    assert not isinstance(outcomes[1], BaseException)
+    assert outcomes[1].logits == expected_logits(good)
+    assert (await engine.score(good)).logits == expected_logits(good)  # still serving
+    await engine.close()
+
+
+async def test_out_of_memory_at_launch_splits_and_retries() -> None:
+    scorer = LaunchingScorer(oom_launch=1)
+    engine = await started_engine(scorer, max_batch_pairs=4, max_wait_ms=0)
+    request = ScoreRequest("q", ("a", "b", "c", "d"))
+    assert (await asyncio.wait_for(engine.score(request), 10)).logits == expected_logits(request)
+    assert engine.stats.oom_splits >= 1
+    await engine.close()
 
 
 async def test_an_idle_model_waits_for_requests_still_being_tokenized() -> None:
