@@ -28,7 +28,9 @@ batch's inputs on the batch former thread (host work only, e.g. pinned tensors),
 that also has ``launch(prepared) -> handle`` (queue the device work, return at once) and
 ``collect(handle) -> list[float]`` (wait for it) is driven two batches deep: batch
 ``k + 1`` is queued on the device before the results of batch ``k`` are read, so the
-device never idles while the host finishes one batch and starts the next.
+device never idles while the host finishes one batch and starts the next. Its optional
+``done(handle) -> bool`` lets the inference thread wait for batch ``k + 1`` to be cut
+while batch ``k`` still runs.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ if TYPE_CHECKING:  # torch and prometheus_client stay out of this module's impor
     from consumer.scorer import Scorer
 
 log = logging.getLogger(__name__)
+
+# With a batch on the device and the next not cut yet, how often to look whether the
+# device is done (the batch former's notify wakes the thread at once otherwise).
+IN_FLIGHT_POLL_S = 0.0005
 
 # Called on the inference thread after each successful model call with the pairs and
 # the seconds it took (benchmarks and tracing).
@@ -434,9 +440,15 @@ class Engine:
             for i, pair in enumerate(pairs)
         ]
         with self._cond:
-            self._batcher.add_many(req.tickets)
             self._tokenizing -= 1  # in the same step, so the batch former sees both
+            stopped = self._stopping
+            if not stopped:
+                self._batcher.add_many(req.tickets)
             self._cond.notify_all()
+        if stopped:  # a worker thread died meanwhile: nothing would ever score these
+            if self._closed:
+                raise EngineClosed("the engine is shutting down")
+            raise EngineError("the engine stopped")
         self._active.add(req)
         self._add_in_flight(len(pairs))
         return req
@@ -534,10 +546,16 @@ class Engine:
                     return
                 batch.prepared = self._prepare(batch.tickets)
                 with self._cond:
-                    if self._stopping:
-                        return
-                    self._next_batch = batch
-                    self._cond.notify_all()
+                    stopped = self._stopping
+                    if not stopped:
+                        self._next_batch = batch
+                        self._cond.notify_all()
+                if stopped:
+                    # the engine stopped while this batch was being prepared: it is in
+                    # neither the queue nor _next_batch, so nobody else will answer it
+                    self._post(_Outcome(batch.tickets, error_type=EngineError,
+                                        error_message="the engine stopped"))  # fmt: skip
+                    return
         except BaseException:
             log.exception("batch former thread failed")
             self._fail_everything("the batch former failed")
@@ -609,10 +627,13 @@ class Engine:
             return
         in_flight: _Launched | None = None
         while True:
-            batch = self._take_batch(block=in_flight is None)
+            batch = self._take_batch(in_flight)
             if batch is None and in_flight is None:
                 return  # stopping
             try:
+                if in_flight is not None and batch is not None and not self._launchable(batch):
+                    self._finish(in_flight)  # before a batch that runs synchronously
+                    in_flight = None
                 launched = self._start_batch(batch) if batch is not None else None
                 if in_flight is not None:
                     self._finish(in_flight)
@@ -634,11 +655,17 @@ class Engine:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _take_batch(self, block: bool) -> _Batch | None:
-        """The next cut batch; waits for one only if ``block``. None when stopping."""
+    def _take_batch(self, in_flight: _Launched | None) -> _Batch | None:
+        """The next cut batch. With nothing in flight, waits for one; with a batch in
+        flight, waits only while that batch runs. None when stopping or none came."""
         with self._cond:
-            while block and self._next_batch is None and not self._stopping:
-                self._cond.wait()
+            while self._next_batch is None and not self._stopping:
+                if in_flight is None:
+                    self._cond.wait()
+                elif self._device_done(in_flight):
+                    break
+                else:
+                    self._cond.wait(IN_FLIGHT_POLL_S)
             if self._stopping or self._next_batch is None:
                 return None
             batch = self._next_batch
@@ -662,19 +689,30 @@ class Engine:
             self._warmed.set_result(None)
         return True
 
+    def _launchable(self, batch: _Batch) -> bool:
+        """Whether the batch can be queued on the device (else it is scored right away)."""
+        scorer = self._scorer
+        return (
+            batch.prepared is not None and hasattr(scorer, "launch") and hasattr(scorer, "collect")
+        )
+
+    def _device_done(self, launched: _Launched) -> bool:
+        """Whether a launched batch's device work has finished (True if unknown)."""
+        done = getattr(self._scorer, "done", None)
+        return True if done is None else bool(done(launched.handle))
+
     def _start_batch(self, batch: _Batch) -> _Launched | None:
         """Queue the batch's device work if the scorer can; else score it right away."""
         live = self._live_tickets(batch.tickets)
         if not live:
             return None
         prepared = batch.prepared if len(live) == len(batch.tickets) else None
-        launch = getattr(self._scorer, "launch", None)
-        if prepared is None or launch is None:
+        if prepared is None or not self._launchable(batch):
             self._score_chunk(live, prepared)
             return None
         started = time.perf_counter()
         try:
-            return _Launched(live, launch(prepared), started)
+            return _Launched(live, self._scorer.launch(prepared), started)  # type: ignore[union-attr]
         except Exception as exc:
             if not is_out_of_memory(exc):
                 self._post_failure(live, exc)

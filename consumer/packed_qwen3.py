@@ -25,12 +25,15 @@ seconds, not the minutes a whole-model graph takes. Needs torch with
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 # (q, k, v, cu_seqlens_q, cu_seqlens_k, max_len_q, max_len_k, scale) -> (Tq, heads, head_dim)
 # Causal with the diagonal at the bottom right when a k segment is longer than its q one.
@@ -171,6 +174,8 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> Pa
         offset += len(tokens)
         return offset - 1
 
+    if any(not seq for seq in seqs):
+        raise ValueError("every sequence needs at least one token")
     for head, members in _groups(seqs, prefixes):
         head_start = offset
         if head:
@@ -364,16 +369,26 @@ class PackedQwen3:
         if self.graphs is not None:
             inputs.graph_inputs = self.graphs.fit(inputs)
         if self.device.startswith("cuda"):
-            _pin(inputs)
-            if inputs.graph_inputs is not None:
-                _pin(inputs.graph_inputs)
+            # only the tensors that will be uploaded: the graph's layout if one fits
+            _pin(inputs.graph_inputs if inputs.graph_inputs is not None else inputs)
         return inputs
 
     def capture_graphs(self) -> None:
-        """Capture the small-batch graphs (on the thread that runs the model; after compile)."""
-        if self.graphs is not None:
+        """Capture the small-batch graphs (on the thread that runs the model; after compile).
+
+        If capturing fails (e.g. out of memory on a big model), small batches run without
+        graphs: slower for a lone request, otherwise the same. Logged as a warning.
+        """
+        if self.graphs is None:
+            return
+        try:
             with torch.inference_mode():
                 self.graphs.capture(self.hidden_at, self.device)
+        except Exception:
+            log.warning("capturing CUDA graphs failed; small batches run without them",
+                        exc_info=True)  # fmt: skip
+            self.graphs = None
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def last_hidden_prepared(self, inputs: object) -> torch.Tensor:

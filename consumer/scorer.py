@@ -234,6 +234,11 @@ class LastTokenScorer(_WarmupMixin):
         done.record()
         return _Pending(host, done)
 
+    def done(self, handle: object) -> bool:
+        """Whether a batch queued by :meth:`launch` has finished (never blocks)."""
+        assert isinstance(handle, _Pending)
+        return handle.done is None or bool(handle.done.query())
+
     def collect(self, handle: object) -> list[float]:
         """The raw logits of a batch queued by :meth:`launch` (waits for that batch)."""
         assert isinstance(handle, _Pending)

@@ -691,3 +691,28 @@ async def test_the_service_engine_reports_batch_metrics_from_the_start(
     assert metrics.registry.get_sample_value("rerank_tokens_total") == result.prompt_tokens
     assert (metrics.registry.get_sample_value("rerank_batch_pairs_count") or 0) >= 1
     assert (metrics.registry.get_sample_value("rerank_batch_tokens_count") or 0) >= 1
+
+
+async def test_a_batch_being_prepared_when_the_engine_stops_is_answered() -> None:
+    """The batch former holds a cut batch (neither queued nor handed over) when the
+    inference thread dies: its requests get an error instead of waiting forever."""
+    preparing, release = threading.Event(), threading.Event()
+
+    class SlowPrepare(PreparingScorer):
+        def prepare(self, pairs: Sequence[EncodedPair]) -> list[EncodedPair]:
+            if any("hold" in str(p.payload) for p in pairs):
+                preparing.set()
+                release.wait(10)
+            return super().prepare(pairs)
+
+    scorer = SlowPrepare()
+    engine = await started_engine(scorer, max_batch_pairs=1, max_wait_ms=0)
+    held = asyncio.create_task(engine.score(ScoreRequest("q", ("hold",))))
+    await asyncio.to_thread(preparing.wait, 5)
+    engine._fail_everything("simulated death of the inference thread")
+    release.set()
+    with pytest.raises(EngineError, match="stopped"):
+        await asyncio.wait_for(held, 10)
+    with pytest.raises(EngineError):  # nothing is accepted that nobody would score
+        await asyncio.wait_for(engine.score(ScoreRequest("r", ("x",))), 10)
+    await engine.close()

@@ -167,3 +167,9 @@ def test_batches_that_fit_no_bucket_run_without_a_graph() -> None:
     assert bucket.fits(small)
     assert not bucket.fits(pack([[1] * 600]))  # more tokens than the bucket
     assert not bucket.fits(pack([[1] * 10] * 30))  # more segments than 512 // 32 + 8
+
+
+def test_pack_refuses_an_empty_sequence() -> None:
+    """An empty pair would have no last token of its own (it would read its neighbour's)."""
+    with pytest.raises(ValueError, match="at least one token"):
+        pack([[1, 2], []])
