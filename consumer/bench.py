@@ -221,15 +221,22 @@ async def saturate(
 
 
 async def one_at_a_time(engine: Engine, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
-    latencies = []
+    """Latency of one request at a time, and the median of its parts as the engine sees them
+    (tokenizing, queue = in the engine but not in a model call, the model call)."""
+    latencies: list[float] = []
+    parts: dict[str, list[float]] = {"tokenize_ms": [], "queue_ms": [], "inference_ms": []}
     for query, docs in requests:
         t0 = time.perf_counter()
-        await engine.score(ScoreRequest(query, tuple(docs)))
+        result = await engine.score(ScoreRequest(query, tuple(docs)))
         latencies.append(time.perf_counter() - t0)
+        parts["tokenize_ms"].append(result.extra.get("tokenize_ms", 0.0))
+        parts["queue_ms"].append(result.queue_ms)
+        parts["inference_ms"].append(result.inference_ms)
     return {
         "requests": len(requests),
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * percentile(latencies, 0.95),
+        **{f"p50_{name}": statistics.median(values) for name, values in parts.items()},
     }
 
 
@@ -486,7 +493,9 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
     lines += [
         f"under load   request p50 {load['req_p50_ms']:.1f} ms, p95 {load['req_p95_ms']:.1f} ms",
         f"idle engine  one {docs}-doc request at a time: p50 {idle['p50_ms']:.1f} ms, "
-        f"p95 {idle['p95_ms']:.1f} ms ({idle['requests']} requests)",
+        f"p95 {idle['p95_ms']:.1f} ms ({idle['requests']} requests); medians of its parts: "
+        f"tokenize {idle['p50_tokenize_ms']:.1f} ms, queue {idle['p50_queue_ms']:.1f} ms, "
+        f"model {idle['p50_inference_ms']:.1f} ms",
     ]
     ref = r.get("reference")
     if ref:
