@@ -219,7 +219,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_split(h: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One product per weight, or one over a fused weight split back into its parts."""
+    """One matrix product per weight (a fused weight gives one, which the caller splits)."""
     return [F.linear(h, w) for w in weights]
 
 
