@@ -11,7 +11,8 @@ batch on one thread, for each variant:
 * ``default``: grouped-query heads passed to FlashAttention as they are, each
   request's shared head computed once;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
-  service runs);
+  service runs); ``graphs-wide``: with the wider buckets of the first version (every
+  segment up to 1,024 tokens, a slot per 32 tokens);
 * ``no-share``: every pair computes its own template, instruction and query;
 * ``fused``: q/k/v and gate/up as one matrix product each;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
@@ -41,11 +42,11 @@ import torch
 from consumer.bench import CONFIGS, build_random_model, default_tokenizer_dir, synthetic_requests
 from consumer.model_loader import load_model
 from consumer.model_options import ModelOptions
-from consumer.packed_graphs import PackedGraphs
+from consumer.packed_graphs import PackedGraphs, make_buckets
 from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
 from consumer.prompt import EncodedPair
 
-VARIANTS = ("default", "graphs", "no-share", "fused", "expanded-gqa")
+VARIANTS = ("default", "graphs", "graphs-wide", "no-share", "fused", "expanded-gqa")
 
 
 def batches_in_order(pairs: list[EncodedPair], budget: int) -> list[list[EncodedPair]]:
@@ -74,7 +75,11 @@ def expanded_gqa_attention(*args: Any) -> torch.Tensor:
 
 def build_variant(base: Any, name: str) -> PackedQwen3:
     attention = expanded_gqa_attention if name == "expanded-gqa" else None
-    graphs = PackedGraphs() if name == "graphs" else None
+    graphs = None
+    if name == "graphs":
+        graphs = PackedGraphs()
+    elif name == "graphs-wide":  # the first buckets: one 1,024 segment length, T // 32 + 8
+        graphs = PackedGraphs(make_buckets(segment_lengths=(1024,), tokens_per_segment=32))
     fuse = name == "fused"
     packed = PackedQwen3(base, "cuda", attention, fuse_projections=fuse, graphs=graphs)
     packed.compile()

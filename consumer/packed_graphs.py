@@ -6,11 +6,12 @@ each) costs several times that: the idle engine's latency was the CPU's, not the
 Replaying a captured CUDA graph issues the whole forward at once.
 
 A graph has fixed shapes, so batches are laid out into *buckets*: a bucket of ``T``
-tokens holds any batch of at most ``T`` stream tokens, ``T // 32 + 8`` segments,
-``2 T`` gathered keys and segments of at most ``min(T, 1024)`` tokens. Unused tokens
-are left outside every segment and unused segments are empty, so attention never
-touches them; their rows compute garbage that no real row ever reads (every other
-operation works row by row). Batches that fit no bucket run without a graph.
+tokens holds any batch of at most ``T`` stream tokens, ``T // 64 + 8`` segments,
+``2 T`` gathered keys and segments of at most 512 (or, in a second bucket of the same
+size, 1,024) tokens. Unused tokens are left outside every segment and unused segments
+are empty, so attention never touches them; their rows compute garbage that no real row
+ever reads (every other operation works row by row). Batches that fit no bucket run
+without a graph.
 
 Graphs are captured once, largest first, sharing one memory pool, on the thread that
 replays them (the engine's inference thread, during its warm-up).
@@ -32,30 +33,28 @@ log = logging.getLogger(__name__)
 
 # 256-token steps up to 4,096 (a lone request's size), then 512: a batch pays at most
 # one step of unused tokens
-DEFAULT_BUCKETS = (*range(512, 4096 + 1, 256), *range(4608, 8192 + 1, 512))
-MAX_SEGMENT = 1024
+DEFAULT_TOKENS = (*range(512, 4096 + 1, 256), *range(4608, 8192 + 1, 512))
+# Longest segment a bucket takes, and how many tokens it counts per segment: together they
+# size FlashAttention's grid (blocks of 128 query rows x segments x heads). Blocks of
+# unused segments exit at once but are not free, so a bucket is no wider than needed.
+DEFAULT_SEGMENT_LENGTHS = (512, 1024)
+DEFAULT_TOKENS_PER_SEGMENT = 64
 
 # (ids, positions, cu_q, cu_k, kv_index, max_q, max_k, last) -> (len(last), hidden)
 Forward = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Bucket:
-    """The fixed shapes of one graph."""
+    """The fixed shapes of one graph: stream tokens, longest segment, segment slots."""
 
     tokens: int
-
-    @property
-    def segments(self) -> int:
-        return self.tokens // 32 + 8
+    max_segment: int
+    segments: int
 
     @property
     def keys(self) -> int:
         return 2 * self.tokens
-
-    @property
-    def max_segment(self) -> int:
-        return min(self.tokens, MAX_SEGMENT)
 
     def fits(self, inputs: PackedInputs) -> bool:
         return (
@@ -65,6 +64,20 @@ class Bucket:
             and inputs.max_q <= self.max_segment
             and inputs.max_k <= 2 * self.max_segment
         )
+
+
+def make_buckets(
+    token_sizes: Sequence[int] = DEFAULT_TOKENS,
+    segment_lengths: Sequence[int] = DEFAULT_SEGMENT_LENGTHS,
+    tokens_per_segment: int = DEFAULT_TOKENS_PER_SEGMENT,
+) -> list[Bucket]:
+    """One bucket per (token size, longest segment), smallest first."""
+    shapes = {
+        Bucket(t, min(t, length), t // tokens_per_segment + 8)
+        for t in token_sizes
+        for length in segment_lengths
+    }
+    return sorted(shapes)
 
 
 def key_count(inputs: PackedInputs) -> int:
@@ -152,8 +165,8 @@ def _sample(bucket: Bucket) -> PackedInputs:
 class PackedGraphs:
     """Captured forwards per bucket; picks a bucket for a batch and replays it."""
 
-    def __init__(self, buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
-        self.buckets = [Bucket(t) for t in sorted(set(buckets))]
+    def __init__(self, buckets: Sequence[Bucket] | None = None) -> None:
+        self.buckets = sorted(buckets) if buckets is not None else make_buckets()
         self._graphs: dict[Bucket, _Graph] = {}
 
     @property

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
-from consumer.packed_graphs import PackedGraphs, lay_out
+from consumer.packed_graphs import PackedGraphs, lay_out, make_buckets
 from consumer.packed_qwen3 import PackedQwen3, pack
 from consumer.prompt import EncodedPair
 from consumer.scorer import LastTokenScorer
@@ -160,13 +160,22 @@ def test_bucket_layout_computes_the_same_rows(causal: LoadedModel) -> None:
 
 
 def test_batches_that_fit_no_bucket_run_without_a_graph() -> None:
-    graphs = PackedGraphs([512])
+    graphs = PackedGraphs(make_buckets([512]))
     small = pack([[1] * 100, [2] * 100])
     assert graphs.fit(small) is None  # nothing captured yet
-    bucket = graphs.buckets[0]
+    (bucket,) = graphs.buckets
+    assert (bucket.tokens, bucket.max_segment, bucket.segments) == (512, 512, 512 // 64 + 8)
     assert bucket.fits(small)
     assert not bucket.fits(pack([[1] * 600]))  # more tokens than the bucket
-    assert not bucket.fits(pack([[1] * 10] * 30))  # more segments than 512 // 32 + 8
+    assert not bucket.fits(pack([[1] * 10] * 30))  # more segments than 512 // 64 + 8
+
+
+def test_buckets_come_smallest_first_with_two_segment_lengths() -> None:
+    buckets = make_buckets([1024, 512])
+    shapes = [(b.tokens, b.max_segment) for b in buckets]
+    assert shapes == [(512, 512), (1024, 512), (1024, 1024)]
+    long_pair = pack([[1] * 700, [2] * 100])  # one segment longer than 512
+    assert next(b for b in buckets if b.fits(long_pair)).max_segment == 1024
 
 
 def test_pack_refuses_an_empty_sequence() -> None:
