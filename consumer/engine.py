@@ -699,7 +699,12 @@ class Engine:
     def _device_done(self, launched: _Launched) -> bool:
         """Whether a launched batch's device work has finished (True if unknown)."""
         done = getattr(self._scorer, "done", None)
-        return True if done is None else bool(done(launched.handle))
+        if done is None:
+            return True
+        try:
+            return bool(done(launched.handle))
+        except Exception:  # the device's error surfaces in collect(), where it is handled
+            return True
 
     def _start_batch(self, batch: _Batch) -> _Launched | None:
         """Queue the batch's device work if the scorer can; else score it right away."""
