@@ -80,7 +80,9 @@ class EngineSettings:
 
     ``max_batch_tokens`` is in the scorer's cost units (padded tokens, or real tokens
     for packed batches); after an out-of-memory it is lowered by ``oom_budget_factor``,
-    never below ``min_batch_tokens``.
+    never below ``min_batch_tokens``, and raised again by the same factor (never above
+    ``max_batch_tokens``) after ``oom_recovery_batches`` successful batches in a row, so
+    a passing memory shortage does not cost throughput for the rest of the process.
     """
 
     max_batch_tokens: int = 65536
@@ -91,6 +93,7 @@ class EngineSettings:
     window_pairs: int = 4096
     min_batch_tokens: int = 4096
     oom_budget_factor: float = 0.75
+    oom_recovery_batches: int = 200
     close_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -102,6 +105,8 @@ class EngineSettings:
             raise ValueError("max_wait_ms must not be negative")
         if not 0 < self.oom_budget_factor < 1:
             raise ValueError("oom_budget_factor must be between 0 and 1")
+        if self.oom_recovery_batches < 1:
+            raise ValueError("oom_recovery_batches must be at least 1")
 
 
 class _Request:
@@ -236,6 +241,7 @@ class Engine:
         self._busy = False  # the inference thread is running a batch
         self._tokenizing = 0  # requests accepted and not yet queued (guarded by _cond)
         self._last_batch_end = 0.0  # when the inference thread last collected results
+        self._batches_since_lowered = 0  # good batches since the budget was last lowered
         self._stopping = False
         self._batch_ids = itertools.count(1)
 
@@ -777,6 +783,7 @@ class Engine:
     ) -> None:
         ended = time.perf_counter()
         self._last_batch_end = ended
+        self._maybe_raise_budget()
         seconds = ended - started
         batch_id = next(self._batch_ids)
         self._record_batch(tickets, seconds, started)
@@ -840,9 +847,34 @@ class Engine:
             floor = min(current, self.settings.min_batch_tokens)
             lowered = max(floor, int(current * self.settings.oom_budget_factor))
             self._batcher.max_batch_tokens = lowered
-        if self._metrics is not None:
-            self._metrics.max_batch_tokens.set(lowered)
+        self._batches_since_lowered = 0
+        self._publish_budget(lowered)
         return lowered
+
+    def _maybe_raise_budget(self) -> None:
+        """After enough good batches at a lowered budget, give back one step of it."""
+        configured = self.settings.max_batch_tokens
+        if self._batcher.max_batch_tokens >= configured:
+            return
+        self._batches_since_lowered += 1
+        if self._batches_since_lowered < self.settings.oom_recovery_batches:
+            return
+        self._batches_since_lowered = 0
+        with self._cond:
+            current = self._batcher.max_batch_tokens
+            step_up = int(current / self.settings.oom_budget_factor)
+            raised = min(configured, max(current + 1, step_up))
+            self._batcher.max_batch_tokens = raised
+        log.info(
+            "max_batch_tokens raised to %d after %d batches without running out of memory",
+            raised,
+            self.settings.oom_recovery_batches,
+        )
+        self._publish_budget(raised)
+
+    def _publish_budget(self, value: int) -> None:
+        if self._metrics is not None:
+            self._metrics.max_batch_tokens.set(value)
 
     def _record_batch(self, tickets: list[_Ticket], seconds: float, started: float) -> None:
         cost = self._batch_cost(tickets)

@@ -716,3 +716,26 @@ async def test_a_batch_being_prepared_when_the_engine_stops_is_answered() -> Non
     with pytest.raises(EngineError):  # nothing is accepted that nobody would score
         await asyncio.wait_for(engine.score(ScoreRequest("r", ("x",))), 10)
     await engine.close()
+
+
+async def test_a_lowered_budget_recovers_after_enough_good_batches() -> None:
+    """One out-of-memory halves nothing for good: the budget climbs back step by step."""
+    scorer = OomScorer(limit=10_000, poison="POISON")
+    engine = await started_engine(
+        scorer,
+        max_batch_tokens=1000,
+        min_batch_tokens=10,
+        oom_budget_factor=0.5,
+        oom_recovery_batches=3,
+        max_wait_ms=0,
+    )
+    with pytest.raises(EngineError, match="out of memory"):
+        await engine.score(ScoreRequest("q", ("POISON",)))
+    assert engine.max_batch_tokens == 500
+    for i in range(3):
+        await engine.score(ScoreRequest("q", (f"doc {i}",)))
+    assert engine.max_batch_tokens == 1000  # 500 / 0.5 after 3 good batches
+    for i in range(3):
+        await engine.score(ScoreRequest("q", (f"more {i}",)))
+    assert engine.max_batch_tokens == 1000  # never above the setting
+    await engine.close()
