@@ -1,0 +1,37 @@
+"""The GPU benchmark and parity scripts stay runnable: CPU smoke runs on a tiny model.
+
+Their numbers are measurements for a GPU and are not checked here; only that each runs to
+the end and reports what it promises.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consumer import bench, gpu_check
+from consumer.bench import default_tokenizer_dir
+
+
+def test_engine_bench_reports_every_part(capsys: pytest.CaptureFixture[str]) -> None:
+    bench.main(
+        ["--config", "tiny", "--device", "cpu", "--pairs", "32", "--reference-pairs", "16",
+         "--idle-requests", "3", "--warm-pairs", "8", "--json"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    load, idle = report["engine"]["load"], report["engine"]["idle"]
+    assert load["pairs"] == 32 and load["pairs_per_s"] > 0
+    assert idle["requests"] == 3
+    assert {"p50_tokenize_ms", "p50_queue_ms", "p50_inference_ms"} <= set(idle)
+    assert report["reference"]["pairs"] == 16 and report["speedup"] > 0
+    assert "idle engine" in out and "ratio" in out
+
+
+def test_gpu_check_passes_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without CUDA it runs the padded path in float32 against the model card."""
+    assert gpu_check.main(["gpu_check", str(default_tokenizer_dir()), "24", "--tiny"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    verdict = lines[-1]
+    assert verdict["ok"] is True and verdict["launched_ahead_ok"] is True
