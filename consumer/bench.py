@@ -286,10 +286,11 @@ async def run_engine(
     load = await saturate(engine, requests, args.concurrency)
     real = engine.stats.real_tokens - before[0]
     cost = engine.stats.cost_tokens - before[1]
-    useful = sum(shape.flops(n, n * n) for lens in log.lengths for n in lens)
+    lengths = log.lengths
+    useful = sum(shape.flops(n, n * n) for lens in lengths for n in lens)
     load.update(
-        batches=len(log.lengths),
-        mean_batch_pairs=statistics.mean(len(x) for x in log.lengths),
+        batches=len(lengths),
+        mean_batch_pairs=statistics.mean(len(x) for x in lengths),
         padding_overhead=cost / real,
         computed_token_share=(
             sum(packed_work(b)[0] for b in log.batches) / real if packed else cost / real

@@ -242,6 +242,7 @@ class Engine:
         self._tokenizing = 0  # requests accepted and not yet queued (guarded by _cond)
         self._last_batch_end = 0.0  # when the inference thread last collected results
         self._batches_since_lowered = 0  # good batches since the budget was last lowered
+        self._pipelined = False  # the scorer has launch/collect (decided in start())
         self._stopping = False
         self._batch_ids = itertools.count(1)
 
@@ -310,6 +311,7 @@ class Engine:
             self._adopt(await loop.run_in_executor(None, self._loader))
         # packed batches cost no padding: keep each request's pairs together instead
         self._batcher.by_length = not getattr(self._scorer, "packed", False)
+        self._pipelined = hasattr(self._scorer, "launch") and hasattr(self._scorer, "collect")
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.tokenizer_threads, thread_name_prefix="rerank-tokenize"
         )
@@ -697,10 +699,7 @@ class Engine:
 
     def _launchable(self, batch: _Batch) -> bool:
         """Whether the batch can be queued on the device (else it is scored right away)."""
-        scorer = self._scorer
-        return (
-            batch.prepared is not None and hasattr(scorer, "launch") and hasattr(scorer, "collect")
-        )
+        return batch.prepared is not None and self._pipelined
 
     def _device_done(self, launched: _Launched) -> bool:
         """Whether a launched batch's device work has finished (True if unknown)."""

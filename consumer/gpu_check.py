@@ -32,21 +32,12 @@ from typing import Any
 
 import torch
 
-from consumer.bench import build_random_model
+from consumer.bench import CONFIGS, build_random_model
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
 from consumer.prompt import EncodedPair
 from consumer.scorer import sigmoid
 
-CONFIG = Path(__file__).resolve().parent / "data" / "qwen3-reranker-0.6b.config.json"
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 # bf16 noise at toy size; at the full 0.6B depth the model card's own bf16 run is ~0.03
@@ -67,10 +58,9 @@ def sync() -> None:
 
 def build_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> None:
     """Random-weight Qwen3-Reranker-0.6B checkpoint (seeded) plus the real tokenizer."""
-    config = json.loads(CONFIG.read_text())
-    config["initializer_range"] = 0.05  # spread the random yes/no logits a little
-    if tiny:
-        config.update(TINY, initializer_range=0.1)
+    config = json.loads(CONFIGS["tiny" if tiny else "0.6b"].read_text())
+    # spread the random yes/no logits a little
+    config["initializer_range"] = 0.1 if tiny else 0.05
     build_random_model(config, tokenizer_dir, folder, DEVICE, seed=0)
 
 

@@ -169,10 +169,6 @@ class PackedGraphs:
         self.buckets = sorted(buckets) if buckets is not None else make_buckets()
         self._graphs: dict[Bucket, _Graph] = {}
 
-    @property
-    def captured(self) -> bool:
-        return bool(self._graphs)
-
     def capture(self, forward: Forward, device: str) -> None:
         """Capture every bucket (call on the thread that will replay them)."""
         t0 = time.perf_counter()

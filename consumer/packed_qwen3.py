@@ -218,11 +218,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _linear_split(h: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One matrix product per weight (a fused weight gives one, which the caller splits)."""
-    return [F.linear(h, w) for w in weights]
-
-
 @dataclass
 class LayerWeights:
     """One decoder layer's tensors (views of the model's own parameters)."""
@@ -252,7 +247,7 @@ def attention_inputs(
     """Input norm, q/k/v projections, per-head q/k norms and rotary: (T, heads, dim) each."""
     n = x.shape[0]
     h = rms_norm(x, norm, eps)
-    parts = _linear_split(h, qkv)
+    parts = [F.linear(h, w) for w in qkv]  # one product per weight; a fused one is split
     if len(parts) == 1:
         kv_size = (parts[0].shape[-1] - q_size) // 2
         parts = list(parts[0].split([q_size, kv_size, kv_size], dim=-1))
@@ -275,7 +270,7 @@ def attention_output_and_mlp(
     """Output projection and residual, then post-attention norm, SiLU MLP and residual."""
     x = x + F.linear(attended.reshape(x.shape[0], -1), o)
     h = rms_norm(x, post_norm, eps)
-    parts = _linear_split(h, gate_up)
+    parts = [F.linear(h, w) for w in gate_up]
     gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
 

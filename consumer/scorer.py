@@ -158,8 +158,7 @@ class LastTokenScorer(_WarmupMixin):
         """Compile and select kernels on a few shapes, then capture the packed path's graphs."""
         super().warmup(encoder)
         if self._packed is not None:
-            self._packed.capture_graphs()
-            super().warmup(encoder)  # the small batches again, now from their graphs
+            self._packed.capture_graphs()  # runs every graph's shapes before capturing it
 
     def padded_cost(self, pairs: Sequence[EncodedPair]) -> int:
         """Sum of lengths when packed, longest x count when padded."""
