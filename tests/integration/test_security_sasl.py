@@ -10,8 +10,10 @@ talk to each other over the SASL listener only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,7 +43,7 @@ from worker_harness import (
 from consumer.app import EXIT_FAILED, Parts, Service, make_kafka_worker
 from consumer.settings import Settings, settings_from
 from consumer.worker import Worker
-from producer_sdk import ClientStartError, KafkaSecurity, RerankClient
+from producer_sdk import ClientStartError, KafkaSecurity, RerankClient, RerankResult
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +68,59 @@ def free_port_besides(taken: set[int]) -> int:
     raise RuntimeError("no free port")
 
 
+@contextlib.contextmanager
+def script_broker(**env: str) -> Iterator[subprocess.CompletedProcess[str]]:
+    """A broker started by ``deploy/local/kafka`` with ``env``, stopped afterwards."""
+    started = kafka("start", **env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield started
+    finally:
+        kafka("stop", **env)
+
+
+def start_beside_a_taken_port(
+    tmp_path: Path, variable: str
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """``kafka start`` with listener ``variable`` on a port another socket holds."""
+    port = free_port_pair()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = int(holder.getsockname()[1])
+        done = kafka(
+            "start",
+            KAFKA_PORT=str(port),
+            **{variable: str(taken)},
+            KAFKA_STATE_DIR=str(tmp_path / "state"),
+        )
+    return done, taken
+
+
+async def rerank_through_a_worker(
+    bootstrap: str, topics: Topics, security: KafkaSecurity, label: str
+) -> tuple[str, list[str], RerankResult, bool]:
+    """One SDK call answered by a real worker (fake engine), both using ``security``.
+
+    Returns the query, the documents, the result and whether the worker was in its group.
+    """
+    config = worker_config(bootstrap, topics, f"test-group-{uuid.uuid4().hex}", security=security)
+    query, docs = f"which one? ({label})", ["red apples", "green pears", "blue sky"]
+    async with (
+        running_worker(config, FakeEngine()) as worker,
+        RerankClient(
+            bootstrap,
+            request_topic=topics.requests,
+            reply_topic=topics.replies,
+            security=security,
+            default_timeout=CALL_TIMEOUT_S,
+        ) as client,
+    ):
+        in_group = worker.in_group
+        result = await client.rerank(query, docs)
+    return query, docs, result, in_group
+
+
 class SaslBroker:
     """Addresses of the module's broker: PLAINTEXT for set-up, SASL for the code under test."""
 
@@ -80,21 +135,16 @@ def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SaslBroker
     port = free_port_pair()
     sasl_port = free_port_besides({port, port + 1})
     state_dir = tmp_path_factory.mktemp("sasl-broker") / "state"
-    env = {
-        "KAFKA_PORT": str(port),
-        "KAFKA_SASL_PORT": str(sasl_port),
-        "KAFKA_SASL_USERS": f"{USER}:{PASSWORD}",
-        "KAFKA_STATE_DIR": str(state_dir),
-        "KAFKA_HEAP_OPTS": SMALL_HEAP,
-        "KAFKA_START_TIMEOUT": str(START_TIMEOUT_S),
-    }
-    started = kafka("start", **env)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
+    with script_broker(
+        KAFKA_PORT=str(port),
+        KAFKA_SASL_PORT=str(sasl_port),
+        KAFKA_SASL_USERS=f"{USER}:{PASSWORD}",
+        KAFKA_STATE_DIR=str(state_dir),
+        KAFKA_HEAP_OPTS=SMALL_HEAP,
+        KAFKA_START_TIMEOUT=str(START_TIMEOUT_S),
+    ) as started:
         assert f"SASL_PLAINTEXT 127.0.0.1:{sasl_port}" in started.stdout
         yield SaslBroker(port, sasl_port, state_dir)
-    finally:
-        kafka("stop", **env)
 
 
 @pytest.fixture(scope="module")
@@ -121,25 +171,10 @@ async def test_worker_answers_the_sdk_over_sasl(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    security = sasl(mechanism)
-    config = worker_config(
-        sasl_broker.sasl, sasl_topics, f"test-group-{uuid.uuid4().hex}", security=security
+    query, docs, result, in_group = await rerank_through_a_worker(
+        sasl_broker.sasl, sasl_topics, sasl(mechanism), mechanism
     )
-    query, docs = f"which one? ({mechanism})", ["red apples", "green pears", "blue sky"]
-
-    async with (
-        running_worker(config, FakeEngine()) as worker,
-        RerankClient(
-            sasl_broker.sasl,
-            request_topic=sasl_topics.requests,
-            reply_topic=sasl_topics.replies,
-            security=security,
-            default_timeout=CALL_TIMEOUT_S,
-        ) as client,
-    ):
-        assert worker.in_group
-        result = await client.rerank(query, docs)
-
+    assert in_group
     scores = {item.index: item.score for item in result.results}
     assert scores == pytest.approx({i: fake_score(query, None, d) for i, d in enumerate(docs)})
     assert PASSWORD not in caplog.text  # DEBUG logs of aiokafka, the worker and the SDK
@@ -279,15 +314,5 @@ def test_script_refuses_bad_sasl_users_in_one_line(users: str, tmp_path: Path) -
 
 
 def test_script_refuses_a_taken_sasl_port_in_one_line(tmp_path: Path) -> None:
-    port = free_port_pair()
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        sasl_port = int(holder.getsockname()[1])
-        done = kafka(
-            "start",
-            KAFKA_PORT=str(port),
-            KAFKA_SASL_PORT=str(sasl_port),
-            KAFKA_STATE_DIR=str(tmp_path / "state"),
-        )
+    done, sasl_port = start_beside_a_taken_port(tmp_path, "KAFKA_SASL_PORT")
     assert_one_line_error(done, f"SASL port 127.0.0.1:{sasl_port} is already in use")

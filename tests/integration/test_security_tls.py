@@ -12,7 +12,6 @@ without one get in, a certificate that is sent must come from that CA. The real 
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,14 +26,16 @@ from test_local_kafka import (
     free_port_pair,
     kafka,
 )
-from test_security_sasl import free_port_besides
+from test_security_sasl import (
+    free_port_besides,
+    rerank_through_a_worker,
+    script_broker,
+    start_beside_a_taken_port,
+)
 from worker_harness import (
-    FakeEngine,
     Topics,
     fake_score,
-    running_worker,
     topics_on,
-    worker_config,
 )
 
 from producer_sdk import ClientStartError, KafkaSecurity, RerankClient
@@ -45,7 +46,6 @@ USER = "rerank"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 # Bounds, not timings: a refused certificate is answered at once, these only stop a hang.
 FAIL_WITHIN_S = 30.0
-CALL_TIMEOUT_S = 30.0
 TOPIC_READY_S = 10.0
 
 
@@ -67,26 +67,21 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     ssl_port = free_port_besides({port, port + 1})
     sasl_ssl_port = free_port_besides({port, port + 1, ssl_port})
     state_dir = tmp_path_factory.mktemp("tls-broker") / "state"
-    env = {
-        "KAFKA_PORT": str(port),
-        "KAFKA_SSL_PORT": str(ssl_port),
-        "KAFKA_SASL_SSL_PORT": str(sasl_ssl_port),
-        "KAFKA_SSL_CLIENT_AUTH": "requested",
-        "KAFKA_SASL_USERS": f"{USER}:{PASSWORD}",
-        "KAFKA_STATE_DIR": str(state_dir),
-        "KAFKA_HEAP_OPTS": SMALL_HEAP,
-        "KAFKA_START_TIMEOUT": str(START_TIMEOUT_S),
-    }
-    started = kafka("start", **env)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
+    with script_broker(
+        KAFKA_PORT=str(port),
+        KAFKA_SSL_PORT=str(ssl_port),
+        KAFKA_SASL_SSL_PORT=str(sasl_ssl_port),
+        KAFKA_SSL_CLIENT_AUTH="requested",
+        KAFKA_SASL_USERS=f"{USER}:{PASSWORD}",
+        KAFKA_STATE_DIR=str(state_dir),
+        KAFKA_HEAP_OPTS=SMALL_HEAP,
+        KAFKA_START_TIMEOUT=str(START_TIMEOUT_S),
+    ) as started:
         broker = TlsBroker(port, ssl_port, sasl_ssl_port, state_dir)
         assert f"SSL {broker.ssl}" in started.stdout
         assert f"SASL_SSL {broker.sasl_ssl}" in started.stdout
         assert f"CA {broker.ca_file}," in started.stdout
         yield broker
-    finally:
-        kafka("stop", **env)
 
 
 @pytest.fixture(scope="module")
@@ -131,24 +126,10 @@ async def test_worker_answers_the_sdk_over_tls(
         tls_dir = tls_broker.tls_dir
         security = mutual_tls(tls_broker, tls_dir / "client.pem", tls_dir / "client.key")
         bootstrap = tls_broker.ssl
-    config = worker_config(
-        bootstrap, tls_topics, f"test-group-{uuid.uuid4().hex}", security=security
+    query, docs, result, in_group = await rerank_through_a_worker(
+        bootstrap, tls_topics, security, protocol
     )
-    query, docs = f"which one? ({protocol})", ["red apples", "green pears", "blue sky"]
-
-    async with (
-        running_worker(config, FakeEngine()) as worker,
-        RerankClient(
-            bootstrap,
-            request_topic=tls_topics.requests,
-            reply_topic=tls_topics.replies,
-            security=security,
-            default_timeout=CALL_TIMEOUT_S,
-        ) as client,
-    ):
-        assert worker.in_group
-        result = await client.rerank(query, docs)
-
+    assert in_group
     scores = {item.index: item.score for item in result.results}
     assert scores == pytest.approx({i: fake_score(query, None, d) for i, d in enumerate(docs)})
 
@@ -229,17 +210,7 @@ def test_the_broker_keys_are_readable_by_their_owner_only(tls_broker: TlsBroker)
 
 
 def test_script_refuses_a_taken_ssl_port_in_one_line(tmp_path: Path) -> None:
-    port = free_port_pair()
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        ssl_port = int(holder.getsockname()[1])
-        done = kafka(
-            "start",
-            KAFKA_PORT=str(port),
-            KAFKA_SSL_PORT=str(ssl_port),
-            KAFKA_STATE_DIR=str(tmp_path / "state"),
-        )
+    done, ssl_port = start_beside_a_taken_port(tmp_path, "KAFKA_SSL_PORT")
     assert_one_line_error(done, f"SSL port 127.0.0.1:{ssl_port} is already in use")
     assert not (tmp_path / "state" / "kafka.pid").exists()
 
