@@ -1,7 +1,7 @@
 """Packed forward alone, variant against variant, in one process on one GPU.
 
     PYTHONPATH=. python benchmarks/forward_only.py --tokenizer DIR [--pairs 4096]
-        [--variants default,graphs,no-share,fused,expanded-gqa] [--rounds 2] [--profile]
+        [--variants default,graphs,torch-qk,no-share,fused,expanded-gqa] [--rounds 2] [--profile]
 
 Builds the random 0.6B-shaped model and synthetic workload of ``consumer.bench``,
 tokenizes everything first, cuts batches in request order by the token budget (as the
@@ -9,10 +9,13 @@ engine's batcher does for a packed scorer), then times the packed forward batch 
 batch on one thread, for each variant:
 
 * ``default``: grouped-query heads passed to FlashAttention as they are, each
-  request's shared head computed once;
+  request's shared head computed once, q/k norm + rotary + key gathering in the Triton
+  kernel of ``consumer.qk_rope_kernel``, the last layer only at each pair's last token;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs); ``graphs-wide``: with the wider buckets of the first version (every
   segment up to 1,024 tokens, a slot per 32 tokens);
+* ``torch-qk``: q/k norm and rotary as compiled torch code, keys gathered by
+  ``index_select`` (the path before the kernel);
 * ``no-share``: every pair computes its own template, instruction and query;
 * ``fused``: q/k/v and gate/up as one matrix product each;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
@@ -46,7 +49,7 @@ from consumer.packed_graphs import PackedGraphs, make_buckets
 from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
 from consumer.prompt import EncodedPair
 
-VARIANTS = ("default", "graphs", "graphs-wide", "no-share", "fused", "expanded-gqa")
+VARIANTS = ("default", "graphs", "graphs-wide", "torch-qk", "no-share", "fused", "expanded-gqa")
 
 
 def batches_in_order(pairs: list[EncodedPair], budget: int) -> list[list[EncodedPair]]:
@@ -81,7 +84,8 @@ def build_variant(base: Any, name: str) -> PackedQwen3:
     elif name == "graphs-wide":  # the first buckets: one 1,024 segment length, T // 32 + 8
         graphs = PackedGraphs(make_buckets(segment_lengths=(1024,), tokens_per_segment=32))
     fuse = name == "fused"
-    packed = PackedQwen3(base, "cuda", attention, fuse_projections=fuse, graphs=graphs)
+    qk_kernel = False if name == "torch-qk" else None
+    packed = PackedQwen3(base, "cuda", attention, fuse, graphs, qk_kernel)
     packed.compile()
     return packed
 
@@ -129,7 +133,7 @@ def print_profile(run: Runner, batches: list[Any]) -> None:
         for batch in batches:
             run(batch)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 # parity at the full 0.6B shape, the packed forward's variants, then the engine against
 # the reference recipe. Run from the repository root on the device machine:
 #   OUT=/tmp/out TOK=.devcache/qwen3_tok bash benchmarks/gpu_session.sh [steps...]
-# Steps: check attention variants bench (default: check variants bench).
+# Steps: check attention variants profile bench (default: check variants bench).
 set -u
 OUT=${OUT:?set OUT to a folder for the outputs}
 TOK=${TOK:-.devcache/qwen3_tok}
@@ -17,7 +17,8 @@ for step in "${steps[@]}"; do
   case $step in
     check) timeout 240 python -m consumer.gpu_check "$TOK" 64 ;;
     attention) timeout 120 python benchmarks/attention_kernels.py ;;
-    variants) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" --variants default,graphs,no-share,fused ;;
+    variants) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" --variants default,graphs,torch-qk,no-share ;;
+    profile) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" --variants default,torch-qk --rounds 1 --profile ;;
     bench) timeout 300 python -m consumer.bench --tokenizer "$TOK" --pairs 16384 --reference-pairs 4096 --json ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac >"$OUT/$step.txt" 2>"$OUT/$step.err"

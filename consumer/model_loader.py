@@ -236,7 +236,10 @@ def _last_token_model(
         packed=_packed_for(base, run),
         compile_model=run.compile,
     )
-    encoder = Qwen3RerankerEncoder(tokenizer, options.max_pair_tokens, options.default_instruction)
+    # positions past the model's table are garbage to it (and to the packed path's kernel)
+    positions = getattr(base.config, "max_position_embeddings", None)
+    limit = _max_positions({"max_position_embeddings": positions}, options.max_pair_tokens)
+    encoder = Qwen3RerankerEncoder(tokenizer, limit, options.default_instruction)
     return LoadedModel(name, kind, encoder, scorer, run.device, run.dtype)
 
 

@@ -40,8 +40,8 @@ DEFAULT_TOKENS = (*range(512, 4096 + 1, 256), *range(4608, 8192 + 1, 512))
 DEFAULT_SEGMENT_LENGTHS = (512, 1024)
 DEFAULT_TOKENS_PER_SEGMENT = 64
 
-# (ids, positions, cu_q, cu_k, kv_index, max_q, max_k, last) -> (len(last), hidden)
-Forward = Callable[..., torch.Tensor]
+# PackedInputs on the device -> (len(last), hidden)
+Forward = Callable[[PackedInputs], torch.Tensor]
 
 
 @dataclass(frozen=True, order=True)
@@ -86,19 +86,12 @@ def key_count(inputs: PackedInputs) -> int:
 
 @dataclass
 class BucketInputs:
-    """A batch laid out in a bucket's shapes (host tensors, pinned on CUDA)."""
+    """A batch laid out in a bucket's shapes (host tensors, pinned on CUDA); ``count``
+    pairs are real, the other ``last`` slots are unused."""
 
     bucket: Bucket
-    ids: torch.Tensor
-    positions: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    kv_index: torch.Tensor
-    last: torch.Tensor
+    inputs: PackedInputs
     count: int
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.ids, self.positions, self.cu_q, self.cu_k, self.kv_index, self.last)
 
 
 def _padded(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
@@ -106,20 +99,27 @@ def _padded(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
 
 
 def lay_out(inputs: PackedInputs, bucket: Bucket) -> BucketInputs:
-    """``inputs`` in ``bucket``'s shapes: trailing tokens and segments unused."""
+    """``inputs`` in ``bucket``'s shapes: trailing tokens, segments and pair slots unused."""
     tokens = inputs.ids.numel()
-    kv_index = inputs.kv_index if inputs.kv_index is not None else torch.arange(tokens)
-    segments = bucket.segments + 1
-    return BucketInputs(
-        bucket=bucket,
+    count = inputs.last.numel()
+    stream = torch.arange(tokens)
+    kv_index = inputs.kv_index if inputs.kv_index is not None else stream
+    last_kv_index = inputs.last_kv_index if inputs.last_kv_index is not None else stream
+    bounds = bucket.segments + 1
+    laid = PackedInputs(
         ids=_padded(inputs.ids, bucket.tokens, 0),
         positions=_padded(inputs.positions, bucket.tokens, 0),
-        cu_q=_padded(inputs.cu_q, segments, int(inputs.cu_q[-1])),  # empty segments
-        cu_k=_padded(inputs.cu_k, segments, int(inputs.cu_k[-1])),
+        cu_q=_padded(inputs.cu_q, bounds, int(inputs.cu_q[-1])),  # empty segments
+        cu_k=_padded(inputs.cu_k, bounds, int(inputs.cu_k[-1])),
         kv_index=_padded(kv_index, bucket.keys, 0),
         last=_padded(inputs.last, bucket.segments, 0),
-        count=inputs.last.numel(),
+        last_cu_q=_padded(inputs.last_cu_q, bounds, count),
+        last_cu_k=_padded(inputs.last_cu_k, bounds, int(inputs.last_cu_k[-1])),
+        last_kv_index=_padded(last_kv_index, bucket.keys, 0),
+        max_q=bucket.max_segment,
+        max_k=2 * bucket.max_segment,  # a key segment is a head plus a tail
     )
+    return BucketInputs(bucket, laid, count)
 
 
 class _Graph:
@@ -127,26 +127,20 @@ class _Graph:
 
     def __init__(self, bucket: Bucket, forward: Forward, device: str, pool: Any) -> None:
         self.bucket = bucket
-        sample = lay_out(_sample(bucket), bucket)
-        self.inputs = tuple(t.to(device) for t in sample.tensors())
+        self.inputs = lay_out(_sample(bucket), bucket).inputs.with_tensors(lambda t: t.to(device))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compile and autotune for these shapes first
             for _ in range(2):
-                self._forward(forward)
+                forward(self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.output = self._forward(forward)
-
-    def _forward(self, forward: Forward) -> torch.Tensor:
-        ids, positions, cu_q, cu_k, kv_index, last = self.inputs
-        b = self.bucket
-        # a key segment is a head plus a tail, each at most max_segment long
-        return forward(ids, positions, cu_q, cu_k, kv_index, b.max_segment, 2 * b.max_segment, last)
+            self.output = forward(self.inputs)
 
     def replay(self, batch: BucketInputs) -> torch.Tensor:
-        for static, host in zip(self.inputs, batch.tensors(), strict=True):
+        for static, host in zip(self.inputs.tensors(), batch.inputs.tensors(), strict=True):
+            assert static is not None and host is not None
             static.copy_(host, non_blocking=True)
         self.graph.replay()
         # the output lives in the shared pool: copy it before another graph runs

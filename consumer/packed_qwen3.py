@@ -24,6 +24,7 @@ seconds, not the minutes a whole-model graph takes. Needs torch with
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from consumer import qk_rope_kernel
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +89,17 @@ def supports_packing(base: torch.nn.Module) -> bool:
 
 @dataclass
 class PackedInputs:
-    """Host tensors of one packed batch.
+    """Tensors of one packed batch (host tensors until :meth:`moved`).
 
     ``ids``/``positions``: the stream. ``cu_q``/``cu_k``: int32 segment bounds of the
     queries (the stream) and of the keys (``kv_index`` gathers them from the stream;
     None when no pair shares a head, then keys are the stream itself). ``last``: the
     stream index of every pair's last token, in the batch's pair order.
+
+    The last layer only computes what the score needs, each pair's last token: its
+    queries are the ``last`` rows (``last_cu_q``: one per pair) and its keys are each
+    pair's head and tail, gathered by ``last_kv_index`` (None: the stream, in pair
+    order) with bounds ``last_cu_k``.
     """
 
     ids: torch.Tensor
@@ -100,15 +108,40 @@ class PackedInputs:
     cu_k: torch.Tensor
     kv_index: torch.Tensor | None
     last: torch.Tensor
+    last_cu_q: torch.Tensor
+    last_cu_k: torch.Tensor
+    last_kv_index: torch.Tensor | None
     max_q: int
     max_k: int
     # the same batch in a captured graph's shapes (consumer.packed_graphs), if one fits
     graph_inputs: Any = None
 
+    TENSORS = (
+        "ids", "positions", "cu_q", "cu_k", "kv_index",
+        "last", "last_cu_q", "last_cu_k", "last_kv_index",
+    )  # fmt: skip
+
     @property
     def shared(self) -> bool:
         """Whether some pairs share a head (keys are gathered)."""
         return self.kv_index is not None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """The tensor fields, in :attr:`TENSORS` order."""
+        return [getattr(self, name) for name in self.TENSORS]
+
+    def with_tensors(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> PackedInputs:
+        """A copy with ``convert`` applied to every tensor (pinning, moving)."""
+        changed: dict[str, Any] = {
+            name: convert(t)
+            for name, t in zip(self.TENSORS, self.tensors(), strict=True)
+            if t is not None
+        }
+        return dataclasses.replace(self, **changed)
+
+    def moved(self, device: str) -> PackedInputs:
+        """The tensors on ``device`` (asynchronous from pinned memory)."""
+        return self.with_tensors(lambda t: t.to(device, non_blocking=True))
 
 
 def _concat_ranges(starts: list[int], lengths: list[int]) -> torch.Tensor:
@@ -153,9 +186,9 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> Pa
     chunks: list[list[int]] = []
     q_lengths: list[int] = []
     q_first_position: list[int] = []
-    k_piece_starts: list[int] = []
-    k_piece_lengths: list[int] = []
+    k_pieces: list[tuple[int, int]] = []  # (stream start, length) of every gathered key piece
     k_lengths: list[int] = []
+    pair_keys: list[list[tuple[int, int]]] = [[] for _ in seqs]  # each pair's key pieces
     last = [0] * len(seqs)
     offset = 0
 
@@ -166,10 +199,8 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> Pa
         q_lengths.append(len(tokens))
         q_first_position.append(position)
         if head:
-            k_piece_starts.append(head_start)
-            k_piece_lengths.append(head)
-        k_piece_starts.append(start)
-        k_piece_lengths.append(len(tokens))
+            k_pieces.append((head_start, head))
+        k_pieces.append((start, len(tokens)))
         k_lengths.append(head + len(tokens))
         offset += len(tokens)
         return offset - 1
@@ -182,25 +213,33 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> Pa
             segment(seqs[members[0]][:head], 0, 0, 0)
         for index in members:
             last[index] = segment(seqs[index][head:], head, head_start, head)
-    shared = len(k_piece_starts) > len(q_lengths)
+            pair_keys[index] = k_pieces[-2:] if head else k_pieces[-1:]
+    shared = len(k_pieces) > len(q_lengths)
+    last_pieces = list(itertools.chain.from_iterable(pair_keys))
+    in_stream_order = last_pieces == k_pieces  # no heads and pairs in stream order
     return PackedInputs(
         ids=torch.tensor(list(itertools.chain.from_iterable(chunks)), dtype=torch.long),
         positions=_concat_ranges(q_first_position, q_lengths),
         cu_q=_cumulative(q_lengths),
         cu_k=_cumulative(k_lengths),
-        kv_index=_concat_ranges(k_piece_starts, k_piece_lengths) if shared else None,
+        kv_index=_concat_pieces(k_pieces) if shared else None,
         last=torch.tensor(last, dtype=torch.long),
+        last_cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32),
+        last_cu_k=_cumulative([sum(n for _, n in pieces) for pieces in pair_keys]),
+        last_kv_index=None if in_stream_order else _concat_pieces(last_pieces),
         max_q=max(q_lengths),
         max_k=max(k_lengths),
     )
 
 
-def _pin(inputs: Any) -> None:
-    """Page-locked copies of an inputs object's tensors (for asynchronous uploads)."""
-    for name in ("ids", "positions", "cu_q", "cu_k", "kv_index", "last"):
-        tensor = getattr(inputs, name)
-        if tensor is not None:
-            setattr(inputs, name, tensor.pin_memory())
+def _concat_pieces(pieces: list[tuple[int, int]]) -> torch.Tensor:
+    starts, lengths = zip(*pieces, strict=True)
+    return _concat_ranges(list(starts), list(lengths))
+
+
+def _pin(inputs: PackedInputs) -> PackedInputs:
+    """Page-locked copies of the tensors (for asynchronous uploads)."""
+    return inputs.with_tensors(torch.Tensor.pin_memory)
 
 
 # ---- decoder layer ------------------------------------------------------------------
@@ -232,6 +271,19 @@ class LayerWeights:
     down: torch.Tensor
 
 
+def projections(
+    x: torch.Tensor, norm: torch.Tensor, qkv: list[torch.Tensor], eps: float, q_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm and the q/k/v products: (T, q_size), (T, kv_size), (T, kv_size)."""
+    h = rms_norm(x, norm, eps)
+    parts = [F.linear(h, w) for w in qkv]  # one product per weight; a fused one is split
+    if len(parts) == 1:
+        kv_size = (parts[0].shape[-1] - q_size) // 2
+        parts = list(parts[0].split([q_size, kv_size, kv_size], dim=-1))
+    q, k, v = parts
+    return q, k, v
+
+
 def attention_inputs(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -246,12 +298,7 @@ def attention_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input norm, q/k/v projections, per-head q/k norms and rotary: (T, heads, dim) each."""
     n = x.shape[0]
-    h = rms_norm(x, norm, eps)
-    parts = [F.linear(h, w) for w in qkv]  # one product per weight; a fused one is split
-    if len(parts) == 1:
-        kv_size = (parts[0].shape[-1] - q_size) // 2
-        parts = list(parts[0].split([q_size, kv_size, kv_size], dim=-1))
-    q, k, v = (p.reshape(n, -1, head_dim) for p in parts)
+    q, k, v = (p.reshape(n, -1, head_dim) for p in projections(x, norm, qkv, eps, q_size))
     q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
@@ -314,9 +361,12 @@ class PackedQwen3:
         device: where it runs.
         attention: the varlen attention (tests pass a CPU stand-in).
         fuse_projections: run q/k/v and gate/up as one matrix product each (measured
-            slower than separate products on an H100, see docs/benchmarks.md).
+            no faster than separate products on an H100, see docs/benchmarks.md).
         graphs: a :class:`consumer.packed_graphs.PackedGraphs` to replay small batches
             from, once :meth:`capture_graphs` has run.
+        qk_kernel: q/k norm, rotary and key gathering in one Triton kernel
+            (:mod:`consumer.qk_rope_kernel`) instead of compiled torch code and copies.
+            None: on when the device is CUDA and triton is installed.
     """
 
     def __init__(
@@ -326,6 +376,7 @@ class PackedQwen3:
         attention: VarlenAttention | None = None,
         fuse_projections: bool = False,
         graphs: Any = None,
+        qk_kernel: bool | None = None,
     ) -> None:
         if not supports_packing(base):
             raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
@@ -337,17 +388,37 @@ class PackedQwen3:
         self._head_dim = int(getattr(config, "head_dim", None) or 0) or (
             config.hidden_size // config.num_attention_heads
         )
-        self._q_size = config.num_attention_heads * self._head_dim
+        self._heads = int(config.num_attention_heads)
+        self._kv_heads = int(config.num_key_value_heads)
+        self._q_size = self._heads * self._head_dim
         self._scale = float(self._head_dim**-0.5)
         with torch.no_grad():
             self._layers = [_layer_weights(layer, fuse_projections) for layer in base.layers]
+        self._projections: Callable[..., Any] = projections
         self._attention_inputs: Callable[..., Any] = attention_inputs
         self._attention_output_and_mlp: Callable[..., torch.Tensor] = attention_output_and_mlp
         self._compiled = False
         self.graphs = graphs
+        if qk_kernel is None:
+            qk_kernel = device.startswith("cuda") and qk_rope_kernel.available()
+        # rows of [cos | sin] per position for the kernel; never reallocated, as captured
+        # graphs keep its address
+        self._rotary_table = (
+            qk_rope_kernel.rotary_table(
+                base.rotary_emb, int(config.max_position_embeddings), base.dtype, device
+            )
+            if qk_kernel
+            else None
+        )
+
+    @property
+    def uses_qk_kernel(self) -> bool:
+        """Whether q/k norm and rotary run in :mod:`consumer.qk_rope_kernel`."""
+        return self._rotary_table is not None
 
     def compile(self) -> None:
-        """Compile the two per-layer regions; one graph each serves all layers and sizes."""
+        """Compile the per-layer regions; one graph each serves all layers and sizes."""
+        self._projections = torch.compile(projections)
         self._attention_inputs = torch.compile(attention_inputs)
         self._attention_output_and_mlp = torch.compile(attention_output_and_mlp)
         self._compiled = True
@@ -361,11 +432,20 @@ class PackedQwen3:
         request (0 or None: nothing shared). Pairs with equal leading ids share them.
         """
         inputs = pack(seqs, prefixes)
+        table = self._rotary_table
+        if table is not None and inputs.max_k > table.shape[0]:
+            raise ValueError(
+                f"a pair of {inputs.max_k} tokens is longer than the model's "
+                f"max_position_embeddings ({table.shape[0]})"
+            )
         if self.graphs is not None:
             inputs.graph_inputs = self.graphs.fit(inputs)
         if self.device.startswith("cuda"):
             # only the tensors that will be uploaded: the graph's layout if one fits
-            _pin(inputs.graph_inputs if inputs.graph_inputs is not None else inputs)
+            if inputs.graph_inputs is not None:
+                inputs.graph_inputs.inputs = _pin(inputs.graph_inputs.inputs)
+            else:
+                inputs = _pin(inputs)
         return inputs
 
     def capture_graphs(self) -> None:
@@ -391,36 +471,7 @@ class PackedQwen3:
         assert isinstance(inputs, PackedInputs)
         if inputs.graph_inputs is not None and self.graphs is not None:
             return self.graphs.replay(inputs.graph_inputs)
-
-        def moved(t: torch.Tensor) -> torch.Tensor:
-            return t.to(self.device, non_blocking=True)
-
-        kv_index = None if inputs.kv_index is None else moved(inputs.kv_index)
-        return self.hidden_at(
-            moved(inputs.ids),
-            moved(inputs.positions),
-            moved(inputs.cu_q),
-            moved(inputs.cu_k),
-            kv_index,
-            inputs.max_q,
-            inputs.max_k,
-            moved(inputs.last),
-        )
-
-    def hidden_at(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        kv_index: torch.Tensor | None,
-        max_q: int,
-        max_k: int,
-        last: torch.Tensor,
-    ) -> torch.Tensor:
-        """Final-normed hidden states of the stream at the ``last`` indices."""
-        x = self.forward_packed(ids, positions, cu_q, cu_k, kv_index, max_q, max_k)
-        return self.base.norm(x[last])
+        return self.hidden_at(inputs.moved(self.device))
 
     def last_hidden(
         self, seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None
@@ -428,35 +479,86 @@ class PackedQwen3:
         """(n, hidden) final-normed hidden states at each pair's last token."""
         return self.last_hidden_prepared(self.prepare(seqs, prefixes))
 
-    def forward_packed(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        kv_index: torch.Tensor | None,
-        max_q: int,
-        max_k: int,
-    ) -> torch.Tensor:
-        """The decoder stack over one packed stream: (T, hidden), before the final norm."""
+    def hidden_at(self, inputs: PackedInputs) -> torch.Tensor:
+        """The decoder stack over one packed stream (tensors on the device): the
+        final-normed hidden states at the ``last`` rows, (len(last), hidden).
+
+        Every layer but the last runs on the whole stream; the last one only on each
+        pair's last token (its keys and values still come from every token).
+        """
         base = self.base
-        x = base.embed_tokens(ids)
-        cos, sin = base.rotary_emb(x, positions[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # (T, 1, head_dim) broadcasts over heads
-        for w in self._layers:
-            self._mark_dynamic(x, cos, sin)
-            q, k, v = self._attention_inputs(
-                x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm,
-                self._eps, self._head_dim, self._q_size,
-            )  # fmt: skip
-            if kv_index is not None:
-                k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
-            attended = self.attention(q, k, v, cu_q, cu_k, max_q, max_k, self._scale)
-            self._mark_dynamic(x, attended)
-            x = self._attention_output_and_mlp(
-                x, attended, w.o, w.post_norm, w.gate_up, w.down, self._eps
+        x = base.embed_tokens(inputs.ids)
+        rotary = self._rotary(x, inputs.positions)
+        *layers, final = self._layers
+        for w in layers:
+            q, k, v = self._attention_inputs_of(x, w, rotary, None, inputs.kv_index)
+            attended = self.attention(
+                q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k, self._scale
             )
-        return x
+            x = self._output_and_mlp(x, attended, w)
+        q, k, v = self._attention_inputs_of(x, final, rotary, inputs.last, inputs.last_kv_index)
+        attended = self.attention(
+            q, k, v, inputs.last_cu_q, inputs.last_cu_k, 1, inputs.max_k, self._scale
+        )
+        return base.norm(self._output_and_mlp(x.index_select(0, inputs.last), attended, final))
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the q/k step needs for rotary: (positions,) for the kernel, else (cos, sin)."""
+        if self.uses_qk_kernel:
+            return (positions,)
+        cos, sin = self.base.rotary_emb(x, positions[None])
+        return cos[0][:, None, :], sin[0][:, None, :]  # (T, 1, head_dim) broadcasts over heads
+
+    def _attention_inputs_of(
+        self,
+        x: torch.Tensor,
+        w: LayerWeights,
+        rotary: tuple[torch.Tensor, ...],
+        q_rows: torch.Tensor | None,
+        kv_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed, rotated (rows, heads, head_dim) q of the ``q_rows`` (None: all) and k, v
+        gathered by ``kv_index`` (None: the stream)."""
+        self._mark_dynamic(x, *rotary)
+        if self._rotary_table is not None:
+            return self._kernel_attention_inputs(x, w, rotary[0], q_rows, kv_index)
+        cos, sin = rotary
+        q, k, v = self._attention_inputs(
+            x, cos, sin, w.input_norm, w.qkv, w.q_norm, w.k_norm,
+            self._eps, self._head_dim, self._q_size,
+        )  # fmt: skip
+        if q_rows is not None:
+            q = q.index_select(0, q_rows)
+        if kv_index is not None:
+            k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+        return q, k, v
+
+    def _kernel_attention_inputs(
+        self,
+        x: torch.Tensor,
+        w: LayerWeights,
+        positions: torch.Tensor,
+        q_rows: torch.Tensor | None,
+        kv_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self._rotary_table is not None
+        q, k, v = self._projections(x, w.input_norm, w.qkv, self._eps, self._q_size)
+        table, eps = self._rotary_table, self._eps
+        q = qk_rope_kernel.norm_rope(q, self._heads, w.q_norm, table, positions, eps, q_rows)
+        k = qk_rope_kernel.norm_rope(k, self._kv_heads, w.k_norm, table, positions, eps, kv_index)
+        if kv_index is None:
+            v = v.view(v.shape[0], self._kv_heads, self._head_dim)
+        else:
+            v = qk_rope_kernel.gather_heads(v, self._kv_heads, kv_index)
+        return q, k, v
+
+    def _output_and_mlp(
+        self, x: torch.Tensor, attended: torch.Tensor, w: LayerWeights
+    ) -> torch.Tensor:
+        self._mark_dynamic(x, attended)
+        return self._attention_output_and_mlp(
+            x, attended, w.o, w.post_norm, w.gate_up, w.down, self._eps
+        )
 
     def _mark_dynamic(self, *tensors: torch.Tensor) -> None:
         """The token count varies per batch: compile it as a symbol from the first call."""

@@ -253,7 +253,8 @@ class Settings(BaseSettings):
     )
     max_pair_tokens: int = _setting(
         8192,
-        "Most tokens of one (query, document) prompt; longer documents are truncated.",
+        "Most tokens of one (query, document) prompt; longer documents are truncated. "
+        "Capped by the model's max_position_embeddings.",
         "Model",
         gt=0,
     )

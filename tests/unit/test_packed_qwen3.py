@@ -7,12 +7,11 @@ kernel is checked against the model card on a GPU by ``python -m consumer.gpu_ch
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from varlen_reference import segment_causal_attention
 
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
@@ -27,36 +26,6 @@ REQUESTS = [
     ("北京有什么好吃的？", ["北京烤鸭是北京最有名的菜。" * 4, "Peking duck 🦆🔥"], "Chinese food"),
     ("lonely query", ["a single document"], None),
 ]
-
-
-def segment_causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    max_q: int,
-    max_k: int,
-    scale: float,
-) -> torch.Tensor:
-    """CPU stand-in for flash varlen: per segment, query i sees keys up to i + (Lk - Lq)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = torch.empty_like(q)
-    q_bounds, k_bounds = itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist())
-    segments = zip(q_bounds, k_bounds, strict=True)
-    for (q0, q1), (k0, k1) in segments:
-        assert q1 - q0 <= max_q and k1 - k0 <= max_k
-        rows = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
-        visible = torch.arange(k1 - k0)[None, :] <= rows
-        out[q0:q1] = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1),
-            k[k0:k1].transpose(0, 1),
-            v[k0:k1].transpose(0, 1),
-            attn_mask=visible,
-            scale=scale,
-        ).transpose(0, 1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +89,22 @@ def test_pack_layout_with_a_shared_head() -> None:
     assert inputs.last.tolist() == [3, 4, 6]
     assert (inputs.max_q, inputs.max_k) == (2, 4)
     assert inputs.cu_q.dtype == inputs.cu_k.dtype == torch.int32
+    # the last layer: one query per pair, its keys = its head and its own tail
+    assert inputs.last_cu_q.tolist() == [0, 1, 2, 3]
+    assert inputs.last_cu_k.tolist() == [0, 4, 7, 9]
+    assert inputs.last_kv_index is not None
+    assert inputs.last_kv_index.tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6]
+
+
+def test_last_layer_keys_follow_pair_order_not_stream_order() -> None:
+    """Pairs 0 and 2 share a head, so the stream holds pair 1 last; the last layer's
+    rows and keys must still come in the batch's pair order."""
+    inputs = pack([[1, 2, 3], [7, 8], [1, 2, 4]], [2, 0, 2])
+    assert inputs.ids.tolist() == [1, 2, 3, 4, 7, 8]
+    assert inputs.last.tolist() == [2, 5, 3]
+    assert inputs.last_cu_k.tolist() == [0, 3, 5, 8]
+    assert inputs.last_kv_index is not None
+    assert inputs.last_kv_index.tolist() == [0, 1, 2, 4, 5, 0, 1, 3]
 
 
 def test_pack_without_sharing_uses_the_stream_as_keys() -> None:
@@ -130,6 +115,8 @@ def test_pack_without_sharing_uses_the_stream_as_keys() -> None:
     assert inputs.kv_index is None and not inputs.shared
     assert inputs.last.tolist() == [2, 3, 5]
     assert (inputs.max_q, inputs.max_k) == (3, 3)
+    assert inputs.last_kv_index is None  # pairs in stream order: keys are the stream
+    assert inputs.last_cu_k.tolist() == inputs.cu_k.tolist()
 
 
 def test_pack_never_shares_a_whole_sequence() -> None:
@@ -148,15 +135,16 @@ def test_bucket_layout_computes_the_same_rows(causal: LoadedModel) -> None:
     packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
     inputs = packed.prepare(ids(pairs), [p.shared_prefix for p in pairs])
     bucket = next(b for b in PackedGraphs().buckets if b.fits(inputs))
-    laid = lay_out(inputs, bucket)
-    assert laid.ids.numel() == bucket.tokens and laid.kv_index.numel() == bucket.keys
+    laid = lay_out(inputs, bucket).inputs
+    assert laid.ids.numel() == bucket.tokens
+    assert laid.kv_index is not None and laid.kv_index.numel() == bucket.keys
+    assert laid.last_kv_index is not None and laid.last_kv_index.numel() == bucket.keys
     assert laid.cu_q.numel() == laid.cu_k.numel() == bucket.segments + 1
+    assert laid.last_cu_q.numel() == laid.last_cu_k.numel() == bucket.segments + 1
     assert laid.cu_q[-1] == inputs.ids.numel()  # trailing tokens belong to no segment
-    rows = packed.hidden_at(
-        laid.ids, laid.positions, laid.cu_q, laid.cu_k, laid.kv_index,
-        bucket.max_segment, 2 * bucket.max_segment, laid.last,
-    )  # fmt: skip
-    assert torch.allclose(rows[: laid.count], packed.last_hidden_prepared(inputs), atol=TOL)
+    assert laid.last_cu_q[-1] == len(pairs)  # unused pair slots are empty segments
+    rows = packed.hidden_at(laid)
+    assert torch.allclose(rows[: len(pairs)], packed.last_hidden_prepared(inputs), atol=TOL)
 
 
 def test_batches_that_fit_no_bucket_run_without_a_graph() -> None:
