@@ -1,12 +1,13 @@
-"""Varlen attention kernels on one packed batch's shapes: FlashAttention-2 vs cuDNN.
+"""Varlen attention kernels on one packed batch's shapes: FlashAttention-2, the grouped
+Triton kernel of ``consumer.varlen_attention_kernel`` (in several tile shapes) and cuDNN.
 
-    PYTHONPATH=. python benchmarks/attention_kernels.py [--tokens 50000]
+    PYTHONPATH=. python benchmarks/attention_kernels.py [--tokens 50000] [--cudnn]
 
 Builds the segment layout of a packed batch like the engine's (requests of 8 pairs:
 a shared head of 75-100 tokens, tails of 55-495 tokens; and the same pairs without
 sharing), random q/k/v with the 0.6B model's heads (16 query, 8 key/value, dim 128),
-then times each kernel over 50 calls and prints how far cuDNN's output is from
-FlashAttention's. A kernel that fails prints its error instead. Numbers are for one
+then times each kernel over 50 calls and prints how far its output is from
+FlashAttention's. Triton tiles are named rows/keys/warps/stages. A kernel that fails prints its error instead. Numbers are for one
 attention call of one layer; the model makes 28 per batch.
 """
 
@@ -20,6 +21,7 @@ from functools import partial
 
 import torch
 
+from consumer import varlen_attention_kernel
 from consumer.packed_qwen3 import flash_varlen_attention, pack
 
 HEADS, KV_HEADS, DIM = 16, 8, 128
@@ -65,6 +67,28 @@ def expanded(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return run
 
 
+# (query rows, keys per step, warps, pipeline stages) of the Triton kernel
+TRITON_TILES = ((128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                (64, 64, 4, 2), (256, 64, 8, 2))  # fmt: skip
+
+
+def triton_tile(rows: int, keys: int, warps: int, stages: int) -> Callable[..., torch.Tensor]:
+    """The grouped Triton kernel with its tile constants set for this call."""
+    module = varlen_attention_kernel
+
+    def run(*args: object) -> torch.Tensor:
+        saved = (module.ROWS, module.KEYS_PER_STEP, module.NUM_WARPS, module.NUM_STAGES)
+        module.ROWS, module.KEYS_PER_STEP, module.NUM_WARPS, module.NUM_STAGES = (
+            rows, keys, warps, stages,
+        )  # fmt: skip
+        try:
+            return module.grouped_varlen_attention(*args)  # type: ignore[arg-type]
+        finally:
+            module.ROWS, module.KEYS_PER_STEP, module.NUM_WARPS, module.NUM_STAGES = saved
+
+    return run
+
+
 def time_ms(fn: Callable[[], torch.Tensor], calls: int = 50) -> float:
     fn()
     torch.cuda.synchronize()
@@ -80,14 +104,15 @@ def time_ms(fn: Callable[[], torch.Tensor], calls: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=50000)
+    parser.add_argument("--cudnn", action="store_true", help="also time cuDNN (slow)")
     args = parser.parse_args()
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "cudnn": torch.backends.cudnn.version()}))  # fmt: skip
-    kernels = {
-        "flash": flash_varlen_attention,
-        "cudnn": cudnn_attention,
-        "cudnn_expanded_gqa": expanded(cudnn_attention),
-    }
+    kernels = {"flash": flash_varlen_attention}
+    for tile in TRITON_TILES:
+        kernels["triton_" + "/".join(map(str, tile))] = triton_tile(*tile)
+    if args.cudnn:
+        kernels.update(cudnn=cudnn_attention, cudnn_expanded_gqa=expanded(cudnn_attention))
     for share in (False, True):
         seqs, prefixes = layout(args.tokens, share)
         inputs = pack(seqs, prefixes)

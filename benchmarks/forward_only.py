@@ -14,6 +14,8 @@ batch on one thread, for each variant:
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs); ``graphs-wide``: with the wider buckets of the first version (every
   segment up to 1,024 tokens, a slot per 32 tokens);
+* ``triton-attention``: the default with the grouped Triton attention kernel of
+  ``consumer.varlen_attention_kernel`` instead of FlashAttention-2;
 * ``torch-qk``: q/k norm and rotary as compiled torch code, keys gathered by
   ``index_select`` (the path before the kernel);
 * ``no-share``: every pair computes its own template, instruction and query;
@@ -48,8 +50,18 @@ from consumer.model_options import ModelOptions
 from consumer.packed_graphs import PackedGraphs, make_buckets
 from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
 from consumer.prompt import EncodedPair
+from consumer.varlen_attention_kernel import grouped_varlen_attention
 
-VARIANTS = ("default", "graphs", "graphs-wide", "torch-qk", "no-share", "fused", "expanded-gqa")
+VARIANTS = (
+    "default",
+    "graphs",
+    "graphs-wide",
+    "triton-attention",
+    "torch-qk",
+    "no-share",
+    "fused",
+    "expanded-gqa",
+)
 
 
 def batches_in_order(pairs: list[EncodedPair], budget: int) -> list[list[EncodedPair]]:
@@ -77,7 +89,10 @@ def expanded_gqa_attention(*args: Any) -> torch.Tensor:
 
 
 def build_variant(base: Any, name: str) -> PackedQwen3:
-    attention = expanded_gqa_attention if name == "expanded-gqa" else None
+    attention = {
+        "expanded-gqa": expanded_gqa_attention,
+        "triton-attention": grouped_varlen_attention,
+    }.get(name)
     graphs = None
     if name == "graphs":
         graphs = PackedGraphs()
