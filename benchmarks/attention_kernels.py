@@ -7,8 +7,9 @@ Builds the segment layout of a packed batch like the engine's (requests of 8 pai
 a shared head of 75-100 tokens, tails of 55-495 tokens; and the same pairs without
 sharing), random q/k/v with the 0.6B model's heads (16 query, 8 key/value, dim 128),
 then times each kernel over 50 calls and prints how far its output is from
-FlashAttention's. Triton tiles are named rows/keys/warps/stages. A kernel that fails prints its error instead. Numbers are for one
-attention call of one layer; the model makes 28 per batch.
+FlashAttention's. Triton tiles are named rows/keys/warps/stages. A kernel that fails
+prints its error instead. Numbers are for one attention call of one layer; the model
+makes 28 per batch.
 """
 
 from __future__ import annotations
