@@ -8,14 +8,14 @@ tokenizes everything first, cuts batches in request order by the token budget (a
 engine's batcher does for a packed scorer), then times the packed forward batch after
 batch on one thread, for each variant:
 
-* ``default``: grouped-query heads passed to FlashAttention as they are, each
-  request's shared head computed once, q/k norm + rotary + key gathering in the Triton
+* ``default``: what the service runs without CUDA graphs: the grouped Triton attention
+  kernel, each request's shared head computed once, q/k norm + rotary + key gathering in the Triton
   kernel of ``consumer.qk_rope_kernel``, the last layer only at each pair's last token;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs); ``graphs-wide``: with the wider buckets of the first version (every
   segment up to 1,024 tokens, a slot per 32 tokens);
-* ``triton-attention``: the default with the grouped Triton attention kernel of
-  ``consumer.varlen_attention_kernel`` instead of FlashAttention-2;
+* ``flash-attention``: the default with FlashAttention-2 instead of the grouped Triton
+  attention kernel of ``consumer.varlen_attention_kernel``;
 * ``torch-qk``: q/k norm and rotary as compiled torch code, keys gathered by
   ``index_select`` (the path before the kernel);
 * ``no-share``: every pair computes its own template, instruction and query;
@@ -50,7 +50,6 @@ from consumer.model_options import ModelOptions
 from consumer.packed_graphs import PackedGraphs, make_buckets
 from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
 from consumer.prompt import EncodedPair
-from consumer.varlen_attention_kernel import grouped_varlen_attention
 
 VARIANTS = (
     "default",
@@ -91,7 +90,7 @@ def expanded_gqa_attention(*args: Any) -> torch.Tensor:
 def build_variant(base: Any, name: str) -> PackedQwen3:
     attention = {
         "expanded-gqa": expanded_gqa_attention,
-        "triton-attention": grouped_varlen_attention,
+        "flash-attention": flash_varlen_attention,
     }.get(name)
     graphs = None
     if name == "graphs":

@@ -1,8 +1,8 @@
 """Padding-free (packed) forward of a Hugging Face Qwen3 base model, for CUDA.
 
 All pairs of a batch are concatenated into one (T, hidden) stream and run through
-the decoder layers once, with FlashAttention's variable-length kernel keeping every
-pair's attention causal and private. Two savings over the padded forward:
+the decoder layers once, with a variable-length attention kernel keeping every pair's
+attention causal and private. Three savings over the padded forward:
 
 * no padding: a batch costs exactly its real tokens;
 * a shared prefix is computed once: the pairs of one request start with the same
@@ -10,16 +10,20 @@ pair's attention causal and private. Two savings over the padded forward:
   each pair only as its *tail*. A tail's queries attend to the head's keys and values
   (gathered in front of the tail's own) plus its own, causally; its rotary positions
   continue after the head. That is the same computation as the full sequence, done
-  once for the head instead of once per pair.
+  once for the head instead of once per pair;
+* the last layer runs only at each pair's last token (the only hidden state the score
+  reads); its keys and values still come from every token.
 
 Grouped-query attention goes to the kernel as is (8 key/value heads for 16 query
-heads), so keys and values are never copied per query head.
+heads), so keys and values are never copied per query head. The attention kernel is
+the grouped Triton kernel of :mod:`consumer.varlen_attention_kernel` (FlashAttention-2
+where triton is missing), and q/k norm + rotary + key gathering is one Triton kernel
+(:mod:`consumer.qk_rope_kernel`).
 
-Each decoder layer runs as two compiled regions (norm + q/k/v + q/k norm + rotary;
-output projection + residual + norm + MLP + residual) around the attention call.
-One compiled graph serves all layers and every token count, so compiling takes
-seconds, not the minutes a whole-model graph takes. Needs torch with
-``torch.ops.aten._flash_attention_forward`` on CUDA (bf16/fp16).
+Each decoder layer runs as compiled regions (norm + q/k/v products; output
+projection + residual + norm + MLP + residual) around those kernels. One compiled
+graph serves all layers and every token count, so compiling takes seconds, not the
+minutes a whole-model graph takes. Needs CUDA and bf16/fp16.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from consumer import qk_rope_kernel
+from consumer import qk_rope_kernel, varlen_attention_kernel
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,13 @@ def flash_varlen_attention(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
     )
     return out[0]
+
+
+def default_attention() -> VarlenAttention:
+    """The grouped Triton kernel where triton is installed, else FlashAttention-2."""
+    if varlen_attention_kernel.available():
+        return varlen_attention_kernel.grouped_varlen_attention
+    return flash_varlen_attention
 
 
 def supports_packing(base: torch.nn.Module) -> bool:
@@ -359,7 +370,10 @@ class PackedQwen3:
     Args:
         base: the ``Qwen3Model`` (its weights are used in place).
         device: where it runs.
-        attention: the varlen attention (tests pass a CPU stand-in).
+        attention: the varlen attention; None: the grouped Triton kernel of
+            :mod:`consumer.varlen_attention_kernel` where triton is installed (faster
+            on the short segments of reranking), else FlashAttention-2. Tests pass a
+            CPU stand-in.
         fuse_projections: run q/k/v and gate/up as one matrix product each (measured
             no faster than separate products on an H100, see docs/benchmarks.md).
         graphs: a :class:`consumer.packed_graphs.PackedGraphs` to replay small batches
@@ -382,7 +396,7 @@ class PackedQwen3:
             raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
         self.base = base
         self.device = device
-        self.attention = attention or flash_varlen_attention
+        self.attention = attention or default_attention()
         config = base.config
         self._eps = float(config.rms_norm_eps)
         self._head_dim = int(getattr(config, "head_dim", None) or 0) or (
