@@ -69,8 +69,8 @@ def expanded(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
 
 
 # (query rows, keys per step, warps, pipeline stages) of the Triton kernel
-TRITON_TILES = ((128, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 2), (128, 128, 4, 2),
-                (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (256, 64, 8, 2))  # fmt: skip
+TRITON_TILES = ((64, 32, 4, 2), (64, 32, 2, 2), (64, 32, 4, 3), (64, 16, 4, 2),
+                (32, 32, 2, 2), (128, 32, 4, 2), (128, 64, 4, 2))  # fmt: skip
 
 
 def triton_tile(rows: int, keys: int, warps: int, stages: int) -> Callable[..., torch.Tensor]:
