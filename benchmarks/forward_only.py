@@ -55,7 +55,7 @@ VARIANTS = (
     "default",
     "graphs",
     "graphs-wide",
-    "triton-attention",
+    "flash-attention",
     "torch-qk",
     "no-share",
     "fused",
