@@ -76,9 +76,9 @@ def flash_varlen_attention(
     return out[0]
 
 
-def default_attention() -> VarlenAttention:
-    """The grouped Triton kernel where triton is installed, else FlashAttention-2."""
-    if varlen_attention_kernel.available():
+def default_attention(heads: int, kv_heads: int, head_dim: int) -> VarlenAttention:
+    """The grouped Triton kernel where it runs for this shape, else FlashAttention-2."""
+    if varlen_attention_kernel.supports(heads, kv_heads, head_dim):
         return varlen_attention_kernel.grouped_varlen_attention
     return flash_varlen_attention
 
@@ -371,16 +371,16 @@ class PackedQwen3:
         base: the ``Qwen3Model`` (its weights are used in place).
         device: where it runs.
         attention: the varlen attention; None: the grouped Triton kernel of
-            :mod:`consumer.varlen_attention_kernel` where triton is installed (faster
-            on the short segments of reranking), else FlashAttention-2. Tests pass a
-            CPU stand-in.
+            :mod:`consumer.varlen_attention_kernel` where it runs for the model's heads
+            (faster on the short segments of reranking), else FlashAttention-2. Tests
+            pass a CPU stand-in.
         fuse_projections: run q/k/v and gate/up as one matrix product each (measured
             no faster than separate products on an H100, see docs/benchmarks.md).
         graphs: a :class:`consumer.packed_graphs.PackedGraphs` to replay small batches
             from, once :meth:`capture_graphs` has run.
         qk_kernel: q/k norm, rotary and key gathering in one Triton kernel
             (:mod:`consumer.qk_rope_kernel`) instead of compiled torch code and copies.
-            None: on when the device is CUDA and triton is installed.
+            None: on when the device is CUDA and the kernel runs for the head size.
     """
 
     def __init__(
@@ -396,7 +396,6 @@ class PackedQwen3:
             raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
         self.base = base
         self.device = device
-        self.attention = attention or default_attention()
         config = base.config
         self._eps = float(config.rms_norm_eps)
         self._head_dim = int(getattr(config, "head_dim", None) or 0) or (
@@ -404,6 +403,7 @@ class PackedQwen3:
         )
         self._heads = int(config.num_attention_heads)
         self._kv_heads = int(config.num_key_value_heads)
+        self.attention = attention or default_attention(self._heads, self._kv_heads, self._head_dim)
         self._q_size = self._heads * self._head_dim
         self._scale = float(self._head_dim**-0.5)
         with torch.no_grad():
@@ -414,7 +414,7 @@ class PackedQwen3:
         self._compiled = False
         self.graphs = graphs
         if qk_kernel is None:
-            qk_kernel = device.startswith("cuda") and qk_rope_kernel.available()
+            qk_kernel = device.startswith("cuda") and qk_rope_kernel.supports(self._head_dim)
         # rows of [cos | sin] per position for the kernel; never reallocated, as captured
         # graphs keep its address
         self._rotary_table = (

@@ -33,9 +33,9 @@ except ImportError:  # pragma: no cover - torch wheels for Linux ship triton
 ROWS_PER_PROGRAM = 64
 
 
-def available() -> bool:
-    """Whether the kernel can run here (triton is importable)."""
-    return triton is not None
+def supports(head_dim: int) -> bool:
+    """Whether the kernel runs here (triton is importable) for this head size."""
+    return triton is not None and head_dim >= 2 and head_dim & (head_dim - 1) == 0
 
 
 def rotary_table(rotary_emb: Any, positions: int, dtype: torch.dtype, device: str) -> torch.Tensor:

@@ -37,9 +37,17 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 
 
-def available() -> bool:
-    """Whether the kernel can run here (triton is importable)."""
-    return triton is not None
+def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel runs here (triton is importable) for this attention shape."""
+    return triton is not None and _shape_problem(heads, kv_heads, head_dim) is None
+
+
+def _shape_problem(heads: int, kv_heads: int, head_dim: int) -> str | None:
+    if heads % kv_heads or ROWS % (heads // kv_heads):
+        return f"{heads} query heads do not group over {kv_heads} key/value heads in {ROWS} rows"
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return f"head dim {head_dim} is not a power of two of at least 16"
+    return None
 
 
 def grouped_varlen_attention(
@@ -61,10 +69,9 @@ def grouped_varlen_attention(
     end); it is part of the shared contract.
     """
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
-    if heads % kv_heads or ROWS % (heads // kv_heads):
-        raise ValueError(f"{heads} query heads do not group over {kv_heads} key/value heads")
-    if dim & (dim - 1) or dim < 16:
-        raise ValueError(f"head dim {dim} is not a power of two of at least 16")
+    problem = _shape_problem(heads, kv_heads, dim)
+    if problem:
+        raise ValueError(problem)
     group = heads // kv_heads
     tokens_per_tile = ROWS // group
     out = torch.empty_like(q)

@@ -1,6 +1,7 @@
-"""Runs consumer.qk_rope_kernel in Triton's CPU interpreter and prints what it computed.
+"""Runs the Triton kernels (consumer.qk_rope_kernel, consumer.varlen_attention_kernel) in
+Triton's CPU interpreter and prints what they computed.
 
-Started by tests/unit/test_qk_rope_kernel.py in a child process with
+Started by tests/unit/test_triton_kernels.py in a child process with
 ``TRITON_INTERPRET=1`` (Triton reads it when a kernel is defined, so it cannot be
 switched on inside a test session that already imported the kernel). Prints one JSON
 object of measured differences; the test asserts on them.
@@ -18,7 +19,8 @@ from transformers import Qwen3Config, Qwen3Model
 from varlen_reference import segment_causal_attention
 
 from consumer import qk_rope_kernel
-from consumer.packed_qwen3 import PackedQwen3, _rotate_half, rms_norm
+from consumer.packed_qwen3 import PackedQwen3, _rotate_half, pack, rms_norm
+from consumer.varlen_attention_kernel import grouped_varlen_attention
 
 EPS = 1e-6
 
@@ -60,22 +62,47 @@ def kernel_against_torch(dtype: torch.dtype) -> dict[str, float | bool]:
     }
 
 
-def packed_forward_with_and_without_kernel() -> dict[str, float | bool]:
-    """A tiny model's packed forward, shared heads and all, through both q/k paths."""
+def attention_against_reference() -> dict[str, float]:
+    """Max |kernel - SDPA stand-in| per case: grouped heads 1, 2 and 4 per key/value head,
+    segments longer than a tile, shared heads, and the last layer's one query per pair."""
+    torch.manual_seed(0)
+    head = [1] * 37
+    seqs = [[*head, *[2] * 150], [3] * 9, [*head, 4, 4, 4], [5] * 70, [*head, 6]]
+    inputs = pack(seqs, [37, 0, 37, 0, 37])
+    assert inputs.kv_index is not None and inputs.last_kv_index is not None
+    diffs = {}
+    for heads, kv_heads in ((2, 2), (4, 2), (8, 2)):
+        dim = 32
+        for name, rows, cu_q, cu_k, keys, max_q in (
+            ("layer", inputs.ids.numel(), inputs.cu_q, inputs.cu_k,
+             inputs.kv_index.numel(), inputs.max_q),
+            ("last", len(seqs), inputs.last_cu_q, inputs.last_cu_k,
+             inputs.last_kv_index.numel(), 1),
+        ):  # fmt: skip
+            q = torch.randn(rows, heads, dim)
+            k, v = torch.randn(keys, kv_heads, dim), torch.randn(keys, kv_heads, dim)
+            args = (q, k, v, cu_q, cu_k, max_q, inputs.max_k, dim**-0.5)
+            got, want = grouped_varlen_attention(*args), segment_causal_attention(*args)
+            diffs[f"{name}_{heads}_over_{kv_heads}"] = float((got - want).abs().max())
+    return diffs
+
+
+def packed_forward_through_the_kernels() -> dict[str, float | int]:
+    """A tiny model's packed forward, shared heads and all, with both Triton kernels
+    against the torch q/k steps and the SDPA stand-in."""
     torch.manual_seed(0)
     model = Qwen3Model(Qwen3Config(**tiny_qwen3_config_dict())).eval()
     head = [5, 6, 7, 8, 9]
     seqs = [[*head, 11, 12, 13], [21, 22], [*head, 14, 15, 16, 17], [*head, 18]]
     prefixes = [5, 0, 5, 5]
-    outputs = {}
-    for use_kernel in (True, False):
-        packed = PackedQwen3(model, "cpu", segment_causal_attention, qk_kernel=use_kernel)
-        assert packed.uses_qk_kernel == use_kernel
-        outputs[use_kernel] = packed.last_hidden(seqs, prefixes)
+    kernels = PackedQwen3(model, "cpu", grouped_varlen_attention, qk_kernel=True)
+    plain = PackedQwen3(model, "cpu", segment_causal_attention, qk_kernel=False)
+    assert kernels.uses_qk_kernel and not plain.uses_qk_kernel
+    got, want = kernels.last_hidden(seqs, prefixes), plain.last_hidden(seqs, prefixes)
     return {
-        "max_abs_diff": float((outputs[True] - outputs[False]).abs().max()),
-        "max_abs_value": float(outputs[False].abs().max()),
-        "rows": outputs[True].shape[0],
+        "max_abs_diff": float((got - want).abs().max()),
+        "max_abs_value": float(want.abs().max()),
+        "rows": got.shape[0],
     }
 
 
@@ -85,7 +112,8 @@ def main() -> None:
     print(json.dumps({
         "float32": kernel_against_torch(torch.float32),
         "bfloat16": kernel_against_torch(torch.bfloat16),
-        "packed": packed_forward_with_and_without_kernel(),
+        "attention": attention_against_reference(),
+        "packed": packed_forward_through_the_kernels(),
     }))  # fmt: skip
 
 

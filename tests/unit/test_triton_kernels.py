@@ -1,6 +1,8 @@
-"""The fused q/k norm + rotary + gather Triton kernel, run on the CPU by Triton's interpreter.
+"""The Triton kernels of the packed forward, run on the CPU by Triton's interpreter: q/k
+norm + rotary + gather (consumer.qk_rope_kernel) and grouped varlen attention
+(consumer.varlen_attention_kernel).
 
-The interpreter executes the kernel's own code (indexing, masks, the order of its
+The interpreter executes each kernel's own code (indexing, masks, the order of its
 arithmetic), so this checks the kernel itself, not a copy. One difference from a GPU:
 the interpreter rounds fp32 to bf16 by truncation, so bf16 results may differ from
 torch's round-to-nearest by a unit in the last place; on a GPU, ``python -m
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from consumer import qk_rope_kernel
+from consumer import qk_rope_kernel, varlen_attention_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits
@@ -26,11 +28,11 @@ BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Any]:
-    assert qk_rope_kernel.available(), "torch's Linux wheels ship triton"
+    assert qk_rope_kernel.triton is not None, "torch's Linux wheels ship triton"
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "qk_kernel_interpreted.py")],
+        [sys.executable, str(ROOT / "tests" / "triton_interpreted.py")],
         env=env, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,7 +59,14 @@ def test_gather_copies_rows_exactly(interpreted: dict[str, Any]) -> None:
     assert interpreted["float32"]["gather_exact"] and interpreted["bfloat16"]["gather_exact"]
 
 
-def test_packed_forward_through_the_kernel_matches_the_torch_path(
+def test_attention_matches_per_segment_sdpa(interpreted: dict[str, Any]) -> None:
+    """1, 2 and 4 query heads per key/value head; every layer's shape and the last one's."""
+    diffs = interpreted["attention"]
+    assert len(diffs) == 6
+    assert all(diff < 1e-5 for diff in diffs.values()), diffs
+
+
+def test_packed_forward_through_the_kernels_matches_the_torch_path(
     interpreted: dict[str, Any],
 ) -> None:
     """Shared heads, a lone pair and the pruned last layer, in float32."""
@@ -65,3 +74,12 @@ def test_packed_forward_through_the_kernel_matches_the_torch_path(
     assert r["rows"] == 4
     assert r["max_abs_value"] > 0.1
     assert r["max_abs_diff"] < 1e-5
+
+
+def test_kernels_refuse_shapes_they_cannot_tile() -> None:
+    """Such models get FlashAttention-2 and the torch q/k steps instead (no failed start)."""
+    assert varlen_attention_kernel.supports(16, 8, 128)  # Qwen3-0.6B
+    assert varlen_attention_kernel.supports(32, 8, 128)  # Qwen3-4B and 8B
+    assert not varlen_attention_kernel.supports(12, 8, 128)  # heads do not group
+    assert not varlen_attention_kernel.supports(16, 8, 96)  # not a power of two
+    assert qk_rope_kernel.supports(128) and not qk_rope_kernel.supports(96)
