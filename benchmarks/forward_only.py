@@ -8,9 +8,10 @@ tokenizes everything first, cuts batches in request order by the token budget (a
 engine's batcher does for a packed scorer), then times the packed forward batch after
 batch on one thread, for each variant:
 
-* ``default``: what the service runs without CUDA graphs: the grouped Triton attention
-  kernel, each request's shared head computed once, q/k norm + rotary + key gathering in the Triton
-  kernel of ``consumer.qk_rope_kernel``, the last layer only at each pair's last token;
+* ``default``: what the service runs without CUDA graphs: the template + instruction
+  computed once a batch and each request's query once, the grouped Triton attention
+  kernel, q/k norm + rotary + key gathering in the Triton kernel of
+  ``consumer.qk_rope_kernel``, the last layer only at each pair's last token;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs); ``graphs-wide``: with the wider buckets of the first version (every
   segment up to 1,024 tokens, a slot per 32 tokens);
@@ -18,6 +19,8 @@ batch on one thread, for each variant:
   attention kernel of ``consumer.varlen_attention_kernel``;
 * ``torch-qk``: q/k norm and rotary as compiled torch code, keys gathered by
   ``index_select`` (the path before the kernel);
+* ``request-heads``: each request's head computed once, but the template + instruction
+  once per request instead of once per batch (the layout before cut points);
 * ``no-share``: every pair computes its own template, instruction and query;
 * ``fused``: q/k/v and gate/up as one matrix product each;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
@@ -48,7 +51,7 @@ from consumer.bench import CONFIGS, build_random_model, default_tokenizer_dir, s
 from consumer.model_loader import load_model
 from consumer.model_options import ModelOptions
 from consumer.packed_graphs import PackedGraphs, make_buckets
-from consumer.packed_qwen3 import PackedQwen3, flash_varlen_attention
+from consumer.packed_qwen3 import PackedQwen3, Prefix, flash_varlen_attention
 from consumer.prompt import EncodedPair
 
 VARIANTS = (
@@ -57,6 +60,7 @@ VARIANTS = (
     "graphs-wide",
     "flash-attention",
     "torch-qk",
+    "request-heads",
     "no-share",
     "fused",
     "expanded-gqa",
@@ -107,12 +111,22 @@ def build_variant(base: Any, name: str) -> PackedQwen3:
 Runner = Callable[[list[EncodedPair]], tuple[float, float]]
 
 
-def runner(packed: PackedQwen3, share: bool) -> Runner:
+def sharing(name: str) -> Callable[[EncodedPair], Prefix]:
+    """What a variant lets pairs share: template + instruction across requests and each
+    request's head (the default), only each request's head, or nothing."""
+    if name == "no-share":
+        return lambda pair: 0
+    if name == "request-heads":
+        return lambda pair: pair.shared_prefix
+    return lambda pair: pair.share_points
+
+
+def runner(packed: PackedQwen3, share: Callable[[EncodedPair], Prefix]) -> Runner:
     """Runs one batch; returns (seconds to issue the GPU work, seconds until its result)."""
 
     def run(batch: list[EncodedPair]) -> tuple[float, float]:
         t0 = time.perf_counter()
-        prefixes = [p.shared_prefix if share else 0 for p in batch]
+        prefixes = [share(p) for p in batch]
         inputs = packed.prepare([p.payload for p in batch], prefixes)  # type: ignore[misc]
         hidden = packed.last_hidden_prepared(inputs)
         issued = time.perf_counter()
@@ -183,13 +197,13 @@ def main() -> None:
         hidden: dict[str, torch.Tensor] = {}
         for name in names:
             packed = build_variant(base, name)
-            share = name != "no-share"
+            share = sharing(name)
             runs[name] = runner(packed, share)
             t0 = time.perf_counter()
             for batch in [*batches, *requests[:50]]:  # compiles, fills the allocator's cache
                 runs[name](batch)
             packed.capture_graphs()
-            prefixes = [p.shared_prefix if share else 0 for p in check]
+            prefixes = [share(p) for p in check]
             inputs = packed.prepare([p.payload for p in check], prefixes)  # type: ignore[misc]
             hidden[name] = packed.last_hidden_prepared(inputs).float()
             first = hidden[names[0]]

@@ -175,7 +175,7 @@ def packed_work(batch: Sequence[EncodedPair]) -> tuple[int, int]:
     """Stream tokens and sum of (query x key) segment lengths of a packed batch."""
     from consumer.packed_qwen3 import pack
 
-    inputs = pack([p.payload for p in batch], [p.shared_prefix for p in batch])  # type: ignore[misc]
+    inputs = pack([p.payload for p in batch], [p.share_points for p in batch])  # type: ignore[misc]
     q_lengths, k_lengths = inputs.cu_q.diff().long(), inputs.cu_k.diff().long()
     return inputs.ids.numel(), int((q_lengths * k_lengths).sum())
 

@@ -167,80 +167,127 @@ def _cumulative(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
 
-def _groups(seqs: Sequence[list[int]], prefixes: Sequence[int]) -> list[tuple[int, list[int]]]:
-    """(shared head length, member indices) per group, in order of first appearance.
+Prefix = int | Sequence[int]
 
-    Pairs group when their first ``prefix`` ids are equal; a head always leaves every
-    member at least one token of its own. Head length 0 means "not shared".
+
+def _cut_points(prefix: Prefix) -> list[int]:
+    """The increasing positive cut points of one pair's ``prefixes`` entry."""
+    points = [prefix] if isinstance(prefix, int) else list(prefix)
+    return sorted({p for p in points if p > 0})
+
+
+class _Stream:
+    """Builds the packed stream segment by segment, with every segment's key pieces."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+        self.q_lengths: list[int] = []
+        self.q_first_position: list[int] = []
+        self.k_pieces: list[tuple[int, int]] = []  # (stream start, length), gathered in order
+        self.k_lengths: list[int] = []
+        self.offset = 0
+
+    def segment(
+        self, tokens: list[int], position: int, ancestors: list[tuple[int, int]]
+    ) -> tuple[int, int]:
+        """Append a segment whose keys are ``ancestors`` plus itself; its own piece."""
+        piece = (self.offset, len(tokens))
+        self.chunks.append(tokens)
+        self.q_lengths.append(len(tokens))
+        self.q_first_position.append(position)
+        self.k_pieces.extend((*ancestors, piece))
+        self.k_lengths.append(sum(n for _, n in ancestors) + len(tokens))
+        self.offset += len(tokens)
+        return piece
+
+
+def pack(seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None) -> PackedInputs:
+    """Lay a batch out as one stream.
+
+    ``prefixes[i]``: where pair i's ids may be shared with other pairs, as one length or
+    increasing cut points (e.g. (template + instruction, + query)); 0: nothing. Pairs whose
+    ids agree up to a cut point share that stretch: it is in the stream once, and the
+    pairs' later tokens attend to it. A shared stretch always leaves every pair at least
+    one token of its own.
     """
-    by_head: dict[tuple[int, ...], list[int]] = {}
-    groups: list[tuple[int, list[int]]] = []
-    for index, (seq, prefix) in enumerate(zip(seqs, prefixes, strict=True)):
-        if prefix <= 0:
-            groups.append((0, [index]))
-            continue
-        members = by_head.get(key := tuple(seq[:prefix]))
-        if members is None:
-            by_head[key] = members = []
-            groups.append((prefix, members))
-        members.append(index)
-    out = []
-    for prefix, members in groups:
-        head = min(prefix, min(len(seqs[i]) for i in members) - 1)
-        out.append((head if len(members) > 1 and head > 0 else 0, members))
-    return out
-
-
-def pack(seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None) -> PackedInputs:
-    """Lay a batch out as one stream; ``prefixes[i]`` = ids pair i may share (0: none)."""
-    prefixes = prefixes if prefixes is not None else [0] * len(seqs)
-    chunks: list[list[int]] = []
-    q_lengths: list[int] = []
-    q_first_position: list[int] = []
-    k_pieces: list[tuple[int, int]] = []  # (stream start, length) of every gathered key piece
-    k_lengths: list[int] = []
-    pair_keys: list[list[tuple[int, int]]] = [[] for _ in seqs]  # each pair's key pieces
-    last = [0] * len(seqs)
-    offset = 0
-
-    def segment(tokens: list[int], position: int, head_start: int, head: int) -> int:
-        nonlocal offset
-        start = offset
-        chunks.append(tokens)
-        q_lengths.append(len(tokens))
-        q_first_position.append(position)
-        if head:
-            k_pieces.append((head_start, head))
-        k_pieces.append((start, len(tokens)))
-        k_lengths.append(head + len(tokens))
-        offset += len(tokens)
-        return offset - 1
-
     if any(not seq for seq in seqs):
         raise ValueError("every sequence needs at least one token")
-    for head, members in _groups(seqs, prefixes):
-        head_start = offset
-        if head:
-            segment(seqs[members[0]][:head], 0, 0, 0)
-        for index in members:
-            last[index] = segment(seqs[index][head:], head, head_start, head)
-            pair_keys[index] = k_pieces[-2:] if head else k_pieces[-1:]
-    shared = len(k_pieces) > len(q_lengths)
+    cuts = [_cut_points(p) for p in (prefixes if prefixes is not None else [0] * len(seqs))]
+    stream = _Stream()
+    pair_keys: list[list[tuple[int, int]]] = [[] for _ in seqs]
+    last = [0] * len(seqs)
+
+    def place(members: list[int], start: int, ancestors: list[tuple[int, int]]) -> None:
+        # members share seq[:start], already in the stream as ``ancestors``
+        for cut, group in _next_groups(seqs, cuts, members, start):
+            if cut > start:
+                shared = stream.segment(seqs[group[0]][start:cut], start, ancestors)
+                place(group, cut, [*ancestors, shared])
+                continue
+            for index in group:
+                own = stream.segment(seqs[index][start:], start, ancestors)
+                last[index] = own[0] + own[1] - 1
+                pair_keys[index] = [*ancestors, own]
+
+    place(list(range(len(seqs))), 0, [])
     last_pieces = list(itertools.chain.from_iterable(pair_keys))
-    in_stream_order = last_pieces == k_pieces  # no heads and pairs in stream order
+    shared = len(stream.k_pieces) > len(stream.q_lengths)
+    in_stream_order = last_pieces == stream.k_pieces  # nothing shared, pairs in stream order
     return PackedInputs(
-        ids=torch.tensor(list(itertools.chain.from_iterable(chunks)), dtype=torch.long),
-        positions=_concat_ranges(q_first_position, q_lengths),
-        cu_q=_cumulative(q_lengths),
-        cu_k=_cumulative(k_lengths),
-        kv_index=_concat_pieces(k_pieces) if shared else None,
+        ids=torch.tensor(list(itertools.chain.from_iterable(stream.chunks)), dtype=torch.long),
+        positions=_concat_ranges(stream.q_first_position, stream.q_lengths),
+        cu_q=_cumulative(stream.q_lengths),
+        cu_k=_cumulative(stream.k_lengths),
+        kv_index=_concat_pieces(stream.k_pieces) if shared else None,
         last=torch.tensor(last, dtype=torch.long),
         last_cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32),
         last_cu_k=_cumulative([sum(n for _, n in pieces) for pieces in pair_keys]),
         last_kv_index=None if in_stream_order else _concat_pieces(last_pieces),
-        max_q=max(q_lengths),
-        max_k=max(k_lengths),
+        max_q=max(stream.q_lengths),
+        max_k=max(stream.k_lengths),
     )
+
+
+def _next_groups(
+    seqs: Sequence[list[int]], cuts: list[list[int]], members: list[int], start: int
+) -> list[tuple[int, list[int]]]:
+    """Members that share ids from ``start`` to their next cut point, in order of first
+    appearance, as (end of the shared stretch, members); end == start: not shared.
+
+    The stretch is clipped so that every member keeps a token of its own, and then
+    extended through further cut points as long as the whole group still agrees (one
+    segment instead of a chain).
+    """
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    groups: list[tuple[int, list[int]]] = []
+    for index in members:
+        cut = next((c for c in cuts[index] if c > start), None)
+        if cut is None:
+            groups.append((start, [index]))
+            continue
+        group = by_key.get(key := tuple(seqs[index][start:cut]))
+        if group is None:
+            by_key[key] = group = []
+            groups.append((cut, group))
+        group.append(index)
+    out = []
+    for cut, group in groups:
+        if len(group) > 1:
+            cut = _extended(seqs, cuts, group, cut)
+            cut = min(cut, min(len(seqs[i]) for i in group) - 1)
+        out.append((cut if len(group) > 1 and cut > start else start, group))
+    return out
+
+
+def _extended(seqs: Sequence[list[int]], cuts: list[list[int]], group: list[int], cut: int) -> int:
+    """The last cut point after ``cut`` up to which every member of ``group`` agrees."""
+    while True:
+        nexts = {next((c for c in cuts[i] if c > cut), None) for i in group}
+        if len(nexts) != 1 or (deeper := nexts.pop()) is None:
+            return cut
+        if len({tuple(seqs[i][cut:deeper]) for i in group}) != 1:
+            return cut
+        cut = deeper
 
 
 def _concat_pieces(pieces: list[tuple[int, int]]) -> torch.Tensor:
@@ -438,12 +485,13 @@ class PackedQwen3:
         self._compiled = True
 
     def prepare(
-        self, seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None
+        self, seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None
     ) -> PackedInputs:
         """Host tensors of one packed batch (pinned on CUDA); no GPU work.
 
-        ``prefixes[i]``: how many leading ids pair i shares with the other pairs of its
-        request (0 or None: nothing shared). Pairs with equal leading ids share them.
+        ``prefixes[i]``: where pair i's leading ids may be shared with other pairs (one
+        length, or cut points such as :attr:`consumer.prompt.EncodedPair.share_points`;
+        0 or None: nothing shared). Pairs with equal leading ids share them.
         """
         inputs = pack(seqs, prefixes)
         table = self._rotary_table
@@ -488,7 +536,7 @@ class PackedQwen3:
         return self.hidden_at(inputs.moved(self.device))
 
     def last_hidden(
-        self, seqs: Sequence[list[int]], prefixes: Sequence[int] | None = None
+        self, seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None
     ) -> torch.Tensor:
         """(n, hidden) final-normed hidden states at each pair's last token."""
         return self.last_hidden_prepared(self.prepare(seqs, prefixes))

@@ -34,13 +34,21 @@ class EncodedPair:
     for bi-encoders); ``tokens`` is its token cost; ``truncated`` says whether the
     document was cut to fit the pair limit; ``shared_prefix`` is how many leading ids of
     the payload are the same for every pair of the request (template, instruction and
-    query), which a packed batch computes once (0: none).
+    query), which a packed batch computes once (0: none); ``common_prefix`` is how many of
+    those are the same for every request with the same instruction (template and
+    instruction), which a packed batch computes once for all of them (0: none).
     """
 
     payload: object
     tokens: int
     truncated: bool
     shared_prefix: int = 0
+    common_prefix: int = 0
+
+    @property
+    def share_points(self) -> tuple[int, int]:
+        """Where a packed batch may share this pair's leading ids with other pairs."""
+        return (self.common_prefix, self.shared_prefix)
 
 
 class PromptEncoder(Protocol):
@@ -87,6 +95,7 @@ class Qwen3RerankerEncoder:
         self._suffix = self._ids(QWEN3_SUFFIX)
         self.max_pair_tokens = max_pair_tokens
         self.default_instruction = default_instruction
+        self._default_instruction_ids = self._ids(f"<Instruct>: {default_instruction}\n<Query>:")
 
     def _ids(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -97,6 +106,9 @@ class Qwen3RerankerEncoder:
         """Encode every document of one request against the query."""
         instruction = self.default_instruction if instruction is None else instruction
         head = self._prefix + self._ids(f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>:")
+        common = len(self._prefix) + _common_length(
+            head[len(self._prefix) :], self._instruction_ids(instruction)
+        )
         room = self.max_pair_tokens - len(head) - len(self._suffix)
         if room < 1:
             raise PromptTooLong(
@@ -110,9 +122,31 @@ class Qwen3RerankerEncoder:
             cut = len(doc) > room
             ids = head + (doc[:room] if cut else doc) + self._suffix
             pairs.append(
-                EncodedPair(payload=ids, tokens=len(ids), truncated=cut, shared_prefix=len(head))
+                EncodedPair(
+                    payload=ids,
+                    tokens=len(ids),
+                    truncated=cut,
+                    shared_prefix=len(head),
+                    common_prefix=common,
+                )
             )
         return pairs
+
+    def _instruction_ids(self, instruction: str) -> list[int]:
+        """Ids of the head up to the query, the part requests with this instruction share."""
+        if instruction == self.default_instruction:
+            return self._default_instruction_ids
+        return self._ids(f"<Instruct>: {instruction}\n<Query>:")
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)

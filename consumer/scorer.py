@@ -174,7 +174,7 @@ class LastTokenScorer(_WarmupMixin):
         if not seqs:
             return None
         if self._packed is not None:
-            return self._packed.prepare(seqs, [p.shared_prefix for p in pairs])
+            return self._packed.prepare(seqs, [p.share_points for p in pairs])
         ids, mask = pad_right(seqs, self._pad_id)
         lengths = mask.sum(1)
         # equal lengths need no mask, which lets SDPA take its plain causal kernel

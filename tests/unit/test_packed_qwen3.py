@@ -78,6 +78,58 @@ def test_shared_heads_compute_what_full_sequences_do(causal: LoadedModel) -> Non
     assert torch.allclose(packed.last_hidden_prepared(inputs), padded, atol=TOL)
 
 
+def test_template_and_instruction_shared_across_requests(causal: LoadedModel) -> None:
+    """With cut points, requests of the same instruction share the template+instruction
+    stretch once, each request its query once; scores are unchanged."""
+    scorer = scorer_of(causal)
+    pairs = encoded(causal)
+    first, chinese, lonely = pairs[0], pairs[3], pairs[5]
+    # the two requests with the default instruction agree up to their common prefix
+    assert first.common_prefix == lonely.common_prefix > 0
+    assert ids([first])[0][: first.common_prefix] == ids([lonely])[0][: lonely.common_prefix]
+    assert 0 < first.common_prefix < first.shared_prefix
+    assert chinese.common_prefix < chinese.shared_prefix  # a custom instruction
+    order = [0, 3, 5, 1, 4, 2]
+    pairs = [pairs[i] for i in order]
+    seqs = ids(pairs)
+    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
+    per_request = packed.prepare(seqs, [p.shared_prefix for p in pairs])
+    inputs = packed.prepare(seqs, [p.share_points for p in pairs])
+    # the default instruction's template + instruction is in the stream once, not twice
+    assert inputs.ids.numel() == per_request.ids.numel() - first.common_prefix
+    padded = scorer.last_hidden(seqs)
+    assert torch.allclose(packed.last_hidden_prepared(inputs), padded, atol=TOL)
+
+
+def test_pack_layout_with_two_cut_points() -> None:
+    """Two requests share [1, 2, 3]; each its own next stretch; the tails hang below."""
+    inputs = pack(
+        [[1, 2, 3, 10, 11, 7], [1, 2, 3, 20, 8], [1, 2, 3, 10, 11, 9, 9]],
+        [(3, 5), (3, 4), (3, 5)],
+    )
+    # [1 2 3] once, then request A's [10 11] and its tails, then B (alone below [1 2 3])
+    assert inputs.ids.tolist() == [1, 2, 3, 10, 11, 7, 9, 9, 20, 8]
+    assert inputs.positions.tolist() == [0, 1, 2, 3, 4, 5, 5, 6, 3, 4]
+    assert inputs.cu_q.tolist() == [0, 3, 5, 6, 8, 10]
+    assert inputs.kv_index is not None
+    assert inputs.kv_index.tolist() == [
+        0, 1, 2,  # [1 2 3] sees itself
+        0, 1, 2, 3, 4,  # [10 11] sees [1 2 3] and itself
+        0, 1, 2, 3, 4, 5,  # tail [7]
+        0, 1, 2, 3, 4, 6, 7,  # tail [9 9]
+        0, 1, 2, 8, 9,  # B's [20 8]: below [1 2 3] it is alone, so all its own
+    ]  # fmt: skip
+    assert inputs.last.tolist() == [5, 9, 7]
+    assert inputs.last_cu_k.tolist() == [0, 6, 11, 18]
+
+
+def test_cut_points_that_all_members_agree_on_make_one_segment() -> None:
+    """A group that agrees through the next cut point too gets one segment, not a chain."""
+    inputs = pack([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]], [(2, 4), (2, 4)])
+    assert inputs.cu_q.tolist() == [0, 4, 5, 6]  # [1 2 3 4], then the two tails
+    assert inputs.ids.tolist() == [1, 2, 3, 4, 5, 6]
+
+
 def test_pack_layout_with_a_shared_head() -> None:
     inputs = pack([[5, 6, 7, 8], [5, 6, 9], [1, 2]], [2, 2, 0])
     assert inputs.ids.tolist() == [5, 6, 7, 8, 9, 1, 2]  # head 5 6 once, then the tails
