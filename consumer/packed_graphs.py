@@ -98,6 +98,10 @@ def _padded(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
     return torch.cat((t, torch.full((size - t.numel(),), fill, dtype=t.dtype)))
 
 
+def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat((t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))))
+
+
 def lay_out(inputs: PackedInputs, bucket: Bucket) -> BucketInputs:
     """``inputs`` in ``bucket``'s shapes: trailing tokens, segments and pair slots unused."""
     tokens = inputs.ids.numel()
@@ -116,6 +120,8 @@ def lay_out(inputs: PackedInputs, bucket: Bucket) -> BucketInputs:
         last_cu_q=_padded(inputs.last_cu_q, bounds, count),
         last_cu_k=_padded(inputs.last_cu_k, bounds, int(inputs.last_cu_k[-1])),
         last_kv_index=_padded(last_kv_index, bucket.keys, 0),
+        key_pieces=_padded_rows(inputs.key_pieces, bucket.segments),  # empty pieces
+        last_key_pieces=_padded_rows(inputs.last_key_pieces, bucket.segments),
         max_q=bucket.max_segment,
         max_k=2 * bucket.max_segment,  # a key segment is a head plus a tail
     )

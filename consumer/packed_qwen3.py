@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from consumer import qk_rope_kernel, varlen_attention_kernel
+from consumer.varlen_attention_kernel import KEY_PIECES
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ log = logging.getLogger(__name__)
 # Causal with the diagonal at the bottom right when a k segment is longer than its q one.
 VarlenAttention = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, float],
+    torch.Tensor,
+]
+# (q, k, v, cu_seqlens_q, key_pieces, max_len_q, scale) -> (Tq, heads, head_dim): the same,
+# with each segment's keys read from the stream in pieces (PackedInputs.key_pieces) instead
+# of gathered into k and v first.
+PiecewiseAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float],
     torch.Tensor,
 ]
 
@@ -76,11 +84,14 @@ def flash_varlen_attention(
     return out[0]
 
 
-def default_attention(heads: int, kv_heads: int, head_dim: int) -> VarlenAttention:
-    """The grouped Triton kernel where it runs for this shape, else FlashAttention-2."""
+def default_attention(
+    heads: int, kv_heads: int, head_dim: int
+) -> tuple[VarlenAttention | None, PiecewiseAttention | None]:
+    """(gathered, piecewise): the grouped Triton kernel (piecewise) where it runs for this
+    shape, else FlashAttention-2 (gathered)."""
     if varlen_attention_kernel.supports(heads, kv_heads, head_dim):
-        return varlen_attention_kernel.grouped_varlen_attention
-    return flash_varlen_attention
+        return None, varlen_attention_kernel.grouped_varlen_attention
+    return flash_varlen_attention, None
 
 
 def supports_packing(base: torch.nn.Module) -> bool:
@@ -111,6 +122,10 @@ class PackedInputs:
     queries are the ``last`` rows (``last_cu_q``: one per pair) and its keys are each
     pair's head and tail, gathered by ``last_kv_index`` (None: the stream, in pair
     order) with bounds ``last_cu_k``.
+
+    ``key_pieces``/``last_key_pieces``: the same keys without gathering, for attention
+    that reads the stream directly: int32 (segments or pairs, KEY_PIECES, 2) of (stream
+    start, length), unused pieces of length 0.
     """
 
     ids: torch.Tensor
@@ -122,6 +137,8 @@ class PackedInputs:
     last_cu_q: torch.Tensor
     last_cu_k: torch.Tensor
     last_kv_index: torch.Tensor | None
+    key_pieces: torch.Tensor
+    last_key_pieces: torch.Tensor
     max_q: int
     max_k: int
     # the same batch in a captured graph's shapes (consumer.packed_graphs), if one fits
@@ -172,8 +189,10 @@ Prefix = int | Sequence[int]
 
 def _cut_points(prefix: Prefix) -> list[int]:
     """The increasing positive cut points of one pair's ``prefixes`` entry."""
-    points = [prefix] if isinstance(prefix, int) else list(prefix)
-    return sorted({p for p in points if p > 0})
+    points = sorted({p for p in ([prefix] if isinstance(prefix, int) else prefix) if p > 0})
+    if len(points) > KEY_PIECES - 1:
+        raise ValueError(f"at most {KEY_PIECES - 1} cut points a pair, not {len(points)}")
+    return points
 
 
 class _Stream:
@@ -185,6 +204,7 @@ class _Stream:
         self.q_first_position: list[int] = []
         self.k_pieces: list[tuple[int, int]] = []  # (stream start, length), gathered in order
         self.k_lengths: list[int] = []
+        self.segment_keys: list[list[tuple[int, int]]] = []  # each segment's key pieces
         self.offset = 0
 
     def segment(
@@ -196,6 +216,7 @@ class _Stream:
         self.q_lengths.append(len(tokens))
         self.q_first_position.append(position)
         self.k_pieces.extend((*ancestors, piece))
+        self.segment_keys.append([*ancestors, piece])
         self.k_lengths.append(sum(n for _, n in ancestors) + len(tokens))
         self.offset += len(tokens)
         return piece
@@ -243,6 +264,8 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None) ->
         last_cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32),
         last_cu_k=_cumulative([sum(n for _, n in pieces) for pieces in pair_keys]),
         last_kv_index=None if in_stream_order else _concat_pieces(last_pieces),
+        key_pieces=_pieces_table(stream.segment_keys),
+        last_key_pieces=_pieces_table(pair_keys),
         max_q=max(stream.q_lengths),
         max_k=max(stream.k_lengths),
     )
@@ -288,6 +311,13 @@ def _extended(seqs: Sequence[list[int]], cuts: list[list[int]], group: list[int]
         if len({tuple(seqs[i][cut:deeper]) for i in group}) != 1:
             return cut
         cut = deeper
+
+
+def _pieces_table(keys: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """int32 (len(keys), KEY_PIECES, 2): each entry's pieces, padded with empty ones."""
+    empty = [(0, 0)] * KEY_PIECES
+    flat = [n for pieces in keys for piece in (pieces + empty)[:KEY_PIECES] for n in piece]
+    return torch.tensor(flat, dtype=torch.int32).view(len(keys), KEY_PIECES, 2)
 
 
 def _concat_pieces(pieces: list[tuple[int, int]]) -> torch.Tensor:
@@ -417,10 +447,13 @@ class PackedQwen3:
     Args:
         base: the ``Qwen3Model`` (its weights are used in place).
         device: where it runs.
-        attention: the varlen attention; None: the grouped Triton kernel of
-            :mod:`consumer.varlen_attention_kernel` where it runs for the model's heads
-            (faster on the short segments of reranking), else FlashAttention-2. Tests
-            pass a CPU stand-in.
+        attention: a varlen attention on gathered keys (FlashAttention-2's contract);
+            tests pass a CPU stand-in.
+        piecewise_attention: a varlen attention that reads each segment's keys from
+            the stream in pieces (no gathered copies). With neither given: the grouped
+            Triton kernel of :mod:`consumer.varlen_attention_kernel` (piecewise) where it
+            runs for the model's heads (faster on the short segments of reranking), else
+            FlashAttention-2.
         fuse_projections: run q/k/v and gate/up as one matrix product each (measured
             no faster than separate products on an H100, see docs/benchmarks.md).
         graphs: a :class:`consumer.packed_graphs.PackedGraphs` to replay small batches
@@ -438,6 +471,7 @@ class PackedQwen3:
         fuse_projections: bool = False,
         graphs: Any = None,
         qk_kernel: bool | None = None,
+        piecewise_attention: PiecewiseAttention | None = None,
     ) -> None:
         if not supports_packing(base):
             raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
@@ -450,7 +484,14 @@ class PackedQwen3:
         )
         self._heads = int(config.num_attention_heads)
         self._kv_heads = int(config.num_key_value_heads)
-        self.attention = attention or default_attention(self._heads, self._kv_heads, self._head_dim)
+        if attention is None and piecewise_attention is None:
+            attention, piecewise_attention = default_attention(
+                self._heads, self._kv_heads, self._head_dim
+            )
+        if (attention is None) == (piecewise_attention is None):
+            raise ValueError("pass either attention or piecewise_attention, not both")
+        self.attention = attention
+        self.piecewise_attention = piecewise_attention
         self._q_size = self._heads * self._head_dim
         self._scale = float(self._head_dim**-0.5)
         with torch.no_grad():
@@ -551,18 +592,37 @@ class PackedQwen3:
         base = self.base
         x = base.embed_tokens(inputs.ids)
         rotary = self._rotary(x, inputs.positions)
+        gathered = self.piecewise_attention is None  # else keys are read from the stream
         *layers, final = self._layers
         for w in layers:
-            q, k, v = self._attention_inputs_of(x, w, rotary, None, inputs.kv_index)
-            attended = self.attention(
-                q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k, self._scale
+            kv_index = inputs.kv_index if gathered else None
+            q, k, v = self._attention_inputs_of(x, w, rotary, None, kv_index)
+            attended = self._attend(
+                q, k, v, inputs.cu_q, inputs.cu_k, inputs.key_pieces, inputs.max_q, inputs.max_k
             )
             x = self._output_and_mlp(x, attended, w)
-        q, k, v = self._attention_inputs_of(x, final, rotary, inputs.last, inputs.last_kv_index)
-        attended = self.attention(
-            q, k, v, inputs.last_cu_q, inputs.last_cu_k, 1, inputs.max_k, self._scale
+        kv_index = inputs.last_kv_index if gathered else None
+        q, k, v = self._attention_inputs_of(x, final, rotary, inputs.last, kv_index)
+        attended = self._attend(
+            q, k, v, inputs.last_cu_q, inputs.last_cu_k, inputs.last_key_pieces, 1, inputs.max_k
         )
         return base.norm(self._output_and_mlp(x.index_select(0, inputs.last), attended, final))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        key_pieces: torch.Tensor,
+        max_q: int,
+        max_k: int,
+    ) -> torch.Tensor:
+        if self.piecewise_attention is not None:
+            return self.piecewise_attention(q, k, v, cu_q, key_pieces, max_q, self._scale)
+        assert self.attention is not None
+        return self.attention(q, k, v, cu_q, cu_k, max_q, max_k, self._scale)
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the q/k step needs for rotary: (positions,) for the kernel, else (cos, sin)."""

@@ -13,8 +13,11 @@ bottom-right aligned per segment, as FlashAttention's (a tail's queries see its 
 head in front of its own keys). Softmax runs in fp32, online, with the probabilities
 rounded to the input dtype for the second product, as FlashAttention does.
 
-Same contract as :data:`consumer.packed_qwen3.VarlenAttention`. Runs on CUDA, or on the
-CPU in Triton's interpreter (``TRITON_INTERPRET=1``) for tests.
+It also reads a segment's keys where they are in the packed stream, in up to
+``KEY_PIECES`` pieces (the template + instruction shared by many requests, the request's
+query, the segment itself), so keys and values are never gathered into a copy.
+
+Runs on CUDA, or on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``) for tests.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ except ImportError:  # pragma: no cover - torch wheels for Linux ship triton
 
 # Tile shape: the fastest of benchmarks/attention_kernels.py's tiles on an H100 (run 4:
 # 0.37 ms against FlashAttention-2's 0.72 ms a call on a 40k-token batch with shared heads).
+KEY_PIECES = 3  # stream ranges that make up one segment's keys, at most
 ROWS = 64  # query rows per program (tokens x grouped heads)
 KEYS_PER_STEP = 32
 NUM_WARPS = 4
@@ -55,23 +59,24 @@ def grouped_varlen_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
+    key_pieces: torch.Tensor,
     max_q: int,
-    max_k: int,
     scale: float,
 ) -> torch.Tensor:
     """Causal (bottom-right) attention per segment: (Tq, heads, dim), like ``q``.
 
-    ``q``: (Tq, heads, dim); ``k``/``v``: (Tk, kv_heads, dim), last dimension
-    contiguous; ``cu_q``/``cu_k``: int32 segment bounds; segment i's queries are rows
-    ``cu_q[i]:cu_q[i+1]`` and see keys ``cu_k[i]:cu_k[i+1]`` up to their own position
-    counted from the end. ``max_k`` is not needed (the loop stops at each segment's
-    end); it is part of the shared contract.
+    ``q``: (Tq, heads, dim); ``k``/``v``: (Tk, kv_heads, dim) with the last dimension
+    contiguous; ``cu_q``: int32 segment bounds, segment i's queries are rows
+    ``cu_q[i]:cu_q[i+1]``; ``key_pieces``: int32 (segments, KEY_PIECES, 2) of (first row,
+    length) in ``k``/``v``: a segment's keys are its pieces in order (unused pieces have
+    length 0), and its query j sees the keys up to j + (keys - queries).
     """
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     problem = _shape_problem(heads, kv_heads, dim)
     if problem:
         raise ValueError(problem)
+    if tuple(key_pieces.shape[1:]) != (KEY_PIECES, 2) or not key_pieces.is_contiguous():
+        raise ValueError(f"key_pieces must be contiguous (segments, {KEY_PIECES}, 2)")
     group = heads // kv_heads
     tokens_per_tile = ROWS // group
     out = torch.empty_like(q)
@@ -80,7 +85,7 @@ def grouped_varlen_attention(
         return out
     grid = (triton.cdiv(max_q, tokens_per_tile), segments, kv_heads)
     _attention_tile[grid](
-        q, k, v, out, cu_q, cu_k, scale * math.log2(math.e),
+        q, k, v, out, cu_q, key_pieces, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=group, TOKENS=tokens_per_tile, KEYS=KEYS_PER_STEP, DIM=dim,
@@ -98,7 +103,7 @@ if triton is not None:
         v_ptr,
         out_ptr,
         cu_q_ptr,
-        cu_k_ptr,
+        pieces_ptr,
         scale_log2,
         q_stride_t,
         q_stride_h,
@@ -120,8 +125,14 @@ if triton is not None:
         q_len = tl.load(cu_q_ptr + segment + 1) - q_start
         first = tile * TOKENS
         if first < q_len:
-            k_start = tl.load(cu_k_ptr + segment)
-            k_len = tl.load(cu_k_ptr + segment + 1) - k_start
+            # the keys: up to three stream ranges, back to back
+            pieces = pieces_ptr + segment * 6
+            start0, len0 = tl.load(pieces), tl.load(pieces + 1)
+            start1, len1 = tl.load(pieces + 2), tl.load(pieces + 3)
+            start2, len2 = tl.load(pieces + 4), tl.load(pieces + 5)
+            end0 = len0
+            end1 = len0 + len1
+            k_len = end1 + len2
             shift = k_len - q_len  # query i sees keys 0 .. i + shift
             rows = tl.arange(0, GROUP * TOKENS)
             token = first + rows % TOKENS
@@ -138,7 +149,11 @@ if triton is not None:
             for key0 in range(0, end, KEYS):
                 keys = key0 + tl.arange(0, KEYS)
                 key_ok = keys < end
-                key_rows = (k_start + keys).to(tl.int64)
+                key_rows = tl.where(
+                    keys < end0,
+                    start0 + keys,
+                    tl.where(keys < end1, start1 + keys - end0, start2 + keys - end1),
+                ).to(tl.int64)
                 k = tl.load(
                     k_ptr + (key_rows * k_stride_t + kv_head * k_stride_h)[:, None] + dims[None, :],
                     mask=key_ok[:, None],

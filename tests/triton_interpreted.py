@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tiny_models import tiny_qwen3_config_dict
 from transformers import Qwen3Config, Qwen3Model
-from varlen_reference import segment_causal_attention
+from varlen_reference import piecewise_causal_attention, segment_causal_attention
 
 from consumer import qk_rope_kernel
 from consumer.packed_qwen3 import PackedQwen3, _rotate_half, pack, rms_norm
@@ -64,25 +64,32 @@ def kernel_against_torch(dtype: torch.dtype) -> dict[str, float | bool]:
 
 def attention_against_reference() -> dict[str, float]:
     """Max |kernel - SDPA stand-in| per case: grouped heads 1, 2 and 4 per key/value head,
-    segments longer than a tile, shared heads, and the last layer's one query per pair."""
+    segments longer than a tile, keys in one, two and three pieces (a stretch shared by
+    two requests, each request's own head, the segment), and the last layer's one query
+    per pair."""
     torch.manual_seed(0)
-    head = [1] * 37
-    seqs = [[*head, *[2] * 150], [3] * 9, [*head, 4, 4, 4], [5] * 70, [*head, 6]]
-    inputs = pack(seqs, [37, 0, 37, 0, 37])
-    assert inputs.kv_index is not None and inputs.last_kv_index is not None
+    common, head_a, head_b = [1] * 21, [7] * 16, [8] * 5
+    seqs = [
+        [*common, *head_a, *[2] * 150],
+        [3] * 9,
+        [*common, *head_a, 4, 4, 4],
+        [*common, *head_b, *[5] * 70],
+        [*common, *head_b, 6],
+    ]
+    inputs = pack(seqs, [(21, 37), 0, (21, 37), (21, 26), (21, 26)])
+    assert int(inputs.key_pieces[:, 2, 1].count_nonzero()) > 0  # three pieces used
     diffs = {}
     for heads, kv_heads in ((2, 2), (4, 2), (8, 2)):
         dim = 32
-        for name, rows, cu_q, cu_k, keys, max_q in (
-            ("layer", inputs.ids.numel(), inputs.cu_q, inputs.cu_k,
-             inputs.kv_index.numel(), inputs.max_q),
-            ("last", len(seqs), inputs.last_cu_q, inputs.last_cu_k,
-             inputs.last_kv_index.numel(), 1),
-        ):  # fmt: skip
+        tokens = inputs.ids.numel()
+        k, v = torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+        for name, rows, cu_q, pieces, max_q in (
+            ("layer", tokens, inputs.cu_q, inputs.key_pieces, inputs.max_q),
+            ("last", len(seqs), inputs.last_cu_q, inputs.last_key_pieces, 1),
+        ):
             q = torch.randn(rows, heads, dim)
-            k, v = torch.randn(keys, kv_heads, dim), torch.randn(keys, kv_heads, dim)
-            args = (q, k, v, cu_q, cu_k, max_q, inputs.max_k, dim**-0.5)
-            got, want = grouped_varlen_attention(*args), segment_causal_attention(*args)
+            args = (q, k, v, cu_q, pieces, max_q, dim**-0.5)
+            got, want = grouped_varlen_attention(*args), piecewise_causal_attention(*args)
             diffs[f"{name}_{heads}_over_{kv_heads}"] = float((got - want).abs().max())
     return diffs
 
@@ -93,11 +100,21 @@ def packed_forward_through_the_kernels() -> dict[str, float | int]:
     torch.manual_seed(0)
     model = Qwen3Model(Qwen3Config(**tiny_qwen3_config_dict())).eval()
     head = [5, 6, 7, 8, 9]
-    seqs = [[*head, 11, 12, 13], [21, 22], [*head, 14, 15, 16, 17], [*head, 18]]
-    prefixes = [5, 0, 5, 5]
-    kernels = PackedQwen3(model, "cpu", grouped_varlen_attention, qk_kernel=True)
+    seqs = [
+        [*head, 11, 12, 13],
+        [21, 22],
+        [*head, 14, 15, 16, 17],
+        [*head, 18],
+        [5, 6, 7, 30, 31, 32],
+        [5, 6, 7, 30, 33],
+    ]
+    prefixes: list[int | tuple[int, int]] = [(3, 5), 0, (3, 5), (3, 5), (3, 4), (3, 4)]
+    kernels = PackedQwen3(
+        model, "cpu", qk_kernel=True, piecewise_attention=grouped_varlen_attention
+    )
     plain = PackedQwen3(model, "cpu", segment_causal_attention, qk_kernel=False)
     assert kernels.uses_qk_kernel and not plain.uses_qk_kernel
+    assert int(plain.prepare(seqs, prefixes).key_pieces[:, 2, 1].count_nonzero()) > 0
     got, want = kernels.last_hidden(seqs, prefixes), plain.last_hidden(seqs, prefixes)
     return {
         "max_abs_diff": float((got - want).abs().max()),

@@ -36,3 +36,26 @@ def segment_causal_attention(
             scale=scale,
         ).transpose(0, 1)
     return out
+
+
+def piecewise_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    key_pieces: torch.Tensor,
+    max_q: int,
+    scale: float,
+) -> torch.Tensor:
+    """CPU stand-in for the piecewise contract: gather each segment's key pieces, then
+    :func:`segment_causal_attention`."""
+    rows: list[int] = []
+    bounds = [0]
+    for pieces in key_pieces.tolist():
+        for start, length in pieces:
+            rows.extend(range(start, start + length))
+        bounds.append(len(rows))
+    index = torch.tensor(rows, dtype=torch.long)
+    cu_k = torch.tensor(bounds, dtype=torch.int32)
+    max_k = max(b - a for a, b in itertools.pairwise(bounds))
+    return segment_causal_attention(q, k[index], v[index], cu_q, cu_k, max_q, max_k, scale)

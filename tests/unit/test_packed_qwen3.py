@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from varlen_reference import segment_causal_attention
+from varlen_reference import piecewise_causal_attention, segment_causal_attention
 
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
@@ -33,6 +33,18 @@ def causal(tiny_causal_dir: Path) -> LoadedModel:
     return load_model(ModelOptions(model=str(tiny_causal_dir), max_pair_tokens=96))
 
 
+# the two attention contracts: keys gathered first, or read from the stream in pieces
+KEYS = ["gathered", "pieces"]
+
+
+def packed_model(base: object, keys: str, **options: object) -> PackedQwen3:
+    if keys == "pieces":
+        options["piecewise_attention"] = piecewise_causal_attention
+    else:
+        options["attention"] = segment_causal_attention
+    return PackedQwen3(base, "cpu", **options)  # type: ignore[arg-type]
+
+
 def scorer_of(loaded: LoadedModel) -> LastTokenScorer:
     assert isinstance(loaded.scorer, LastTokenScorer)
     return loaded.scorer
@@ -50,18 +62,20 @@ def ids(pairs: list[EncodedPair]) -> list[list[int]]:
     return out
 
 
+@pytest.mark.parametrize("keys", KEYS)
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
-def test_packed_forward_matches_padded_path(causal: LoadedModel, fuse: bool) -> None:
+def test_packed_forward_matches_padded_path(causal: LoadedModel, fuse: bool, keys: str) -> None:
     scorer = scorer_of(causal)
     seqs = ids(encoded(causal))
     padded = scorer.last_hidden(seqs)
-    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention, fuse_projections=fuse)
+    packed = packed_model(scorer._base, keys, fuse_projections=fuse)
     assert torch.allclose(packed.last_hidden(seqs), padded, atol=TOL)
     one = packed.last_hidden(seqs[:1])
     assert one.shape[0] == 1 and torch.allclose(one, padded[:1], atol=TOL)
 
 
-def test_shared_heads_compute_what_full_sequences_do(causal: LoadedModel) -> None:
+@pytest.mark.parametrize("keys", KEYS)
+def test_shared_heads_compute_what_full_sequences_do(causal: LoadedModel, keys: str) -> None:
     """Each request's template+instruction+query runs once; scores are unchanged."""
     scorer = scorer_of(causal)
     pairs = encoded(causal)
@@ -70,7 +84,7 @@ def test_shared_heads_compute_what_full_sequences_do(causal: LoadedModel) -> Non
     order = [0, 3, 5, 1, 4, 2]
     pairs = [pairs[i] for i in order]
     seqs = ids(pairs)
-    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
+    packed = packed_model(scorer._base, keys)
     inputs = packed.prepare(seqs, [p.shared_prefix for p in pairs])
     assert inputs.shared
     assert inputs.ids.numel() < sum(len(s) for s in seqs)
@@ -78,7 +92,8 @@ def test_shared_heads_compute_what_full_sequences_do(causal: LoadedModel) -> Non
     assert torch.allclose(packed.last_hidden_prepared(inputs), padded, atol=TOL)
 
 
-def test_template_and_instruction_shared_across_requests(causal: LoadedModel) -> None:
+@pytest.mark.parametrize("keys", KEYS)
+def test_template_and_instruction_shared_across_requests(causal: LoadedModel, keys: str) -> None:
     """With cut points, requests of the same instruction share the template+instruction
     stretch once, each request its query once; scores are unchanged."""
     scorer = scorer_of(causal)
@@ -92,7 +107,7 @@ def test_template_and_instruction_shared_across_requests(causal: LoadedModel) ->
     order = [0, 3, 5, 1, 4, 2]
     pairs = [pairs[i] for i in order]
     seqs = ids(pairs)
-    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
+    packed = packed_model(scorer._base, keys)
     per_request = packed.prepare(seqs, [p.shared_prefix for p in pairs])
     inputs = packed.prepare(seqs, [p.share_points for p in pairs])
     # the default instruction's template + instruction is in the stream once, not twice
@@ -121,6 +136,24 @@ def test_pack_layout_with_two_cut_points() -> None:
     ]  # fmt: skip
     assert inputs.last.tolist() == [5, 9, 7]
     assert inputs.last_cu_k.tolist() == [0, 6, 11, 18]
+    # the same keys as stream ranges: (start, length), padded with empty pieces
+    assert inputs.key_pieces.tolist() == [
+        [[0, 3], [0, 0], [0, 0]],
+        [[0, 3], [3, 2], [0, 0]],
+        [[0, 3], [3, 2], [5, 1]],
+        [[0, 3], [3, 2], [6, 2]],
+        [[0, 3], [8, 2], [0, 0]],
+    ]
+    assert inputs.last_key_pieces.tolist() == [
+        [[0, 3], [3, 2], [5, 1]],
+        [[0, 3], [8, 2], [0, 0]],
+        [[0, 3], [3, 2], [6, 2]],
+    ]
+
+
+def test_pack_refuses_more_cut_points_than_key_pieces() -> None:
+    with pytest.raises(ValueError, match="at most 2 cut points"):
+        pack([[1, 2, 3, 4, 5]], [(1, 2, 3)])
 
 
 def test_cut_points_that_all_members_agree_on_make_one_segment() -> None:
@@ -179,13 +212,14 @@ def test_pack_never_shares_a_whole_sequence() -> None:
     assert inputs.cu_k.tolist() == [0, 2, 5, 9, 11]
 
 
-def test_bucket_layout_computes_the_same_rows(causal: LoadedModel) -> None:
+@pytest.mark.parametrize("keys", KEYS)
+def test_bucket_layout_computes_the_same_rows(causal: LoadedModel, keys: str) -> None:
     """A batch laid out in a CUDA graph's fixed shapes (unused tokens and empty segments
     at the end) gives the same hidden states as the batch itself."""
     scorer = scorer_of(causal)
     pairs = encoded(causal)
-    packed = PackedQwen3(scorer._base, "cpu", segment_causal_attention)
-    inputs = packed.prepare(ids(pairs), [p.shared_prefix for p in pairs])
+    packed = packed_model(scorer._base, keys)
+    inputs = packed.prepare(ids(pairs), [p.share_points for p in pairs])
     bucket = next(b for b in PackedGraphs().buckets if b.fits(inputs))
     laid = lay_out(inputs, bucket).inputs
     assert laid.ids.numel() == bucket.tokens
@@ -195,6 +229,7 @@ def test_bucket_layout_computes_the_same_rows(causal: LoadedModel) -> None:
     assert laid.last_cu_q.numel() == laid.last_cu_k.numel() == bucket.segments + 1
     assert laid.cu_q[-1] == inputs.ids.numel()  # trailing tokens belong to no segment
     assert laid.last_cu_q[-1] == len(pairs)  # unused pair slots are empty segments
+    assert laid.key_pieces.shape[0] == laid.last_key_pieces.shape[0] == bucket.segments
     rows = packed.hidden_at(laid)
     assert torch.allclose(rows[: len(pairs)], packed.last_hidden_prepared(inputs), atol=TOL)
 
