@@ -146,7 +146,7 @@ class PackedInputs:
 
     TENSORS = (
         "ids", "positions", "cu_q", "cu_k", "kv_index",
-        "last", "last_cu_q", "last_cu_k", "last_kv_index",
+        "last", "last_cu_q", "last_cu_k", "last_kv_index", "key_pieces", "last_key_pieces",
     )  # fmt: skip
 
     @property

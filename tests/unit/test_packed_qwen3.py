@@ -16,7 +16,7 @@ from varlen_reference import piecewise_causal_attention, segment_causal_attentio
 from consumer.model_loader import LoadedModel, load_model
 from consumer.model_options import ModelOptions
 from consumer.packed_graphs import PackedGraphs, lay_out, make_buckets
-from consumer.packed_qwen3 import PackedQwen3, pack
+from consumer.packed_qwen3 import PackedInputs, PackedQwen3, pack
 from consumer.prompt import EncodedPair
 from consumer.scorer import LastTokenScorer
 
@@ -257,3 +257,12 @@ def test_pack_refuses_an_empty_sequence() -> None:
     """An empty pair would have no last token of its own (it would read its neighbour's)."""
     with pytest.raises(ValueError, match="at least one token"):
         pack([[1, 2], []])
+
+
+def test_every_tensor_field_is_moved_and_pinned() -> None:
+    """TENSORS lists every tensor of a batch, so moving it to the GPU misses none."""
+    inputs = pack([[1, 2, 3], [1, 2, 4]], [2, 2])
+    tensors = {name for name, value in vars(inputs).items() if isinstance(value, torch.Tensor)}
+    assert tensors == set(PackedInputs.TENSORS)
+    moved = inputs.moved("meta")
+    assert all(t is None or t.device.type == "meta" for t in moved.tensors())
