@@ -10,15 +10,15 @@ batch on one thread, for each variant:
 
 * ``default``: what the service runs without CUDA graphs: the template + instruction
   computed once a batch and each request's query once, the grouped Triton attention
-  kernel, q/k norm + rotary + key gathering in the Triton kernel of
+  kernel reading keys in place, q/k norm + rotary in the Triton kernel of
   ``consumer.qk_rope_kernel``, the last layer only at each pair's last token;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs); ``graphs-wide``: with the wider buckets of the first version (every
   segment up to 1,024 tokens, a slot per 32 tokens);
-* ``flash-attention``: the default with FlashAttention-2 instead of the grouped Triton
-  attention kernel of ``consumer.varlen_attention_kernel``;
-* ``torch-qk``: q/k norm and rotary as compiled torch code, keys gathered by
-  ``index_select`` (the path before the kernel);
+* ``flash-attention``: the default with FlashAttention-2 (keys and values gathered
+  first) instead of the grouped Triton attention kernel of
+  ``consumer.varlen_attention_kernel``;
+* ``torch-qk``: q/k norm and rotary as compiled torch code (the path before the kernel);
 * ``request-heads``: each request's head computed once, but the template + instruction
   once per request instead of once per batch (the layout before cut points);
 * ``no-share``: every pair computes its own template, instruction and query;

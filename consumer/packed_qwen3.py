@@ -5,20 +5,22 @@ the decoder layers once, with a variable-length attention kernel keeping every p
 attention causal and private. Three savings over the padded forward:
 
 * no padding: a batch costs exactly its real tokens;
-* a shared prefix is computed once: the pairs of one request start with the same
-  tokens (template, instruction, query), so the stream holds that *head* once and
-  each pair only as its *tail*. A tail's queries attend to the head's keys and values
-  (gathered in front of the tail's own) plus its own, causally; its rotary positions
-  continue after the head. That is the same computation as the full sequence, done
-  once for the head instead of once per pair;
+* shared prefixes are computed once: the pairs of one request start with the same
+  tokens (template, instruction, query), and requests with the same instruction start
+  with the same template + instruction. The stream holds each shared stretch once (a
+  prefix tree cut at those points) and each pair only as its *tail*. A segment's queries
+  attend to its ancestors' keys and values plus its own, causally; its rotary positions
+  continue after them. That is the same computation as the full sequences, done once per
+  stretch instead of once per pair;
 * the last layer runs only at each pair's last token (the only hidden state the score
   reads); its keys and values still come from every token.
 
 Grouped-query attention goes to the kernel as is (8 key/value heads for 16 query
 heads), so keys and values are never copied per query head. The attention kernel is
-the grouped Triton kernel of :mod:`consumer.varlen_attention_kernel` (FlashAttention-2
-where triton is missing), and q/k norm + rotary + key gathering is one Triton kernel
-(:mod:`consumer.qk_rope_kernel`).
+the grouped Triton kernel of :mod:`consumer.varlen_attention_kernel`, which reads each
+segment's keys where they are in the stream (``key_pieces``); FlashAttention-2, for
+shapes that kernel cannot tile, reads them gathered (``kv_index``). q/k norm + rotary
+(+ the gather, for FlashAttention-2) is one Triton kernel (:mod:`consumer.qk_rope_kernel`).
 
 Each decoder layer runs as compiled regions (norm + q/k/v products; output
 projection + residual + norm + MLP + residual) around those kernels. One compiled

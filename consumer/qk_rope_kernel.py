@@ -1,10 +1,11 @@
-"""One Triton kernel for Qwen3's per-head q/k RMSNorm, rotary embedding and key gathering.
+"""One Triton kernel for Qwen3's per-head q/k RMSNorm and rotary embedding (and gathering).
 
 In the packed forward these small element-wise steps sat between the q/k/v products
-and FlashAttention as compiler-generated kernels plus two ``index_select`` copies of
-keys and values, together about a sixth of the GPU time of a batch (kernel profile in
-docs/benchmarks.md). This kernel reads each projected row once and writes it once,
-already normalized, rotated and in the order the attention kernel reads it:
+and the attention kernel as compiler-generated kernels plus two ``index_select`` copies
+of keys and values, together about a sixth of the GPU time of a batch (kernel profile
+in docs/benchmarks.md). This kernel reads each projected row once and writes it once,
+already normalized and rotated, optionally gathered by a token index (the last layer's
+queries; keys and values for FlashAttention-2, which reads them gathered):
 
 * ``norm_rope(x, ...)``: rows of ``x`` (tokens, heads * head_dim), optionally gathered
   by a token index, RMS-normalized per head, scaled, rotated by each token's position;
