@@ -240,17 +240,22 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None) ->
     pair_keys: list[list[tuple[int, int]]] = [[] for _ in seqs]
     last = [0] * len(seqs)
 
+    def tails(members: list[int], start: int, ancestors: list[tuple[int, int]]) -> None:
+        for index in members:
+            own = stream.segment(seqs[index][start:], start, ancestors)
+            last[index] = own[0] + own[1] - 1
+            pair_keys[index] = [*ancestors, own]
+
     def place(members: list[int], start: int, ancestors: list[tuple[int, int]]) -> None:
         # members share seq[:start], already in the stream as ``ancestors``
-        for cut, group in _next_groups(seqs, cuts, members, start):
-            if cut > start:
-                shared = stream.segment(seqs[group[0]][start:cut], start, ancestors)
-                place(group, cut, [*ancestors, shared])
+        for cut, group, clipped in _next_groups(seqs, cuts, members, start):
+            if cut == start:
+                tails(group, start, ancestors)
                 continue
-            for index in group:
-                own = stream.segment(seqs[index][start:], start, ancestors)
-                last[index] = own[0] + own[1] - 1
-                pair_keys[index] = [*ancestors, own]
+            shared = stream.segment(seqs[group[0]][start:cut], start, ancestors)
+            # below a clipped stretch only tails: every level then uses up a cut point,
+            # so a pair's keys never have more than KEY_PIECES pieces
+            (tails if clipped else place)(group, cut, [*ancestors, shared])
 
     place(list(range(len(seqs))), 0, [])
     last_pieces = list(itertools.chain.from_iterable(pair_keys))
@@ -275,13 +280,13 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None) ->
 
 def _next_groups(
     seqs: Sequence[list[int]], cuts: list[list[int]], members: list[int], start: int
-) -> list[tuple[int, list[int]]]:
+) -> list[tuple[int, list[int], bool]]:
     """Members that share ids from ``start`` to their next cut point, in order of first
-    appearance, as (end of the shared stretch, members); end == start: not shared.
+    appearance, as (end of the shared stretch, members, clipped); end == start: not shared.
 
-    The stretch is clipped so that every member keeps a token of its own, and then
-    extended through further cut points as long as the whole group still agrees (one
-    segment instead of a chain).
+    The stretch is extended through further cut points as long as the whole group still
+    agrees (one segment instead of a chain), then clipped so that every member keeps a
+    token of its own.
     """
     by_key: dict[tuple[int, ...], list[int]] = {}
     groups: list[tuple[int, list[int]]] = []
@@ -297,10 +302,12 @@ def _next_groups(
         group.append(index)
     out = []
     for cut, group in groups:
-        if len(group) > 1:
-            cut = _extended(seqs, cuts, group, cut)
-            cut = min(cut, min(len(seqs[i]) for i in group) - 1)
-        out.append((cut if len(group) > 1 and cut > start else start, group))
+        if len(group) == 1:
+            out.append((start, group, False))
+            continue
+        cut = _extended(seqs, cuts, group, cut)
+        room = min(len(seqs[i]) for i in group) - 1
+        out.append((max(start, min(cut, room)), group, room < cut))
     return out
 
 
@@ -318,6 +325,7 @@ def _extended(seqs: Sequence[list[int]], cuts: list[list[int]], group: list[int]
 def _pieces_table(keys: list[list[tuple[int, int]]]) -> torch.Tensor:
     """int32 (len(keys), KEY_PIECES, 2): each entry's pieces, padded with empty ones."""
     empty = [(0, 0)] * KEY_PIECES
+    assert all(len(pieces) <= KEY_PIECES for pieces in keys), "pack keeps this bound"
     flat = [n for pieces in keys for piece in (pieces + empty)[:KEY_PIECES] for n in piece]
     return torch.tensor(flat, dtype=torch.int32).view(len(keys), KEY_PIECES, 2)
 

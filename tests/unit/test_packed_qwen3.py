@@ -266,3 +266,14 @@ def test_every_tensor_field_is_moved_and_pinned() -> None:
     assert tensors == set(PackedInputs.TENSORS)
     moved = inputs.moved("meta")
     assert all(t is None or t.device.type == "meta" for t in moved.tensors())
+
+
+def test_short_pairs_below_a_clipped_stretch_keep_three_key_pieces_at_most() -> None:
+    """Pairs shorter than their cut points: the shared stretch is clipped and nothing is
+    shared below it, so no pair's keys need more than three pieces."""
+    seqs = [[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4, 5], [1, 2, 9]]
+    inputs = pack(seqs, [(2, 3)] * 4)
+    assert inputs.ids.tolist()[:2] == [1, 2]  # shared, clipped to leave [3] to the first
+    for keys, seq in zip(inputs.last_key_pieces.tolist(), seqs, strict=True):
+        rows = [r for start, n in keys for r in range(start, start + n)]
+        assert inputs.ids[rows].tolist() == seq  # each pair's keys are exactly its ids
