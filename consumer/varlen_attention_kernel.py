@@ -7,7 +7,7 @@ grouped-query attention every key/value tile is loaded once per query head.
 
 This kernel gives each program one key/value head and *all* query heads that share it:
 a tile is ``ROWS`` rows = ``ROWS // group`` tokens x ``group`` heads. Key/value tiles are
-loaded once for the group, and a tile covers fewer tokens (64 for the 0.6B model's 2
+loaded once for the group, and a tile covers fewer tokens (32 for the 0.6B model's 2
 query heads per key/value head), so short segments waste less. Causal masking is
 bottom-right aligned per segment, as FlashAttention's (a tail's queries see its whole
 head in front of its own keys). Softmax runs in fp32, online, with the probabilities
@@ -32,9 +32,9 @@ try:
 except ImportError:  # pragma: no cover - torch wheels for Linux ship triton
     triton = None
 
-# Tile shape: the fastest of benchmarks/attention_kernels.py's tiles on an H100 (run 4:
-# 0.37 ms against FlashAttention-2's 0.72 ms a call on a 40k-token batch with shared heads).
-KEY_PIECES = 3  # stream ranges that make up one segment's keys, at most
+KEY_PIECES = 3  # stream ranges that make up one segment's keys, at most (the kernel reads 3)
+# Tile shape: the fastest of benchmarks/attention_kernels.py's tiles on an H100 (session 3
+# run 8: 0.35 ms against FlashAttention-2's 0.73 ms a call on a 40k-token batch).
 ROWS = 64  # query rows per program (tokens x grouped heads)
 KEYS_PER_STEP = 32
 NUM_WARPS = 4
