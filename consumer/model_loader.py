@@ -204,7 +204,8 @@ def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
     )
     if run.packed == "on" and not possible:
         raise ModelLoadError(
-            "packed=on needs a CUDA device, bfloat16/float16, torch.nn.attention.varlen and "
+            "packed=on needs a CUDA device, bfloat16/float16, torch's flash attention op "
+            "(torch.ops.aten._flash_attention_forward) and "
             "a Qwen3 model without sliding-window layers"
         )
     if run.packed == "off" or not possible:

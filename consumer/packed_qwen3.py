@@ -204,9 +204,8 @@ class _Stream:
         self.chunks: list[list[int]] = []
         self.q_lengths: list[int] = []
         self.q_first_position: list[int] = []
-        self.k_pieces: list[tuple[int, int]] = []  # (stream start, length), gathered in order
-        self.k_lengths: list[int] = []
-        self.segment_keys: list[list[tuple[int, int]]] = []  # each segment's key pieces
+        # each segment's keys: (stream start, length) pieces, its ancestors' and its own
+        self.segment_keys: list[list[tuple[int, int]]] = []
         self.offset = 0
 
     def segment(
@@ -217,9 +216,7 @@ class _Stream:
         self.chunks.append(tokens)
         self.q_lengths.append(len(tokens))
         self.q_first_position.append(position)
-        self.k_pieces.extend((*ancestors, piece))
         self.segment_keys.append([*ancestors, piece])
-        self.k_lengths.append(sum(n for _, n in ancestors) + len(tokens))
         self.offset += len(tokens)
         return piece
 
@@ -258,24 +255,30 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None) ->
             (tails if clipped else place)(group, cut, [*ancestors, shared])
 
     place(list(range(len(seqs))), 0, [])
+    k_pieces = list(itertools.chain.from_iterable(stream.segment_keys))
     last_pieces = list(itertools.chain.from_iterable(pair_keys))
-    shared = len(stream.k_pieces) > len(stream.q_lengths)
-    in_stream_order = last_pieces == stream.k_pieces  # nothing shared, pairs in stream order
+    shared = len(k_pieces) > len(stream.q_lengths)
+    in_stream_order = last_pieces == k_pieces  # nothing shared, pairs in stream order
+    k_lengths = _key_counts(stream.segment_keys)
     return PackedInputs(
         ids=torch.tensor(list(itertools.chain.from_iterable(stream.chunks)), dtype=torch.long),
         positions=_concat_ranges(stream.q_first_position, stream.q_lengths),
         cu_q=_cumulative(stream.q_lengths),
-        cu_k=_cumulative(stream.k_lengths),
-        kv_index=_concat_pieces(stream.k_pieces) if shared else None,
+        cu_k=_cumulative(k_lengths),
+        kv_index=_concat_pieces(k_pieces) if shared else None,
         last=torch.tensor(last, dtype=torch.long),
         last_cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32),
-        last_cu_k=_cumulative([sum(n for _, n in pieces) for pieces in pair_keys]),
+        last_cu_k=_cumulative(_key_counts(pair_keys)),
         last_kv_index=None if in_stream_order else _concat_pieces(last_pieces),
         key_pieces=_pieces_table(stream.segment_keys),
         last_key_pieces=_pieces_table(pair_keys),
         max_q=max(stream.q_lengths),
-        max_k=max(stream.k_lengths),
+        max_k=max(k_lengths),
     )
+
+
+def _key_counts(keys: list[list[tuple[int, int]]]) -> list[int]:
+    return [sum(n for _, n in pieces) for pieces in keys]
 
 
 def _next_groups(
