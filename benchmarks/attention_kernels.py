@@ -1,7 +1,8 @@
 """Varlen attention kernels on one packed batch's shapes: FlashAttention-2, the grouped
-Triton kernel of ``consumer.varlen_attention_kernel`` (in several tile shapes) and cuDNN.
+Triton kernel of ``consumer.runtime.qwen3.varlen_attention_kernel`` (in several tile
+shapes) and cuDNN.
 
-    PYTHONPATH=. python benchmarks/attention_kernels.py [--tokens 50000] [--cudnn]
+    python -m benchmarks.attention_kernels [--tokens 50000] [--cudnn]
 
 Builds the segment layout of a packed batch like the engine's (requests of 8 pairs: a
 template + instruction shared by all requests, each request's query, tails of 55-495
@@ -23,8 +24,9 @@ from functools import partial
 
 import torch
 
-from consumer import varlen_attention_kernel
-from consumer.packed_qwen3 import Prefix, flash_varlen_attention, pack
+from consumer.runtime.qwen3 import varlen_attention_kernel
+from consumer.runtime.qwen3.attention import flash_varlen_attention
+from consumer.runtime.qwen3.layout import Prefix, pack
 
 HEADS, KV_HEADS, DIM = 16, 8, 128
 

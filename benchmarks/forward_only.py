@@ -1,9 +1,9 @@
 """Packed forward alone, variant against variant, in one process on one GPU.
 
-    PYTHONPATH=. python benchmarks/forward_only.py --tokenizer DIR [--pairs 4096]
-        [--variants default,graphs,torch-qk,no-share,fused,expanded-gqa] [--rounds 2] [--profile]
+    python -m benchmarks.forward_only --tokenizer DIR [--pairs 4096]
+        [--variants default,graphs,torch-qk,no-share,expanded-gqa] [--rounds 2] [--profile]
 
-Builds the random 0.6B-shaped model and synthetic workload of ``consumer.bench``,
+Builds the random 0.6B-shaped model and synthetic workload of ``benchmarks.engine_bench``,
 tokenizes everything first, cuts batches in request order by the token budget (as the
 engine's batcher does for a packed scorer), then times the packed forward batch after
 batch on one thread, for each variant:
@@ -11,18 +11,17 @@ batch on one thread, for each variant:
 * ``default``: what the service runs without CUDA graphs: the template + instruction
   computed once a batch and each request's query once, the grouped Triton attention
   kernel reading keys in place, q/k norm + rotary in the Triton kernel of
-  ``consumer.qk_rope_kernel``, the last layer only at each pair's last token;
+  ``consumer.runtime.qwen3.qk_rope_kernel``, the last layer only at each pair's last token;
 * ``graphs``: the default plus CUDA graphs for batches up to 8,192 tokens (what the
   service runs); ``graphs-wide``: with the wider buckets of the first version (every
   segment up to 1,024 tokens, a slot per 32 tokens);
 * ``flash-attention``: the default with FlashAttention-2 (keys and values gathered
   first) instead of the grouped Triton attention kernel of
-  ``consumer.varlen_attention_kernel``;
+  ``consumer.runtime.qwen3.varlen_attention_kernel``;
 * ``torch-qk``: q/k norm and rotary as compiled torch code (the path before the kernel);
 * ``request-heads``: each request's head computed once, but the template + instruction
   once per request instead of once per batch (the layout before cut points);
 * ``no-share``: every pair computes its own template, instruction and query;
-* ``fused``: q/k/v and gate/up as one matrix product each;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
   ``varlen_attn`` without ``enable_gqa`` needs.
 
@@ -47,12 +46,19 @@ from typing import Any
 
 import torch
 
-from consumer.bench import CONFIGS, build_random_model, default_tokenizer_dir, synthetic_requests
-from consumer.model_loader import load_model
-from consumer.model_options import ModelOptions
-from consumer.packed_graphs import PackedGraphs, make_buckets
-from consumer.packed_qwen3 import PackedQwen3, Prefix, flash_varlen_attention
-from consumer.prompt import EncodedPair
+from benchmarks.workload import (
+    CONFIGS,
+    build_random_model,
+    default_tokenizer_dir,
+    synthetic_requests,
+)
+from consumer.runtime.loader import load_model
+from consumer.runtime.options import ModelOptions
+from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.qwen3.attention import flash_varlen_attention
+from consumer.runtime.qwen3.forward import PackedQwen3
+from consumer.runtime.qwen3.graphs import PackedGraphs, make_buckets
+from consumer.runtime.qwen3.layout import Prefix
 
 VARIANTS = (
     "default",
@@ -62,7 +68,6 @@ VARIANTS = (
     "torch-qk",
     "request-heads",
     "no-share",
-    "fused",
     "expanded-gqa",
 )
 
@@ -101,9 +106,8 @@ def build_variant(base: Any, name: str) -> PackedQwen3:
         graphs = PackedGraphs()
     elif name == "graphs-wide":  # the first buckets: one 1,024 segment length, T // 32 + 8
         graphs = PackedGraphs(make_buckets(segment_lengths=(1024,), tokens_per_segment=32))
-    fuse = name == "fused"
     qk_kernel = False if name == "torch-qk" else None
-    packed = PackedQwen3(base, "cuda", attention, fuse, graphs, qk_kernel)
+    packed = PackedQwen3(base, "cuda", attention, graphs=graphs, qk_kernel=qk_kernel)
     packed.compile()
     return packed
 

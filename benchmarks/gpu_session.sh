@@ -15,11 +15,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "${steps[@]}"; do
   start=$(date +%s)
   case $step in
-    check) timeout 240 python -m consumer.gpu_check "$TOK" 64 ;;
-    attention) timeout 120 python benchmarks/attention_kernels.py ;;
-    variants) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" --variants default,graphs,torch-qk,no-share ;;
-    profile) timeout 300 python benchmarks/forward_only.py --tokenizer "$TOK" --variants default,flash-attention,torch-qk --rounds 1 --profile ;;
-    bench) timeout 300 python -m consumer.bench --tokenizer "$TOK" --pairs 16384 --reference-pairs 4096 --json ;;
+    check) timeout 240 python -m benchmarks.gpu_check "$TOK" 64 ;;
+    attention) timeout 120 python -m benchmarks.attention_kernels ;;
+    variants) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants default,graphs,torch-qk,no-share ;;
+    profile) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants default,flash-attention,torch-qk --rounds 1 --profile ;;
+    bench) timeout 300 python -m benchmarks.engine_bench --tokenizer "$TOK" --pairs 16384 --reference-pairs 4096 --json ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac >"$OUT/$step.txt" 2>"$OUT/$step.err"
   echo "step $step exit $? in $(( $(date +%s) - start )) s"

@@ -23,15 +23,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from consumer.engine_api import EngineError, RerankEngine
-from consumer.gpu_stats import refresh_gpu_memory
-from consumer.http_server import HealthServer
+from consumer.engine.api import EngineError, RerankEngine
 from consumer.logging_setup import configure_logging
-from consumer.metrics import Metrics
+from consumer.service.gpu_stats import refresh_gpu_memory
+from consumer.service.http_server import HealthServer
+from consumer.service.metrics import Metrics
 from consumer.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from consumer.model_loader import LoadedModel
+    from consumer.runtime.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class ServiceError(Exception):
 
 
 class Worker(Protocol):
-    """What the service needs from the Kafka worker (``consumer.worker.Worker``)."""
+    """What the service needs from the Kafka worker (``consumer.service.worker.Worker``)."""
 
     @property
     def not_ready_reasons(self) -> list[str]: ...
@@ -76,7 +76,7 @@ class Parts:
 
 def load_real_model(settings: Settings) -> LoadedModel:
     """Load the configured model (imports torch: call it off the event loop)."""
-    from consumer.model_loader import ModelLoadError, load_model
+    from consumer.runtime.loader import ModelLoadError, load_model
 
     try:
         return load_model(settings.model_options())
@@ -86,14 +86,14 @@ def load_real_model(settings: Settings) -> LoadedModel:
 
 def make_real_engine(model: LoadedModel, settings: Settings, metrics: Metrics) -> RerankEngine:
     """The batching engine over a loaded model."""
-    from consumer.engine import Engine
+    from consumer.engine.engine import Engine
 
-    return Engine(model, settings.engine_settings(), metrics)
+    return Engine.for_model(model, settings.engine_settings(), metrics)
 
 
 def make_kafka_worker(settings: Settings, engine: RerankEngine, metrics: Metrics) -> Worker:
     """The Kafka consumer/producer pipeline."""
-    from consumer.worker import Worker as KafkaWorker
+    from consumer.service.worker import Worker as KafkaWorker
 
     return KafkaWorker(settings.worker_config(), engine, metrics)
 

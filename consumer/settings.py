@@ -24,13 +24,13 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from consumer.model_options import DEFAULT_INSTRUCTION
+from consumer.runtime.options import DEFAULT_INSTRUCTION
 from producer_sdk.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
 
 if TYPE_CHECKING:
-    from consumer.engine import EngineSettings
-    from consumer.model_options import ModelOptions
-    from consumer.worker_config import WorkerConfig
+    from consumer.engine.settings import EngineSettings
+    from consumer.runtime.options import ModelOptions
+    from consumer.service.worker_config import WorkerConfig
 
 ENV_PREFIX = "RERANK_"
 
@@ -531,8 +531,8 @@ class Settings(BaseSettings):
     # --- the other modules' option objects ------------------------------------------------
 
     def model_options(self) -> ModelOptions:
-        """Options for :func:`consumer.model_loader.load_model`."""
-        from consumer.model_options import ModelOptions
+        """Options for :func:`consumer.runtime.loader.load_model`."""
+        from consumer.runtime.options import ModelOptions
 
         return ModelOptions(
             model=self.model,
@@ -547,8 +547,8 @@ class Settings(BaseSettings):
         )
 
     def engine_settings(self) -> EngineSettings:
-        """Settings of :class:`consumer.engine.Engine`."""
-        from consumer.engine import EngineSettings
+        """Settings of :class:`consumer.engine.engine.Engine`."""
+        from consumer.engine.settings import EngineSettings
 
         return EngineSettings(
             max_batch_tokens=self.max_batch_tokens,
@@ -559,9 +559,9 @@ class Settings(BaseSettings):
         )
 
     def worker_config(self) -> WorkerConfig:
-        """Configuration of :class:`consumer.worker.Worker`."""
-        from consumer.codec import RequestLimits
-        from consumer.worker_config import WorkerConfig
+        """Configuration of :class:`consumer.service.worker.Worker`."""
+        from consumer.service.codec import RequestLimits
+        from consumer.service.worker_config import WorkerConfig
 
         return WorkerConfig(
             bootstrap_servers=self.bootstrap_servers,

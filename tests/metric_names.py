@@ -1,6 +1,6 @@
 """Metric names: what the service exports, and what PromQL expressions ask for.
 
-Shared by the deploy tests (dashboard and alert rules vs ``consumer/metrics.py``) and the
+Shared by the deploy tests (dashboard and alert rules vs ``consumer/service/metrics.py``) and the
 live ``/metrics`` check in the integration tests.
 """
 
@@ -16,7 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from consumer.metrics import Metrics
+from consumer.service.metrics import Metrics
 
 # Series Prometheus makes itself for every target; not exported by the service.
 PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 REAL_CONFIG = (
-    Path(__file__).resolve().parents[1] / "consumer" / "data" / "qwen3-reranker-0.6b.config.json"
+    Path(__file__).resolve().parents[1]
+    / "benchmarks"
+    / "configs"
+    / "qwen3-reranker-0.6b.config.json"
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 BERT_TOKENIZER_FILES = (

@@ -1,5 +1,5 @@
-"""Runs the Triton kernels (consumer.qk_rope_kernel, consumer.varlen_attention_kernel) in
-Triton's CPU interpreter and prints what they computed.
+"""Runs the Triton kernels (qk_rope_kernel and varlen_attention_kernel of
+consumer.runtime.qwen3) in Triton's CPU interpreter and prints what they computed.
 
 Started by tests/unit/test_triton_kernels.py in a child process with
 ``TRITON_INTERPRET=1`` (Triton reads it when a kernel is defined, so it cannot be
@@ -18,9 +18,11 @@ from tiny_models import tiny_qwen3_config_dict
 from transformers import Qwen3Config, Qwen3Model
 from varlen_reference import piecewise_causal_attention, segment_causal_attention
 
-from consumer import qk_rope_kernel
-from consumer.packed_qwen3 import PackedQwen3, _rotate_half, pack, rms_norm
-from consumer.varlen_attention_kernel import grouped_varlen_attention
+from consumer.runtime.qwen3 import qk_rope_kernel
+from consumer.runtime.qwen3.forward import PackedQwen3
+from consumer.runtime.qwen3.layers import rms_norm, rotate_half
+from consumer.runtime.qwen3.layout import pack
+from consumer.runtime.qwen3.varlen_attention_kernel import grouped_varlen_attention
 
 EPS = 1e-6
 
@@ -32,7 +34,7 @@ def torch_norm_rope(
     cos, sin = rotary(x, positions[None])
     cos, sin = cos[0][:, None, :], sin[0][:, None, :]
     q = rms_norm(x.reshape(x.shape[0], heads, -1), weight, EPS)
-    return q * cos + _rotate_half(q) * sin
+    return q * cos + rotate_half(q) * sin
 
 
 def kernel_against_torch(dtype: torch.dtype) -> dict[str, float | bool]:

@@ -1,6 +1,6 @@
 """The Grafana dashboard and the alert rules ask only for metrics a live /metrics page serves.
 
-The worker's HTTP side-port (``consumer.http_server.HealthServer``) is started for real and
+The worker's HTTP side-port (``consumer.service.http_server.HealthServer``) is started for real and
 scraped over HTTP; every metric name in the dashboard's and the rules' PromQL must be on the
 page (``up`` and other series Prometheus makes itself excepted).
 """
@@ -20,8 +20,8 @@ from metric_names import (
 )
 from prometheus_client import CollectorRegistry
 
-from consumer.http_server import HealthServer
-from consumer.metrics import Metrics
+from consumer.service.http_server import HealthServer
+from consumer.service.metrics import Metrics
 
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 DASHBOARD = COMPOSE_DIR / "grafana" / "dashboards" / "rerank.json"

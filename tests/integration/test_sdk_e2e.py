@@ -1,9 +1,9 @@
-"""The SDK end to end: real broker, the real Kafka worker (``consumer.worker.Worker``).
+"""The SDK end to end: real broker, the real Kafka worker (``consumer.service.worker.Worker``).
 
 Every test runs the real worker in this process on uuid topics. Where the scores do not
 matter and speed does, its engine is the :class:`FakeEngine` of ``worker_harness``
 (scores are a deterministic function of (query, document), so results are checked
-exactly); one test runs the real :class:`consumer.engine.Engine` on a tiny random
+exactly); one test runs the real :class:`consumer.engine.engine.Engine` on a tiny random
 Qwen3 reranker (real tokenizer). Each test's docstring says which engine it uses.
 """
 
@@ -31,11 +31,12 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.codec import RequestLimits
-from consumer.engine import Engine, EngineSettings
-from consumer.engine_api import ScoreRequest, ScoreResult
-from consumer.metrics import Metrics
-from consumer.worker import Worker
+from consumer.engine.api import ScoreRequest, ScoreResult
+from consumer.engine.engine import Engine
+from consumer.engine.settings import EngineSettings
+from consumer.service.codec import RequestLimits
+from consumer.service.metrics import Metrics
+from consumer.service.worker import Worker
 from producer_sdk import (
     ClientClosed,
     RerankClient,
@@ -298,12 +299,12 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def real_engine(tiny_qwen3: Path) -> AsyncIterator[Engine]:
-    from consumer.model_loader import load_model
-    from consumer.model_options import ModelOptions
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
 
     options = ModelOptions(model=str(tiny_qwen3), device="cpu", compile="off", packed="off")
     model = await asyncio.to_thread(load_model, options)
-    engine = Engine(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
     await engine.start()
     try:
         yield engine

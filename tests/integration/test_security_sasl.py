@@ -3,7 +3,7 @@
 The module starts a broker of its own through ``deploy/local/kafka`` with
 ``KAFKA_SASL_PORT`` set: one PLAINTEXT listener (topics are created there) and one
 SASL_PLAINTEXT listener that knows one user under PLAIN, SCRAM-SHA-256 and
-SCRAM-SHA-512. The real worker (``consumer.worker.Worker``, fake engine) and the SDK
+SCRAM-SHA-512. The real worker (``consumer.service.worker.Worker``, fake engine) and the SDK
 talk to each other over the SASL listener only.
 """
 
@@ -41,8 +41,8 @@ from worker_harness import (
 )
 
 from consumer.app import EXIT_FAILED, Parts, Service, make_kafka_worker
+from consumer.service.worker import Worker
 from consumer.settings import Settings, settings_from
-from consumer.worker import Worker
 from producer_sdk import ClientStartError, KafkaSecurity, RerankClient, RerankResult
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ created there), one SSL listener and one SASL_SSL listener that knows one user u
 SCRAM-SHA-512, all behind the throwaway CA the script writes to ``tls/ca.pem``. The SSL
 listener asks for a client certificate (``KAFKA_SSL_CLIENT_AUTH=requested``): clients
 without one get in, a certificate that is sent must come from that CA. The real worker
-(``consumer.worker.Worker``, fake engine) and the SDK talk over the TLS listeners only.
+(``consumer.service.worker.Worker``, fake engine) and the SDK talk over the TLS listeners only.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.worker import Worker
+from consumer.service.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,7 +131,7 @@ async def test_a_busy_engine_does_not_cost_the_group_membership(
         inflight_low_pairs=0,
     )
     requests = [request("slow", {"query": "q", "documents": ["a", "b"]})]
-    caplog.set_level(logging.INFO, logger="consumer.worker")
+    caplog.set_level(logging.INFO, logger="consumer.service.worker")
     async with (
         reply_reader(kafka_bootstrap, topics) as replies,
         running_worker(config, FakeEngine(delay_s=busy_s, blocking=True)) as worker,
@@ -142,6 +142,6 @@ async def test_a_busy_engine_does_not_cost_the_group_membership(
         await replies.quiet(0.5)
 
     assert all(in_group), "never left the group"
-    messages = [r.getMessage() for r in caplog.records if r.name == "consumer.worker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "consumer.service.worker"]
     assert "partitions lost" not in messages and "partitions revoked" not in messages
     assert len(replies.records) == len(requests), "each request answered once"

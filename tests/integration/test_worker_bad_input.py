@@ -40,7 +40,7 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.codec import RequestLimits
+from consumer.service.codec import RequestLimits
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,7 +22,7 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.engine_api import ScoreRequest, ScoreResult
+from consumer.engine.api import ScoreRequest, ScoreResult
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,7 +139,7 @@ async def test_lost_membership_commits_nothing_and_every_request_is_still_answer
         request(f"req-{i}", {"query": f"q{i}", "documents": ["a"]}) for i in range(5)
     ]
     engine = LoopBlockingEngine(block_s=session_ms / 1000 + 3)
-    caplog.set_level(logging.INFO, logger="consumer.worker")
+    caplog.set_level(logging.INFO, logger="consumer.service.worker")
 
     def lost() -> bool:
         return any(r.getMessage() == "partitions lost" for r in caplog.records)

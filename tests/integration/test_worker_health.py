@@ -19,7 +19,7 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.worker import Worker
+from consumer.service.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,7 +22,8 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.engine import Engine, EngineSettings
+from consumer.engine.engine import Engine
+from consumer.engine.settings import EngineSettings
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,8 +32,8 @@ MAX_PAIR_TOKENS = 256
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from consumer.model_loader import load_model
-    from consumer.model_options import ModelOptions
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
 
     folder = build_tiny_qwen3_reranker(tmp_path_factory.mktemp("tiny-qwen3"))
     options = ModelOptions(
@@ -47,7 +48,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture
 async def engine(tiny_model: Any) -> AsyncIterator[Engine]:
-    engine = Engine(tiny_model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=32))
+    engine = Engine.for_model(tiny_model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=32))
     await engine.start()
     try:
         yield engine

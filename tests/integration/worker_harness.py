@@ -25,10 +25,10 @@ from aiokafka.structs import TopicPartition
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import CollectorRegistry
 
-from consumer.engine_api import EngineError, ScoreRequest, ScoreResult
-from consumer.metrics import Metrics
-from consumer.worker import Worker
-from consumer.worker_config import WorkerConfig
+from consumer.engine.api import EngineError, ScoreRequest, ScoreResult
+from consumer.service.metrics import Metrics
+from consumer.service.worker import Worker
+from consumer.service.worker_config import WorkerConfig
 
 TopicFactory = Callable[..., Awaitable[str]]
 Headers = list[tuple[str, bytes | None]]
@@ -56,7 +56,7 @@ def fake_score(query: str, instruction: str | None, document: str) -> float:
 
 
 class FakeEngine:
-    """A :class:`consumer.engine_api.RerankEngine` with deterministic scores.
+    """A :class:`consumer.engine.api.RerankEngine` with deterministic scores.
 
     ``delay_s`` makes every request take that long; with ``blocking`` the wait is a
     blocking sleep in a thread, as the real engine's GPU thread is. Every request it is

@@ -13,7 +13,7 @@ import sys
 
 from worker_harness import FakeEngine, Topics, fresh_metrics, wait_until, worker_config
 
-from consumer.worker import Worker
+from consumer.service.worker import Worker
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.app import EXIT_FAILED, EXIT_OK, Parts, Service, ServiceError
-from consumer.engine_api import EngineError, RerankEngine, ScoreRequest, ScoreResult
-from consumer.metrics import Metrics
+from consumer.engine.api import EngineError, RerankEngine, ScoreRequest, ScoreResult
+from consumer.service.metrics import Metrics
 from consumer.settings import Settings, settings_from
 
 WAIT_S = 5.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.backpressure import FlowChange, PairGate
+from consumer.service.backpressure import FlowChange, PairGate
 
 
 def test_pause_above_high_and_resume_at_low_with_no_flapping_between() -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from consumer.batcher import (
+from consumer.engine.batcher import (
     FormedBatch,
     TokenBudgetBatcher,
     longest_times_count,

@@ -10,12 +10,12 @@ import json
 
 import pytest
 
-from consumer import bench, gpu_check
-from consumer.bench import default_tokenizer_dir
+from benchmarks import engine_bench, gpu_check
+from benchmarks.workload import default_tokenizer_dir
 
 
 def test_engine_bench_reports_every_part(capsys: pytest.CaptureFixture[str]) -> None:
-    bench.main(
+    engine_bench.main(
         ["--config", "tiny", "--device", "cpu", "--pairs", "32", "--reference-pairs", "16",
          "--idle-requests", "3", "--warm-pairs", "8", "--json"]
     )  # fmt: skip

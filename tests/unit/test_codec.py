@@ -12,7 +12,8 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from consumer.codec import (
+from consumer.engine.api import ScoreResult
+from consumer.service.codec import (
     DecodedRequest,
     Rejection,
     ReplyRoute,
@@ -25,7 +26,6 @@ from consumer.codec import (
     encode_success,
     reply_headers,
 )
-from consumer.engine_api import ScoreResult
 from schemas import ErrorCode, ErrorReply, RerankReply, generate
 
 LIMITS = RequestLimits()
@@ -536,7 +536,7 @@ def test_dlq_headers_clip_long_messages_and_check_codes() -> None:
 
 def test_codec_bench_runs() -> None:
     """The micro-benchmark stays runnable (its numbers are not checked)."""
-    from consumer import codec_bench
+    from benchmarks import codec_bench
 
     assert set(codec_bench.run(iterations=3, documents=2, doc_bytes=16)) == {
         "decode",

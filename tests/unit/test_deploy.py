@@ -3,7 +3,7 @@
 No Docker engine is needed: compose files are merged by ``tests/compose_files.py`` the way
 ``docker compose -f compose.yml -f OVERRIDE config`` merges them and validated against the
 Compose Specification schema from ``shared/data``. Metric names in the dashboard and the
-alert rules are checked against what ``consumer.metrics.Metrics`` really exports.
+alert rules are checked against what ``consumer.service.metrics.Metrics`` really exports.
 """
 
 from __future__ import annotations

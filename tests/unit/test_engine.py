@@ -14,16 +14,19 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from consumer.engine import Engine, EngineSettings, is_out_of_memory
-from consumer.engine_api import (
+from consumer.engine.api import (
     DeadlineExceeded,
     EngineClosed,
     EngineError,
     InvalidRequest,
     ScoreRequest,
 )
-from consumer.metrics import Metrics
-from consumer.prompt import EncodedPair, PromptEncoder, PromptTooLong
+from consumer.engine.engine import Engine
+from consumer.engine.inference import is_out_of_memory
+from consumer.engine.settings import EngineSettings
+from consumer.runtime.prompt import EncodedPair, PromptEncoder, PromptTooLong
+from consumer.runtime.scorer import OneCallScorer, ScorerTraits
+from consumer.service.metrics import Metrics
 
 TRUNCATE_AT = 300  # the fake encoder cuts documents longer than this many "tokens"
 
@@ -59,12 +62,10 @@ class FakeEncoder:
         return pairs
 
 
-class FakeScorer:
+class FakeScorer(OneCallScorer):
     """Records every batch; can block on a gate, fail, or run out of memory on demand."""
 
-    kind = "fake"
-    device = "cpu"
-    dtype = "float32"
+    traits = ScorerTraits("fake", "cpu", "float32")
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
@@ -75,13 +76,13 @@ class FakeScorer:
         self.warmed = False
         self.threads: set[str] = set()
 
-    def padded_cost(self, pairs: Sequence[EncodedPair]) -> int:
+    def batch_cost(self, pairs: Sequence[EncodedPair]) -> int:
         return max((p.tokens for p in pairs), default=0) * len(pairs)
 
     def check(self, payloads: list[str]) -> None:
         """Hook for subclasses: raise to simulate a failure."""
 
-    def score(self, pairs: Sequence[EncodedPair]) -> list[float]:
+    def compute_logits(self, pairs: Sequence[EncodedPair]) -> list[float]:
         payloads = [str(p.payload) for p in pairs]
         self.threads.add(threading.current_thread().name)
         self.entered.set()
@@ -142,24 +143,24 @@ class FailingScorer(FakeScorer):
 
 
 class PreparingScorer(FakeScorer):
-    """Offers the optional prepare / score_prepared hooks."""
+    """Records where batches are prepared and how many prepared batches ran."""
 
     def __init__(self) -> None:
         super().__init__()
         self.prepare_threads: set[str] = set()
         self.prepared_runs = 0
 
-    def prepare(self, pairs: Sequence[EncodedPair]) -> list[EncodedPair]:
+    def prepare(self, pairs: Sequence[EncodedPair]) -> object:
         self.prepare_threads.add(threading.current_thread().name)
         return list(pairs)
 
-    def score_prepared(self, prepared: list[EncodedPair]) -> list[float]:
+    def launch(self, prepared: object) -> object:
         self.prepared_runs += 1
-        return self.score(prepared)
+        return super().launch(prepared)
 
 
 class LaunchingScorer(PreparingScorer):
-    """Offers launch / collect: device work queued, results read later.
+    """A pipelined scorer: device work queued at launch, results read at collect.
 
     Records the order of launches and collects; ``fail_collect`` fails the collect of a
     batch holding that payload (an error the device reports late), ``oom_launch``
@@ -175,7 +176,10 @@ class LaunchingScorer(PreparingScorer):
         self.launch_gate = threading.Event()
         self.launch_gate.set()
 
-    def launch(self, prepared: list[EncodedPair]) -> tuple[int, list[EncodedPair]]:
+    traits = ScorerTraits("fake", "cpu", "float32", pipelined=True)
+
+    def launch(self, prepared: object) -> object:
+        assert isinstance(prepared, list)
         assert self.launch_gate.wait(10), "launch gate never opened"
         if self.oom_launch is not None and len(prepared) > self.oom_launch:
             raise FakeOutOfMemoryError("CUDA out of memory (simulated at launch)")
@@ -184,13 +188,14 @@ class LaunchingScorer(PreparingScorer):
             self.events.append(("launch", number))
         return number, prepared
 
-    def collect(self, handle: tuple[int, list[EncodedPair]]) -> list[float]:
+    def collect(self, handle: object) -> list[float]:
+        assert isinstance(handle, tuple)
         number, prepared = handle
         with self.lock:
             self.events.append(("collect", number))
         if self.fail_collect and any(self.fail_collect in str(p.payload) for p in prepared):
             raise RuntimeError("device reported an error")
-        return self.score(prepared)
+        return self.compute_logits(prepared)
 
 
 def random_request(rng: random.Random, docs: int | None = None) -> ScoreRequest:
@@ -501,13 +506,18 @@ def test_out_of_memory_is_recognised_by_class_name() -> None:
 async def test_engine_scores_equal_the_scorer_alone_on_a_tiny_real_model(
     tiny_causal_dir: Path,
 ) -> None:
-    from consumer.model_loader import load_model
-    from consumer.model_options import ModelOptions
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
 
     model = load_model(
         ModelOptions(model=str(tiny_causal_dir), device="cpu", compile="off", packed="off")
     )
-    engine = Engine(model, EngineSettings(max_batch_tokens=600, max_batch_pairs=8))
+    engine = Engine(
+        model.encoder,
+        model.scorer,
+        model.name,
+        EngineSettings(max_batch_tokens=600, max_batch_pairs=8),
+    )
     await engine.start()
     requests = [
         ScoreRequest("what is kafka", ("a distributed log", "a novelist from Prague", "")),
@@ -709,7 +719,7 @@ async def test_a_batch_being_prepared_when_the_engine_stops_is_answered() -> Non
     engine = await started_engine(scorer, max_batch_pairs=1, max_wait_ms=0)
     held = asyncio.create_task(engine.score(ScoreRequest("q", ("hold",))))
     await asyncio.to_thread(preparing.wait, 5)
-    engine._fail_everything("simulated death of the inference thread")
+    engine._stop_after_crash("simulated death of the inference thread")
     release.set()
     with pytest.raises(EngineError, match="stopped"):
         await asyncio.wait_for(held, 10)

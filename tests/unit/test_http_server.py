@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.http_server import HealthServer
-from consumer.metrics import Metrics
+from consumer.service.http_server import HealthServer
+from consumer.service.metrics import Metrics
 
 
 class FakeReadiness:

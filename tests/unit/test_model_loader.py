@@ -13,23 +13,23 @@ import pytest
 import torch
 from tiny_models import minilm_dir
 
-from consumer.model_loader import ModelLoadError, load_model, resolve_options
-from consumer.model_options import ModelOptions
-from consumer.prompt import BiEncoderIds
-from consumer.prompt_throughput import measure_encoder_throughput
+from benchmarks.prompt_throughput import measure_encoder_throughput
+from consumer.runtime.loader import ModelLoadError, load_model, resolve_options
+from consumer.runtime.options import ModelOptions
+from consumer.runtime.prompt import BiEncoderIds
 
 
 def test_released_qwen3_reranker_layout_loads_as_causal_lm(tiny_causal_dir: Path) -> None:
     loaded = load_model(ModelOptions(model=str(tiny_causal_dir)))
     assert (loaded.kind, loaded.device, loaded.dtype) == ("causal-lm", "cpu", "float32")
     assert loaded.name == str(tiny_causal_dir)
-    assert loaded.scorer.kind == "causal-lm"
-    assert getattr(loaded.scorer, "packed", None) is False  # no CUDA here: padded path
+    assert loaded.scorer.traits.kind == "causal-lm"
+    assert loaded.scorer.traits.packed is False  # no CUDA here: padded path
 
 
 def test_converted_seq_cls_loads_as_seq_cls(tiny_seqcls_dir: Path) -> None:
     loaded = load_model(ModelOptions(model=str(tiny_seqcls_dir)))
-    assert (loaded.kind, loaded.scorer.kind) == ("seq-cls", "seq-cls")
+    assert (loaded.kind, loaded.scorer.traits.kind) == ("seq-cls", "seq-cls")
 
 
 def test_sentence_encoder_loads_as_bi_encoder() -> None:

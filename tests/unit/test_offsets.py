@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from consumer.offsets import PartitionOffsets
+from consumer.service.offsets import PartitionOffsets
 
 
 def test_nothing_committable_before_anything_finishes() -> None:

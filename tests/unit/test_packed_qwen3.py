@@ -1,8 +1,8 @@
-"""The packed forward's own math on the CPU: layout, shared heads, rotary, fused weights.
+"""The packed forward's own math on the CPU: layout, shared heads, rotary.
 
 FlashAttention itself only runs on CUDA; here a plain SDPA stand-in with the same
 contract (bottom-right causal per segment, grouped-query heads) takes its place. The
-kernel is checked against the model card on a GPU by ``python -m consumer.gpu_check``.
+kernel is checked against the model card on a GPU by ``python -m benchmarks.gpu_check``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import pytest
 import torch
 from varlen_reference import piecewise_causal_attention, segment_causal_attention
 
-from consumer.model_loader import LoadedModel, load_model
-from consumer.model_options import ModelOptions
-from consumer.packed_graphs import PackedGraphs, lay_out, make_buckets
-from consumer.packed_qwen3 import PackedInputs, PackedQwen3, pack
-from consumer.prompt import EncodedPair
-from consumer.scorer import LastTokenScorer
+from consumer.runtime.last_token import LastTokenScorer
+from consumer.runtime.loader import LoadedModel, load_model
+from consumer.runtime.options import ModelOptions
+from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.qwen3.forward import PackedQwen3
+from consumer.runtime.qwen3.graphs import PackedGraphs, lay_out, make_buckets
+from consumer.runtime.qwen3.layout import PackedInputs, pack
 
 TOL = 1e-5
 REQUESTS = [
@@ -63,12 +64,11 @@ def ids(pairs: list[EncodedPair]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("keys", KEYS)
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
-def test_packed_forward_matches_padded_path(causal: LoadedModel, fuse: bool, keys: str) -> None:
+def test_packed_forward_matches_padded_path(causal: LoadedModel, keys: str) -> None:
     scorer = scorer_of(causal)
     seqs = ids(encoded(causal))
     padded = scorer.last_hidden(seqs)
-    packed = packed_model(scorer._base, keys, fuse_projections=fuse)
+    packed = packed_model(scorer._base, keys)
     assert torch.allclose(packed.last_hidden(seqs), padded, atol=TOL)
     one = packed.last_hidden(seqs[:1])
     assert one.shape[0] == 1 and torch.allclose(one, padded[:1], atol=TOL)

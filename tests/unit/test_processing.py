@@ -6,9 +6,9 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from consumer.codec import RequestLimits
-from consumer.engine_api import ScoreRequest, ScoreResult
-from consumer.processing import RequestProcessor
+from consumer.engine.api import ScoreRequest, ScoreResult
+from consumer.service.codec import RequestLimits
+from consumer.service.processing import RequestProcessor
 from schemas.models import ErrorCode
 
 

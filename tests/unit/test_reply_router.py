@@ -8,8 +8,8 @@ from collections.abc import Collection
 
 import pytest
 
-from consumer.codec import ReplyRoute
-from consumer.reply_router import Destination, ReplyRouter, Unroutable
+from consumer.service.codec import ReplyRoute
+from consumer.service.reply_router import Destination, ReplyRouter, Unroutable
 from schemas.models import ErrorCode
 
 DEFAULT = "rerank.replies"

@@ -11,7 +11,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
-from consumer.codec import Rejection, RequestLimits, decode_request
+from consumer.service.codec import Rejection, RequestLimits, decode_request
 from schemas import CONTRACT_VERSION, ErrorCode, ErrorReply, RerankReply, RerankRequest, generate
 
 SCHEMA_DIR = Path(generate.__file__).resolve().parent

@@ -18,10 +18,16 @@ import torch.nn.functional as F
 from tiny_models import minilm_dir
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from consumer.model_loader import LoadedModel, load_model
-from consumer.model_options import DEFAULT_INSTRUCTION, ModelOptions
-from consumer.prompt import QWEN3_PREFIX, QWEN3_SUFFIX, EncodedPair, PromptTooLong, TextPairIds
-from consumer.scorer import LastTokenScorer
+from consumer.runtime.last_token import LastTokenScorer
+from consumer.runtime.loader import LoadedModel, load_model
+from consumer.runtime.options import DEFAULT_INSTRUCTION, ModelOptions
+from consumer.runtime.prompt import (
+    QWEN3_PREFIX,
+    QWEN3_SUFFIX,
+    EncodedPair,
+    PromptTooLong,
+    TextPairIds,
+)
 
 SHORT_LIMIT = 96  # small enough that the long documents below are cut
 TOL = 1e-5
@@ -209,8 +215,8 @@ def test_scores_do_not_depend_on_batch_composition(causal: LoadedModel) -> None:
 
 def test_padded_cost_and_empty_batch(causal: LoadedModel) -> None:
     pairs, _ = all_pairs(causal)
-    assert causal.scorer.padded_cost(pairs) == max(p.tokens for p in pairs) * len(pairs)
-    assert causal.scorer.padded_cost([]) == 0
+    assert causal.scorer.batch_cost(pairs) == max(p.tokens for p in pairs) * len(pairs)
+    assert causal.scorer.batch_cost([]) == 0
     assert causal.scorer.score([]) == []
 
 
@@ -297,5 +303,5 @@ def test_prepared_batches_score_like_direct_ones(causal: LoadedModel) -> None:
     assert isinstance(scorer, LastTokenScorer)
     pairs, _ = all_pairs(causal)
     prepared = scorer.prepare(pairs)
-    assert scorer.score_prepared(prepared) == pytest.approx(scorer.score(pairs), abs=TOL)
-    assert scorer.score_prepared(scorer.prepare([])) == []
+    assert scorer.collect(scorer.launch(prepared)) == pytest.approx(scorer.score(pairs), abs=TOL)
+    assert scorer.collect(scorer.launch(scorer.prepare([]))) == []

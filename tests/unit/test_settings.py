@@ -12,9 +12,10 @@ import pytest
 from pydantic import SecretStr
 
 from consumer import settings_doc
-from consumer.codec import RequestLimits
-from consumer.engine import EngineSettings
-from consumer.model_options import ModelOptions
+from consumer.engine.settings import EngineSettings
+from consumer.runtime.options import ModelOptions
+from consumer.service.codec import RequestLimits
+from consumer.service.worker_config import WorkerConfig
 from consumer.settings import (
     Settings,
     SettingsError,
@@ -24,7 +25,6 @@ from consumer.settings import (
     load_settings,
     settings_from,
 )
-from consumer.worker_config import WorkerConfig
 from producer_sdk.security import KafkaSecurity
 
 ROOT = Path(__file__).resolve().parents[2]

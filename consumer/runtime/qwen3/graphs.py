@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from consumer.packed_qwen3 import PackedInputs
+from consumer.runtime.qwen3.layout import PackedInputs
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class _Graph:
 
 def _sample(bucket: Bucket) -> PackedInputs:
     """A batch that fills ``bucket``: segments of the longest allowed length."""
-    from consumer.packed_qwen3 import pack
+    from consumer.runtime.qwen3.layout import pack
 
     length = bucket.max_segment
     seqs = [[1] * length for _ in range(bucket.tokens // length)]

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the request/reply codec: ``python -m consumer.codec_bench``.
+"""Micro-benchmark of the request/reply codec: ``python -m benchmarks.codec_bench``.
 
 Decodes a request of 8 documents of 1 KB each and encodes its success reply, in a
 loop on one core, and prints requests per second. A probe, not a test.
@@ -13,7 +13,7 @@ import time
 
 import orjson
 
-from consumer.codec import (
+from consumer.service.codec import (
     DecodedRequest,
     RequestLimits,
     decode_request,

@@ -1,10 +1,10 @@
 """GPU parity check: packed vs padded vs model-card reference on a random 0.6B-shaped model.
 
-    python -m consumer.gpu_check TOKENIZER_DIR [N_PAIRS] [--tiny] [--padded-compiled]
+    python -m benchmarks.gpu_check TOKENIZER_DIR [N_PAIRS] [--tiny] [--padded-compiled]
 
 Builds Qwen3ForCausalLM with random weights from the released 0.6B config
 (consumer/data/qwen3-reranker-0.6b.config.json), saves it with the tokenizer into a temp
-folder, loads it through :func:`consumer.model_loader.load_model` three ways
+folder, loads it through :func:`consumer.runtime.loader.load_model` three ways
 (packed+compiled, packed eager, padded eager; ``--padded-compiled`` adds the padded
 path compiled, which takes minutes) and scores ~64 mixed pairs (lengths
 from a few to a few thousand tokens, CJK, emoji, truncated documents) in batches of
@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from consumer.bench import CONFIGS, build_random_model
-from consumer.model_loader import LoadedModel, load_model
-from consumer.model_options import ModelOptions
-from consumer.prompt import EncodedPair
-from consumer.scorer import sigmoid
+from benchmarks.workload import CONFIGS, build_random_model
+from consumer.runtime.loader import LoadedModel, load_model
+from consumer.runtime.options import ModelOptions
+from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.scorer import sigmoid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -122,16 +122,13 @@ def score_in_batches(loaded: LoadedModel, pairs: list[EncodedPair]) -> tuple[lis
     return logits, time.perf_counter() - t0
 
 
-def launch_all_then_collect(loaded: LoadedModel, pairs: list[EncodedPair]) -> list[float] | None:
-    """The same batches as the engine drives a launch/collect scorer, all queued at once.
+def launch_all_then_collect(loaded: LoadedModel, pairs: list[EncodedPair]) -> list[float]:
+    """The same batches as the engine drives a pipelined scorer, all queued at once.
 
     Every batch is launched before the first is collected (the engine goes two deep), so
     a batch that reads another's buffers (e.g. a CUDA graph's shared output) shows here.
-    None when the scorer has no launch/collect.
     """
-    scorer: Any = loaded.scorer
-    if not hasattr(scorer, "launch"):
-        return None
+    scorer = loaded.scorer
     batches = check_batches(pairs)
     handles = [scorer.launch(scorer.prepare([pairs[i] for i in b])) for b in batches]
     logits = [0.0] * len(pairs)
@@ -197,16 +194,15 @@ def main(argv: list[str]) -> int:
             score_in_batches(loaded, pairs)  # first pass may still specialize shapes
             results[name], seconds = score_in_batches(loaded, pairs)
             queued = launch_all_then_collect(loaded, pairs)
-            if queued is not None:
-                queued_diff = max_diff(queued, results[name], calibrate=False)
-                worst_queued = max(worst_queued, queued_diff)
-                emit(compare=f"{name} launched ahead vs one by one", max_abs_logit_diff=queued_diff)
+            queued_diff = max_diff(queued, results[name], calibrate=False)
+            worst_queued = max(worst_queued, queued_diff)
+            emit(compare=f"{name} launched ahead vs one by one", max_abs_logit_diff=queued_diff)
             emit(
                 variant=name,
-                packed=getattr(loaded.scorer, "packed", None),
+                packed=loaded.scorer.traits.packed,
                 warmup_s=round(warm_s, 1),
                 score_s=round(seconds, 3),
-                padded_cost=loaded.scorer.padded_cost(pairs),
+                batch_cost=loaded.scorer.batch_cost(pairs),
                 real_tokens=sum(p.tokens for p in pairs),
             )
             del loaded

@@ -1,7 +1,7 @@
 """The interface between the Kafka service and the scoring engine.
 
 The service (``consumer.service``) only ever talks to an object that satisfies
-:class:`RerankEngine`; the real engine (``consumer.engine``) and the fakes used in
+:class:`RerankEngine`; the real engine (``consumer.engine.engine``) and the fakes used in
 tests both implement it.
 """
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from consumer.codec import (
+from consumer.engine.api import EngineError, RerankEngine, ScoreRequest
+from consumer.service.codec import (
     DecodedRequest,
     Rejection,
     ReplyRoute,
@@ -23,8 +24,7 @@ from consumer.codec import (
     encode_rejection,
     encode_result,
 )
-from consumer.delivery import OUTCOME_OK, Delivery
-from consumer.engine_api import EngineError, RerankEngine, ScoreRequest
+from consumer.service.delivery import OUTCOME_OK, Delivery
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)

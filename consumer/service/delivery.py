@@ -36,9 +36,9 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord
 
-from consumer.codec import ReplyRoute, dlq_headers, encode_error, reply_headers
-from consumer.metrics import Metrics
-from consumer.reply_router import ReplyRouter, Unroutable
+from consumer.service.codec import ReplyRoute, dlq_headers, encode_error, reply_headers
+from consumer.service.metrics import Metrics
+from consumer.service.reply_router import ReplyRouter, Unroutable
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)

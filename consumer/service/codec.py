@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 from pydantic import ValidationError
 
-from consumer.engine_api import ScoreRequest, ScoreResult
+from consumer.engine.api import ScoreRequest, ScoreResult
 from schemas.models import (
     DLQ_HEADER_ERROR_CODE,
     DLQ_HEADER_ERROR_MESSAGE,

@@ -31,14 +31,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from consumer.backpressure import FlowChange, PairGate
-from consumer.delivery import Delivery
-from consumer.engine_api import RerankEngine
-from consumer.metrics import Metrics
-from consumer.offsets import PartitionOffsets
-from consumer.processing import Decoded, RequestProcessor
-from consumer.reply_router import ClientTopicLookup, ReplyRouter
-from consumer.worker_config import WorkerConfig
+from consumer.engine.api import RerankEngine
+from consumer.service.backpressure import FlowChange, PairGate
+from consumer.service.delivery import Delivery
+from consumer.service.metrics import Metrics
+from consumer.service.offsets import PartitionOffsets
+from consumer.service.processing import Decoded, RequestProcessor
+from consumer.service.reply_router import ClientTopicLookup, ReplyRouter
+from consumer.service.worker_config import WorkerConfig
 from producer_sdk.connect_check import bootstrap_failure
 
 log = logging.getLogger(__name__)

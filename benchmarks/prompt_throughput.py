@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from consumer.prompt import PromptEncoder
+from consumer.runtime.prompt import PromptEncoder
 
 _WORDS = [
     "the",

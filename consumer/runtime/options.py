@@ -11,7 +11,7 @@ DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that
 class ModelOptions:
     """How to load and run the scoring model.
 
-    ``"auto"`` values are resolved by :mod:`consumer.model_loader`:
+    ``"auto"`` values are resolved by :mod:`consumer.runtime.loader`:
     device -> cuda if available else cpu; dtype -> bfloat16 on cuda, float32 on cpu;
     attn_implementation -> sdpa; compile -> on for cuda, off for cpu;
     packed -> the padding-free varlen path when on cuda and

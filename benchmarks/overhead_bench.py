@@ -1,6 +1,6 @@
-"""The service's own overhead: ``python -m consumer.overhead_bench [--requests N]``.
+"""The service's own overhead: ``python -m benchmarks.overhead_bench [--requests N]``.
 
-A real :class:`consumer.worker.Worker` (this process) answers requests with a no-op
+A real :class:`consumer.service.worker.Worker` (this process) answers requests with a no-op
 engine (constant scores, no model), so what is measured is everything else: fetching,
 decoding, validation, reply encoding, producing, acks and commits. A load generator
 in a separate process (confluent-kafka) produces requests of 8 documents of about
@@ -35,16 +35,16 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer.engine_api import ScoreRequest, ScoreResult
-from consumer.metrics import Metrics
-from consumer.worker import Worker
-from consumer.worker_config import WorkerConfig
+from consumer.engine.api import ScoreRequest, ScoreResult
+from consumer.service.metrics import Metrics
+from consumer.service.worker import Worker
+from consumer.service.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
 class NoOpEngine:
-    """A :class:`consumer.engine_api.RerankEngine` that returns constant scores at once."""
+    """A :class:`consumer.engine.api.RerankEngine` that returns constant scores at once."""
 
     model_name = "no-op"
     ready = True

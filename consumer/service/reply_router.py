@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from consumer.codec import ReplyRoute
+from consumer.service.codec import ReplyRoute
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)

@@ -20,16 +20,20 @@ from typing import Any
 
 import torch
 
-from consumer.model_options import ModelOptions
-from consumer.packed_graphs import PackedGraphs
-from consumer.packed_qwen3 import PackedQwen3, supports_packing, varlen_available
-from consumer.prompt import (
+from consumer.runtime.bi_encoder import BiEncoderScorer
+from consumer.runtime.cross_encoder import TextPairScorer
+from consumer.runtime.last_token import LastTokenScorer
+from consumer.runtime.options import ModelOptions
+from consumer.runtime.prompt import (
     BiEncoderEncoder,
     PromptEncoder,
     Qwen3RerankerEncoder,
     TextPairEncoder,
 )
-from consumer.scorer import BiEncoderScorer, LastTokenScorer, Scorer, TextPairScorer
+from consumer.runtime.qwen3.attention import varlen_available
+from consumer.runtime.qwen3.forward import PackedQwen3, supports_packing
+from consumer.runtime.qwen3.graphs import PackedGraphs
+from consumer.runtime.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def load_model(options: ModelOptions) -> LoadedModel:
         loaded.kind,
         loaded.device,
         loaded.dtype,
-        getattr(loaded.scorer, "packed", False),
+        loaded.scorer.traits.packed,
     )
     return loaded
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from consumer.codec import RequestLimits
+from consumer.service.codec import RequestLimits
 from producer_sdk.security import KafkaSecurity
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Configuration of one :class:`consumer.worker.Worker`.
+    """Configuration of one :class:`consumer.service.worker.Worker`.
 
     Kafka:
         bootstrap_servers: "host:port[,host:port...]" of the cluster.

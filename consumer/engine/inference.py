@@ -1,0 +1,251 @@
+"""The inference thread: warm the model up, then run batches two deep.
+
+With a pipelined scorer, batch k+1 is launched on the device before batch k's results
+are collected, so the device never idles while the host finishes one batch and starts
+the next. A scorer that is not pipelined computes in ``launch``; its batch is collected
+at once.
+
+Failures: a batch that runs out of device memory is split in halves and retried, and
+the token budget is lowered (:mod:`consumer.engine.budget`); any other failure fails
+the batch's requests. Every ticket taken from the queue is answered exactly once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from consumer.engine.api import DeadlineExceeded, EngineError
+from consumer.engine.budget import TokenBudget
+from consumer.engine.handoff import BatchQueue
+from consumer.engine.metrics import BatchReport, EngineMetrics, EngineStats
+from consumer.engine.settings import EngineSettings
+from consumer.engine.work import Batch, Outcome, Post, Ticket, failure
+from consumer.runtime.prompt import PromptEncoder
+from consumer.runtime.scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch.cuda.OutOfMemoryError and any error class named like it."""
+    return any("OutOfMemory" in cls.__name__ for cls in type(exc).__mro__)
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A batch whose device work is queued (``handle``) and not collected yet."""
+
+    tickets: list[Ticket]
+    handle: object
+    started: float
+
+
+class InferenceLoop:
+    """Runs :meth:`run` on the one thread that touches the model."""
+
+    def __init__(
+        self,
+        queue: BatchQueue,
+        scorer: Scorer,
+        encoder: PromptEncoder,
+        settings: EngineSettings,
+        metrics: EngineMetrics,
+        stats: EngineStats,
+        post: Post,
+        on_crash: Callable[[str], None],
+    ) -> None:
+        self._queue = queue
+        self._scorer = scorer
+        self._encoder = encoder
+        self._settings = settings
+        self._metrics = metrics
+        self._stats = stats
+        self._post = post
+        self._on_crash = on_crash
+        self._budget = TokenBudget(queue, settings, metrics)
+        self._pipelined = scorer.traits.pipelined
+        self._batch_ids = itertools.count(1)
+        self._last_batch_end = 0.0  # when results were last collected
+        self.warmed: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run(self) -> None:
+        """Warm up (settling :attr:`warmed`), then run batches until the queue stops."""
+        if not self._warm_up():
+            return
+        in_flight: _Launched | None = None
+        while True:
+            batch = self._queue.take(self._done_checker(in_flight))
+            if batch is None and in_flight is None:
+                return  # stopping
+            try:
+                launched = self._launch(batch) if batch is not None else None
+                if in_flight is not None:
+                    self._finish(in_flight)
+                if launched is not None and not self._pipelined:
+                    self._finish(launched)  # its work is already done: answer it now
+                    launched = None
+            except BaseException as exc:
+                self._crash(exc, batch, in_flight)
+                raise
+            in_flight = launched
+            if in_flight is None:
+                self._queue.idle()
+
+    # ---- warm-up ----------------------------------------------------------------------
+
+    def _warm_up(self) -> bool:
+        try:
+            if self._settings.warmup:
+                started = time.perf_counter()
+                self._scorer.warmup(self._encoder)
+                self._stats.warmup_s = time.perf_counter() - started
+        except BaseException as exc:
+            if not self.warmed.cancelled():
+                self.warmed.set_exception(exc)
+            return False
+        if not self.warmed.cancelled():
+            self.warmed.set_result(None)
+        return True
+
+    # ---- one batch ----------------------------------------------------------------------
+
+    def _done_checker(self, in_flight: _Launched | None) -> Callable[[], bool] | None:
+        """For the queue: whether the batch in flight has finished (None: nothing is)."""
+        if in_flight is None:
+            return None
+        scorer = self._scorer
+
+        def done() -> bool:
+            try:
+                return bool(scorer.done(in_flight.handle))
+            except Exception:  # the device's error surfaces in collect(), where it is handled
+                return True
+
+        return done
+
+    def _launch(self, batch: Batch) -> _Launched | None:
+        """Queue the batch's live tickets on the device; None if nothing was left to run."""
+        live = self._live_tickets(batch.tickets)
+        if not live:
+            return None
+        # a ticket dropped since the batch was prepared: build the inputs again
+        prepared = batch.prepared if len(live) == len(batch.tickets) else None
+        return self._launch_tickets(live, prepared)
+
+    def _launch_tickets(self, tickets: list[Ticket], prepared: object | None) -> _Launched | None:
+        started = time.perf_counter()
+        try:
+            if prepared is None:
+                prepared = self._scorer.prepare([t.pair for t in tickets])
+            return _Launched(tickets, self._scorer.launch(prepared), started)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                self._post_failure(tickets, exc)
+                return None
+        self._after_out_of_memory(tickets)  # outside the except block: frees the attempt
+        return None
+
+    def _finish(self, launched: _Launched) -> None:
+        """Wait for a launched batch and post its results."""
+        tickets = launched.tickets
+        try:
+            logits = list(self._scorer.collect(launched.handle))
+            scores = self._checked_scores(tickets, logits)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                self._post_failure(tickets, exc)
+                return
+        else:
+            # The device ran the previous batch first: count this one's time from the
+            # later of its launch and the previous batch's end.
+            self._deliver(tickets, logits, scores, max(launched.started, self._last_batch_end))
+            return
+        self._after_out_of_memory(tickets)
+
+    def _score_now(self, tickets: list[Ticket]) -> None:
+        """Launch and collect at once (the halves of an out-of-memory batch)."""
+        launched = self._launch_tickets(tickets, None)
+        if launched is not None:
+            self._finish(launched)
+
+    def _after_out_of_memory(self, tickets: list[Ticket]) -> None:
+        self._scorer.release_cached_memory()
+        lowered = self._budget.lower()
+        if len(tickets) == 1:
+            log.warning(
+                "out of memory on a single pair of %d tokens (answered with an error); "
+                "max_batch_tokens now %d",
+                tickets[0].tokens,
+                lowered,
+            )
+            message = f"out of memory scoring one pair of {tickets[0].tokens} tokens"
+            self._post(failure(tickets, EngineError, message))
+            return
+        self._stats.oom_splits += 1
+        self._metrics.out_of_memory_split()
+        log.warning(
+            "out of memory on a batch of %d pairs: split in halves; max_batch_tokens now %d",
+            len(tickets),
+            lowered,
+        )
+        half = len(tickets) // 2
+        self._score_now(tickets[:half])
+        self._score_now(tickets[half:])
+
+    def _live_tickets(self, tickets: list[Ticket]) -> list[Ticket]:
+        """Tickets still wanted; those whose deadline passed are answered here."""
+        now = time.time()
+        live = [t for t in tickets if not t.request.done]
+        expired = [t for t in live if t.deadline is not None and t.deadline <= now]
+        if not expired:
+            return live
+        self._post(failure(expired, DeadlineExceeded, "the request's deadline passed in the queue"))
+        return [t for t in live if t.deadline is None or t.deadline > now]
+
+    def _checked_scores(self, tickets: list[Ticket], logits: list[float]) -> list[float]:
+        if len(logits) != len(tickets):
+            raise RuntimeError(f"scorer gave {len(logits)} logits for {len(tickets)} pairs")
+        return list(self._scorer.calibrate(logits))
+
+    def _post_failure(self, tickets: list[Ticket], exc: Exception) -> None:
+        log.error("scoring a batch of %d pairs failed", len(tickets), exc_info=exc)
+        message = f"scoring failed: {type(exc).__name__}: {exc}"
+        self._post(failure(tickets, EngineError, message))
+
+    def _deliver(
+        self, tickets: list[Ticket], logits: list[float], scores: list[float], started: float
+    ) -> None:
+        ended = time.perf_counter()
+        self._last_batch_end = ended
+        self._budget.batch_succeeded()
+        seconds = ended - started
+        self._record(tickets, seconds, started)
+        batch_id = next(self._batch_ids)
+        self._post(Outcome(tickets, logits, scores, batch_id=batch_id, seconds=seconds))
+
+    def _record(self, tickets: list[Ticket], seconds: float, started: float) -> None:
+        pairs = [t.pair for t in tickets]
+        report = BatchReport(
+            pairs=pairs,
+            real_tokens=sum(t.tokens for t in tickets),
+            cost_tokens=int(self._scorer.batch_cost(pairs)),
+            seconds=seconds,
+            queue_waits_s=[max(0.0, started - t.enqueued) for t in tickets],
+        )
+        self._stats.add(report)
+        try:
+            self._metrics.batch_scored(report)
+        except Exception:
+            log.warning("recording a batch's metrics failed", exc_info=True)
+
+    def _crash(self, exc: BaseException, batch: Batch | None, in_flight: _Launched | None) -> None:
+        """A bug in this loop: answer what it held, then let the engine fail the rest."""
+        log.exception("inference thread failed")
+        lost = (batch.tickets if batch else []) + (in_flight.tickets if in_flight else [])
+        self._post(failure(lost, EngineError, f"inference failed: {type(exc).__name__}"))
+        self._on_crash("the inference thread failed")

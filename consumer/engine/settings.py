@@ -1,0 +1,40 @@
+"""The engine's knobs: batching, threads, and the out-of-memory budget policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Batching and threading knobs of the engine.
+
+    ``max_batch_tokens`` is in the scorer's cost units (padded tokens, or real tokens
+    for packed batches); after an out-of-memory it is lowered by ``oom_budget_factor``,
+    never below ``min_batch_tokens``, and raised again by the same factor (never above
+    ``max_batch_tokens``) after ``oom_recovery_batches`` successful batches in a row, so
+    a passing memory shortage does not cost throughput for the rest of the process.
+    """
+
+    max_batch_tokens: int = 65536
+    max_batch_pairs: int = 512
+    max_wait_ms: float = 2.0
+    tokenizer_threads: int = 4
+    warmup: bool = True
+    window_pairs: int = 4096
+    min_batch_tokens: int = 4096
+    oom_budget_factor: float = 0.75
+    oom_recovery_batches: int = 200
+    close_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_batch_pairs < 1:
+            raise ValueError("max_batch_tokens and max_batch_pairs must be at least 1")
+        if self.tokenizer_threads < 1:
+            raise ValueError("tokenizer_threads must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must not be negative")
+        if not 0 < self.oom_budget_factor < 1:
+            raise ValueError("oom_budget_factor must be between 0 and 1")
+        if self.oom_recovery_batches < 1:
+            raise ValueError("oom_recovery_batches must be at least 1")
