@@ -306,8 +306,8 @@ class Settings(BaseSettings):
     )
     tokenizer_threads: int = _setting(
         4,
-        "Threads that tokenize requests (the Rust tokenizer releases the GIL; 4 kept an "
-        "H100 fed in docs/benchmarks.md, 2 did not).",
+        "Threads that tokenize requests (the Rust tokenizer releases the GIL; "
+        "docs/benchmarks.md shows how many keep one GPU fed).",
         "Batching and back-pressure",
         gt=0,
     )

@@ -1,8 +1,8 @@
 """The interface between the Kafka service and the scoring engine.
 
-The service (``consumer.service``) only ever talks to an object that satisfies
-:class:`RerankEngine`; the real engine (``consumer.engine.engine``) and the fakes used in
-tests both implement it.
+The service (:mod:`consumer.service`) only ever talks to an object that satisfies
+:class:`RerankEngine`; the real engine (:class:`consumer.engine.engine.Engine`) and the
+fakes used in tests both implement it.
 """
 
 from __future__ import annotations

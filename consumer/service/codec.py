@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 from pydantic import ValidationError
 
-from consumer.engine.api import ScoreRequest, ScoreResult
+from consumer.engine.api import ScoreResult
 from schemas.models import (
     DLQ_HEADER_ERROR_CODE,
     DLQ_HEADER_ERROR_MESSAGE,
@@ -115,16 +115,6 @@ class DecodedRequest:
     request: RerankRequest
     route: ReplyRoute
     deadline: float | None
-
-    def score_request(self) -> ScoreRequest:
-        """The engine's view of this request."""
-        req = self.request
-        return ScoreRequest(
-            query=req.query,
-            documents=tuple(req.documents),
-            instruction=req.instruction,
-            deadline=self.deadline,
-        )
 
 
 @dataclass(frozen=True)

@@ -454,9 +454,9 @@ class Worker:
         if self._membership_lost():
             # Another member may own these partitions already: committing could move
             # its offsets, so commit nothing; everything unfinished is redelivered.
+            log.warning("partitions lost", extra={"partitions": _names(revoked)})
             await _cancel_all({t for w in work.values() for t in w.tasks})
             self._forget_lag(revoked)
-            log.warning("partitions lost", extra={"partitions": _names(revoked)})
             return
         deadline = time.monotonic() + self._config.revoke_timeout_s
         while any(w.tasks for w in work.values()) and time.monotonic() < deadline:

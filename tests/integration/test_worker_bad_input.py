@@ -7,7 +7,6 @@ answered, and the committed offset would not reach the end of the partition.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -17,7 +16,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from worker_harness import (
     QUERY_CRASH,
@@ -28,6 +26,7 @@ from worker_harness import (
     Request,
     TopicFactory,
     by_correlation_id,
+    committed_offset,
     dlq_reader,
     documents,
     fresh_metrics,
@@ -147,7 +146,7 @@ async def test_bad_input_is_answered_or_dead_lettered_and_the_partition_goes_on(
         dlq_records = await dlq.read(len(dead_lettered))
         tp = TopicPartition(topics.requests, 0)
         await wait_until(lambda: worker.in_flight_pairs == 0, 10, "every request to finish")
-        committed = await _committed(kafka_bootstrap, config.group_id, tp, len(requests))
+        committed = await committed_offset(kafka_bootstrap, config.group_id, tp, len(requests))
         extra_replies = await replies.quiet(0.5)
 
     assert committed == len(requests), "every offset, bad ones included, is committed"
@@ -226,18 +225,3 @@ async def test_bad_input_is_answered_or_dead_lettered_and_the_partition_goes_on(
 def _extra(record: logging.LogRecord, name: str) -> Any:
     """A field a log line got through ``extra=``."""
     return record.__dict__[name]
-
-
-async def _committed(bootstrap: str, group: str, tp: TopicPartition, expected: int) -> int | None:
-    """The group's committed offset of ``tp`` once it reaches ``expected`` (or the last seen)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            committed = await consumer.committed(tp)
-            if committed == expected or time.monotonic() > deadline:
-                return committed
-            await asyncio.sleep(0.1)
-    finally:
-        await consumer.stop()

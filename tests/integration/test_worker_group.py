@@ -6,13 +6,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from aiokafka.structs import TopicPartition
 from worker_harness import (
     FakeEngine,
     Request,
     TopicFactory,
     by_correlation_id,
+    committed_offset,
     make_topics,
     produce,
     reply_reader,
@@ -23,6 +26,7 @@ from worker_harness import (
 )
 
 from consumer.engine.api import ScoreRequest, ScoreResult
+from consumer.service.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,6 +152,7 @@ async def test_lost_membership_commits_nothing_and_every_request_is_still_answer
         reply_reader(kafka_bootstrap, topics) as replies,
         running_worker(config, engine) as worker,
     ):
+        commits = spy_on_commits(worker)
         await produce(kafka_bootstrap, topics.requests, requests)
         await wait_until(lambda: engine.blocked, 20, "the engine to block")
         await wait_until(lambda: lost() and worker.in_group, 30, "membership lost and rejoined")
@@ -155,5 +160,36 @@ async def test_lost_membership_commits_nothing_and_every_request_is_still_answer
         while len(by_correlation_id(replies.records)) < len(requests):
             assert asyncio.get_running_loop().time() < deadline, "requests went missing"
             await replies.poll()
+        # Nothing was committed before the membership was lost, so the rejoined worker
+        # answers every record again and commits them all.
+        tp = TopicPartition(topics.requests, 0)
+        committed = await committed_offset(kafka_bootstrap, config.group_id, tp, len(requests), 30)
+        assert committed == len(requests)
 
     assert set(by_correlation_id(replies.records)) == {r.key.decode() for r in requests if r.key}
+    # Between losing the membership and being assigned partitions again, the worker sent
+    # no commit to the broker (the partitions may be another member's by then) ...
+    lost_at = min(r.created for r in caplog.records if r.getMessage() == "partitions lost")
+    back_at = min(
+        r.created
+        for r in caplog.records
+        if r.getMessage() == "partitions assigned" and r.created > lost_at
+    )
+    assert not [t for t in commits if lost_at <= t <= back_at], (lost_at, back_at, commits)
+    # ... while it did commit once it was back (the spy sees commits).
+    assert [t for t in commits if t > back_at]
+
+
+def spy_on_commits(worker: Worker) -> list[float]:
+    """Times (``time.time()``) of every commit the worker's Kafka consumer sends."""
+    consumer = worker._consumer
+    assert consumer is not None
+    times: list[float] = []
+    commit = consumer.commit
+
+    async def recorded(*args: Any, **kwargs: Any) -> None:
+        times.append(time.time())
+        await commit(*args, **kwargs)
+
+    consumer.commit = recorded  # type: ignore[method-assign]
+    return times

@@ -385,3 +385,20 @@ def expected_order(query: str, instruction: str | None, docs: Sequence[str]) -> 
     """Indices of ``docs`` by fake score, best first (ties: lower index first)."""
     logits = [fake_logit(query, instruction, d) for d in docs]
     return sorted(range(len(docs)), key=lambda i: -logits[i])
+
+
+async def committed_offset(
+    bootstrap: str, group: str, tp: TopicPartition, expected: int, timeout_s: float = 10.0
+) -> int | None:
+    """The group's committed offset of ``tp`` once it reaches ``expected`` (or the last seen)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            committed = await consumer.committed(tp)
+            if committed == expected or time.monotonic() > deadline:
+                return committed
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()

@@ -79,10 +79,6 @@ def test_valid_request_with_all_headers() -> None:
         "find it",
     )
     assert (req.top_n, req.return_documents, req.raw_scores) == (1, True, True)
-    score_request = result.score_request()
-    assert score_request.documents == ("a log", "a queue")
-    assert score_request.instruction == "find it"
-    assert score_request.deadline == result.deadline
 
 
 def test_defaults_without_optional_headers() -> None:

@@ -2,13 +2,16 @@
 
 No Docker engine is needed: compose files are merged by ``tests/compose_files.py`` the way
 ``docker compose -f compose.yml -f OVERRIDE config`` merges them and validated against the
-Compose Specification schema from ``shared/data``. Metric names in the dashboard and the
-alert rules are checked against what ``consumer.service.metrics.Metrics`` really exports.
+Compose Specification schema that the PyPI package ``check-jsonschema`` vendors (from
+compose-spec/compose-spec, Apache-2.0; its license ships beside it in the package). Metric
+names in the dashboard and the alert rules are checked against what
+``consumer.service.metrics.Metrics`` really exports.
 """
 
 from __future__ import annotations
 
 import configparser
+import importlib.resources
 import json
 import os
 import re
@@ -33,8 +36,10 @@ from consumer.app import STOP_GRACE_S
 from consumer.settings import Settings, env_name, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
-# CI clones the repo with shared/ beside it; a missing schema is a broken checkout, not a skip.
-COMPOSE_SCHEMA = REPO.parent / "shared" / "data" / "compose-spec.json"
+# A dev dependency: a missing schema is a broken install, not a skip.
+COMPOSE_SCHEMA = (
+    importlib.resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+)
 COMPOSE_DIR = REPO / "deploy" / "compose"
 ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 PROMETHEUS_DIR = COMPOSE_DIR / "prometheus"
@@ -90,12 +95,11 @@ def _bind_source(stack: dict[str, Any], service: str, target: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def compose_validator() -> jsonschema.Draft7Validator:
-    assert COMPOSE_SCHEMA.is_file(), (
-        f"the Compose Specification schema is missing at {COMPOSE_SCHEMA}: shared/ must sit "
-        "beside the repository"
-    )
-    return jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+def compose_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def exported() -> set[str]:
 
 @pytest.mark.parametrize("files", STACKS.values(), ids=STACKS.keys())
 def test_merged_stack_matches_the_compose_schema(
-    files: tuple[str, ...], compose_validator: jsonschema.Draft7Validator
+    files: tuple[str, ...], compose_validator: jsonschema.protocols.Validator
 ) -> None:
     errors = [
         f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
@@ -117,7 +121,9 @@ def test_merged_stack_matches_the_compose_schema(
     assert errors == []
 
 
-def test_schema_check_catches_a_misspelt_key(compose_validator: jsonschema.Draft7Validator) -> None:
+def test_schema_check_catches_a_misspelt_key(
+    compose_validator: jsonschema.protocols.Validator,
+) -> None:
     stack = _stack(())
     stack["services"]["kafka"]["helthcheck"] = stack["services"]["kafka"]["healthcheck"]
     assert not compose_validator.is_valid(stack)

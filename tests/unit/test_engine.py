@@ -512,12 +512,7 @@ async def test_engine_scores_equal_the_scorer_alone_on_a_tiny_real_model(
     model = load_model(
         ModelOptions(model=str(tiny_causal_dir), device="cpu", compile="off", packed="off")
     )
-    engine = Engine(
-        model.encoder,
-        model.scorer,
-        model.name,
-        EngineSettings(max_batch_tokens=600, max_batch_pairs=8),
-    )
+    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=600, max_batch_pairs=8))
     await engine.start()
     requests = [
         ScoreRequest("what is kafka", ("a distributed log", "a novelist from Prague", "")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from benchmarks.prompt_throughput import measure_encoder_throughput
 from consumer.runtime.loader import ModelLoadError, load_model, resolve_options
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import BiEncoderIds
+from consumer.runtime.scorer import warmup_batches
 
 
 def test_released_qwen3_reranker_layout_loads_as_causal_lm(tiny_causal_dir: Path) -> None:
@@ -51,9 +53,34 @@ def test_bfloat16_option_loads_a_bfloat16_model(tiny_causal_dir: Path) -> None:
     assert bf16.scorer.score(pairs) == pytest.approx(fp32.scorer.score(pairs), abs=0.1)
 
 
-def test_warmup_runs_on_every_kind(tiny_causal_dir: Path) -> None:
-    loaded = load_model(ModelOptions(model=str(tiny_causal_dir), max_pair_tokens=128))
+WARMUP_MODELS = {
+    "causal-lm": "tiny_causal_dir",
+    "qwen3 seq-cls": "tiny_seqcls_dir",
+    "bert cross-encoder": "tiny_bert_cross_encoder_dir",
+    "bi-encoder": None,  # the MiniLM sentence encoder
+}
+
+
+@pytest.mark.parametrize("kind", WARMUP_MODELS)
+def test_warmup_scores_every_warmup_shape_on_every_kind(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fixture = WARMUP_MODELS[kind]
+    folder = minilm_dir() if fixture is None else request.getfixturevalue(fixture)
+    loaded = load_model(ModelOptions(model=str(folder), max_pair_tokens=128))
+    scored: list[list[float]] = []
+    score = loaded.scorer.score
+
+    def recording_score(pairs: Any) -> list[float]:
+        logits = score(pairs)
+        scored.append(logits)
+        return logits
+
+    monkeypatch.setattr(loaded.scorer, "score", recording_score)
     loaded.scorer.warmup(loaded.encoder)
+    expected_sizes = [len(batch) for batch in warmup_batches(loaded.encoder)]
+    assert [len(logits) for logits in scored] == expected_sizes == [1, 4, 8, 16]
+    assert all(math.isfinite(x) for logits in scored for x in logits)
 
 
 def test_missing_folder_is_one_clear_line(tmp_path: Path) -> None:

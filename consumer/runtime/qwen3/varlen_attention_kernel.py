@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - torch wheels for Linux ship triton
     triton = None
 
 KEY_PIECES = 3  # stream ranges that make up one segment's keys, at most (the kernel reads 3)
-# Tile shape: the fastest of benchmarks/attention_kernels.py's tiles on an H100 (session 3
-# run 8: 0.35 ms against FlashAttention-2's 0.73 ms a call on a 40k-token batch).
+# Tile shape: the fastest of benchmarks/attention_kernels.py's tiles on the 0.6B shape
+# (timings in docs/benchmarks.md, "Attention kernels").
 ROWS = 64  # query rows per program (tokens x grouped heads)
 KEYS_PER_STEP = 32
 NUM_WARPS = 4
