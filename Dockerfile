@@ -25,7 +25,7 @@ COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 COPY producer_sdk ./producer_sdk
 COPY schemas ./schemas
-RUN pip install .
+RUN pip install ".[worker]"
 
 FROM ${PYTHON_IMAGE}
 ARG UID=10001

@@ -51,7 +51,7 @@ fi
 # The project is installed in editable mode so console scripts point at this checkout;
 # dependencies already present are left alone, so a warm run needs no downloads.
 say "installing the project and its dependencies into $VENV"
-"$VENV/bin/python" -m pip install -q --no-build-isolation -e "${ROOT}[dev,demo]"
+"$VENV/bin/python" -m pip install -q --no-build-isolation -e "${ROOT}[worker,dev,demo]"
 
 say "fetching the Kafka broker (cached after the first time)"
 "$ROOT/deploy/local/kafka" fetch

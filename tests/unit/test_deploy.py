@@ -548,6 +548,13 @@ def test_dockerfile_copies_what_the_build_context_keeps() -> None:
             assert f"!{source}" in ignore or f"!{source}/" in ignore, source
 
 
+def test_dockerfile_installs_the_worker_extra() -> None:
+    """``pip install .`` alone is the SDK: the image needs the worker's GPU stack too."""
+    _, instructions = _dockerfile()
+    installs = [rest for op, rest in instructions if op == "RUN" and "pip install" in rest]
+    assert any('".[worker]"' in rest for rest in installs), installs
+
+
 # --- systemd -----------------------------------------------------------------------------------
 
 
