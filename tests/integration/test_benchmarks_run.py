@@ -1,0 +1,30 @@
+"""The service-overhead benchmark stays runnable: a short run against the real broker.
+
+Its numbers are measurements and are not checked here; only that it runs to the end,
+every request gets its reply, and it says on which hardware it ran.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_overhead_bench_answers_every_request_and_names_the_hardware(kafka_bootstrap: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overhead_bench", "--bootstrap", kafka_bootstrap,
+         "--requests", "200", "--partitions", "1", "--paced-rate", "400"],
+        cwd=REPO, capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "usable CPU cores" in run.stdout
+    assert re.search(r"burst\s+200/200 replies\s+[\d,]+ requests/s", run.stdout), run.stdout
+    assert re.search(r"paced\s+(\d+)/\1 replies", run.stdout), run.stdout
