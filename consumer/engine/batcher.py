@@ -62,11 +62,6 @@ def longest_times_count(items: Sequence[BatchItem]) -> int:
     return max(item.tokens for item in items) * len(items)
 
 
-def total_tokens(items: Sequence[BatchItem]) -> int:
-    """Cost of a packed (padding-free) batch: the real tokens."""
-    return sum(item.tokens for item in items)
-
-
 @dataclass(frozen=True)
 class FormedBatch(Generic[ItemT]):
     """The outcome of one :meth:`TokenBudgetBatcher.next_batch` call.
