@@ -49,6 +49,7 @@ class NoOpEngine:
     model_name = "no-op"
     ready = True
     in_flight_pairs = 0
+    failure: str | None = None
 
     async def start(self) -> None:
         return None

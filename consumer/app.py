@@ -7,6 +7,11 @@ with 128 + the signal number.
 
 The HTTP side-port starts first, so ``/health/live`` answers while the model loads
 and ``/health/ready`` says why the worker is not ready yet.
+
+An engine that fails for good (broken model, stalled GPU) makes the service step aside:
+the worker stops fetching, leaves the requests it could not score uncommitted (the group
+hands them to healthy workers), leaves the group, and the process exits 1 so that its
+supervisor restarts it. Meanwhile ``/health/live`` and ``/health/ready`` answer 503.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ EXIT_BAD_SETTINGS = 2
 # After the drain timeout the worker gets this much longer to commit and leave its
 # group before the service gives up on it.
 STOP_GRACE_S = 10.0
+# How often the service looks whether the engine has failed.
+ENGINE_WATCH_S = 0.5
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 T = TypeVar("T")
@@ -122,6 +129,11 @@ class Service:
 
     # --- health ----------------------------------------------------------------------
 
+    def liveness(self) -> list[str]:
+        """Why the process should be restarted; empty while it is alive and well."""
+        failure = self._engine.failure if self._engine is not None else None
+        return [f"engine failed: {failure}"] if failure is not None else []
+
     def readiness(self) -> list[str]:
         """Why the worker should not get traffic yet; empty when it is ready."""
         if self._worker is not None:  # it also checks the engine
@@ -186,6 +198,7 @@ class Service:
                 self.readiness,
                 self.metrics.registry,
                 on_scrape=self._refresh_gauges,
+                liveness=self.liveness,
             )
             try:
                 await self.http.start()
@@ -205,10 +218,27 @@ class Service:
             self._worker = worker
             if self._stopping:  # a signal came while starting
                 return EXIT_OK
-            await worker.run()
+            watch = asyncio.create_task(self._step_aside_when_failed(engine, worker))
+            try:
+                await worker.run()
+            finally:
+                watch.cancel()
+            if engine.failure is not None:
+                raise ServiceError(f"stepped aside: the engine failed: {engine.failure}")
             if not self._stopping:
                 raise ServiceError("the Kafka worker stopped without being asked to")
         return EXIT_OK
+
+    async def _step_aside_when_failed(self, engine: RerankEngine, worker: Worker) -> None:
+        """When the engine fails, stop the worker: its unscored requests go to others."""
+        while engine.failure is None:
+            await asyncio.sleep(ENGINE_WATCH_S)
+        log.error(
+            "the engine failed; stepping aside: no more requests are taken, unscored ones "
+            "stay uncommitted for the other workers, and the process exits 1",
+            extra={"reason": engine.failure},
+        )
+        worker.request_stop()
 
     async def _load_model(self) -> LoadedModel:
         started = time.monotonic()

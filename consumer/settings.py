@@ -156,10 +156,31 @@ class Settings(BaseSettings):
     )
     reply_topic_wait_s: float = _setting(
         5.0,
-        "How long to wait for a requested reply topic's metadata before treating it as "
-        "missing (dead-letter).",
+        "Longest wait for a requested reply topic's metadata; a lookup that fails or "
+        "times out is no verdict and is tried again.",
         "Kafka",
         gt=0,
+    )
+    reply_timeout_s: float = _setting(
+        30.0,
+        "A reply that keeps failing (broker away, topic lookups timing out) is retried "
+        "this long, or until the request's deadline, then the request is dead-lettered.",
+        "Kafka",
+        gt=0,
+    )
+    group_instance_id: str | None = _setting(
+        None,
+        "Static group membership: a stable id per worker (the GPU index, a StatefulSet "
+        "pod name). A worker back under the same id within the session timeout keeps its "
+        "partitions: a rolling restart moves none. Unset: dynamic membership.",
+        "Kafka",
+    )
+    connect_timeout_s: float = _setting(
+        300.0,
+        "At start, how long to keep trying to reach the brokers (not ready meanwhile); "
+        "0 keeps trying for as long as the worker runs. A refused login fails at once.",
+        "Kafka",
+        ge=0,
     )
 
     # Kafka tuning
@@ -175,6 +196,13 @@ class Settings(BaseSettings):
         "Kafka tuning",
         gt=0,
     )
+    rebalance_timeout_ms: int = _setting(
+        60_000,
+        "How long the group waits for members to finish their revoke handlers; must "
+        "cover revoke_timeout_s plus the commit after it.",
+        "Kafka tuning",
+        gt=0,
+    )
     max_poll_records: int = _setting(
         500, "Most records taken from the consumer per poll.", "Kafka tuning", gt=0
     )
@@ -182,7 +210,18 @@ class Settings(BaseSettings):
         5, "How long the producer waits to batch replies.", "Kafka tuning", ge=0
     )
     commit_interval_s: float = _setting(
-        1.0, "How often finished offsets are committed.", "Kafka tuning", gt=0
+        0.1,
+        "A finished request's offset is committed within this long (never more often): "
+        "few answered requests are left uncommitted when a worker is killed.",
+        "Kafka tuning",
+        gt=0,
+    )
+    max_uncommitted_records: int = _setting(
+        10_000,
+        "A partition with this many records waiting behind an unfinished one stops "
+        "fetching until it clears (bounded memory).",
+        "Kafka tuning",
+        gt=0,
     )
     revoke_timeout_s: float = _setting(
         10.0,
@@ -324,6 +363,13 @@ class Settings(BaseSettings):
         "Batching and back-pressure",
         ge=0,
     )
+    engine_stall_timeout_s: float = _setting(
+        120.0,
+        "With work outstanding, the model must finish a batch at least this often; "
+        "otherwise the engine has failed and the worker steps aside (exit 1).",
+        "Batching and back-pressure",
+        gt=0,
+    )
 
     # Request limits
     max_documents: int = _setting(1000, "Most documents in one request.", "Request limits", gt=0)
@@ -422,6 +468,7 @@ class Settings(BaseSettings):
         checks: list[tuple[tuple[str, ...], Callable[[], list[str]]]] = [
             (("inflight_low_pairs", "inflight_high_pairs"), self._inflight_problems),
             (("heartbeat_interval_ms", "session_timeout_ms"), self._heartbeat_problems),
+            (("revoke_timeout_s", "rebalance_timeout_ms"), self._rebalance_problems),
             (("allowed_reply_topics", "reply_topic"), self._reply_pattern_problems),
             (("request_topic", "reply_topic", "dlq_topic"), self._shared_topics),
             (_SECURITY_FIELDS, self._security_problems),
@@ -446,6 +493,17 @@ class Settings(BaseSettings):
         return [
             f"{_env('heartbeat_interval_ms')} ({self.heartbeat_interval_ms}) must be below "
             f"{_env('session_timeout_ms')} ({self.session_timeout_ms})"
+        ]
+
+    def _rebalance_problems(self) -> list[str]:
+        from consumer.service.worker_config import rebalance_time_needed_ms
+
+        needed = rebalance_time_needed_ms(self.revoke_timeout_s)
+        if self.rebalance_timeout_ms >= needed:
+            return []
+        return [
+            f"{_env('rebalance_timeout_ms')} ({self.rebalance_timeout_ms}) must be at least "
+            f"{needed}: {_env('revoke_timeout_s')} plus the commit after it and a margin"
         ]
 
     def _security_problems(self) -> list[str]:
@@ -556,6 +614,7 @@ class Settings(BaseSettings):
             max_wait_ms=self.max_wait_ms,
             min_batch_tokens=self.min_batch_tokens,
             tokenizer_threads=self.tokenizer_threads,
+            stall_timeout_s=self.engine_stall_timeout_s,
         )
 
     def worker_config(self) -> WorkerConfig:
@@ -572,6 +631,9 @@ class Settings(BaseSettings):
             client_id=self.effective_client_id,
             allowed_reply_topics=self.allowed_reply_topics,
             reply_topic_wait_s=self.reply_topic_wait_s,
+            reply_timeout_s=self.reply_timeout_s,
+            group_instance_id=self.group_instance_id,
+            connect_timeout_s=self.connect_timeout_s,
             security=self.kafka_security(),
             inflight_high_pairs=self.inflight_high_pairs,
             inflight_low_pairs=self.inflight_low_pairs,
@@ -587,9 +649,11 @@ class Settings(BaseSettings):
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             max_poll_interval_ms=self.max_poll_interval_ms,
+            rebalance_timeout_ms=self.rebalance_timeout_ms,
             max_poll_records=self.max_poll_records,
             producer_linger_ms=self.producer_linger_ms,
             commit_interval_s=self.commit_interval_s,
+            max_uncommitted_records=self.max_uncommitted_records,
             revoke_timeout_s=self.revoke_timeout_s,
             missing_topic_ttl_s=self.missing_topic_ttl_s,
             lag_interval_s=self.lag_interval_s,

@@ -39,6 +39,15 @@ class EngineClosed(EngineError):
     retriable = True
 
 
+class EngineFailed(EngineError):
+    """The engine cannot score any more (the model keeps failing, or stopped making
+    progress). The request is not at fault: the service leaves it for another worker
+    instead of answering it with an error."""
+
+    code = "internal"
+    retriable = True
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     """One rerank request, already validated.
@@ -86,6 +95,15 @@ class RerankEngine(Protocol):
     @property
     def in_flight_pairs(self) -> int:
         """Pairs accepted but not yet resolved."""
+        ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot score any more; None while it works.
+
+        Once set it stays: every pending and later :meth:`score` raises
+        :class:`EngineFailed`, and the process should step aside.
+        """
         ...
 
     async def start(self) -> None:

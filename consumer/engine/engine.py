@@ -15,6 +15,10 @@ Data flow of one request (:meth:`Engine.score`)::
 * Every queued pair is resolved exactly once, with a score or an error, whatever
   happens to its batch; ``close()`` fails everything pending with :class:`EngineClosed`.
 * Expired pairs are dropped before they reach the model.
+* An engine whose model is broken (it fails its check batch, a worker thread dies, or
+  it has work but finishes no batch for ``stall_timeout_s``) fails for good: every
+  pending and later request gets :class:`EngineFailed`, and :attr:`Engine.failure`
+  says why, so the service can step aside.
 
 Payloads are opaque here and the batch cost comes from the scorer, so packed
 (padding-free) batches or prefix reuse change only the scorer.
@@ -34,6 +38,7 @@ from consumer.engine.api import (
     DeadlineExceeded,
     EngineClosed,
     EngineError,
+    EngineFailed,
     InvalidRequest,
     ScoreRequest,
     ScoreResult,
@@ -95,14 +100,17 @@ class Engine:
             self.stats,
             self._post,
             self._stop_after_crash,
+            self._fail_from_thread,
         )
         self._former = BatchFormer(self._queue, scorer, self._post, self._stop_after_crash)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
+        self._watchdog: asyncio.Task[None] | None = None
         self._started = False
         self._ready = False
         self._closed = False
+        self._failure: str | None = None
 
     @classmethod
     def for_model(
@@ -123,8 +131,13 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """True once the model is warmed up, until close() or a thread's crash."""
+        """True once the model is warmed up, until close() or a failure."""
         return self._ready
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine failed for good (broken model, dead thread, stall); else None."""
+        return self._failure
 
     @property
     def in_flight_pairs(self) -> int:
@@ -153,6 +166,7 @@ class Engine:
             thread.start()
         await self._wait_for_warm_up()
         self._ready = True
+        self._watchdog = asyncio.create_task(self._watch_for_stalls())
         traits = self._scorer.traits
         self._metrics.token_budget_changed(self._queue.max_batch_tokens)
         self._metrics.model_started(self._name, traits.kind, traits.device, traits.dtype)
@@ -191,6 +205,8 @@ class Engine:
             return
         self._closed = True
         self._ready = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._queue.stop()
         self._requests.fail_all(EngineClosed, "the engine is shutting down")
         self._inference.warmed.cancel()  # a start() still warming up stops waiting
@@ -215,6 +231,8 @@ class Engine:
             raise EngineError(f"model warm-up failed: {type(exc).__name__}: {exc}") from exc
 
     def _check_open(self) -> None:
+        if self._failure is not None:
+            raise EngineFailed(self._failure)
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         if not self._ready:
@@ -257,6 +275,8 @@ class Engine:
         if pending is not None:
             return pending
         # stopped meanwhile: nothing would ever score these
+        if self._failure is not None:
+            raise EngineFailed(self._failure)
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         raise EngineError("the engine stopped")
@@ -300,11 +320,40 @@ class Engine:
             log.debug("event loop closed; dropped the results of %d pairs", len(outcome.tickets))
 
     def _stop_after_crash(self, reason: str) -> None:
-        """A worker thread died: stop, and fail every pending pair."""
-        pending = self._queue.stop()
+        """A worker thread died: nothing would score what is queued any more."""
+        self._fail_from_thread(reason)
+
+    def _fail_from_thread(self, reason: str) -> None:
+        """Fail the engine for good (from a worker thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._fail, reason)
+        except RuntimeError:  # the loop is closed
+            log.debug("event loop closed; engine failure not reported: %s", reason)
+
+    def _fail(self, reason: str) -> None:
+        """Fail the engine for good: stop the threads' queue and answer everything pending
+        with :class:`EngineFailed` (on the event loop)."""
+        if self._failure is not None or self._closed:
+            return
+        self._failure = reason
         self._ready = False
+        log.error("engine failed; it takes no more requests", extra={"reason": reason})
+        pending = self._queue.stop()
         if pending:
-            self._post(failure(pending, EngineError, reason))
+            self._requests.deliver(failure(pending, EngineFailed, reason))
+        self._requests.fail_all(EngineFailed, reason)
+
+    async def _watch_for_stalls(self) -> None:
+        """Fail the engine when the model has work but finishes no batch for too long."""
+        limit = self.settings.stall_timeout_s
+        while self._failure is None:
+            await asyncio.sleep(min(1.0, limit / 4))
+            stalled = self._inference.stalled_for()
+            if stalled > limit:
+                self._fail(f"the model has not finished a batch for {stalled:.0f} s")
 
 
 def _expired(deadline: float | None) -> bool:

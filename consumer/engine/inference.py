@@ -6,8 +6,13 @@ the next. A scorer that is not pipelined computes in ``launch``; its batch is co
 at once.
 
 Failures: a batch that runs out of device memory is split in halves and retried, and
-the token budget is lowered (:mod:`consumer.engine.budget`); any other failure fails
-the batch's requests. Every ticket taken from the queue is answered exactly once.
+the token budget is lowered (:mod:`consumer.engine.budget`). Any other failure first
+runs the *check batch* (one known pair, scored at warm-up): if the model fails that too,
+or scores it differently, the model is broken and the engine fails (``on_failed``);
+every request is left for another worker. Otherwise the failure is the batch's own:
+it is split in halves by request and each half retried, so one poisoned request fails
+alone and its neighbours are scored. Every ticket taken from the queue is answered
+exactly once.
 """
 
 from __future__ import annotations
@@ -15,17 +20,18 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from consumer.engine.api import DeadlineExceeded, EngineError
+from consumer.engine.api import DeadlineExceeded, EngineError, EngineFailed
 from consumer.engine.budget import TokenBudget
 from consumer.engine.handoff import BatchQueue
 from consumer.engine.metrics import BatchReport, EngineMetrics, EngineStats
 from consumer.engine.settings import EngineSettings
 from consumer.engine.work import Batch, Outcome, Post, Ticket, failure
-from consumer.runtime.prompt import PromptEncoder
+from consumer.runtime.prompt import EncodedPair, PromptEncoder
 from consumer.runtime.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -36,13 +42,31 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any("OutOfMemory" in cls.__name__ for cls in type(exc).__mro__)
 
 
+# The check batch's logit must come back within this of the warm-up's (same pair,
+# same shapes: only a broken model moves it).
+CHECK_TOLERANCE = 0.05
+
+
 @dataclass(eq=False)
 class _Launched:
-    """A batch whose device work is queued (``handle``) and not collected yet."""
+    """A batch whose device work is queued (``handle``) and not collected yet.
+
+    ``model_checked``: the check batch already passed since this batch's first failure
+    (its halves need not check again).
+    """
 
     tickets: list[Ticket]
     handle: object
     started: float
+    model_checked: bool = False
+
+
+@dataclass(frozen=True)
+class _CheckBatch:
+    """A known pair and the logit the model gave it at warm-up."""
+
+    pairs: list[EncodedPair]
+    logits: list[float]
 
 
 class InferenceLoop:
@@ -58,6 +82,7 @@ class InferenceLoop:
         stats: EngineStats,
         post: Post,
         on_crash: Callable[[str], None],
+        on_failed: Callable[[str], None],
     ) -> None:
         self._queue = queue
         self._scorer = scorer
@@ -67,11 +92,21 @@ class InferenceLoop:
         self._stats = stats
         self._post = post
         self._on_crash = on_crash
+        self._on_failed = on_failed
         self._budget = TokenBudget(queue, settings, metrics)
         self._pipelined = scorer.traits.pipelined
         self._batch_ids = itertools.count(1)
         self._last_batch_end = 0.0  # when results were last collected
+        self._check: _CheckBatch | None = None
+        # Read by the engine's stall watchdog: whether a batch is outstanding, and when
+        # the model last finished one (or took work after being idle).
+        self.busy = False
+        self.progress_at = time.monotonic()
         self.warmed: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def stalled_for(self) -> float:
+        """Seconds the model has had work without finishing a batch (0 when idle)."""
+        return time.monotonic() - self.progress_at if self.busy else 0.0
 
     def run(self) -> None:
         """Warm up (settling :attr:`warmed`), then run batches until the queue stops."""
@@ -82,6 +117,8 @@ class InferenceLoop:
             batch = self._queue.take(self._done_checker(in_flight))
             if batch is None and in_flight is None:
                 return  # stopping
+            if not self.busy:
+                self.busy, self.progress_at = True, time.monotonic()
             try:
                 launched = self._launch(batch) if batch is not None else None
                 if in_flight is not None:
@@ -94,6 +131,7 @@ class InferenceLoop:
                 raise
             in_flight = launched
             if in_flight is None:
+                self.busy = False
                 self._queue.idle()
 
     # ---- warm-up ----------------------------------------------------------------------
@@ -104,6 +142,8 @@ class InferenceLoop:
                 started = time.perf_counter()
                 self._scorer.warmup(self._encoder)
                 self._stats.warmup_s = time.perf_counter() - started
+            pairs = self._encoder.encode("check query", ["check document"], None)
+            self._check = _CheckBatch(pairs, list(self._scorer.score(pairs)))
         except BaseException as exc:
             if not self.warmed.cancelled():
                 self.warmed.set_exception(exc)
@@ -137,41 +177,87 @@ class InferenceLoop:
         prepared = batch.prepared if len(live) == len(batch.tickets) else None
         return self._launch_tickets(live, prepared)
 
-    def _launch_tickets(self, tickets: list[Ticket], prepared: object | None) -> _Launched | None:
+    def _launch_tickets(
+        self, tickets: list[Ticket], prepared: object | None, model_checked: bool = False
+    ) -> _Launched | None:
         started = time.perf_counter()
+        failure: Exception | None = None
         try:
             if prepared is None:
                 prepared = self._scorer.prepare([t.pair for t in tickets])
-            return _Launched(tickets, self._scorer.launch(prepared), started)
+            return _Launched(tickets, self._scorer.launch(prepared), started, model_checked)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                self._post_failure(tickets, exc)
-                return None
-        self._after_out_of_memory(tickets)  # outside the except block: frees the attempt
+            failure = None if is_out_of_memory(exc) else exc
+        # outside the except block: the failed attempt's tensors are freed first
+        if failure is not None:
+            self._after_failure(tickets, failure, model_checked)
+        else:
+            self._after_out_of_memory(tickets)
         return None
 
     def _finish(self, launched: _Launched) -> None:
         """Wait for a launched batch and post its results."""
         tickets = launched.tickets
+        failure: Exception | None = None
         try:
             logits = list(self._scorer.collect(launched.handle))
             scores = self._checked_scores(tickets, logits)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                self._post_failure(tickets, exc)
-                return
+            failure = None if is_out_of_memory(exc) else exc
         else:
             # The device ran the previous batch first: count this one's time from the
             # later of its launch and the previous batch's end.
             self._deliver(tickets, logits, scores, max(launched.started, self._last_batch_end))
             return
-        self._after_out_of_memory(tickets)
+        if failure is not None:
+            self._after_failure(tickets, failure, launched.model_checked)
+        else:
+            self._after_out_of_memory(tickets)
 
-    def _score_now(self, tickets: list[Ticket]) -> None:
-        """Launch and collect at once (the halves of an out-of-memory batch)."""
-        launched = self._launch_tickets(tickets, None)
+    def _score_now(self, tickets: list[Ticket], model_checked: bool = False) -> None:
+        """Launch and collect at once (the halves of a split batch)."""
+        launched = self._launch_tickets(tickets, None, model_checked)
         if launched is not None:
             self._finish(launched)
+
+    def _after_failure(self, tickets: list[Ticket], exc: Exception, model_checked: bool) -> None:
+        """A batch failed (not out of memory): the model's fault, or the batch's?"""
+        if not model_checked:
+            broken = self._model_broken()
+            if broken is not None:
+                reason = f"{broken} after a batch failed with {type(exc).__name__}: {exc}"
+                self._on_failed(reason)  # first: the engine is failed before they hear
+                self._post(failure(tickets, EngineFailed, reason))
+                return
+        requests = list({t.request: None for t in tickets})
+        if len(requests) == 1:
+            self._post_failure(tickets, exc)  # this request alone fails on a working model
+            return
+        log.warning(
+            "a batch of %d requests failed on a working model: retrying it in halves",
+            len(requests),
+            extra={"error": repr(exc)},
+        )
+        first = set(requests[: len(requests) // 2])
+        self._score_now([t for t in tickets if t.request in first], model_checked=True)
+        self._score_now([t for t in tickets if t.request not in first], model_checked=True)
+
+    def _model_broken(self) -> str | None:
+        """Score the check batch; why the model is broken, or None when it scores it right."""
+        check = self._check
+        if check is None:
+            return None
+        try:
+            logits = list(self._scorer.score(check.pairs))
+        except Exception as exc:
+            return f"the model failed its check batch ({type(exc).__name__}: {exc})"
+        same = all(
+            math.isfinite(new) and abs(new - old) <= CHECK_TOLERANCE * max(1.0, abs(old))
+            for new, old in zip(logits, check.logits, strict=True)
+        )
+        if not same:
+            return f"the model scored its check batch {logits}, not {check.logits}"
+        return None
 
     def _after_out_of_memory(self, tickets: list[Ticket]) -> None:
         self._scorer.release_cached_memory()
@@ -222,6 +308,7 @@ class InferenceLoop:
     ) -> None:
         ended = time.perf_counter()
         self._last_batch_end = ended
+        self.progress_at = time.monotonic()
         self._budget.batch_succeeded()
         seconds = ended - started
         self._record(tickets, seconds, started)

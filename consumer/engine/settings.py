@@ -14,6 +14,10 @@ class EngineSettings:
     never below ``min_batch_tokens``, and raised again by the same factor (never above
     ``max_batch_tokens``) after ``oom_recovery_batches`` successful batches in a row, so
     a passing memory shortage does not cost throughput for the rest of the process.
+
+    ``stall_timeout_s``: with work outstanding, the model must finish a batch at least
+    this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
+    every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
     """
 
     max_batch_tokens: int = 65536
@@ -26,6 +30,7 @@ class EngineSettings:
     oom_budget_factor: float = 0.75
     oom_recovery_batches: int = 200
     close_timeout_s: float = 30.0
+    stall_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_pairs < 1:
@@ -38,3 +43,5 @@ class EngineSettings:
             raise ValueError("oom_budget_factor must be between 0 and 1")
         if self.oom_recovery_batches < 1:
             raise ValueError("oom_recovery_batches must be at least 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")

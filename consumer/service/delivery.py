@@ -10,11 +10,15 @@ Failures, in order of fallback:
 * the reply topic is not allowed or does not exist -> dead-letter record;
 * a success reply too large for Kafka -> a ``payload_too_large`` error reply;
 * the broker refuses a reply for good (not retriable) -> dead-letter record;
-* a retriable failure (broker away, leader moving) -> the same record is sent again
-  with backoff, for as long as the worker runs: the offset stays uncommitted, so a
-  worker that stops meanwhile leaves the request to be redelivered;
-* the dead-letter record itself is refused for good -> logged at error level and
-  counted (``rerank_errors{code="dlq_failed"}``); nothing else can be done with it.
+* a retriable failure (broker away, leader moving, reply topic lookup timed out) -> the
+  route is looked up again and the reply sent again with backoff, for at most
+  ``reply_timeout_s`` and never past the request's deadline; then a dead-letter record.
+  So one stuck reply holds its partition's commits for a bounded time;
+* the dead-letter record itself cannot be written -> it is tried again with backoff for
+  as long as the worker runs, and never committed meanwhile: the record's partition is
+  held (paused, through ``on_dead_letter_blocked``), ``rerank_dead_letter_blocked``
+  counts the records waiting, and the log says so. A worker that stops leaves the
+  record uncommitted, so it is redelivered. Nothing is dropped.
 
 Logging: a dead-letter record is one warning line (nobody else hears of it); an error
 reply is one debug line (its client is told). Both carry the record's topic, partition,
@@ -26,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.errors import (
@@ -34,31 +40,68 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RecordTooLargeError,
 )
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.codec import ReplyRoute, dlq_headers, encode_error, reply_headers
 from consumer.service.metrics import Metrics
-from consumer.service.reply_router import ReplyRouter, Unroutable
+from consumer.service.reply_router import ReplyRouter, Unresolved, Unroutable
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)
 
 OUTCOME_OK = "ok"
-_RETRY_FIRST_S = 0.1
-_RETRY_MAX_S = 5.0
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+# A blocked dead-letter record says so again in the log this often.
+_BLOCKED_LOG_EVERY_S = 60.0
+
+# Called with (partition, True) when a record of that partition cannot be dead-lettered
+# (hold the partition) and (partition, False) once it could.
+DeadLetterBlocked = Callable[[TopicPartition, bool], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often failed sends are tried again.
+
+    ``reply_timeout_s``: a reply that keeps failing is given up (dead-lettered) after
+    this long, or at the request's deadline if that comes first. Dead-letter records
+    are never given up; their backoff grows to ``dead_letter_max_backoff_s``.
+    """
+
+    reply_timeout_s: float = 30.0
+    first_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    dead_letter_max_backoff_s: float = 30.0
+
+
+class _Retry(Exception):
+    """A send failed in a way that may pass; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Delivery:
     """Sends replies and dead-letter records through one producer."""
 
     def __init__(
-        self, producer: Any, router: ReplyRouter, dlq_topic: str, metrics: Metrics
+        self,
+        producer: Any,
+        router: ReplyRouter,
+        dlq_topic: str,
+        metrics: Metrics,
+        policy: RetryPolicy | None = None,
+        on_dead_letter_blocked: DeadLetterBlocked | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._producer = producer
         self._router = router
         self._dlq_topic = dlq_topic
         self._metrics = metrics
+        self._policy = policy or RetryPolicy()
+        self._on_blocked = on_dead_letter_blocked or (lambda tp, blocked: None)
+        self._clock = clock
         self._requests_ok = metrics.requests.labels(outcome=OUTCOME_OK)  # the hot path's child
 
     async def reply(
@@ -68,15 +111,96 @@ class Delivery:
         correlation_id: str,
         value: bytes,
         outcome: str,
+        deadline: float | None = None,
     ) -> None:
-        """Deliver a reply ``value``; ``outcome`` is ``"ok"`` or the error code it carries."""
+        """Deliver a reply ``value``; ``outcome`` is ``"ok"`` or the error code it carries.
+
+        ``deadline`` (Unix time) is the request's: retrying stops there.
+        """
+        give_up = self._give_up_time(deadline)
+        backoff = self._policy.first_backoff_s
+        while True:
+            try:
+                await self._reply_once(record, route, correlation_id, value, outcome)
+                return
+            except _Retry as retry:
+                reason = retry.reason
+            if self._clock() + backoff > give_up:
+                await self._reply_gave_up(record, route, correlation_id, reason, deadline)
+                return
+            log.warning(
+                "reply failed, retrying",
+                extra=_coordinates(record)
+                | {"correlation_id": correlation_id, "error": reason, "retry_in_s": backoff},
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._policy.max_backoff_s)
+
+    async def reply_error(
+        self,
+        record: ConsumerRecord[Any, Any],
+        route: ReplyRoute,
+        correlation_id: str,
+        code: ErrorCode,
+        message: str,
+        retriable: bool,
+        deadline: float | None = None,
+    ) -> None:
+        """Deliver an error reply."""
+        value = encode_error(correlation_id, code, message, retriable)
+        await self.reply(record, route, correlation_id, value, code.value, deadline)
+
+    async def dead_letter(
+        self,
+        record: ConsumerRecord[Any, Any],
+        code: ErrorCode,
+        message: str,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Copy ``record`` unchanged (key, value, headers) to the dead-letter topic.
+
+        One exception: a record with neither key nor value gets an empty value, as the
+        producer cannot send one without both. Returns only once the broker has it.
+
+        ``correlation_id`` (when the request had one) only goes into the log line.
+        """
+        context = _coordinates(record) | {"correlation_id": correlation_id}
+        headers = list(record.headers or ()) + dlq_headers(
+            code, message, record.topic, record.partition, record.offset
+        )
+        value = record.value
+        if value is None and record.key is None:
+            # aiokafka refuses a record with neither key nor value (a tombstone without a
+            # key); an empty value stands for it, and error-message says it had none.
+            value = b""
+        await self._send_until_accepted(record, self._dlq_topic, record.key, value, headers)
+        self._metrics.dlq_records.labels(code=code.value).inc()
+        self._metrics.errors.labels(code=code.value).inc()
+        log.warning(
+            "request sent to the dead-letter topic",
+            extra=context | {"error_code": code.value, "error": message},
+        )
+
+    # ---- replies ------------------------------------------------------------------------
+
+    async def _reply_once(
+        self,
+        record: ConsumerRecord[Any, Any],
+        route: ReplyRoute,
+        correlation_id: str,
+        value: bytes,
+        outcome: str,
+    ) -> None:
+        """One attempt; raises :class:`_Retry` when trying again may succeed."""
         destination = await self._router.resolve(route)
+        if isinstance(destination, Unresolved):
+            raise _Retry(destination.message)
         if isinstance(destination, Unroutable):
             await self.dead_letter(record, destination.code, destination.message, correlation_id)
             return
         key = correlation_id.encode("utf-8")
         try:
-            await self._send_retrying(
+            await self._send(
                 destination.topic,
                 destination.partition,
                 key,
@@ -92,9 +216,16 @@ class Delivery:
                 "ask for fewer results (top_n) or without return_documents"
             )
             error = encode_error(correlation_id, ErrorCode.PAYLOAD_TOO_LARGE, message, False)
-            await self.reply(record, route, correlation_id, error, ErrorCode.PAYLOAD_TOO_LARGE)
+            await self._reply_once(
+                record, route, correlation_id, error, ErrorCode.PAYLOAD_TOO_LARGE
+            )
             return
-        except Exception as exc:  # KafkaError, or a producer bug: never leave it unanswered
+        except KafkaError as exc:
+            if _transient(exc):
+                raise _Retry(repr(exc)) from exc
+            await self._reply_failed(record, destination.topic, correlation_id, exc)
+            return
+        except Exception as exc:  # a producer bug: never leave the request unanswered
             await self._reply_failed(record, destination.topic, correlation_id, exc)
             return
         self._count_reply(record, outcome)
@@ -105,57 +236,33 @@ class Delivery:
                 | {"correlation_id": correlation_id, "error_code": outcome},
             )
 
-    async def reply_error(
+    def _give_up_time(self, deadline: float | None) -> float:
+        """When (on ``clock``) to stop retrying a reply."""
+        give_up = self._clock() + self._policy.reply_timeout_s
+        if deadline is not None:
+            give_up = min(give_up, self._clock() + max(0.0, deadline - time.time()))
+        return give_up
+
+    async def _reply_gave_up(
         self,
         record: ConsumerRecord[Any, Any],
         route: ReplyRoute,
         correlation_id: str,
-        code: ErrorCode,
-        message: str,
-        retriable: bool,
+        reason: str,
+        deadline: float | None,
     ) -> None:
-        """Deliver an error reply."""
-        value = encode_error(correlation_id, code, message, retriable)
-        await self.reply(record, route, correlation_id, value, code.value)
-
-    async def dead_letter(
-        self,
-        record: ConsumerRecord[Any, Any],
-        code: ErrorCode,
-        message: str,
-        correlation_id: str | None = None,
-    ) -> None:
-        """Copy ``record`` unchanged (key, value, headers) to the dead-letter topic.
-
-        One exception: a record with neither key nor value gets an empty value, as the
-        producer cannot send one without both.
-
-        ``correlation_id`` (when the request had one) only goes into the log line.
-        """
-        context = _coordinates(record) | {"correlation_id": correlation_id}
-        headers = list(record.headers or ()) + dlq_headers(
-            code, message, record.topic, record.partition, record.offset
+        if deadline is not None and time.time() >= deadline:
+            code, why = ErrorCode.DEADLINE_EXCEEDED, "before the request's deadline"
+        else:
+            code, why = ErrorCode.INTERNAL, f"within {self._policy.reply_timeout_s:g} s"
+        topic = route.topic or "the default reply topic"
+        log.error(
+            "reply could not be delivered; sending the request to the dead-letter topic",
+            extra=_coordinates(record)
+            | {"correlation_id": correlation_id, "reply_topic": topic, "error": reason},
         )
-        value = record.value
-        if value is None and record.key is None:
-            # aiokafka refuses a record with neither key nor value (a tombstone without a
-            # key); an empty value stands for it, and error-message says it had none.
-            value = b""
-        try:
-            await self._send_retrying(self._dlq_topic, None, record.key, value, headers)
-        except Exception as exc:
-            self._metrics.errors.labels(code="dlq_failed").inc()
-            log.error(
-                "dead-letter record refused; the request is dropped",
-                extra=context | {"error_code": code.value, "error": repr(exc)},
-            )
-            return
-        self._metrics.dlq_records.labels(code=code.value).inc()
-        self._metrics.errors.labels(code=code.value).inc()
-        log.warning(
-            "request sent to the dead-letter topic",
-            extra=context | {"error_code": code.value, "error": message},
-        )
+        message = f"the reply could not be produced to {topic!r} {why}: {reason}"
+        await self.dead_letter(record, code, message, correlation_id)
 
     async def _reply_failed(
         self,
@@ -186,7 +293,9 @@ class Delivery:
         if record.timestamp is not None and record.timestamp > 0:
             metrics.request_latency.observe(max(0.0, time.time() - record.timestamp / 1000.0))
 
-    async def _send_retrying(
+    # ---- sending ------------------------------------------------------------------------
+
+    async def _send(
         self,
         topic: str,
         partition: int | None,
@@ -194,24 +303,65 @@ class Delivery:
         value: bytes | None,
         headers: list[tuple[str, bytes]],
     ) -> None:
-        """Send and wait for the broker's ack; retries failures that may pass."""
-        backoff = _RETRY_FIRST_S
-        while True:
-            try:
-                ack = await self._producer.send(
-                    topic, value=value, key=key, partition=partition, headers=headers
-                )
-                await ack
-                return
-            except KafkaError as exc:
-                if not _transient(exc):
-                    raise
+        """Send one record and wait for the broker's ack."""
+        ack = await self._producer.send(
+            topic, value=value, key=key, partition=partition, headers=headers
+        )
+        await ack
+
+    async def _send_until_accepted(
+        self,
+        record: ConsumerRecord[Any, Any],
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Send until the broker takes it, whatever the error: a dead-letter record is
+        the last place a request can go, so it is never given up (nor committed)."""
+        backoff = self._policy.first_backoff_s
+        blocked_since: float | None = None
+        last_log = 0.0
+        accepted = False
+        tp = TopicPartition(record.topic, record.partition)
+        try:
+            while True:
+                try:
+                    await self._send(topic, None, key, value, headers)
+                    accepted = True
+                    return
+                except Exception as exc:
+                    now = self._clock()
+                    if blocked_since is None:
+                        blocked_since = now
+                        self._metrics.dead_letter_blocked.inc()
+                        self._on_blocked(tp, True)
+                    self._metrics.errors.labels(code="dlq_failed").inc()
+                    if now - last_log >= _BLOCKED_LOG_EVERY_S:
+                        last_log = now
+                        log.error(
+                            "dead-letter record refused; its partition is held and the "
+                            "request stays uncommitted until the dead-letter topic takes it",
+                            extra=_coordinates(record)
+                            | {
+                                "dlq_topic": topic,
+                                "error": repr(exc),
+                                "blocked_s": round(now - blocked_since, 1),
+                            },
+                        )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._policy.dead_letter_max_backoff_s)
+        finally:
+            if blocked_since is not None:
+                self._metrics.dead_letter_blocked.dec()
+                self._on_blocked(tp, False)
                 log.warning(
-                    "produce failed, retrying",
-                    extra={"topic": topic, "error": repr(exc), "retry_in_s": backoff},
+                    "dead-letter topic takes records again"
+                    if accepted
+                    else "stopped dead-lettering a record; it stays uncommitted",
+                    extra=_coordinates(record)
+                    | {"blocked_s": round(self._clock() - blocked_since, 1)},
                 )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RETRY_MAX_S)
 
 
 def _transient(exc: KafkaError) -> bool:

@@ -1,12 +1,14 @@
 """The worker's HTTP side-port: liveness, readiness and Prometheus metrics.
 
-- ``GET /health/live``: 200 whenever the event loop answers (the process is not hung).
+- ``GET /health/live``: 200 when the event loop answers and ``liveness()`` returns no
+  reasons, else 503 with ``{"status": "not_live", "reasons": [...]}`` (the engine
+  failed or stalled: restart the process).
 - ``GET /health/ready``: 200 when ``readiness()`` returns no reasons, else 503 with
   ``{"status": "not_ready", "reasons": [...]}`` (model loading, not in the group, ...).
 - ``GET /metrics``: the Prometheus text exposition of ``registry``.
 
-The server knows nothing about the engine or the Kafka worker: the caller passes a
-readiness function and a registry, so tests can pass fakes.
+The server knows nothing about the engine or the Kafka worker: the caller passes the
+liveness and readiness functions and a registry, so tests can pass fakes.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ class HealthServer:
         readiness: Readiness,
         registry: CollectorRegistry,
         on_scrape: Callable[[], None] | None = None,
+        liveness: Readiness | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._readiness = readiness
+        self._liveness = liveness or list
         self._registry = registry
         self._on_scrape = on_scrape
         self._runner: web.AppRunner | None = None
@@ -99,17 +103,10 @@ class HealthServer:
         await self.stop()
 
     async def _live(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "live"})
+        return _check(self._liveness, "live", "not_live")
 
     async def _ready(self, request: web.Request) -> web.Response:
-        try:
-            reasons = list(self._readiness())
-        except Exception as exc:  # a broken check must answer "not ready", not 500
-            log.exception("readiness check failed")
-            reasons = [f"readiness check failed: {exc}"]
-        if reasons:
-            return web.json_response({"status": "not_ready", "reasons": reasons}, status=503)
-        return web.json_response({"status": "ready"})
+        return _check(self._readiness, "ready", "not_ready")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         if self._on_scrape is not None:
@@ -119,6 +116,17 @@ class HealthServer:
                 log.exception("refreshing metrics before a scrape failed")
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _check(check: Readiness, ok: str, not_ok: str) -> web.Response:
+    try:
+        reasons = list(check())
+    except Exception as exc:  # a broken check must answer "not ok", not 500
+        log.exception("health check failed")
+        reasons = [f"health check failed: {exc}"]
+    if reasons:
+        return web.json_response({"status": not_ok, "reasons": reasons}, status=503)
+    return web.json_response({"status": ok})
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

@@ -119,6 +119,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.dead_letter_blocked = Gauge(
+            "rerank_dead_letter_blocked",
+            "Records that cannot be written to the dead-letter topic now; their partitions "
+            "are held and stay uncommitted until it takes them.",
+            registry=r,
+        )
         self.oom_splits = Counter(
             "rerank_oom_splits", "Batches split after running out of GPU memory.", registry=r
         )

@@ -70,6 +70,11 @@ class PartitionOffsets:
             self._committed = offset
 
     @property
+    def backlog(self) -> int:
+        """Records registered and not yet below the commit point (finished or not)."""
+        return len(self._order)
+
+    @property
     def in_flight(self) -> int:
         """Records registered and not yet done."""
         return len(self._unfinished)

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from consumer.engine.api import EngineError, RerankEngine, ScoreRequest
+from consumer.engine.api import EngineError, EngineFailed, RerankEngine, ScoreRequest
 from consumer.service.codec import (
     DecodedRequest,
     Rejection,
@@ -77,15 +77,24 @@ class RequestProcessor:
 
     async def process(
         self, record: ConsumerRecord[Any, Any], decoded: Decoded, received: float
-    ) -> None:
+    ) -> bool:
         """Answer one request; returns once its reply or DLQ record is acknowledged.
 
-        ``received`` is ``time.monotonic()`` when the record was fetched. Never raises
-        (but for cancellation): a bug while answering sends the record to the dead-letter
-        topic, so its offset can be committed and the partition does not stall behind it.
+        ``received`` is ``time.monotonic()`` when the record was fetched. True when the
+        request was answered (its offset may be committed); False when it was left
+        unanswered because the engine failed (another worker is to answer it). Never
+        raises (but for cancellation): a bug while answering sends the record to the
+        dead-letter topic, so its offset can be committed and the partition does not
+        stall behind it.
         """
         try:
             await self._answer(record, decoded, received)
+        except EngineFailed as exc:
+            log.debug(
+                "request left for another worker: the engine failed",
+                extra=_coordinates(record) | {"error": str(exc)},
+            )
+            return False
         except Exception as exc:
             correlation_id = getattr(decoded, "correlation_id", None)
             log.exception(
@@ -103,6 +112,7 @@ class RequestProcessor:
                 f"processing failed: {type(exc).__name__}",
                 correlation_id,
             )
+        return True
 
     async def _answer(
         self, record: ConsumerRecord[Any, Any], decoded: Decoded, received: float
@@ -156,6 +166,8 @@ class RequestProcessor:
         error: tuple[ErrorCode, str, bool] | None = None
         try:
             result = await self._engine.score(score_request)
+        except EngineFailed:
+            raise  # not this request's fault: left for another worker
         except EngineError as exc:
             error = (_error_code(exc.code), str(exc) or type(exc).__name__, exc.retriable)
         except ValueError as exc:  # e.g. a prompt that cannot fit the model
@@ -172,12 +184,12 @@ class RequestProcessor:
                 error = (ErrorCode.INTERNAL, f"the model gave unusable scores: {exc}", True)
             else:
                 await self._delivery.reply(
-                    record, decoded.route, decoded.correlation_id, value, OUTCOME_OK
+                    record, decoded.route, decoded.correlation_id, value, OUTCOME_OK, deadline
                 )
                 return
         code, message, retriable = error
         await self._delivery.reply_error(
-            record, decoded.route, decoded.correlation_id, code, message, retriable
+            record, decoded.route, decoded.correlation_id, code, message, retriable, deadline
         )
 
 
@@ -189,9 +201,8 @@ def _error_code(code: str) -> ErrorCode:
 
 
 def _context(record: ConsumerRecord[Any, Any], decoded: DecodedRequest) -> dict[str, Any]:
-    return {
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "correlation_id": decoded.correlation_id,
-    }
+    return _coordinates(record) | {"correlation_id": decoded.correlation_id}
+
+
+def _coordinates(record: ConsumerRecord[Any, Any]) -> dict[str, Any]:
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}

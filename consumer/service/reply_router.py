@@ -8,6 +8,11 @@ record would stall the worker, so the router asks the cluster once, within a bou
 wait, and remembers the answer for a short while (a topic created later is found
 once the memory expires). Known topics are remembered the same way, which keeps the
 per-reply cost to a dictionary lookup.
+
+Only the cluster's answer is a verdict: a lookup that fails or times out (the broker is
+away) says nothing about the topic, so it is :class:`Unresolved` and not remembered; the
+caller tries again later. Topic names come from requests, so both memories are bounded
+(least recently used names go first).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from consumer.service.codec import ReplyRoute
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,18 @@ class Unroutable:
 
     code: ErrorCode
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """The cluster could not be asked now (error or timeout): no verdict, try again later."""
+
+    message: str
+
+
+Route = Destination | Unroutable | Unresolved
+# Distinct reply topic names remembered at most (each memory): names come from requests.
+DEFAULT_MAX_TOPICS = 4096
 
 
 class TopicLookup(Protocol):
@@ -60,6 +80,29 @@ class _Answer:
     expires: float
 
 
+class _Memory(Generic[T]):
+    """A bounded map: the least recently used key is dropped beyond ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: OrderedDict[str, T] = OrderedDict()
+
+    def get(self, key: str) -> T | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: T) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class ReplyRouter:
     """Checks reply routes against the allow pattern and the cluster's topics."""
 
@@ -71,6 +114,7 @@ class ReplyRouter:
         wait_s: float,
         answer_ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        max_topics: int = DEFAULT_MAX_TOPICS,
     ) -> None:
         self._default_topic = default_topic
         self._allowed = allowed
@@ -79,11 +123,17 @@ class ReplyRouter:
         self._answer_ttl_s = answer_ttl_s
         self._clock = clock
         # Topics seen to exist lately: (expires, partitions); the per-reply fast path.
-        self._known: dict[str, tuple[float, Collection[int]]] = {}
-        self._answers: dict[str, _Answer] = {}  # the cluster's answers, "missing" included
-        self._asking: dict[str, asyncio.Future[Collection[int] | None]] = {}
+        self._known: _Memory[tuple[float, Collection[int]]] = _Memory(max_topics)
+        # the cluster's answers, "missing" included
+        self._answers: _Memory[_Answer] = _Memory(max_topics)
+        self._asking: dict[str, asyncio.Future[Collection[int] | Unresolved | None]] = {}
 
-    async def resolve(self, route: ReplyRoute) -> Destination | Unroutable:
+    @property
+    def remembered_topics(self) -> int:
+        """Topic names held in memory (both memories), for tests and metrics."""
+        return len(self._known) + len(self._answers)
+
+    async def resolve(self, route: ReplyRoute) -> Route:
         """The destination of a reply on ``route``, or why there is none."""
         topic = route.topic if route.topic is not None else self._default_topic
         if not self._allowed.fullmatch(topic):
@@ -101,15 +151,14 @@ class ReplyRouter:
         if partitions is None or (partition is not None and partition not in partitions):
             # Not in the producer's metadata: ask the cluster (answers, "missing" too,
             # are remembered for a while, so a burst of such requests asks once).
-            partitions = await self._fresh_partitions(topic)
+            fresh = await self._fresh_partitions(topic)
+            if isinstance(fresh, Unresolved):
+                return fresh
+            partitions = fresh
         if partitions is not None:
-            self._known[topic] = (self._clock() + self._answer_ttl_s, partitions)
+            self._known.put(topic, (self._clock() + self._answer_ttl_s, partitions))
         if partitions is None:
-            return Unroutable(
-                ErrorCode.INVALID_REQUEST,
-                f"reply topic {topic!r} does not exist "
-                f"(no metadata for it within {self._wait_s:g} s)",
-            )
+            return Unroutable(ErrorCode.INVALID_REQUEST, f"reply topic {topic!r} does not exist")
         if partition is not None and partition not in partitions:
             return Unroutable(
                 ErrorCode.INVALID_REQUEST,
@@ -118,7 +167,7 @@ class ReplyRouter:
             )
         return Destination(topic, partition)
 
-    async def _fresh_partitions(self, topic: str) -> Collection[int] | None:
+    async def _fresh_partitions(self, topic: str) -> Collection[int] | Unresolved | None:
         """Ask the cluster about ``topic``: once per topic at a time, answers remembered."""
         answer = self._answers.get(topic)
         if answer is not None and answer.expires > self._clock():
@@ -130,26 +179,20 @@ class ReplyRouter:
         # shield: one caller being cancelled must not cancel the others' lookup.
         return await asyncio.shield(asking)
 
-    async def _ask(self, topic: str) -> Collection[int] | None:
+    async def _ask(self, topic: str) -> Collection[int] | Unresolved | None:
         try:
             partitions = await asyncio.wait_for(self._lookup.fetch_partitions(topic), self._wait_s)
         except Exception as exc:
-            # A lookup that fails or takes too long counts as "missing": the record goes
-            # to the dead-letter topic instead of holding its partition's commits.
-            log.warning(
-                "reply topic lookup failed", extra={"reply_topic": topic, "error": repr(exc)}
-            )
-            partitions = None
-        else:
-            if partitions is None:
-                log.warning("reply topic does not exist", extra={"reply_topic": topic})
+            # No verdict (the broker is away or slow): not remembered, asked again later.
+            reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
+            log.warning("reply topic lookup failed", extra={"reply_topic": topic, "error": reason})
+            return Unresolved(f"could not look up reply topic {topic!r}: {reason}")
         finally:
             self._asking.pop(topic, None)
-        self._remember(topic, partitions)
+        if partitions is None:
+            log.warning("reply topic does not exist", extra={"reply_topic": topic})
+        self._answers.put(topic, _Answer(partitions, self._clock() + self._answer_ttl_s))
         return partitions
-
-    def _remember(self, topic: str, partitions: Collection[int] | None) -> None:
-        self._answers[topic] = _Answer(partitions, self._clock() + self._answer_ttl_s)
 
 
 class ClientTopicLookup:

@@ -4,14 +4,20 @@ One :class:`Worker` is one member of the consumer group. Its fetch loop keeps ca
 ``getmany`` (so heartbeats and the poll interval never lapse while the model is busy),
 decodes each record, and hands it to its own task; a record's offset is finished once
 its reply or dead-letter record is acknowledged by the broker, and only offsets below
-which everything is finished are committed (at-least-once).
+which everything is finished are committed (at-least-once,
+:mod:`consumer.service.committer`).
 
 Flow control: above ``inflight_high_pairs`` (query, document) pairs in flight every
-assigned partition is paused; below ``inflight_low_pairs`` they resume.
+assigned partition is paused; below ``inflight_low_pairs`` they resume. A partition is
+also paused on its own while it is held (:mod:`consumer.service.partitions`).
 
 Rebalances: on revoke the worker waits (bounded) for the revoked partitions' in-flight
 requests, commits what is done, cancels the rest (the new owner gets them again).
 When membership was lost (session expired, poll interval exceeded) it commits nothing.
+
+A request the engine could not score because the engine failed is not answered: it
+stays uncommitted, and the worker's supervisor (the service) stops the worker, so the
+group hands the partition to a healthy member.
 
 The engine's lifecycle is the caller's: start it before :meth:`Worker.run`, close it
 after ``run`` returns.
@@ -20,7 +26,6 @@ after ``run`` returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -28,37 +33,30 @@ from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.engine.api import RerankEngine
-from consumer.service.backpressure import FlowChange, PairGate
-from consumer.service.delivery import Delivery
+from consumer.service.backpressure import PairGate
+from consumer.service.committer import Committer, names
+from consumer.service.connection import ConnectPolicy, KafkaConnector
+from consumer.service.delivery import Delivery, RetryPolicy
+from consumer.service.kafka_clients import make_consumer, make_producer
+from consumer.service.lag import LagReporter
 from consumer.service.metrics import Metrics
-from consumer.service.offsets import PartitionOffsets
+from consumer.service.partitions import Hold, PartitionWork
 from consumer.service.processing import Decoded, RequestProcessor
 from consumer.service.reply_router import ClientTopicLookup, ReplyRouter
 from consumer.service.worker_config import WorkerConfig
-from producer_sdk.connect_check import bootstrap_failure
 
 log = logging.getLogger(__name__)
 
 _POLL_TIMEOUT_MS = 200
-_COMMIT_TIMEOUT_S = 10.0
-_LAG_TIMEOUT_S = 5.0
 _FETCH_ERROR_BACKOFF_S = 1.0
 _REVOKE_POLL_S = 0.01
-_PRODUCER_BATCH_BYTES = 256 * 1024
-
-
-class _PartitionWork:
-    """The in-flight requests and offsets of one assignment of one partition."""
-
-    __slots__ = ("offsets", "tasks")
-
-    def __init__(self) -> None:
-        self.offsets = PartitionOffsets()
-        self.tasks: set[asyncio.Task[None]] = set()
+# Stopping a client waits on the broker; a broker that does not answer must not hold
+# the process past its drain.
+_CLIENT_STOP_TIMEOUT_S = 15.0
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -82,13 +80,22 @@ class Worker:
         self._engine = engine
         self._metrics = metrics if metrics is not None else Metrics()
         self._gate = PairGate(config.inflight_high_pairs, config.inflight_low_pairs)
-        self._work: dict[TopicPartition, _PartitionWork] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._commit_lock = asyncio.Lock()
+        self._work: dict[TopicPartition, PartitionWork] = {}
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._connector = KafkaConnector(
+            lambda: (make_producer(config), make_consumer(config)),
+            config.bootstrap_servers,
+            config.security,
+            config.client_id,
+            ConnectPolicy(timeout_s=config.connect_timeout_s),
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._committer: Committer | None = None
+        self._lag: LagReporter | None = None
         self._processor: RequestProcessor | None = None
         self._fetch_task: asyncio.Task[None] | None = None
+        self._connect_task: asyncio.Task[tuple[Any, Any]] | None = None
         self._polling = False
         self._last_poll = time.monotonic()
         self._started = False
@@ -112,6 +119,8 @@ class Worker:
         reasons: list[str] = []
         if self._stop_requested or self._stopped:
             reasons.append("stopping")
+        elif self._connector.waiting_reason is not None:
+            reasons.append(self._connector.waiting_reason)
         elif not self._started:
             reasons.append("not connected to Kafka yet")
         elif not self._in_group:
@@ -119,7 +128,9 @@ class Worker:
         reasons.extend(f"topic {topic!r} does not exist" for topic in self._missing_topics)
         if self._fetch_error is not None:
             reasons.append(f"fetching failed: {self._fetch_error}")
-        if not self._engine.ready:
+        if self._engine.failure is not None:
+            reasons.append(f"engine failed: {self._engine.failure}")
+        elif not self._engine.ready:
             reasons.append("engine not ready")
         return reasons
 
@@ -150,6 +161,11 @@ class Worker:
         """Partitions currently assigned to this worker."""
         return frozenset(self._work)
 
+    def holds(self, tp: TopicPartition) -> list[Hold]:
+        """Why fetching from ``tp`` is held (empty: it is not)."""
+        work = self._work.get(tp)
+        return work.holds if work is not None else []
+
     # --------------------------------------------------------------- lifecycle
 
     def request_stop(self) -> None:
@@ -159,41 +175,19 @@ class Worker:
         self._stop_requested = True
         log.info("worker stop requested", extra={"in_flight_requests": len(self._tasks)})
         # A poll can wait for a whole rebalance; interrupting it loses nothing, because
-        # records are only taken once getmany returns.
+        # records are only taken once getmany returns. Waiting for a broker: stop waiting.
         if self._polling and self._fetch_task is not None:
             self._fetch_task.cancel()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
 
     async def run(self) -> None:
         """Consume and answer requests until :meth:`request_stop`."""
-        config = self._config
-        self._producer = self._make_producer()
-        self._consumer = self._make_consumer()
-        router = ReplyRouter(
-            config.reply_topic,
-            config.allowed_reply_pattern,
-            ClientTopicLookup(self._producer.client),
-            config.reply_topic_wait_s,
-            config.missing_topic_ttl_s,
-        )
-        delivery = Delivery(self._producer, router, config.dlq_topic, self._metrics)
-        self._processor = RequestProcessor(
-            self._engine, delivery, config.limits, config.default_max_age_s
-        )
         background: list[asyncio.Task[None]] = []
         try:
-            await self._connect()
-            await self._check_topics()
-            self._consumer.subscribe([config.request_topic], listener=_Listener(self))
-            self._started = True
-            log.info(
-                "worker started",
-                extra={
-                    "request_topic": config.request_topic,
-                    "group_id": config.group_id,
-                    "reply_topic": config.reply_topic,
-                    "dlq_topic": config.dlq_topic,
-                },
-            )
+            if not await self._connect():
+                return
+            await self._start_processing()
             background = [
                 asyncio.create_task(self._commit_loop()),
                 asyncio.create_task(self._lag_loop()),
@@ -207,46 +201,54 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             await self._close()
 
-    async def _connect(self) -> None:
-        """Start the producer and consumer; a failed bootstrap says why (e.g. a SASL login)."""
-        assert self._producer is not None and self._consumer is not None
+    async def _connect(self) -> bool:
+        """Start both clients, waiting for the broker; False when stopped meanwhile."""
+        self._connect_task = asyncio.create_task(self._connector.connect())
         try:
-            await self._producer.start()
-            await self._consumer.start()
-        except KafkaConnectionError as exc:
-            config = self._config
-            reason = await bootstrap_failure(
-                config.bootstrap_servers, config.security, config.client_id
-            )
-            raise KafkaConnectionError(f"cannot connect to Kafka: {reason or exc}") from exc
+            self._producer, self._consumer = await self._connect_task
+        except asyncio.CancelledError:
+            if self._stop_requested:
+                return False
+            raise
+        finally:
+            self._connect_task = None
+        return not self._stop_requested
 
-    def _make_producer(self) -> AIOKafkaProducer:
+    async def _start_processing(self) -> None:
+        assert self._producer is not None and self._consumer is not None
         config = self._config
-        return AIOKafkaProducer(
-            bootstrap_servers=config.bootstrap_servers,
-            client_id=f"{config.client_id}-producer",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=config.producer_linger_ms,
-            max_batch_size=_PRODUCER_BATCH_BYTES,
-            **config.security.aiokafka_kwargs(),
+        router = ReplyRouter(
+            config.reply_topic,
+            config.allowed_reply_pattern,
+            ClientTopicLookup(self._producer.client),
+            config.reply_topic_wait_s,
+            config.missing_topic_ttl_s,
         )
-
-    def _make_consumer(self) -> AIOKafkaConsumer:
-        config = self._config
-        return AIOKafkaConsumer(
-            bootstrap_servers=config.bootstrap_servers,
-            group_id=config.group_id,
-            client_id=f"{config.client_id}-consumer",
-            enable_auto_commit=False,
-            # A new group answers what is already waiting; deadlines drop stale requests.
-            auto_offset_reset="earliest",
-            # Requests of aborted transactions are never answered.
-            isolation_level="read_committed",
-            session_timeout_ms=config.session_timeout_ms,
-            heartbeat_interval_ms=config.heartbeat_interval_ms,
-            max_poll_interval_ms=config.max_poll_interval_ms,
-            **config.security.aiokafka_kwargs(),
+        delivery = Delivery(
+            self._producer,
+            router,
+            config.dlq_topic,
+            self._metrics,
+            RetryPolicy(reply_timeout_s=config.reply_timeout_s),
+            on_dead_letter_blocked=self._on_dead_letter_blocked,
+        )
+        self._processor = RequestProcessor(
+            self._engine, delivery, config.limits, config.default_max_age_s
+        )
+        self._committer = Committer(self._consumer, config.commit_interval_s, self._membership_lost)
+        self._lag = LagReporter(self._consumer, self._metrics)
+        await self._check_topics()
+        self._consumer.subscribe([config.request_topic], listener=_Listener(self))
+        self._started = True
+        log.info(
+            "worker started",
+            extra={
+                "request_topic": config.request_topic,
+                "group_id": config.group_id,
+                "group_instance_id": config.group_instance_id,
+                "reply_topic": config.reply_topic,
+                "dlq_topic": config.dlq_topic,
+            },
         )
 
     async def _check_topics(self) -> None:
@@ -276,25 +278,26 @@ class Worker:
                     extra={"abandoned_requests": len(still_running)},
                 )
                 await _cancel_all(still_running)
-        if self._in_group:
-            await self._commit(dict(self._work))
+        if self._in_group and self._committer is not None:
+            await self._committer.commit(dict(self._work))
 
     async def _close(self) -> None:
         self._stopped = True
         self._in_group = False
         await _cancel_all(set(self._tasks))
-        if self._consumer is not None:
+        # The consumer leaves the group (unless it is a static member).
+        for name, client in (("consumer", self._consumer), ("producer", self._producer)):
+            if client is None:
+                continue
             try:
-                await self._consumer.stop()  # leaves the group
+                await asyncio.wait_for(client.stop(), _CLIENT_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.error("stopping the Kafka %s timed out; going on without it", name)
             except Exception:
-                log.exception("stopping the consumer failed")
-        if self._producer is not None:
-            try:
-                await self._producer.stop()
-            except Exception:
-                log.exception("stopping the producer failed")
-        for tp in list(self._work):
-            self._forget_partition(tp)
+                log.exception("stopping the Kafka %s failed", name)
+        if self._lag is not None:
+            self._lag.forget(list(self._work))
+        self._work.clear()
         log.info("worker stopped")
 
     # -------------------------------------------------------------- fetching
@@ -346,11 +349,12 @@ class Worker:
         self._fetch_error = message
 
     def _accept(
-        self, work: _PartitionWork, record: ConsumerRecord[Any, Any], received: float
+        self, work: PartitionWork, record: ConsumerRecord[Any, Any], received: float
     ) -> None:
         processor = self._processor
         assert processor is not None
         work.offsets.register(record.offset)
+        work.limit_backlog(self._config.max_uncommitted_records)
         decoded = processor.decode(record)
         weight = processor.weight(decoded)
         self._gate.add(weight)
@@ -362,11 +366,11 @@ class Worker:
 
     def _finished(
         self,
-        work: _PartitionWork,
+        work: PartitionWork,
         record: ConsumerRecord[Any, Any],
         decoded: Decoded,
         weight: int,
-        task: asyncio.Task[None],
+        task: asyncio.Task[bool],
     ) -> None:
         self._tasks.discard(task)
         work.tasks.discard(task)
@@ -387,64 +391,60 @@ class Worker:
                     "correlation_id": getattr(decoded, "correlation_id", None),
                 },
             )
-        else:
+        elif task.result():
             work.offsets.done(record.offset)
+            work.limit_backlog(self._config.max_uncommitted_records)
+            if self._committer is not None:
+                self._committer.progress()
+        # else: not answered (the engine failed): stays uncommitted for another worker
+        self._apply_flow()
+
+    def _on_dead_letter_blocked(self, tp: TopicPartition, blocked: bool) -> None:
+        work = self._work.get(tp)
+        if work is None:  # revoked meanwhile
+            return
+        if blocked:
+            work.hold(Hold.DEAD_LETTER_BLOCKED)
+        else:
+            work.release(Hold.DEAD_LETTER_BLOCKED)
         self._apply_flow()
 
     def _apply_flow(self) -> None:
-        change = self._gate.change()
+        """Pause exactly the partitions that must not be fetched from; resume the rest."""
+        gate_change = self._gate.change()
         self._metrics.in_flight_pairs.set(self._gate.pairs)
-        if change is None or self._consumer is None:
+        self._metrics.paused.set(1 if self._gate.paused else 0)
+        consumer = self._consumer
+        if consumer is None:
             return
-        partitions = list(self._work)
-        if change is FlowChange.PAUSE:
-            self._consumer.pause(*partitions)
-            self._metrics.paused.set(1)
-            log.debug("fetching paused", extra={"in_flight_pairs": self._gate.pairs})
+        if gate_change is not None:
+            what = "paused" if self._gate.paused else "resumed"
+            log.debug("fetching %s", what, extra={"in_flight_pairs": self._gate.pairs})
+        assigned = set(self._work)
+        if self._gate.paused:
+            wanted = assigned
         else:
-            self._consumer.resume(*partitions)
-            self._metrics.paused.set(0)
-            log.debug("fetching resumed", extra={"in_flight_pairs": self._gate.pairs})
+            wanted = {tp for tp, work in self._work.items() if work.held}
+        paused = consumer.paused() & assigned
+        if wanted - paused:
+            consumer.pause(*(wanted - paused))
+        if paused - wanted:
+            consumer.resume(*(paused - wanted))
 
     # --------------------------------------------------------------- commits
 
     async def _commit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.commit_interval_s)
-            await self._commit(dict(self._work))
-
-    async def _commit(self, work: dict[TopicPartition, _PartitionWork]) -> None:
-        """Commit every finished prefix in ``work``; failures are logged, not raised."""
-        consumer = self._consumer
-        assert consumer is not None
-        if self._membership_lost():
-            return  # the partitions may be someone else's by now: see _on_revoked
-        offsets = {tp: w.offsets.uncommitted for tp, w in work.items()}
-        to_commit = {tp: offset for tp, offset in offsets.items() if offset is not None}
-        if not to_commit:
-            return
-        async with self._commit_lock:
-            try:
-                await asyncio.wait_for(consumer.commit(to_commit), _COMMIT_TIMEOUT_S)
-            except (KafkaError, TimeoutError) as exc:
-                # Usually a rebalance in progress; the next commit (or the revoke) covers it.
-                log.warning(
-                    "offset commit failed",
-                    extra={"error": repr(exc), "partitions": _names(to_commit)},
-                )
-                return
-        for tp, offset in to_commit.items():
-            work[tp].offsets.mark_committed(offset)
+        assert self._committer is not None
+        await self._committer.run(lambda: dict(self._work))
 
     # ------------------------------------------------------------- rebalance
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
-            self._work[tp] = _PartitionWork()
-        if self._gate.paused and self._consumer is not None and assigned:
-            self._consumer.pause(*assigned)
+            self._work[tp] = PartitionWork()
         self._in_group = True
-        log.info("partitions assigned", extra={"partitions": _names(assigned)})
+        self._apply_flow()
+        log.info("partitions assigned", extra={"partitions": names(assigned)})
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._in_group = False
@@ -454,7 +454,7 @@ class Worker:
         if self._membership_lost():
             # Another member may own these partitions already: committing could move
             # its offsets, so commit nothing; everything unfinished is redelivered.
-            log.warning("partitions lost", extra={"partitions": _names(revoked)})
+            log.warning("partitions lost", extra={"partitions": names(revoked)})
             await _cancel_all({t for w in work.values() for t in w.tasks})
             self._forget_lag(revoked)
             return
@@ -462,12 +462,13 @@ class Worker:
         while any(w.tasks for w in work.values()) and time.monotonic() < deadline:
             await asyncio.sleep(_REVOKE_POLL_S)
         abandoned = {t for w in work.values() for t in w.tasks}
-        await self._commit(work)
+        if self._committer is not None:
+            await self._committer.commit(work)
         await _cancel_all(abandoned)
         self._forget_lag(revoked)
         log.info(
             "partitions revoked",
-            extra={"partitions": _names(revoked), "abandoned_requests": len(abandoned)},
+            extra={"partitions": names(revoked), "abandoned_requests": len(abandoned)},
         )
 
     def _membership_lost(self) -> bool:
@@ -480,52 +481,24 @@ class Worker:
         generation = getattr(coordinator, "generation", None)
         return isinstance(generation, int) and generation < 0
 
-    def _forget_partition(self, tp: TopicPartition) -> None:
-        self._work.pop(tp, None)
-        self._forget_lag([tp])
-
     def _forget_lag(self, partitions: Iterable[TopicPartition]) -> None:
-        for tp in partitions:
-            with contextlib.suppress(KeyError):
-                self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+        if self._lag is not None:
+            self._lag.forget(partitions)
 
     # -------------------------------------------------------------------- lag
 
     async def _lag_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.lag_interval_s)
+        assert self._lag is not None
+
+        async def recheck_topics() -> None:
             if self._missing_topics:  # created since? readiness follows
                 await self._check_topics()
-            try:
-                await asyncio.wait_for(self._update_lag(), _LAG_TIMEOUT_S)
-            except (KafkaError, TimeoutError) as exc:
-                log.debug("lag update failed", extra={"error": repr(exc)})
 
-    async def _update_lag(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        partitions = list(self._work)
-        if not partitions:
-            return
-        # end_offsets asks the broker: a paused partition's fetch highwater would be stale.
-        ends = await consumer.end_offsets(partitions)
-        for tp in partitions:
-            if tp not in self._work:
-                continue
-            try:
-                position = await consumer.position(tp)
-            except KafkaError:
-                continue
-            lag = max(0, ends[tp] - position)
-            self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+        await self._lag.run(self._config.lag_interval_s, lambda: list(self._work), recheck_topics)
 
 
-async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+async def _cancel_all(tasks: set[asyncio.Task[bool]]) -> None:
     for task in tasks:
         task.cancel()
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _names(partitions: Iterable[TopicPartition]) -> list[str]:
-    return sorted(f"{tp.topic}-{tp.partition}" for tp in partitions)

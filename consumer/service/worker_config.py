@@ -10,7 +10,11 @@ import re
 from dataclasses import dataclass, field
 
 from consumer.service.codec import RequestLimits
+from consumer.service.committer import COMMIT_TIMEOUT_S
 from producer_sdk.security import KafkaSecurity
+
+# Time the revoke handler needs beyond its wait and its commit (the last poll, callbacks).
+REBALANCE_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,15 @@ class WorkerConfig:
             membership timings, passed to the consumer unchanged. The worker keeps
             polling while the model is busy, so max_poll_interval only bounds a stuck
             event loop and the drain on shutdown.
+        rebalance_timeout_ms: how long the group waits for members to finish their
+            revoke handlers before it drops the slow ones. It must cover the revoke
+            wait plus the commit that follows (``problems`` checks it).
+        group_instance_id: static membership: a member that comes back under the same
+            id within ``session_timeout_ms`` gets its partitions back without a
+            rebalance (a rolling restart moves nothing). One id per worker, stable
+            across its restarts (the GPU index, a StatefulSet ordinal). None: dynamic.
+        connect_timeout_s: at start, how long to keep trying to reach the brokers
+            before giving up (0: for as long as the worker runs).
         producer_linger_ms: how long the producer waits to batch replies; a few ms
             buys throughput for almost no latency.
         max_poll_records: most records taken from the consumer per poll.
@@ -40,8 +53,10 @@ class WorkerConfig:
             naming any other topic goes to the dead-letter topic, so a request cannot
             make the worker write into someone else's topic.
         reply_topic_wait_s: longest wait for the metadata of a reply topic the worker
-            has not seen yet; a topic still unknown after it is treated as missing and
-            the request goes to the dead-letter topic.
+            has not seen yet; a lookup that fails or times out is tried again.
+        reply_timeout_s: a reply that keeps failing (broker away, topic lookups
+            timing out) is tried again for this long, or until the request's deadline,
+            then the request goes to the dead-letter topic.
         missing_topic_ttl_s: how long "this topic does not exist" is remembered, so a
             burst of requests for a missing topic costs one lookup, and a topic created
             later is found again.
@@ -65,7 +80,12 @@ class WorkerConfig:
         revoke_timeout_s: on a rebalance, how long the worker waits for the revoked
             partitions' in-flight requests before committing what is done and letting
             the partitions go (the rest is redelivered to the new owner).
-        commit_interval_s: how often finished offsets are committed.
+        commit_interval_s: after a request finishes its offset is committed within this
+            long (and never more often); short, so that a worker killed without warning
+            leaves few answered requests uncommitted (each is answered again).
+        max_uncommitted_records: a partition whose records wait in this number behind
+            an unfinished one (a reply being retried) stops fetching until it clears,
+            so memory stays bounded.
         lag_interval_s: how often the consumer-lag metric is refreshed.
     """
 
@@ -79,10 +99,14 @@ class WorkerConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
+    rebalance_timeout_ms: int = 60_000
+    group_instance_id: str | None = None
+    connect_timeout_s: float = 300.0
     producer_linger_ms: int = 5
     max_poll_records: int = 500
     allowed_reply_topics: str | None = None
     reply_topic_wait_s: float = 5.0
+    reply_timeout_s: float = 30.0
     missing_topic_ttl_s: float = 10.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     default_max_age_s: float = 0.0
@@ -90,7 +114,8 @@ class WorkerConfig:
     inflight_low_pairs: int = 2048
     drain_timeout_s: float = 30.0
     revoke_timeout_s: float = 10.0
-    commit_interval_s: float = 1.0
+    commit_interval_s: float = 0.1
+    max_uncommitted_records: int = 10_000
     lag_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -108,8 +133,16 @@ class WorkerConfig:
             found.append("inflight_low_pairs must be >= 0 and below inflight_high_pairs")
         if self.max_poll_records < 1:
             found.append("max_poll_records must be >= 1")
+        if self.max_uncommitted_records < 1:
+            found.append("max_uncommitted_records must be >= 1")
+        if self.connect_timeout_s < 0:
+            found.append("connect_timeout_s must be >= 0 (0: no limit)")
+        if self.group_instance_id is not None and not self.group_instance_id.strip():
+            found.append("group_instance_id must not be blank")
+        found.extend(self._rebalance_problems())
         for name in (
             "reply_topic_wait_s",
+            "reply_timeout_s",
             "missing_topic_ttl_s",
             "drain_timeout_s",
             "revoke_timeout_s",
@@ -132,9 +165,26 @@ class WorkerConfig:
                 )
         return found
 
+    def _rebalance_problems(self) -> list[str]:
+        needed = rebalance_time_needed_ms(self.revoke_timeout_s)
+        if self.rebalance_timeout_ms >= needed:
+            return []
+        return [
+            f"rebalance_timeout_ms ({self.rebalance_timeout_ms}) must be at least {needed}: "
+            f"revoke_timeout_s ({self.revoke_timeout_s:g} s) + the {COMMIT_TIMEOUT_S:g} s "
+            f"commit timeout + a {REBALANCE_MARGIN_S:g} s margin"
+        ]
+
     @property
     def allowed_reply_pattern(self) -> re.Pattern[str]:
         """The compiled reply-topic allow pattern (see ``allowed_reply_topics``)."""
         if self.allowed_reply_topics is not None:
             return re.compile(self.allowed_reply_topics)
         return re.compile(re.escape(self.reply_topic) + r"(\..+)?")
+
+
+def rebalance_time_needed_ms(revoke_timeout_s: float) -> int:
+    """The least rebalance timeout that lets the revoke handler wait ``revoke_timeout_s``
+    and then commit: a member still in its handler after the rebalance timeout is
+    dropped from the group mid-revoke."""
+    return int((revoke_timeout_s + COMMIT_TIMEOUT_S + REBALANCE_MARGIN_S) * 1000)

@@ -64,6 +64,7 @@ def kafka_bootstrap() -> Iterator[str]:
     status = _kafka_script("status", port)
     started_here = status.returncode == STATUS_NOT_RUNNING
     if started_here:
+        _kafka_script("wipe", port)  # the test broker starts from empty data
         start = _kafka_script("start", port)
         if start.returncode != 0:
             pytest.fail(f"could not start the test broker: {start.stderr.strip()}", pytrace=False)

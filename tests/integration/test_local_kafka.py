@@ -1,4 +1,4 @@
-"""``deploy/local/kafka``: start, status, a second start, stop, and its failures.
+"""``deploy/local/kafka``: start, status, a second start, stop, restart, wipe, and failures.
 
 The lifecycle test runs a real broker of its own (free ports, its own state dir) beside
 whatever broker the session uses. The failure tests start none: each must end in one
@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
 
 KAFKA_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "local" / "kafka"
 STATUS_NOT_RUNNING = 3
@@ -128,6 +131,57 @@ def test_start_status_second_start_and_stop(own_broker_env: dict[str, str]) -> N
     assert not alive(pid)
     assert not pid_file.exists()
     assert kafka("status", **own_broker_env).returncode == STATUS_NOT_RUNNING
+
+
+async def test_a_restart_keeps_topics_and_offsets_and_wipe_deletes_them(
+    own_broker_env: dict[str, str],
+) -> None:
+    bootstrap = f"127.0.0.1:{own_broker_env['KAFKA_PORT']}"
+    tp = TopicPartition("kept-topic", 0)
+    assert kafka("start", **own_broker_env).returncode == 0
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(tp.topic, 1, 1)])
+    finally:
+        await admin.close()
+    async with AIOKafkaProducer(bootstrap_servers=bootstrap) as producer:
+        await producer.send_and_wait(tp.topic, b"kept", partition=0)
+    await commit_offset(bootstrap, tp, 1)
+
+    assert kafka("stop", **own_broker_env).returncode == 0
+    restarted = kafka("start", **own_broker_env)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert await committed_offset(bootstrap, tp) == 1  # the group's offset survived
+    assert tp.topic in await topic_names(bootstrap)
+
+    refused = kafka("wipe", **own_broker_env)
+    assert_one_line_error(refused, "the broker is running")
+    assert kafka("stop", **own_broker_env).returncode == 0
+    wiped = kafka("wipe", **own_broker_env)
+    assert wiped.returncode == 0 and "wiped" in wiped.stdout, wiped.stdout + wiped.stderr
+    assert kafka("start", **own_broker_env).returncode == 0
+    assert tp.topic not in await topic_names(bootstrap)
+
+
+async def commit_offset(bootstrap: str, tp: TopicPartition, offset: int) -> None:
+    async with AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="kept-group") as consumer:
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+
+
+async def committed_offset(bootstrap: str, tp: TopicPartition) -> int | None:
+    async with AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="kept-group") as consumer:
+        return await consumer.committed(tp)
+
+
+async def topic_names(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
 
 
 def test_start_on_a_taken_port_fails_in_one_line(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ class FakeEngine:
         self.delay_s = delay_s
         self.blocking = blocking
         self.seen: list[str] = []
+        self.failed: str | None = None
         self._in_flight = 0
         self.max_in_flight_pairs = 0
 
@@ -81,6 +82,10 @@ class FakeEngine:
     @property
     def in_flight_pairs(self) -> int:
         return self._in_flight
+
+    @property
+    def failure(self) -> str | None:
+        return self.failed
 
     async def start(self) -> None:
         return None

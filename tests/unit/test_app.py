@@ -37,6 +37,7 @@ class FakeEngine:
         self.fail_start = fail_start
         self.started = False
         self.closed = False
+        self.failed: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -49,6 +50,13 @@ class FakeEngine:
     @property
     def in_flight_pairs(self) -> int:
         return 0
+
+    @property
+    def failure(self) -> str | None:
+        return self.failed
+
+    def fail(self, reason: str) -> None:
+        self.failed = reason
 
     async def start(self) -> None:
         if self.fail_start:

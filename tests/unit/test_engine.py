@@ -18,6 +18,7 @@ from consumer.engine.api import (
     DeadlineExceeded,
     EngineClosed,
     EngineError,
+    EngineFailed,
     InvalidRequest,
     ScoreRequest,
 )
@@ -29,6 +30,7 @@ from consumer.runtime.scorer import OneCallScorer, ScorerTraits
 from consumer.service.metrics import Metrics
 
 TRUNCATE_AT = 300  # the fake encoder cuts documents longer than this many "tokens"
+CHECK_PAYLOAD = "check query|check document"  # the engine's check batch, as the fake encodes it
 
 
 def fake_logit(payload: str) -> float:
@@ -85,8 +87,9 @@ class FakeScorer(OneCallScorer):
     def compute_logits(self, pairs: Sequence[EncodedPair]) -> list[float]:
         payloads = [str(p.payload) for p in pairs]
         self.threads.add(threading.current_thread().name)
-        self.entered.set()
-        assert self.gate.wait(10), "test gate never opened"
+        if payloads != [CHECK_PAYLOAD]:  # the gate holds requests, not the engine's check
+            self.entered.set()
+            assert self.gate.wait(10), "test gate never opened"
         self.check(payloads)
         with self.lock:
             self.batches.append(payloads)
@@ -101,6 +104,12 @@ class FakeScorer(OneCallScorer):
     def scored(self) -> list[str]:
         with self.lock:
             return [p for batch in self.batches for p in batch]
+
+    def forget_the_check_batch(self) -> None:
+        """Drop the engine's check batch (scored at start) from the record."""
+        with self.lock:
+            assert self.batches[-1] == [CHECK_PAYLOAD], self.batches
+            self.batches.pop()
 
 
 class FakeOutOfMemoryError(RuntimeError):
@@ -154,6 +163,12 @@ class PreparingScorer(FakeScorer):
         self.prepare_threads.add(threading.current_thread().name)
         return list(pairs)
 
+    def forget_the_check_batch(self) -> None:
+        """Also forget where the check batch was prepared (the inference thread)."""
+        super().forget_the_check_batch()
+        self.prepare_threads.clear()
+        self.prepared_runs = 0
+
     def launch(self, prepared: object) -> object:
         self.prepared_runs += 1
         return super().launch(prepared)
@@ -180,6 +195,8 @@ class LaunchingScorer(PreparingScorer):
 
     def launch(self, prepared: object) -> object:
         assert isinstance(prepared, list)
+        if [str(p.payload) for p in prepared] == [CHECK_PAYLOAD]:
+            return 0, prepared  # the engine's check batch: neither gated nor recorded
         assert self.launch_gate.wait(10), "launch gate never opened"
         if self.oom_launch is not None and len(prepared) > self.oom_launch:
             raise FakeOutOfMemoryError("CUDA out of memory (simulated at launch)")
@@ -191,6 +208,8 @@ class LaunchingScorer(PreparingScorer):
     def collect(self, handle: object) -> list[float]:
         assert isinstance(handle, tuple)
         number, prepared = handle
+        if number == 0:
+            return self.compute_logits(prepared)
         with self.lock:
             self.events.append(("collect", number))
         if self.fail_collect and any(self.fail_collect in str(p.payload) for p in prepared):
@@ -222,6 +241,7 @@ async def started_engine(
         metrics=metrics,
     )
     await engine.start()
+    scorer.forget_the_check_batch()
     return engine
 
 
@@ -363,32 +383,101 @@ async def test_single_pair_out_of_memory_fails_only_its_request() -> None:
     await engine.close()
 
 
-async def test_scorer_error_fails_every_request_in_the_batch_and_later_ones_work() -> None:
+async def test_a_poisoned_request_fails_alone_and_its_batch_neighbours_are_scored() -> None:
+    """A batch that fails on a working model is retried in halves by request: only the
+    request that makes the model fail gets an error."""
     rng = random.Random(4)
     scorer = FailingScorer(poison="POISON")
     scorer.gate.clear()
     engine = await started_engine(scorer, max_batch_tokens=100_000)
     requests = [random_request(rng, docs=3) for _ in range(6)]
-    requests.append(ScoreRequest("poisoned", ("POISON doc", "other")))
+    requests.insert(3, ScoreRequest("poisoned", ("POISON doc", "other")))
     tasks = [asyncio.create_task(engine.score(r)) for r in requests]
     await wait_for(lambda: engine.in_flight_pairs == 20)
     scorer.gate.set()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
 
-    failed_payloads = {p for batch in scorer.failed for p in batch}
-    assert failed_payloads
+    assert len(scorer.failed) > 1  # the whole batch failed first, then its halves
     for request, outcome in zip(requests, outcomes, strict=True):
-        in_failed_batch = any(
-            f"{request.query}|{d[:TRUNCATE_AT]}" in failed_payloads for d in request.documents
-        )
-        if in_failed_batch:
-            assert isinstance(outcome, EngineError) and "model exploded" in str(outcome)
+        if request.query == "poisoned":
+            assert type(outcome) is EngineError and "model exploded" in str(outcome)
         else:
-            assert not isinstance(outcome, BaseException)
+            assert not isinstance(outcome, BaseException), outcome
             assert outcome.logits == expected_logits(request)
-    assert engine.in_flight_pairs == 0
+    assert engine.in_flight_pairs == 0 and engine.failure is None and engine.ready
     later = random_request(rng)
     assert (await engine.score(later)).logits == expected_logits(later)
+    await engine.close()
+
+
+class BrokenScorer(FakeScorer):
+    """Scores until ``broken`` is set; then every batch fails (a sticky device error),
+    or, with ``garbage``, returns wrong numbers without failing."""
+
+    def __init__(self, garbage: bool = False) -> None:
+        super().__init__()
+        self.broken = threading.Event()
+        self.garbage = garbage
+
+    def compute_logits(self, pairs: Sequence[EncodedPair]) -> list[float]:
+        logits = super().compute_logits(pairs)
+        if self.broken.is_set():
+            if not self.garbage:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return [x + 100.0 for x in logits]
+        return logits
+
+
+async def test_a_broken_model_fails_the_engine_and_every_request_is_left_unanswered() -> None:
+    scorer = BrokenScorer()
+    engine = await started_engine(scorer)
+    assert (await engine.score(ScoreRequest("q", ("d",)))).logits
+    scorer.broken.set()
+    scorer.gate.clear()
+    requests = [ScoreRequest(f"q{i}", ("a", "b")) for i in range(5)]
+    tasks = [asyncio.create_task(engine.score(r)) for r in requests]
+    await wait_for(lambda: engine.in_flight_pairs == 10)
+    scorer.gate.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, EngineFailed) for o in outcomes), outcomes
+    assert engine.failure is not None and "check batch" in engine.failure
+    assert not engine.ready and engine.in_flight_pairs == 0
+    with pytest.raises(EngineFailed):
+        await engine.score(ScoreRequest("after", ("x",)))
+    await engine.close()
+
+
+async def test_a_model_that_scores_its_check_batch_wrongly_fails_the_engine() -> None:
+    """Wrong numbers without an error: a request failing then shows the model is broken."""
+    scorer = BrokenScorer(garbage=True)
+
+    class ExplodesOnPoison(BrokenScorer):
+        def check(self, payloads: list[str]) -> None:
+            if any("POISON" in p for p in payloads):
+                raise ValueError("model exploded")
+
+    scorer = ExplodesOnPoison(garbage=True)
+    engine = await started_engine(scorer)
+    scorer.broken.set()
+    outcome = await asyncio.gather(
+        engine.score(ScoreRequest("q", ("POISON",))), return_exceptions=True
+    )
+    assert isinstance(outcome[0], EngineFailed)
+    assert engine.failure is not None and "scored its check batch" in engine.failure
+    await engine.close()
+
+
+async def test_a_stalled_model_fails_the_engine_instead_of_waiting_forever() -> None:
+    """A hung device: the request has no deadline, yet it is answered (EngineFailed)."""
+    scorer = FakeScorer()
+    engine = await started_engine(scorer, stall_timeout_s=0.5)
+    scorer.gate.clear()  # the model never finishes this batch
+    started = time.monotonic()
+    with pytest.raises(EngineFailed):
+        await asyncio.wait_for(engine.score(ScoreRequest("q", ("d",))), 10)
+    assert time.monotonic() - started < 5
+    assert engine.failure is not None and "has not finished a batch" in engine.failure
+    scorer.gate.set()
     await engine.close()
 
 
@@ -621,6 +710,7 @@ async def test_an_idle_model_waits_for_requests_still_being_tokenized() -> None:
         settings=EngineSettings(max_wait_ms=600_000, max_batch_pairs=8, tokenizer_threads=2),
     )
     await engine.start()
+    scorer.forget_the_check_batch()
     slow_request, fast_request = ScoreRequest("slow", ("1", "2")), ScoreRequest("a", ("3",))
     slow = asyncio.create_task(engine.score(slow_request))
     fast = asyncio.create_task(engine.score(fast_request))
@@ -716,10 +806,11 @@ async def test_a_batch_being_prepared_when_the_engine_stops_is_answered() -> Non
     await asyncio.to_thread(preparing.wait, 5)
     engine._stop_after_crash("simulated death of the inference thread")
     release.set()
-    with pytest.raises(EngineError, match="stopped"):
+    with pytest.raises(EngineFailed):
         await asyncio.wait_for(held, 10)
-    with pytest.raises(EngineError):  # nothing is accepted that nobody would score
+    with pytest.raises(EngineFailed):  # nothing is accepted that nobody would score
         await asyncio.wait_for(engine.score(ScoreRequest("r", ("x",))), 10)
+    assert engine.failure == "simulated death of the inference thread"
     await engine.close()
 
 

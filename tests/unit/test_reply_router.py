@@ -9,7 +9,7 @@ from collections.abc import Collection
 import pytest
 
 from consumer.service.codec import ReplyRoute
-from consumer.service.reply_router import Destination, ReplyRouter, Unroutable
+from consumer.service.reply_router import Destination, ReplyRouter, Unresolved, Unroutable
 from schemas.models import ErrorCode
 
 DEFAULT = "rerank.replies"
@@ -113,20 +113,45 @@ async def test_a_burst_for_a_missing_topic_shares_one_lookup() -> None:
     assert lookup.fetches == ["rerank.replies.gone"]
 
 
-async def test_a_lookup_slower_than_the_wait_counts_as_missing() -> None:
+async def test_a_lookup_slower_than_the_wait_is_no_verdict_and_is_not_remembered() -> None:
     lookup = FakeLookup({"rerank.replies.slow": 1})
     lookup.delay_s = 5.0
     router = make_router(lookup, wait_s=0.05)
-    result = await asyncio.wait_for(router.resolve(ReplyRoute("rerank.replies.slow")), 2.0)
-    assert isinstance(result, Unroutable)
-    assert "within 0.05 s" in result.message
+    route = ReplyRoute("rerank.replies.slow")
+    result = await asyncio.wait_for(router.resolve(route), 2.0)
+    assert isinstance(result, Unresolved)
+    assert "timed out" in result.message
+    lookup.delay_s = 0.0  # the broker answers again: asked at once, found
+    assert await router.resolve(route) == Destination("rerank.replies.slow", None)
+    assert lookup.fetches == ["rerank.replies.slow"] * 2
 
 
-async def test_a_failing_lookup_counts_as_missing() -> None:
+async def test_a_failing_lookup_is_no_verdict() -> None:
     lookup = FakeLookup({"rerank.replies.x": 1})
     lookup.fail = RuntimeError("broker unreachable")
     router = make_router(lookup)
-    assert isinstance(await router.resolve(ReplyRoute("rerank.replies.x")), Unroutable)
+    result = await router.resolve(ReplyRoute("rerank.replies.x"))
+    assert isinstance(result, Unresolved) and "broker unreachable" in result.message
+    lookup.fail = None
+    assert await router.resolve(ReplyRoute("rerank.replies.x")) == Destination(
+        "rerank.replies.x", None
+    )
+
+
+async def test_topic_memories_are_bounded_by_least_recent_use() -> None:
+    """Reply topic names come from requests: a flood of names cannot grow memory."""
+    lookup = FakeLookup({f"rerank.replies.t{i}": 1 for i in range(50)})
+    router = ReplyRouter(DEFAULT, ALLOWED, lookup, 1.0, 5.0, Clock(), max_topics=10)
+    for i in range(50):
+        await router.resolve(ReplyRoute(f"rerank.replies.t{i}"))
+    for i in range(50):  # names that do not exist are remembered (as missing) too
+        await router.resolve(ReplyRoute(f"rerank.replies.missing{i}"))
+    assert router.remembered_topics <= 20
+    fetched = len(lookup.fetches)
+    await router.resolve(ReplyRoute("rerank.replies.missing49"))  # recent: still remembered
+    assert len(lookup.fetches) == fetched
+    await router.resolve(ReplyRoute("rerank.replies.missing0"))  # forgotten: asked again
+    assert len(lookup.fetches) == fetched + 1
 
 
 @pytest.mark.parametrize("partition", [3, 99])

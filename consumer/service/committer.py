@@ -1,0 +1,83 @@
+"""Committing what is done: every finished prefix, soon after it moves.
+
+A commit follows progress (a record finished) after at most ``interval_s``, so that a
+worker killed without warning leaves few answered-but-uncommitted requests behind (each
+one is redelivered and answered twice); commits never run more often than that.
+
+Nothing is committed while the group no longer knows this member (session or poll
+timeout): the partitions may be another member's by then, and a commit could move its
+offsets. Failures are logged, not raised: the next commit covers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+
+from consumer.service.partitions import PartitionWork
+
+log = logging.getLogger(__name__)
+
+COMMIT_TIMEOUT_S = 10.0
+
+
+class Committer:
+    """Commits the finished prefixes of the worker's partitions through its consumer."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        interval_s: float,
+        membership_lost: Callable[[], bool],
+        timeout_s: float = COMMIT_TIMEOUT_S,
+    ) -> None:
+        self._consumer = consumer
+        self._interval_s = interval_s
+        self._membership_lost = membership_lost
+        self._timeout_s = timeout_s
+        self._progress = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def progress(self) -> None:
+        """A record finished: a commit follows within ``interval_s``."""
+        self._progress.set()
+
+    async def run(self, work: Callable[[], Mapping[TopicPartition, PartitionWork]]) -> None:
+        """Commit after progress, at most every ``interval_s``, until cancelled."""
+        while True:
+            await self._progress.wait()
+            self._progress.clear()
+            await self.commit(work())
+            await asyncio.sleep(self._interval_s)
+
+    async def commit(self, work: Mapping[TopicPartition, PartitionWork]) -> bool:
+        """Commit every finished prefix in ``work``; True if all of it is committed."""
+        if self._membership_lost():
+            return False
+        offsets = {tp: w.offsets.uncommitted for tp, w in work.items()}
+        to_commit = {tp: offset for tp, offset in offsets.items() if offset is not None}
+        if not to_commit:
+            return True
+        async with self._lock:
+            try:
+                await asyncio.wait_for(self._consumer.commit(to_commit), self._timeout_s)
+            except (KafkaError, TimeoutError) as exc:
+                # Usually a rebalance in progress; the next commit (or the revoke) covers it.
+                log.warning(
+                    "offset commit failed",
+                    extra={"error": repr(exc), "partitions": names(to_commit)},
+                )
+                return False
+        for tp, offset in to_commit.items():
+            work[tp].offsets.mark_committed(offset)
+        return True
+
+
+def names(partitions: Iterable[TopicPartition]) -> list[str]:
+    """``topic-partition`` names, sorted, for log lines."""
+    return sorted(f"{tp.topic}-{tp.partition}" for tp in partitions)

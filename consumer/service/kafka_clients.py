@@ -1,0 +1,44 @@
+"""The worker's two Kafka clients, configured from its :class:`WorkerConfig`."""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from consumer.service.worker_config import WorkerConfig
+
+PRODUCER_BATCH_BYTES = 256 * 1024
+
+
+def make_producer(config: WorkerConfig) -> AIOKafkaProducer:
+    """The reply producer: idempotent, acks from every in-sync replica."""
+    return AIOKafkaProducer(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id=f"{config.client_id}-producer",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=config.producer_linger_ms,
+        max_batch_size=PRODUCER_BATCH_BYTES,
+        **config.security.aiokafka_kwargs(),
+    )
+
+
+def make_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
+    """The request consumer: a group member that commits by hand."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        group_id=config.group_id,
+        # Static membership: a restart within the session timeout keeps the partitions.
+        group_instance_id=config.group_instance_id,
+        client_id=f"{config.client_id}-consumer",
+        enable_auto_commit=False,
+        # A new group answers what is already waiting; deadlines drop stale requests.
+        auto_offset_reset="earliest",
+        # Requests of aborted transactions are never answered.
+        isolation_level="read_committed",
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=config.heartbeat_interval_ms,
+        max_poll_interval_ms=config.max_poll_interval_ms,
+        # How long the group waits for members to finish their revoke handlers.
+        rebalance_timeout_ms=config.rebalance_timeout_ms,
+        **config.security.aiokafka_kwargs(),
+    )

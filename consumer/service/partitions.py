@@ -1,0 +1,64 @@
+"""The worker's state of one partition assignment, and why fetching from it is paused.
+
+Fetching from a partition stops for two kinds of reasons:
+
+* the whole worker is full (the pair gate, :mod:`consumer.service.backpressure`): every
+  assigned partition is paused;
+* the partition itself is held: one of its records cannot be dead-lettered now, or too
+  many of its records wait behind an unfinished one (commits can only move past a
+  finished prefix, so what waits behind it is held in memory). Other partitions go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from enum import Enum
+
+from consumer.service.offsets import PartitionOffsets
+
+
+class Hold(Enum):
+    """Why one partition's fetching is paused."""
+
+    DEAD_LETTER_BLOCKED = "a record cannot be dead-lettered"
+    UNCOMMITTED_BACKLOG = "too many records wait behind an unfinished one"
+
+
+class PartitionWork:
+    """The in-flight requests, offsets and holds of one assignment of one partition."""
+
+    __slots__ = ("_holds", "offsets", "tasks")
+
+    def __init__(self) -> None:
+        self.offsets = PartitionOffsets()
+        self.tasks: set[asyncio.Task[bool]] = set()
+        self._holds: Counter[Hold] = Counter()
+
+    @property
+    def held(self) -> bool:
+        """True while this partition must not be fetched from."""
+        return bool(self._holds)
+
+    @property
+    def holds(self) -> list[Hold]:
+        """The reasons it is held."""
+        return list(self._holds)
+
+    def hold(self, reason: Hold) -> None:
+        """Add one hold for ``reason`` (holds of the same reason are counted)."""
+        self._holds[reason] += 1
+
+    def release(self, reason: Hold) -> None:
+        """Drop one hold for ``reason``."""
+        self._holds[reason] -= 1
+        if self._holds[reason] <= 0:
+            del self._holds[reason]
+
+    def limit_backlog(self, max_records: int) -> None:
+        """Hold the partition while more than ``max_records`` are not yet committable."""
+        over = self.offsets.backlog > max_records
+        if over and Hold.UNCOMMITTED_BACKLOG not in self._holds:
+            self.hold(Hold.UNCOMMITTED_BACKLOG)
+        elif not over and Hold.UNCOMMITTED_BACKLOG in self._holds:
+            self.release(Hold.UNCOMMITTED_BACKLOG)
