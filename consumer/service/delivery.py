@@ -117,7 +117,7 @@ class Delivery:
 
         ``deadline`` (Unix time) is the request's: retrying stops there.
         """
-        give_up = self._give_up_time(deadline)
+        give_up, at_deadline = self._give_up_time(deadline)
         backoff = self._policy.first_backoff_s
         while True:
             try:
@@ -126,7 +126,7 @@ class Delivery:
             except _Retry as retry:
                 reason = retry.reason
             if self._clock() + backoff > give_up:
-                await self._reply_gave_up(record, route, correlation_id, reason, deadline)
+                await self._reply_gave_up(record, route, correlation_id, reason, at_deadline)
                 return
             log.warning(
                 "reply failed, retrying",
@@ -236,12 +236,15 @@ class Delivery:
                 | {"correlation_id": correlation_id, "error_code": outcome},
             )
 
-    def _give_up_time(self, deadline: float | None) -> float:
-        """When (on ``clock``) to stop retrying a reply."""
-        give_up = self._clock() + self._policy.reply_timeout_s
+    def _give_up_time(self, deadline: float | None) -> tuple[float, bool]:
+        """When (on ``clock``) to stop retrying a reply, and whether that is the deadline."""
+        now = self._clock()
+        give_up = now + self._policy.reply_timeout_s
         if deadline is not None:
-            give_up = min(give_up, self._clock() + max(0.0, deadline - time.time()))
-        return give_up
+            at_deadline = now + max(0.0, deadline - time.time())
+            if at_deadline < give_up:
+                return at_deadline, True
+        return give_up, False
 
     async def _reply_gave_up(
         self,
@@ -249,9 +252,9 @@ class Delivery:
         route: ReplyRoute,
         correlation_id: str,
         reason: str,
-        deadline: float | None,
+        at_deadline: bool,
     ) -> None:
-        if deadline is not None and time.time() >= deadline:
+        if at_deadline:
             code, why = ErrorCode.DEADLINE_EXCEEDED, "before the request's deadline"
         else:
             code, why = ErrorCode.INTERNAL, f"within {self._policy.reply_timeout_s:g} s"

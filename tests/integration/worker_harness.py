@@ -181,7 +181,9 @@ TEST_TOPIC_PATTERN = r"test-[0-9a-f]{32}"
 
 
 def worker_config(bootstrap: str, topics: Topics, group_id: str, **overrides: Any) -> WorkerConfig:
-    """A worker configuration with short timings for tests."""
+    """A worker configuration for tests: the group timings (session, heartbeat,
+    rebalance, revoke, commit) are the defaults users run with; only lookups, the
+    drain and the lag refresh are shorter, to keep the tests quick."""
     config = WorkerConfig(
         bootstrap_servers=bootstrap,
         request_topic=topics.requests,
@@ -190,13 +192,9 @@ def worker_config(bootstrap: str, topics: Topics, group_id: str, **overrides: An
         group_id=group_id,
         client_id=f"test-worker-{uuid.uuid4().hex[:8]}",
         allowed_reply_topics=TEST_TOPIC_PATTERN,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=500,
         reply_topic_wait_s=2.0,
         missing_topic_ttl_s=2.0,
         drain_timeout_s=10.0,
-        revoke_timeout_s=5.0,
-        commit_interval_s=0.2,
         lag_interval_s=0.5,
     )
     return replace(config, **overrides)

@@ -290,3 +290,30 @@ async def test_a_taken_http_port_is_one_clear_line(caplog) -> None:
     assert code == EXIT_FAILED
     assert "cannot serve HTTP" in caplog.text
     assert not fakes.engines
+
+
+async def test_a_failed_engine_makes_the_service_step_aside_and_exit_1(session, caplog) -> None:
+    """The engine fails for good: not live, not ready, the worker is stopped (its
+    unscored requests stay uncommitted for the group) and the process exits 1."""
+    fakes = FakeParts()
+    fakes.release_load.set()
+    service = make_service(fakes)
+    running = asyncio.create_task(service.run())
+    await wait_for(lambda: fakes.workers and fakes.workers[0].joined.is_set())
+    assert (await get(session, service, "/health/live"))[0] == 200
+    worker = fakes.workers[0]
+    # A worker that takes its time to drain, so the health answers can be read meanwhile.
+    stop = worker.request_stop
+
+    def slow_stop() -> None:
+        worker.stop_requests += 1
+        asyncio.get_running_loop().call_later(0.5, stop)
+
+    worker.request_stop = slow_stop  # type: ignore[method-assign]
+    fakes.engines[0].fail("the model failed its check batch")
+    await wait_for(lambda: worker.stop_requests >= 1)
+    status, body = await get(session, service, "/health/live")
+    assert status == 503 and body["reasons"] == ["engine failed: the model failed its check batch"]
+    code = await asyncio.wait_for(running, WAIT_S)
+    assert code == EXIT_FAILED
+    assert any("stepped aside" in r.getMessage() for r in caplog.records)

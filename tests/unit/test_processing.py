@@ -6,7 +6,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from consumer.engine.api import ScoreRequest, ScoreResult
+from consumer.engine.api import EngineFailed, ScoreRequest, ScoreResult
 from consumer.service.codec import RequestLimits
 from consumer.service.processing import RequestProcessor
 from schemas.models import ErrorCode
@@ -68,3 +68,37 @@ async def test_a_bug_while_answering_dead_letters_the_record() -> None:
         (8, ErrorCode.INTERNAL, "c-2"),
     ]
     assert all("RuntimeError" in message for _, _, message, _ in delivery.dead)
+
+
+class FailedEngine(ConstantEngine):
+    """An engine whose model is broken: it raises EngineFailed for every request."""
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        raise EngineFailed("the model failed its check batch")
+
+
+class RecordingDelivery(BrokenDelivery):
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies: list[Any] = []
+
+    async def reply(self, *args: Any, **kwargs: Any) -> None:
+        self.replies.append(args)
+
+    async def reply_error(self, *args: Any, **kwargs: Any) -> None:
+        self.replies.append(args)
+
+
+async def test_a_request_the_failed_engine_could_not_score_is_left_unanswered() -> None:
+    """Not the request's fault: no error reply, no dead-letter record, not answered (so
+    its offset is not committed and another worker gets it)."""
+    delivery = RecordingDelivery()
+    processor = RequestProcessor(FailedEngine(), delivery, RequestLimits())  # type: ignore[arg-type]
+    rec = record(3, b'{"query": "q", "documents": ["a"]}', "c-3")
+    answered = await processor.process(rec, processor.decode(rec), received=0.0)
+    assert answered is False
+    assert delivery.replies == [] and delivery.dead == []
+    ok = await RequestProcessor(ConstantEngine(), delivery, RequestLimits()).process(  # type: ignore[arg-type]
+        rec, processor.decode(rec), received=0.0
+    )
+    assert ok is True and len(delivery.replies) == 1

@@ -1,0 +1,193 @@
+"""Delivery under failures: bounded reply retries, dead-letter records never dropped.
+
+The producer and the router are fakes of our own interfaces; what Kafka itself does
+with these records is tested against a real broker in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError, TopicAuthorizationFailedError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from consumer.service.codec import ReplyRoute
+from consumer.service.delivery import Delivery, RetryPolicy
+from consumer.service.metrics import Metrics
+from consumer.service.reply_router import Destination, Unresolved, Unroutable
+from schemas.models import ErrorCode
+
+DLQ = "rerank.requests.dlq"
+REPLIES = "rerank.replies"
+FAST = RetryPolicy(
+    reply_timeout_s=0.3, first_backoff_s=0.01, max_backoff_s=0.05, dead_letter_max_backoff_s=0.05
+)
+
+
+class FakeProducer:
+    """Sends succeed unless ``failures[topic]`` holds errors (taken one per send) or
+    ``refuse[topic]`` is set (every send fails with it)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = []
+        self.failures: dict[str, list[Exception]] = {}
+        self.refuse: dict[str, Exception] = {}
+        self.attempts: dict[str, int] = {}
+
+    async def send(
+        self, topic: str, value: bytes | None, key: Any, partition: Any, headers: Any
+    ) -> asyncio.Future[None]:
+        self.attempts[topic] = self.attempts.get(topic, 0) + 1
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queued = self.failures.get(topic)
+        if topic in self.refuse:
+            ack.set_exception(self.refuse[topic])
+        elif queued:
+            ack.set_exception(queued.pop(0))
+        else:
+            self.sent.append((topic, value, list(headers)))
+            ack.set_result(None)
+        return ack
+
+
+class ScriptedRouter:
+    """Answers ``resolve`` from a script (the last answer repeats); counts the calls."""
+
+    def __init__(self, *answers: Destination | Unroutable | Unresolved) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def resolve(self, route: ReplyRoute) -> Destination | Unroutable | Unresolved:
+        self.calls += 1
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def request_record(offset: int = 5) -> ConsumerRecord[Any, Any]:
+    return ConsumerRecord(
+        topic="rerank.requests",
+        partition=2,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"c-1",
+        value=b'{"query": "q", "documents": ["a"]}',
+        checksum=None,
+        serialized_key_size=3,
+        serialized_value_size=34,
+        headers=[("correlation-id", b"c-1")],
+    )
+
+
+def delivery_with(
+    producer: FakeProducer, router: ScriptedRouter, blocked: list[tuple[TopicPartition, bool]]
+) -> tuple[Delivery, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    delivery = Delivery(
+        producer,
+        router,  # type: ignore[arg-type]
+        DLQ,
+        metrics,
+        FAST,
+        on_dead_letter_blocked=lambda tp, b: blocked.append((tp, b)),
+    )
+    return delivery, metrics
+
+
+def header(headers: list[tuple[str, bytes]], name: str) -> str:
+    return dict(headers)[name].decode()
+
+
+async def test_a_reply_retried_through_passing_failures_is_delivered_once() -> None:
+    producer = FakeProducer()
+    producer.failures[REPLIES] = [KafkaTimeoutError(), KafkaTimeoutError()]
+    router = ScriptedRouter(Destination(REPLIES, None))
+    delivery, _ = delivery_with(producer, router, [])
+    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok")
+    assert [topic for topic, _, _ in producer.sent] == [REPLIES]
+    assert router.calls == 3  # the route is looked up again before every attempt
+
+
+async def test_a_reply_that_keeps_failing_is_dead_lettered_after_the_reply_timeout() -> None:
+    producer = FakeProducer()
+    producer.refuse[REPLIES] = KafkaTimeoutError()
+    delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    started = time.monotonic()
+    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok")
+    assert time.monotonic() - started < 2.0  # bounded: not retried forever
+    ((topic, value, headers),) = producer.sent
+    assert topic == DLQ and value == request_record().value
+    assert header(headers, "error-code") == "internal"
+    assert "could not be produced" in header(headers, "error-message")
+    assert metrics.registry.get_sample_value("rerank_dlq_records_total", {"code": "internal"}) == 1
+
+
+async def test_a_reply_whose_deadline_passes_while_retrying_is_dead_lettered_as_expired() -> None:
+    producer = FakeProducer()
+    producer.refuse[REPLIES] = KafkaTimeoutError()
+    delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    deadline = time.time() + 0.1
+    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok", deadline)
+    ((topic, _, headers),) = producer.sent
+    assert topic == DLQ and header(headers, "error-code") == "deadline_exceeded"
+
+
+async def test_an_unresolved_route_is_no_verdict_and_is_tried_again() -> None:
+    """A reply-topic lookup that timed out does not dead-letter the request."""
+    producer = FakeProducer()
+    router = ScriptedRouter(Unresolved("lookup timed out"), Destination("rerank.replies.a", 0))
+    delivery, _ = delivery_with(producer, router, [])
+    await delivery.reply(request_record(), ReplyRoute("rerank.replies.a", 0), "c-1", b"{}", "ok")
+    assert [topic for topic, _, _ in producer.sent] == ["rerank.replies.a"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [TopicAuthorizationFailedError(), RecordTooLargeError()],
+    ids=["not-authorized", "too-large"],
+)
+async def test_a_dead_letter_record_refused_for_good_waits_until_it_is_taken(
+    refusal: Exception,
+) -> None:
+    """Never dropped: dead_letter returns only once the broker took the record, holding
+    the record's partition meanwhile (so its offset is never committed past it)."""
+    producer = FakeProducer()
+    producer.refuse[DLQ] = refusal
+    blocked: list[tuple[TopicPartition, bool]] = []
+    delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), blocked)
+    sending = asyncio.create_task(
+        delivery.dead_letter(request_record(), ErrorCode.INVALID_REQUEST, "no correlation id")
+    )
+    await asyncio.sleep(0.3)
+    assert not sending.done() and producer.attempts[DLQ] > 3
+    assert blocked == [(TopicPartition("rerank.requests", 2), True)]
+    assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 1
+    assert (
+        metrics.registry.get_sample_value("rerank_errors_total", {"code": "dlq_failed"}) or 0
+    ) > 3
+
+    del producer.refuse[DLQ]  # the operator fixed the topic
+    await asyncio.wait_for(sending, 2.0)
+    assert [topic for topic, _, _ in producer.sent] == [DLQ]
+    assert blocked[-1] == (TopicPartition("rerank.requests", 2), False)
+    assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
+
+
+async def test_stopping_while_a_dead_letter_record_is_blocked_releases_the_hold() -> None:
+    producer = FakeProducer()
+    producer.refuse[DLQ] = TopicAuthorizationFailedError()
+    blocked: list[tuple[TopicPartition, bool]] = []
+    delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), blocked)
+    sending = asyncio.create_task(
+        delivery.dead_letter(request_record(), ErrorCode.INVALID_REQUEST, "no correlation id")
+    )
+    await asyncio.sleep(0.1)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert [b for _, b in blocked] == [True, False]
+    assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
+    assert producer.sent == []  # nothing reached the topic: the record stays uncommitted
