@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         "Kafka tuning",
         gt=0,
     )
+    max_record_attempts: int = _setting(
+        3,
+        "A record started this many times without being finished (its worker died or "
+        "left mid-record each time) is dead-lettered as poison_record, not processed again.",
+        "Kafka tuning",
+        gt=0,
+    )
     revoke_timeout_s: float = _setting(
         10.0,
         "On a rebalance, how long revoked partitions' in-flight requests may take to finish "
@@ -654,6 +661,7 @@ class Settings(BaseSettings):
             producer_linger_ms=self.producer_linger_ms,
             commit_interval_s=self.commit_interval_s,
             max_uncommitted_records=self.max_uncommitted_records,
+            max_record_attempts=self.max_record_attempts,
             revoke_timeout_s=self.revoke_timeout_s,
             missing_topic_ttl_s=self.missing_topic_ttl_s,
             lag_interval_s=self.lag_interval_s,

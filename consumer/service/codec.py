@@ -66,6 +66,12 @@ _MAX_VALIDATION_ERRORS_SHOWN: Final = 3
 _REQUEST_FIELDS: Final = tuple(RerankRequest.model_fields)
 
 
+# Dead-letter records only (never in a reply): the record was started max_record_attempts
+# times and never finished, so it is not processed again (consumer.service.attempts).
+POISON_RECORD = "poison_record"
+DEAD_LETTER_CODES = frozenset({*(c.value for c in ErrorCode), POISON_RECORD})
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """Size limits of one request; exceeding any of them is ``payload_too_large``.
@@ -184,6 +190,15 @@ def decode_request(
             f"no correlation id: set the '{HEADER_CORRELATION_ID}' header or the body's 'id'",
         )
     return DecodedRequest(correlation_id, request, route, deadline)
+
+
+def reply_address(headers: Iterable[tuple[str, bytes | None]]) -> tuple[str | None, ReplyRoute]:
+    """The correlation id and reply route from the headers alone (the body unread):
+    how to tell a client about a record that must not be decoded again."""
+    found = _first_headers(headers)
+    correlation_id, _ = _header_correlation_id(found)
+    route, _ = _route(found)
+    return correlation_id, route
 
 
 def _first_headers(headers: Iterable[tuple[str, bytes | None]]) -> dict[str, bytes | None]:
@@ -538,9 +553,16 @@ def reply_headers(correlation_id: str) -> list[tuple[str, bytes]]:
 def dlq_headers(
     code: ErrorCode | str, message: str, source_topic: str, partition: int, offset: int
 ) -> list[tuple[str, bytes]]:
-    """Headers added to a record copied unchanged to the dead-letter topic."""
+    """Headers added to a record copied unchanged to the dead-letter topic.
+
+    ``code`` is an :class:`ErrorCode` or one of the dead-letter-only codes
+    (:data:`POISON_RECORD`).
+    """
+    text = code.value if isinstance(code, ErrorCode) else str(code)
+    if text not in DEAD_LETTER_CODES:
+        raise ValueError(f"unknown dead-letter error code {text!r}")
     return [
-        (DLQ_HEADER_ERROR_CODE, ErrorCode(code).value.encode("utf-8")),
+        (DLQ_HEADER_ERROR_CODE, text.encode("utf-8")),
         (DLQ_HEADER_ERROR_MESSAGE, _clip(message, _MAX_MESSAGE_CHARS).encode("utf-8")),
         (DLQ_HEADER_SOURCE_TOPIC, source_topic.encode("utf-8")),
         (DLQ_HEADER_SOURCE_PARTITION, str(int(partition)).encode("ascii")),

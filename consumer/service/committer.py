@@ -19,6 +19,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
+from consumer.service.attempts import encode_attempts
 from consumer.service.partitions import PartitionWork
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,13 @@ class Committer:
         """Commit every finished prefix in ``work``; True if all of it is committed."""
         if self._membership_lost():
             return False
-        offsets = {tp: w.offsets.uncommitted for tp, w in work.items()}
-        to_commit = {tp: offset for tp, offset in offsets.items() if offset is not None}
-        if not to_commit:
-            return True
         async with self._lock:
+            # Read under the lock: an attempt count committed meanwhile must not be
+            # overwritten by a position read before it.
+            offsets = {tp: w.offsets.uncommitted for tp, w in work.items()}
+            to_commit = {tp: offset for tp, offset in offsets.items() if offset is not None}
+            if not to_commit:
+                return True
             try:
                 await asyncio.wait_for(self._consumer.commit(to_commit), self._timeout_s)
             except (KafkaError, TimeoutError) as exc:
@@ -75,6 +78,27 @@ class Committer:
                 return False
         for tp, offset in to_commit.items():
             work[tp].offsets.mark_committed(offset)
+        return True
+
+    async def commit_attempt(
+        self, tp: TopicPartition, work: PartitionWork, offset: int, attempts: int
+    ) -> bool:
+        """Commit ``offset`` (the partition's committed position) with ``attempts`` in its
+        metadata, before the record there is processed (:mod:`consumer.service.attempts`).
+        """
+        if self._membership_lost():
+            return False
+        async with self._lock:
+            try:
+                commit = self._consumer.commit({tp: (offset, encode_attempts(attempts))})
+                await asyncio.wait_for(commit, self._timeout_s)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning(
+                    "could not record a record's attempt count",
+                    extra={"error": repr(exc), "partitions": names([tp]), "offset": offset},
+                )
+                return False
+        work.offsets.mark_committed(offset)
         return True
 
 

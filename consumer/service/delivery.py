@@ -153,7 +153,7 @@ class Delivery:
     async def dead_letter(
         self,
         record: ConsumerRecord[Any, Any],
-        code: ErrorCode,
+        code: ErrorCode | str,
         message: str,
         correlation_id: str | None = None,
     ) -> None:
@@ -174,11 +174,12 @@ class Delivery:
             # key); an empty value stands for it, and error-message says it had none.
             value = b""
         await self._send_until_accepted(record, self._dlq_topic, record.key, value, headers)
-        self._metrics.dlq_records.labels(code=code.value).inc()
-        self._metrics.errors.labels(code=code.value).inc()
+        code_text = code.value if isinstance(code, ErrorCode) else code
+        self._metrics.dlq_records.labels(code=code_text).inc()
+        self._metrics.errors.labels(code=code_text).inc()
         log.warning(
             "request sent to the dead-letter topic",
-            extra=context | {"error_code": code.value, "error": message},
+            extra=context | {"error_code": code_text, "error": message},
         )
 
     # ---- replies ------------------------------------------------------------------------

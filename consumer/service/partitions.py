@@ -15,6 +15,7 @@ import asyncio
 from collections import Counter
 from enum import Enum
 
+from consumer.service.attempts import Head
 from consumer.service.offsets import PartitionOffsets
 
 
@@ -28,12 +29,42 @@ class Hold(Enum):
 class PartitionWork:
     """The in-flight requests, offsets and holds of one assignment of one partition."""
 
-    __slots__ = ("_holds", "offsets", "tasks")
+    __slots__ = ("_holds", "careful_until", "head", "head_started", "offsets", "tasks")
 
-    def __init__(self) -> None:
+    def __init__(self, head: Head | None = None) -> None:
         self.offsets = PartitionOffsets()
         self.tasks: set[asyncio.Task[bool]] = set()
         self._holds: Counter[Hold] = Counter()
+        # the committed position at assignment and its attempt count
+        self.head = head
+        self.head_started = False
+        # while suspect: work carefully until the commit point reaches this offset
+        self.careful_until: int | None = None
+
+    def take_head(self, offset: int) -> Head | None:
+        """The head when ``offset`` is the first record fetched in this assignment and
+        sits at the committed position (or the partition has no committed position yet);
+        else None."""
+        if self.head_started:
+            return None
+        self.head_started = True
+        if self.head is None:
+            self.head = Head(offset, 0)
+        return self.head if offset == self.head.offset else None
+
+    @property
+    def suspect(self) -> bool:
+        """The last owner started the record at the committed position and did not get
+        past it (it died, or was revoked mid-record): work carefully for a while."""
+        return self.head is not None and self.head.attempts > 0
+
+    @property
+    def careful_done(self) -> bool:
+        """The commit point has passed every record the last owner may have had in flight."""
+        committable = self.offsets.committable
+        return self.careful_until is None or (
+            committable is not None and committable >= self.careful_until
+        )
 
     @property
     def held(self) -> bool:

@@ -16,6 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.engine.api import EngineError, EngineFailed, RerankEngine, ScoreRequest
 from consumer.service.codec import (
+    POISON_RECORD,
     DecodedRequest,
     Rejection,
     ReplyRoute,
@@ -23,6 +24,7 @@ from consumer.service.codec import (
     decode_request,
     encode_rejection,
     encode_result,
+    reply_address,
 )
 from consumer.service.delivery import OUTCOME_OK, Delivery
 from schemas.models import ErrorCode
@@ -111,6 +113,26 @@ class RequestProcessor:
                 ErrorCode.INTERNAL,
                 f"processing failed: {type(exc).__name__}",
                 correlation_id,
+            )
+        return True
+
+    async def give_up(self, record: ConsumerRecord[Any, Any], attempts: int) -> bool:
+        """A record started ``attempts`` times and never finished (a poison record): copy
+        it to the dead-letter topic, and tell its client, if its headers name one, with an
+        ``internal`` error reply. The body is never decoded again. Returns True."""
+        message = (
+            f"the request was started {attempts} times and never finished (each time the "
+            "worker died or was stopped while on it); it is not processed again"
+        )
+        correlation_id, route = reply_address(record.headers or ())
+        log.error(
+            "poison record: dead-lettered without processing it again",
+            extra=_coordinates(record) | {"attempts": attempts, "correlation_id": correlation_id},
+        )
+        await self._delivery.dead_letter(record, POISON_RECORD, message, correlation_id)
+        if correlation_id is not None:
+            await self._delivery.reply_error(
+                record, route, correlation_id, ErrorCode.INTERNAL, message, retriable=False
             )
         return True
 

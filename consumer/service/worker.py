@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from functools import partial
 from typing import Any
 
@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.engine.api import RerankEngine
+from consumer.service.attempts import read_heads
 from consumer.service.backpressure import PairGate
 from consumer.service.committer import Committer, names
 from consumer.service.connection import ConnectPolicy, KafkaConnector
@@ -67,7 +68,7 @@ class _Listener(ConsumerRebalanceListener):
         await self._worker._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._worker._on_assigned(set(assigned))
+        await self._worker._on_assigned(set(assigned))
 
 
 class Worker:
@@ -82,6 +83,9 @@ class Worker:
         self._gate = PairGate(config.inflight_high_pairs, config.inflight_low_pairs)
         self._work: dict[TopicPartition, PartitionWork] = {}
         self._tasks: set[asyncio.Task[bool]] = set()
+        # partitions whose last owner died on (or left mid-) the record at the committed
+        # position: while any, one record at a time (consumer.service.attempts)
+        self._suspects: set[TopicPartition] = set()
         self._connector = KafkaConnector(
             lambda: (make_producer(config), make_consumer(config)),
             config.bootstrap_servers,
@@ -330,15 +334,22 @@ class Worker:
                 if work is None:  # revoked meanwhile: the new owner fetches these
                     continue
                 for record in records:
+                    if self._suspects and self._tasks:
+                        # working carefully: one record at a time; the rest is fetched again
+                        consumer.seek(tp, record.offset)
+                        break
                     self._accept(work, record, now)
             self._apply_flow()
 
     def _poll_size(self) -> int:
-        """Records to take in one poll: about what fits below the high mark.
+        """Records to take in one poll: about what fits below the high mark (one at a time
+        while working carefully).
 
         Taking a whole poll's worth regardless would overshoot the mark by up to
         ``max_poll_records`` requests; one request's worth is the most it overshoots now.
         """
+        if self._suspects:
+            return 1
         fits = int(self._gate.room / self._pairs_per_record)
         return max(1, min(self._config.max_poll_records, fits))
 
@@ -355,20 +366,49 @@ class Worker:
         assert processor is not None
         work.offsets.register(record.offset)
         work.limit_backlog(self._config.max_uncommitted_records)
-        decoded = processor.decode(record)
-        weight = processor.weight(decoded)
+        head = work.take_head(record.offset)
+        if head is not None and head.attempts >= self._config.max_record_attempts:
+            # a poison record: not even decoded again
+            decoded: Decoded | None = None
+            weight = 1
+            work_done = processor.give_up(record, head.attempts)
+        else:
+            decoded = processor.decode(record)
+            weight = processor.weight(decoded)
+            work_done = processor.process(record, decoded, received)
+            if head is not None or self._suspects:
+                # the record at the committed position: count the attempt first
+                attempts = head.attempts + 1 if head is not None else 1
+                work_done = self._counted(record, work, attempts, work_done)
         self._gate.add(weight)
         self._pairs_per_record += (weight - self._pairs_per_record) * 0.1
-        task = asyncio.create_task(processor.process(record, decoded, received))
+        task = asyncio.create_task(work_done)
         self._tasks.add(task)
         work.tasks.add(task)
         task.add_done_callback(partial(self._finished, work, record, decoded, weight))
+
+    async def _counted(
+        self,
+        record: ConsumerRecord[Any, Any],
+        work: PartitionWork,
+        attempts: int,
+        process: Coroutine[Any, Any, bool],
+    ) -> bool:
+        """Commit the record's attempt count, then process it."""
+        assert self._committer is not None
+        tp = TopicPartition(record.topic, record.partition)
+        try:
+            await self._committer.commit_attempt(tp, work, record.offset, attempts)
+        except BaseException:
+            process.close()
+            raise
+        return await process
 
     def _finished(
         self,
         work: PartitionWork,
         record: ConsumerRecord[Any, Any],
-        decoded: Decoded,
+        decoded: Decoded | None,
         weight: int,
         task: asyncio.Task[bool],
     ) -> None:
@@ -394,10 +434,19 @@ class Worker:
         elif task.result():
             work.offsets.done(record.offset)
             work.limit_backlog(self._config.max_uncommitted_records)
+            self._past_head(work, record)
             if self._committer is not None:
                 self._committer.progress()
         # else: not answered (the engine failed): stays uncommitted for another worker
         self._apply_flow()
+
+    def _past_head(self, work: PartitionWork, record: ConsumerRecord[Any, Any]) -> None:
+        """A suspect partition is past the records its last owner may have had in flight."""
+        tp = TopicPartition(record.topic, record.partition)
+        if tp in self._suspects and work.careful_done:
+            self._suspects.discard(tp)
+            if not self._suspects:
+                log.info("past every record the last owners did not finish: full speed again")
 
     def _on_dead_letter_blocked(self, tp: TopicPartition, blocked: bool) -> None:
         work = self._work.get(tp)
@@ -421,7 +470,8 @@ class Worker:
             what = "paused" if self._gate.paused else "resumed"
             log.debug("fetching %s", what, extra={"in_flight_pairs": self._gate.pairs})
         assigned = set(self._work)
-        if self._gate.paused:
+        # working carefully: nothing new while a record is in flight
+        if self._gate.paused or (self._suspects and self._tasks):
             wanted = assigned
         else:
             wanted = {tp for tp, work in self._work.items() if work.held}
@@ -439,18 +489,48 @@ class Worker:
 
     # ------------------------------------------------------------- rebalance
 
-    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        heads = await read_heads(self._consumer, assigned)
         for tp in assigned:
-            self._work[tp] = PartitionWork()
+            self._work[tp] = PartitionWork(heads.get(tp))
+        await self._be_careful_with({tp for tp in assigned if self._work[tp].suspect})
         self._in_group = True
         self._apply_flow()
         log.info("partitions assigned", extra={"partitions": names(assigned)})
+
+    async def _be_careful_with(self, suspects: set[TopicPartition]) -> None:
+        """The last owners of ``suspects`` did not finish the record at the committed
+        position: one record at a time, across all partitions, until past every record
+        they may have had in flight (what existed then, at most a full in-flight window)."""
+        if not suspects or self._consumer is None:
+            return
+        try:
+            ends = await asyncio.wait_for(self._consumer.end_offsets(list(suspects)), 10)
+        except (KafkaError, TimeoutError):
+            ends = {}
+        window = self._config.inflight_high_pairs + self._config.max_poll_records
+        for tp in suspects:
+            work = self._work[tp]
+            assert work.head is not None
+            work.careful_until = min(ends.get(tp, work.head.offset + 1), work.head.offset + window)
+            self._suspects.add(tp)
+            log.warning(
+                "the last owner did not finish the record at the committed position; working "
+                "one record at a time until past what it may have had in flight",
+                extra={
+                    "partitions": names([tp]),
+                    "offset": work.head.offset,
+                    "attempts": work.head.attempts,
+                    "careful_until": work.careful_until,
+                },
+            )
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._in_group = False
         if not revoked:  # the first join, or a member that had no partitions
             return
         work = {tp: self._work.pop(tp) for tp in revoked if tp in self._work}
+        self._suspects -= revoked
         if self._membership_lost():
             # Another member may own these partitions already: committing could move
             # its offsets, so commit nothing; everything unfinished is redelivered.

@@ -86,6 +86,9 @@ class WorkerConfig:
         max_uncommitted_records: a partition whose records wait in this number behind
             an unfinished one (a reply being retried) stops fetching until it clears,
             so memory stays bounded.
+        max_record_attempts: a record started this many times without being finished
+            (each time its worker died or left mid-record) is a poison record: it is
+            dead-lettered instead of processed again (:mod:`consumer.service.attempts`).
         lag_interval_s: how often the consumer-lag metric is refreshed.
     """
 
@@ -116,6 +119,7 @@ class WorkerConfig:
     revoke_timeout_s: float = 10.0
     commit_interval_s: float = 0.1
     max_uncommitted_records: int = 10_000
+    max_record_attempts: int = 3
     lag_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -135,6 +139,8 @@ class WorkerConfig:
             found.append("max_poll_records must be >= 1")
         if self.max_uncommitted_records < 1:
             found.append("max_uncommitted_records must be >= 1")
+        if self.max_record_attempts < 1:
+            found.append("max_record_attempts must be >= 1")
         if self.connect_timeout_s < 0:
             found.append("connect_timeout_s must be >= 0 (0: no limit)")
         if self.group_instance_id is not None and not self.group_instance_id.strip():

@@ -4,31 +4,26 @@ requests are answered after a restart (duplicates allowed, none missing)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from worker_harness import (
     FakeEngine,
     TopicFactory,
-    Topics,
     by_correlation_id,
     make_topics,
     produce,
     reply_reader,
     request,
     running_worker,
+    start_worker_process,
+    wait_ready,
     wait_until,
     worker_config,
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-WORKER_PROC = Path(__file__).with_name("worker_proc.py")
 
 
 async def test_a_restarted_worker_gets_nothing_redelivered_after_a_clean_stop(
@@ -59,40 +54,6 @@ async def test_a_restarted_worker_gets_nothing_redelivered_after_a_clean_stop(
     assert engine.seen == ["q2"], "the restarted worker saw only the new request"
 
 
-def _start_worker_proc(
-    bootstrap: str, topics: Topics, group: str, **options: object
-) -> subprocess.Popen[str]:
-    args = [
-        sys.executable,
-        str(WORKER_PROC),
-        "--bootstrap",
-        bootstrap,
-        "--requests",
-        topics.requests,
-        "--replies",
-        topics.replies,
-        "--dlq",
-        topics.dlq,
-        "--group",
-        group,
-    ]
-    for name, value in options.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(WORKER_PROC.parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
-
-
-async def _wait_ready(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
-    assert line.strip() == "ready", f"worker process did not start (exit code {proc.poll()})"
-
-
 async def test_after_kill_9_mid_batch_every_request_is_answered(
     kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
 ) -> None:
@@ -104,9 +65,9 @@ async def test_after_kill_9_mid_batch_every_request_is_answered(
     ]
     # A slow engine and a low high-water mark keep the worker mid-batch for a while.
     slow = {"delay_s": 0.1, "high": 8, "low": 4}
-    proc = _start_worker_proc(kafka_bootstrap, topics, group, **slow)
+    proc = start_worker_process(kafka_bootstrap, topics, group, **slow)
     try:
-        await _wait_ready(proc)
+        await wait_ready(proc)
         async with reply_reader(kafka_bootstrap, topics) as replies:
             await produce(kafka_bootstrap, topics.requests, requests)
             await replies.read(count // 4)
@@ -117,9 +78,9 @@ async def test_after_kill_9_mid_batch_every_request_is_answered(
 
             # The group still holds the dead member until its session times out; the new
             # worker takes over then, from the last committed offsets.
-            restarted = _start_worker_proc(kafka_bootstrap, topics, group)
+            restarted = start_worker_process(kafka_bootstrap, topics, group)
             try:
-                await _wait_ready(restarted)
+                await wait_ready(restarted)
                 deadline = asyncio.get_running_loop().time() + 60
                 while len(by_correlation_id(replies.records)) < count:
                     assert asyncio.get_running_loop().time() < deadline, "requests went missing"

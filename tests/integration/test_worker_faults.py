@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +28,7 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from test_local_kafka import SMALL_HEAP, START_TIMEOUT_S, free_port_pair, kafka
 from worker_harness import (
+    QUERY_KILL_PROCESS,
     FakeEngine,
     Request,
     TopicFactory,
@@ -39,6 +42,7 @@ from worker_harness import (
     reply_reader,
     request,
     running_worker,
+    start_worker_process,
     topics_on,
     wait_until,
     worker_config,
@@ -293,3 +297,63 @@ async def test_a_worker_whose_engine_fails_steps_aside_and_the_group_answers_for
     answers = by_correlation_id(replies.records)
     assert set(answers) == {f"c-{i}" for i in range(40)}
     assert all("error" not in r.json() for rs in answers.values() for r in rs)
+
+
+# ------------------------------------------------------------ a record that kills the process
+
+
+async def test_a_record_that_kills_the_process_is_dead_lettered_after_max_attempts(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """The poison record kills every worker process that scores it. Restarted workers
+    (static membership: each restart takes the partition over at once) count the
+    attempts in the commit metadata, dead-letter it at the limit with a clear code, tell
+    its client, and answer everything else."""
+    topics = await make_topics(new_topic)
+    group = new_group()
+    poison = request("c-poison", {"query": QUERY_KILL_PROCESS, "documents": ["a"]})
+    good = [_one(f"c-{i}") for i in range(6)]
+    requests = [*good[:3], poison, *good[3:]]
+    crashes = 0
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        dlq_reader(kafka_bootstrap, topics) as dead,
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        for _ in range(MAX_ATTEMPTS + 3):
+            proc = start_worker_process(
+                kafka_bootstrap,
+                topics,
+                group,
+                instance_id="worker-0",
+                max_attempts=MAX_ATTEMPTS,
+            )
+            try:
+                code = await asyncio.to_thread(_exit_or_none, proc, 20)
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    await asyncio.to_thread(proc.wait, 60)
+            if code is None:
+                break  # it survived: the poison record is behind it
+            crashes += 1
+        (dead_letter,) = await dead.read(1, timeout_s=30)
+        answered = by_correlation_id(await replies.read(len(requests)))
+
+    assert 1 <= crashes <= MAX_ATTEMPTS + 2, crashes
+    assert dead_letter.headers["error-code"] == b"poison_record"
+    assert dead_letter.value == poison.value
+    assert "error" in answered["c-poison"][-1].json()
+    assert answered["c-poison"][-1].json()["error"]["code"] == "internal"
+    assert {r.key.decode() for r in good if r.key} <= set(answered)
+
+
+MAX_ATTEMPTS = 3
+
+
+def _exit_or_none(proc: subprocess.Popen[str], seconds: float) -> int | None:
+    """The process's exit code once it ends, or None if it still runs after ``seconds``."""
+    try:
+        return proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return None

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import subprocess
+import sys
 import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -42,6 +46,8 @@ QUERY_ENGINE_ERROR = "__engine_error__"
 QUERY_VALUE_ERROR = "__value_error__"
 QUERY_NAN = "__nan__"
 QUERY_CRASH = "__crash__"
+# Kills the whole process (os._exit), as a crash in native code would: worker_proc only.
+QUERY_KILL_PROCESS = "__kill_process__"
 
 
 def fake_logit(query: str, instruction: str | None, document: str) -> float:
@@ -108,6 +114,8 @@ class FakeEngine:
             self._in_flight -= n
 
     def _result(self, request: ScoreRequest) -> ScoreResult:
+        if request.query == QUERY_KILL_PROCESS:
+            os._exit(70)
         if request.query == QUERY_ENGINE_ERROR:
             raise EngineError("the fake engine failed on purpose")
         if request.query == QUERY_VALUE_ERROR:
@@ -405,3 +413,42 @@ async def committed_offset(
             await asyncio.sleep(0.1)
     finally:
         await consumer.stop()
+
+
+# ------------------------------------------------------------- worker processes
+
+WORKER_PROC = Path(__file__).with_name("worker_proc.py")
+
+
+def start_worker_process(
+    bootstrap: str, topics: Topics, group: str, stderr: Any = subprocess.DEVNULL, **options: object
+) -> subprocess.Popen[str]:
+    """A worker in a process of its own (worker_proc.py): one a test can kill."""
+    args = [
+        sys.executable,
+        str(WORKER_PROC),
+        "--bootstrap",
+        bootstrap,
+        "--requests",
+        topics.requests,
+        "--replies",
+        topics.replies,
+        "--dlq",
+        topics.dlq,
+        "--group",
+        group,
+    ]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(WORKER_PROC.parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+
+
+async def wait_ready(proc: subprocess.Popen[str]) -> None:
+    """Until the worker process says it is in its group."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+    assert line.strip() == "ready", f"worker process did not start (exit code {proc.poll()})"

@@ -26,6 +26,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--delay-s", type=float, default=0.0)
     parser.add_argument("--high", type=int, default=4096)
     parser.add_argument("--low", type=int, default=2048)
+    parser.add_argument("--instance-id", default=None, help="static group membership id")
+    parser.add_argument("--max-attempts", type=int, default=3)
     return parser.parse_args(argv)
 
 
@@ -37,6 +39,8 @@ async def _main(args: argparse.Namespace) -> None:
         args.group,
         inflight_high_pairs=args.high,
         inflight_low_pairs=args.low,
+        group_instance_id=args.instance_id,
+        max_record_attempts=args.max_attempts,
     )
     worker = Worker(config, FakeEngine(delay_s=args.delay_s, blocking=True), fresh_metrics())
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.request_stop)
