@@ -37,6 +37,7 @@ ENV_PREFIX = "RERANK_"
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 Switch = Literal["auto", "on", "off"]
+Delivery = Literal["at_least_once", "exactly_once"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["text", "json"]
 
@@ -160,6 +161,21 @@ class Settings(BaseSettings):
         "times out is no verdict and is tried again.",
         "Kafka",
         gt=0,
+    )
+    delivery: Delivery = _setting(
+        "at_least_once",
+        "at_least_once: replies are produced as requests are answered; a crash can repeat "
+        "some (the SDK drops duplicates). exactly_once: each partition's replies and "
+        "offsets commit in one Kafka transaction; read_committed readers see each reply "
+        "once, up to commit_interval_s later.",
+        "Kafka",
+    )
+    transactional_id_prefix: str = _setting(
+        "rerank",
+        "exactly_once: the start of each partition's transactional id (one per deployment "
+        "sharing a Kafka cluster).",
+        "Kafka",
+        min_length=1,
     )
     reply_timeout_s: float = _setting(
         30.0,
@@ -639,6 +655,8 @@ class Settings(BaseSettings):
             allowed_reply_topics=self.allowed_reply_topics,
             reply_topic_wait_s=self.reply_topic_wait_s,
             reply_timeout_s=self.reply_timeout_s,
+            delivery=self.delivery,
+            transactional_id_prefix=self.transactional_id_prefix,
             group_instance_id=self.group_instance_id,
             connect_timeout_s=self.connect_timeout_s,
             security=self.kafka_security(),

@@ -100,8 +100,11 @@ class RerankClient:
 
     Many calls may be in flight at once on one client. ``reply_partition`` pins the
     reply partition this client reads; by default it picks one of the reply
-    topic's partitions at random. ``producer_options`` and ``consumer_options``
-    pass extra settings to aiokafka (for example ``compression_type``).
+    topic's partitions at random. ``read_committed`` reads only replies of committed
+    transactions: use it with workers in exactly-once mode (``RERANK_DELIVERY=
+    exactly_once``), whose aborted attempts are then never seen. ``producer_options``
+    and ``consumer_options`` pass extra settings to aiokafka (for example
+    ``compression_type``).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class RerankClient:
         remembered_ids: int = 10_000,
         producer_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
+        read_committed: bool = False,
     ) -> None:
         if reply_partition is not None and (
             isinstance(reply_partition, bool)
@@ -139,6 +143,7 @@ class RerankClient:
         self.client_id = client_id or f"rerank-client-{uuid.uuid4().hex[:8]}"
         self._producer_options = dict(producer_options or {})
         self._consumer_options = dict(consumer_options or {})
+        self._isolation_level = "read_committed" if read_committed else "read_uncommitted"
 
         self.stats = ClientStats()
         self._pending: dict[str, _Pending] = {}
@@ -287,6 +292,7 @@ class RerankClient:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
+            isolation_level=self._isolation_level,
             **{**kafka, **self._consumer_options},
         )
         await self._consumer.start()

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka.errors import (
     KafkaError,
@@ -57,6 +57,45 @@ _BLOCKED_LOG_EVERY_S = 60.0
 # Called with (partition, True) when a record of that partition cannot be dead-lettered
 # (hold the partition) and (partition, False) once it could.
 DeadLetterBlocked = Callable[[TopicPartition, bool], None]
+
+
+class Sender(Protocol):
+    """How an output of the request ``source`` reaches Kafka."""
+
+    async def send(
+        self,
+        source: ConsumerRecord[Any, Any],
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Returns once the output is as good as written (acknowledged, or kept for the
+        source partition's transaction); raises the producer's error otherwise."""
+        ...
+
+
+class AckedSender:
+    """At-least-once: produce now and wait for the broker's ack (acks=all)."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+
+    async def send(
+        self,
+        source: ConsumerRecord[Any, Any],
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Send one record and wait for the broker's ack."""
+        ack = await self._producer.send(
+            topic, value=value, key=key, partition=partition, headers=headers
+        )
+        await ack
 
 
 @dataclass(frozen=True)
@@ -87,7 +126,7 @@ class Delivery:
 
     def __init__(
         self,
-        producer: Any,
+        sender: Sender,
         router: ReplyRouter,
         dlq_topic: str,
         metrics: Metrics,
@@ -95,7 +134,9 @@ class Delivery:
         on_dead_letter_blocked: DeadLetterBlocked | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._producer = producer
+        """``sender``: :class:`AckedSender` (at-least-once) or the exactly-once mode's
+        :class:`consumer.service.transactions.TransactionalSender`."""
+        self._sender = sender
         self._router = router
         self._dlq_topic = dlq_topic
         self._metrics = metrics
@@ -201,7 +242,8 @@ class Delivery:
             return
         key = correlation_id.encode("utf-8")
         try:
-            await self._send(
+            await self._sender.send(
+                record,
                 destination.topic,
                 destination.partition,
                 key,
@@ -299,20 +341,6 @@ class Delivery:
 
     # ---- sending ------------------------------------------------------------------------
 
-    async def _send(
-        self,
-        topic: str,
-        partition: int | None,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
-    ) -> None:
-        """Send one record and wait for the broker's ack."""
-        ack = await self._producer.send(
-            topic, value=value, key=key, partition=partition, headers=headers
-        )
-        await ack
-
     async def _send_until_accepted(
         self,
         record: ConsumerRecord[Any, Any],
@@ -331,7 +359,7 @@ class Delivery:
         try:
             while True:
                 try:
-                    await self._send(topic, None, key, value, headers)
+                    await self._sender.send(record, topic, None, key, value, headers)
                     accepted = True
                     return
                 except Exception as exc:

@@ -42,3 +42,23 @@ def make_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
         rebalance_timeout_ms=config.rebalance_timeout_ms,
         **config.security.aiokafka_kwargs(),
     )
+
+
+def make_transactional_producer(config: WorkerConfig, transactional_id: str) -> AIOKafkaProducer:
+    """A producer for one partition's transactions (exactly-once mode)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id=f"{config.client_id}-txn",
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=transactional_id,
+        linger_ms=config.producer_linger_ms,
+        max_batch_size=PRODUCER_BATCH_BYTES,
+        **config.security.aiokafka_kwargs(),
+    )
+
+
+def transactional_id(config: WorkerConfig, topic: str, partition: int) -> str:
+    """The partition's transactional id: the same for every worker that owns it, so the
+    current owner's producer fences every earlier one."""
+    return f"{config.transactional_id_prefix}.{config.group_id}.{topic}.{partition}"

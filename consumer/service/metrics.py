@@ -125,6 +125,12 @@ class Metrics:
             "are held and stay uncommitted until it takes them.",
             registry=r,
         )
+        self.transactions = Counter(
+            "rerank_transactions",
+            "Exactly-once mode: partition transactions, by outcome (committed or failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.oom_splits = Counter(
             "rerank_oom_splits", "Batches split after running out of GPU memory.", registry=r
         )

@@ -41,13 +41,23 @@ from consumer.service.attempts import read_heads
 from consumer.service.backpressure import PairGate
 from consumer.service.committer import Committer, names
 from consumer.service.connection import ConnectPolicy, KafkaConnector
-from consumer.service.delivery import Delivery, RetryPolicy
-from consumer.service.kafka_clients import make_consumer, make_producer
+from consumer.service.delivery import AckedSender, Delivery, RetryPolicy, Sender
+from consumer.service.kafka_clients import (
+    make_consumer,
+    make_producer,
+    make_transactional_producer,
+    transactional_id,
+)
 from consumer.service.lag import LagReporter
 from consumer.service.metrics import Metrics
 from consumer.service.partitions import Hold, PartitionWork
 from consumer.service.processing import Decoded, RequestProcessor
 from consumer.service.reply_router import ClientTopicLookup, ReplyRouter
+from consumer.service.transactions import (
+    PartitionTransactions,
+    TransactionalCommitter,
+    TransactionalSender,
+)
 from consumer.service.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -95,7 +105,9 @@ class Worker:
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._committer: Committer | None = None
+        self._committer: Committer | TransactionalCommitter | None = None
+        # exactly-once mode: each assigned partition's transactional producer and outbox
+        self._txns: dict[TopicPartition, PartitionTransactions] = {}
         self._lag: LagReporter | None = None
         self._processor: RequestProcessor | None = None
         self._fetch_task: asyncio.Task[None] | None = None
@@ -228,8 +240,11 @@ class Worker:
             config.reply_topic_wait_s,
             config.missing_topic_ttl_s,
         )
+        sender: Sender = (
+            TransactionalSender(self._txns) if config.exactly_once else AckedSender(self._producer)
+        )
         delivery = Delivery(
-            self._producer,
+            sender,
             router,
             config.dlq_topic,
             self._metrics,
@@ -239,7 +254,14 @@ class Worker:
         self._processor = RequestProcessor(
             self._engine, delivery, config.limits, config.default_max_age_s
         )
-        self._committer = Committer(self._consumer, config.commit_interval_s, self._membership_lost)
+        if config.exactly_once:
+            self._committer = TransactionalCommitter(
+                self._txns, config.commit_interval_s, self._membership_lost, self._metrics
+            )
+        else:
+            self._committer = Committer(
+                self._consumer, config.commit_interval_s, self._membership_lost
+            )
         self._lag = LagReporter(self._consumer, self._metrics)
         await self._check_topics()
         self._consumer.subscribe([config.request_topic], listener=_Listener(self))
@@ -252,6 +274,7 @@ class Worker:
                 "group_instance_id": config.group_instance_id,
                 "reply_topic": config.reply_topic,
                 "dlq_topic": config.dlq_topic,
+                "delivery": config.delivery,
             },
         )
 
@@ -299,6 +322,7 @@ class Worker:
                 log.error("stopping the Kafka %s timed out; going on without it", name)
             except Exception:
                 log.exception("stopping the Kafka %s failed", name)
+        await self._stop_transactions(set(self._txns))
         if self._lag is not None:
             self._lag.forget(list(self._work))
         self._work.clear()
@@ -331,8 +355,11 @@ class Worker:
             self._fetch_error = None
             for tp, records in batches.items():
                 work = self._work.get(tp)
-                if work is None:  # revoked meanwhile: the new owner fetches these
-                    continue
+                if work is None:
+                    if tp in consumer.assignment():
+                        # assigned, its set-up still running: fetch these again later
+                        consumer.seek(tp, records[0].offset)
+                    continue  # else revoked meanwhile: the new owner fetches these
                 for record in records:
                     if self._suspects and self._tasks:
                         # working carefully: one record at a time; the rest is fetched again
@@ -490,6 +517,8 @@ class Worker:
     # ------------------------------------------------------------- rebalance
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._config.exactly_once:
+            await self._start_transactions(assigned)
         heads = await read_heads(self._consumer, assigned)
         for tp in assigned:
             self._work[tp] = PartitionWork(heads.get(tp))
@@ -536,6 +565,7 @@ class Worker:
             # its offsets, so commit nothing; everything unfinished is redelivered.
             log.warning("partitions lost", extra={"partitions": names(revoked)})
             await _cancel_all({t for w in work.values() for t in w.tasks})
+            await self._stop_transactions(revoked)
             self._forget_lag(revoked)
             return
         deadline = time.monotonic() + self._config.revoke_timeout_s
@@ -545,11 +575,28 @@ class Worker:
         if self._committer is not None:
             await self._committer.commit(work)
         await _cancel_all(abandoned)
+        await self._stop_transactions(revoked)
         self._forget_lag(revoked)
         log.info(
             "partitions revoked",
             extra={"partitions": names(revoked), "abandoned_requests": len(abandoned)},
         )
+
+    async def _start_transactions(self, assigned: set[TopicPartition]) -> None:
+        """One transactional producer per partition; starting it fences the last owner's."""
+        for tp in assigned:
+            tid = transactional_id(self._config, tp.topic, tp.partition)
+            txns = PartitionTransactions(
+                tp, make_transactional_producer(self._config, tid), self._config.group_id
+            )
+            await txns.start()
+            self._txns[tp] = txns
+
+    async def _stop_transactions(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            txns = self._txns.pop(tp, None)
+            if txns is not None:
+                await txns.stop()
 
     def _membership_lost(self) -> bool:
         """True when the group no longer knows this member (session or poll timeout).

@@ -13,6 +13,7 @@ from consumer.service.codec import RequestLimits
 from consumer.service.committer import COMMIT_TIMEOUT_S
 from producer_sdk.security import KafkaSecurity
 
+DELIVERY_MODES = ("at_least_once", "exactly_once")
 # Time the revoke handler needs beyond its wait and its commit (the last poll, callbacks).
 REBALANCE_MARGIN_S = 5.0
 
@@ -47,6 +48,14 @@ class WorkerConfig:
         max_poll_records: most records taken from the consumer per poll.
 
     Replies:
+        delivery: "at_least_once" (default): a reply is produced the moment its request is
+            answered; a crash can repeat replies (the SDK drops duplicates).
+            "exactly_once": each partition's replies, dead-letter records and offsets go
+            into one Kafka transaction, so a ``read_committed`` reader sees every reply
+            once, through crashes (:mod:`consumer.service.transactions`); replies become
+            visible at the transaction's commit, up to ``commit_interval_s`` later.
+        transactional_id_prefix: exactly-once mode: the start of each partition's
+            transactional id; one per deployment sharing a cluster.
         allowed_reply_topics: regular expression a reply topic must match in full
             (``re.fullmatch``). None (the default) allows the reply topic and every
             topic named ``<reply_topic>.<suffix>`` (``rerank.replies.team-a``). A request
@@ -108,6 +117,8 @@ class WorkerConfig:
     producer_linger_ms: int = 5
     max_poll_records: int = 500
     allowed_reply_topics: str | None = None
+    delivery: str = "at_least_once"
+    transactional_id_prefix: str = "rerank"
     reply_topic_wait_s: float = 5.0
     reply_timeout_s: float = 30.0
     missing_topic_ttl_s: float = 10.0
@@ -141,6 +152,8 @@ class WorkerConfig:
             found.append("max_uncommitted_records must be >= 1")
         if self.max_record_attempts < 1:
             found.append("max_record_attempts must be >= 1")
+        if self.delivery not in DELIVERY_MODES:
+            found.append(f"delivery must be one of {', '.join(DELIVERY_MODES)}")
         if self.connect_timeout_s < 0:
             found.append("connect_timeout_s must be >= 0 (0: no limit)")
         if self.group_instance_id is not None and not self.group_instance_id.strip():
@@ -180,6 +193,11 @@ class WorkerConfig:
             f"revoke_timeout_s ({self.revoke_timeout_s:g} s) + the {COMMIT_TIMEOUT_S:g} s "
             f"commit timeout + a {REBALANCE_MARGIN_S:g} s margin"
         ]
+
+    @property
+    def exactly_once(self) -> bool:
+        """True in exactly-once mode (transactions)."""
+        return self.delivery == "exactly_once"
 
     @property
     def allowed_reply_pattern(self) -> re.Pattern[str]:

@@ -176,8 +176,10 @@ async def make_topics(new_topic: TopicFactory, request_partitions: int = 1) -> T
     )
 
 
-def reply_reader(bootstrap: str, topics: Topics) -> TopicReader:
-    return TopicReader(bootstrap, topics.replies, REPLY_PARTITIONS)
+def reply_reader(
+    bootstrap: str, topics: Topics, isolation_level: str = "read_uncommitted"
+) -> TopicReader:
+    return TopicReader(bootstrap, topics.replies, REPLY_PARTITIONS, isolation_level)
 
 
 def dlq_reader(bootstrap: str, topics: Topics) -> TopicReader:
@@ -328,10 +330,14 @@ class Received:
 class TopicReader:
     """Reads every record of a topic from the beginning, across all its partitions."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int, isolation_level: str = "read_uncommitted"
+    ) -> None:
         self._topic = topic
         self._partitions = partitions
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level
+        )
         self.records: list[Received] = []
 
     async def __aenter__(self) -> TopicReader:
@@ -440,10 +446,9 @@ def start_worker_process(
     ]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(WORKER_PROC.parent), os.environ.get("PYTHONPATH", "")]),
-    )
+    # This checkout's code first, whatever the venv's editable install points at.
+    paths = [str(WORKER_PROC.parents[2]), str(WORKER_PROC.parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
 
 

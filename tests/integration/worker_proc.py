@@ -1,6 +1,7 @@
 """A worker process with a fake engine, for tests that kill it: ``python worker_proc.py ...``.
 
 It prints ``ready`` on stdout once it is in its group, and stops cleanly on SIGTERM.
+``WORKER_PROC_LOG=DEBUG`` in its environment sets its log level (default INFO).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -28,6 +30,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--low", type=int, default=2048)
     parser.add_argument("--instance-id", default=None, help="static group membership id")
     parser.add_argument("--max-attempts", type=int, default=3)
+    parser.add_argument("--delivery", default="at_least_once")
     return parser.parse_args(argv)
 
 
@@ -41,6 +44,7 @@ async def _main(args: argparse.Namespace) -> None:
         inflight_low_pairs=args.low,
         group_instance_id=args.instance_id,
         max_record_attempts=args.max_attempts,
+        delivery=args.delivery,
     )
     worker = Worker(config, FakeEngine(delay_s=args.delay_s, blocking=True), fresh_metrics())
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.request_stop)
@@ -51,5 +55,5 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    logging.basicConfig(level=os.environ.get("WORKER_PROC_LOG", "INFO"), stream=sys.stderr)
     asyncio.run(_main(_parse(sys.argv[1:])))

@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumer.service.codec import ReplyRoute
-from consumer.service.delivery import Delivery, RetryPolicy
+from consumer.service.delivery import AckedSender, Delivery, RetryPolicy
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import Destination, Unresolved, Unroutable
 from schemas.models import ErrorCode
@@ -87,7 +87,7 @@ def delivery_with(
 ) -> tuple[Delivery, Metrics]:
     metrics = Metrics(CollectorRegistry())
     delivery = Delivery(
-        producer,
+        AckedSender(producer),
         router,  # type: ignore[arg-type]
         DLQ,
         metrics,

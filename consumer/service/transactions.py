@@ -1,0 +1,217 @@
+"""Exactly-once replies: each partition's replies, dead-letter records and offsets in one
+Kafka transaction.
+
+In this mode (``delivery = exactly_once``) nothing is produced the moment a request is
+answered: its reply (or dead-letter record) waits in its partition's outbox. Every
+``commit_interval_s`` each partition with a finished prefix commits one transaction
+holding the outputs of exactly that prefix and the offset past it. A reader with
+``isolation.level=read_committed`` then sees every reply once: a worker that dies
+before the commit leaves the transaction to be aborted, and the new owner answers the
+same records again in a transaction of its own.
+
+Fencing: the transactional id is the partition's (``<prefix>.<group>.<topic>.<partition>``),
+so the producer of whoever owns a partition now fences the producer of whoever owned it
+before (``init_transactions`` bumps the epoch and aborts its open transaction). A zombie
+(a worker paused past its session timeout that wakes up) cannot commit anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from consumer.service.attempts import encode_attempts
+from consumer.service.metrics import Metrics
+from consumer.service.partitions import PartitionWork
+
+log = logging.getLogger(__name__)
+
+TXN_TIMEOUT_S = 10.0
+# The producer's max_request_size; a record over it could never be in a transaction.
+MAX_RECORD_BYTES = 1024 * 1024 - 1024
+
+
+@dataclass
+class _Output:
+    topic: str
+    partition: int | None
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass
+class PartitionTransactions:
+    """The transactional producer and the outbox of one partition assignment."""
+
+    tp: TopicPartition
+    producer: Any
+    group_id: str
+    # source offset -> what answering it produced (a reply or a dead-letter record)
+    outbox: dict[int, list[_Output]] = field(default_factory=dict)
+    fenced: bool = False
+
+    async def start(self) -> None:
+        """Start the producer: this fences every earlier producer of the partition."""
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.producer.stop(), TXN_TIMEOUT_S)
+        except Exception:
+            log.warning("stopping a transactional producer failed", exc_info=True)
+
+    def put(self, offset: int, output: _Output) -> None:
+        """Keep what answering the record at ``offset`` produced, for its transaction."""
+        self.outbox.setdefault(offset, []).append(output)
+
+    async def commit(self, upto: int, metadata: str = "") -> bool:
+        """One transaction: the outputs of every offset below ``upto`` and the offset
+        ``upto`` (with ``metadata``) for the group. False (nothing visible) on failure."""
+        if self.fenced:
+            return False
+        offsets = sorted(o for o in self.outbox if o < upto)
+        try:
+            await asyncio.wait_for(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
+        except ProducerFenced:
+            self.fenced = True
+            log.warning(
+                "partition taken over by another worker: its transaction was fenced",
+                extra={"partitions": [f"{self.tp.topic}-{self.tp.partition}"]},
+            )
+            return False
+        except (KafkaError, TimeoutError) as exc:
+            log.warning(
+                "transaction failed; it is aborted and tried again",
+                extra={"error": repr(exc), "partitions": [f"{self.tp.topic}-{self.tp.partition}"]},
+            )
+            await self._abort()
+            return False
+        for offset in offsets:
+            del self.outbox[offset]
+        return True
+
+    async def _transaction(self, offsets: list[int], upto: int, metadata: str) -> None:
+        async with self.producer.transaction():
+            acks = []
+            for offset in offsets:
+                for out in self.outbox[offset]:
+                    acks.append(
+                        await self.producer.send(
+                            out.topic,
+                            value=out.value,
+                            key=out.key,
+                            partition=out.partition,
+                            headers=out.headers,
+                        )
+                    )
+            await asyncio.gather(*acks)
+            await self.producer.send_offsets_to_transaction(
+                {self.tp: (upto, metadata)}, self.group_id
+            )
+
+    async def _abort(self) -> None:
+        try:
+            await self.producer.abort_transaction()
+        except Exception:  # not in a transaction any more, or the producer is broken
+            log.debug("abort after a failed transaction failed", exc_info=True)
+
+
+class TransactionalSender:
+    """What :class:`consumer.service.delivery.Delivery` sends through in exactly-once mode:
+    outputs go to the source record's partition outbox, not to the broker."""
+
+    def __init__(self, partitions: Mapping[TopicPartition, PartitionTransactions]) -> None:
+        self._partitions = partitions
+
+    async def send(
+        self,
+        source: ConsumerRecord[Any, Any],
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Keep the output for the source partition's next transaction."""
+        size = len(key or b"") + len(value or b"") + sum(len(n) + len(v) for n, v in headers)
+        if size > MAX_RECORD_BYTES:
+            raise MessageSizeTooLargeError(f"{size} bytes is over {MAX_RECORD_BYTES}")
+        txns = self._partitions.get(TopicPartition(source.topic, source.partition))
+        if txns is None:
+            # Revoked meanwhile: give the request up as a cancelled one is given up; it
+            # stays uncommitted and the partition's new owner answers it.
+            raise asyncio.CancelledError
+
+        txns.put(source.offset, _Output(topic, partition, key, value, headers))
+
+
+class TransactionalCommitter:
+    """Commits every finished prefix as a transaction per partition (same interface as
+    :class:`consumer.service.committer.Committer`)."""
+
+    def __init__(
+        self,
+        partitions: Mapping[TopicPartition, PartitionTransactions],
+        interval_s: float,
+        membership_lost: Callable[[], bool],
+        metrics: Metrics,
+    ) -> None:
+        self._partitions = partitions
+        self._interval_s = interval_s
+        self._membership_lost = membership_lost
+        self._metrics = metrics
+        self._progress = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def progress(self) -> None:
+        """A record finished: a transaction follows within ``interval_s``."""
+        self._progress.set()
+
+    async def run(self, work: Callable[[], Mapping[TopicPartition, PartitionWork]]) -> None:
+        """Commit after progress, at most every ``interval_s``, until cancelled."""
+        while True:
+            await self._progress.wait()
+            self._progress.clear()
+            await self.commit(work())
+            await asyncio.sleep(self._interval_s)
+
+    async def commit(self, work: Mapping[TopicPartition, PartitionWork]) -> bool:
+        """One transaction per partition with a finished prefix; True if all committed."""
+        if self._membership_lost():
+            return False
+        async with self._lock:
+            pending = {
+                tp: (w, offset)
+                for tp, w in work.items()
+                if (offset := w.offsets.uncommitted) is not None and tp in self._partitions
+            }
+            results = await asyncio.gather(
+                *(self._partitions[tp].commit(offset) for tp, (_, offset) in pending.items())
+            )
+        for (w, offset), ok in zip(pending.values(), results, strict=True):
+            outcome = "committed" if ok else "failed"
+            self._metrics.transactions.labels(outcome=outcome).inc()
+            if ok:
+                w.offsets.mark_committed(offset)
+        return all(results)
+
+    async def commit_attempt(
+        self, tp: TopicPartition, work: PartitionWork, offset: int, attempts: int
+    ) -> bool:
+        """Commit ``offset`` with ``attempts`` in its metadata, as a transaction of its
+        own (:mod:`consumer.service.attempts`)."""
+        txns = self._partitions.get(tp)
+        if txns is None or self._membership_lost():
+            return False
+        async with self._lock:
+            ok = await txns.commit(offset, encode_attempts(attempts))
+        if ok:
+            work.offsets.mark_committed(offset)
+        return ok

@@ -1,0 +1,116 @@
+"""Exactly-once mode (``delivery=exactly_once``) against a real broker: a
+``read_committed`` reader sees every reply once, through a worker killed mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import pytest
+from worker_harness import (
+    FakeEngine,
+    TopicFactory,
+    by_correlation_id,
+    fresh_metrics,
+    make_topics,
+    produce,
+    reply_reader,
+    request,
+    running_worker,
+    start_worker_process,
+    wait_ready,
+    worker_config,
+)
+
+from producer_sdk import RerankClient
+
+pytestmark = pytest.mark.timeout(240)
+
+
+async def test_replies_are_committed_in_transactions_and_read_once(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic, request_partitions=2)
+    config = worker_config(kafka_bootstrap, topics, new_group(), delivery="exactly_once")
+    metrics = fresh_metrics()
+    requests = [
+        request(f"c-{i}", {"query": f"q{i}", "documents": ["a", "b"]}, partition=i % 2)
+        for i in range(30)
+    ]
+    async with (
+        reply_reader(kafka_bootstrap, topics, "read_committed") as replies,
+        running_worker(config, FakeEngine(), metrics),
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        await replies.read(len(requests))
+        await replies.quiet(1.0)
+    answers = by_correlation_id(replies.records)
+    assert set(answers) == {f"c-{i}" for i in range(30)}
+    assert all(len(records) == 1 for records in answers.values())
+    committed = metrics.registry.get_sample_value(
+        "rerank_transactions_total", {"outcome": "committed"}
+    )
+    assert committed is not None and committed >= 1
+
+
+async def test_the_sdk_reads_committed_replies(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic)
+    config = worker_config(kafka_bootstrap, topics, new_group(), delivery="exactly_once")
+    async with (
+        running_worker(config, FakeEngine()),
+        RerankClient(
+            kafka_bootstrap,
+            request_topic=topics.requests,
+            reply_topic=topics.replies,
+            read_committed=True,
+        ) as client,
+    ):
+        results = await asyncio.gather(*(client.rerank(f"q{i}", ["a", "b"]) for i in range(5)))
+    assert all(len(result) == 2 for result in results)
+
+
+async def test_a_worker_killed_mid_stream_leaves_no_duplicate_for_read_committed(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """kill -9 while answering: its open transactions are aborted; the next owner answers
+    those requests again; a read_committed reader sees every reply exactly once."""
+    topics = await make_topics(new_topic, request_partitions=2)
+    group = new_group()
+    count = 80
+    requests = [
+        request(f"req-{i}", {"query": f"q{i}", "documents": ["a", "b"]}) for i in range(count)
+    ]
+    slow = {"delay_s": 0.05, "high": 8, "low": 4, "delivery": "exactly_once"}
+    proc = start_worker_process(kafka_bootstrap, topics, group, **slow)
+    try:
+        await wait_ready(proc)
+        async with (
+            reply_reader(kafka_bootstrap, topics, "read_committed") as committed,
+            reply_reader(kafka_bootstrap, topics) as everything,
+        ):
+            await produce(kafka_bootstrap, topics.requests, requests)
+            await committed.read(count // 4)
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait, 30)
+            restarted = start_worker_process(
+                kafka_bootstrap, topics, group, delivery="exactly_once"
+            )
+            try:
+                await wait_ready(restarted)
+                await committed.read(count, timeout_s=90)
+                await committed.quiet(2.0)
+                await everything.quiet(0.5)
+            finally:
+                restarted.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(restarted.wait, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    answers = by_correlation_id(committed.records)
+    assert set(answers) == {f"req-{i}" for i in range(count)}
+    duplicates = {cid: len(rs) for cid, rs in answers.items() if len(rs) > 1}
+    assert duplicates == {}, duplicates
