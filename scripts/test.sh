@@ -12,6 +12,10 @@ VENV="${RERANK_VENV:-$RERANK_CACHE_DIR/venv}"
 PY="$VENV/bin/python"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+# The chaos tests' fault injector (built once with Go, cached like the Kafka jars).
+"$ROOT/deploy/local/toxiproxy" fetch
+export RERANK_TOXIPROXY="$("$ROOT/deploy/local/toxiproxy" path)"
+
 echo "[test] ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

@@ -12,7 +12,12 @@ same records again in a transaction of its own.
 Fencing: the transactional id is the partition's (``<prefix>.<group>.<topic>.<partition>``),
 so the producer of whoever owns a partition now fences the producer of whoever owned it
 before (``init_transactions`` bumps the epoch and aborts its open transaction). A zombie
-(a worker paused past its session timeout that wakes up) cannot commit anything.
+(a worker paused past its session timeout that wakes up) cannot commit anything: its
+first transaction fails as fenced, and a fenced partition is never tried again.
+
+A transaction that fails otherwise (the broker away, a timeout) leaves the producer in
+an unknown state: it is replaced by a fresh one with the same transactional id (which
+aborts whatever the old one left open), and the outbox is committed again.
 """
 
 from __future__ import annotations
@@ -51,21 +56,21 @@ class PartitionTransactions:
     """The transactional producer and the outbox of one partition assignment."""
 
     tp: TopicPartition
-    producer: Any
+    make_producer: Callable[[], Any]
     group_id: str
     # source offset -> what answering it produced (a reply or a dead-letter record)
     outbox: dict[int, list[_Output]] = field(default_factory=dict)
     fenced: bool = False
+    broken: bool = False  # the last transaction failed: a fresh producer first
+    producer: Any = None
 
     async def start(self) -> None:
-        """Start the producer: this fences every earlier producer of the partition."""
-        await self.producer.start()
+        """Start a producer: this fences every earlier producer of the partition."""
+        self.producer = self.make_producer()
+        await asyncio.wait_for(self.producer.start(), TXN_TIMEOUT_S)
 
     async def stop(self) -> None:
-        try:
-            await asyncio.wait_for(self.producer.stop(), TXN_TIMEOUT_S)
-        except Exception:
-            log.warning("stopping a transactional producer failed", exc_info=True)
+        await _stop(self.producer)
 
     def put(self, offset: int, output: _Output) -> None:
         """Keep what answering the record at ``offset`` produced, for its transaction."""
@@ -78,49 +83,68 @@ class PartitionTransactions:
             return False
         offsets = sorted(o for o in self.outbox if o < upto)
         try:
+            if self.broken:
+                await self._renew()
             await asyncio.wait_for(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
         except ProducerFenced:
             self.fenced = True
             log.warning(
                 "partition taken over by another worker: its transaction was fenced",
-                extra={"partitions": [f"{self.tp.topic}-{self.tp.partition}"]},
+                extra={"partitions": [self._name]},
             )
             return False
-        except (KafkaError, TimeoutError) as exc:
+        except (KafkaError, TimeoutError, OSError) as exc:
+            self.broken = True
             log.warning(
-                "transaction failed; it is aborted and tried again",
-                extra={"error": repr(exc), "partitions": [f"{self.tp.topic}-{self.tp.partition}"]},
+                "transaction failed; the outbox is committed again with a fresh producer",
+                extra={"error": repr(exc), "partitions": [self._name]},
             )
-            await self._abort()
             return False
         for offset in offsets:
             del self.outbox[offset]
         return True
 
-    async def _transaction(self, offsets: list[int], upto: int, metadata: str) -> None:
-        async with self.producer.transaction():
-            acks = []
-            for offset in offsets:
-                for out in self.outbox[offset]:
-                    acks.append(
-                        await self.producer.send(
-                            out.topic,
-                            value=out.value,
-                            key=out.key,
-                            partition=out.partition,
-                            headers=out.headers,
-                        )
-                    )
-            await asyncio.gather(*acks)
-            await self.producer.send_offsets_to_transaction(
-                {self.tp: (upto, metadata)}, self.group_id
-            )
+    @property
+    def _name(self) -> str:
+        return f"{self.tp.topic}-{self.tp.partition}"
 
-    async def _abort(self) -> None:
-        try:
-            await self.producer.abort_transaction()
-        except Exception:  # not in a transaction any more, or the producer is broken
-            log.debug("abort after a failed transaction failed", exc_info=True)
+    async def _transaction(self, offsets: list[int], upto: int, metadata: str) -> None:
+        # begin/commit by hand, not the library's context manager: aborting a transaction
+        # of a producer in trouble can wait forever; a failed one is left to the next
+        # producer of this transactional id, which aborts it
+        producer = self.producer
+        await producer.begin_transaction()
+        acks = []
+        for offset in offsets:
+            for out in self.outbox[offset]:
+                acks.append(
+                    await producer.send(
+                        out.topic,
+                        value=out.value,
+                        key=out.key,
+                        partition=out.partition,
+                        headers=out.headers,
+                    )
+                )
+        await asyncio.gather(*acks)
+        await producer.send_offsets_to_transaction({self.tp: (upto, metadata)}, self.group_id)
+        await producer.commit_transaction()
+
+    async def _renew(self) -> None:
+        """A fresh producer for the same transactional id (the old one is let go)."""
+        old = self.producer
+        asyncio.get_running_loop().create_task(_stop(old))  # it may hang: never wait for it
+        await self.start()
+        self.broken = False
+
+
+async def _stop(producer: Any) -> None:
+    if producer is None:
+        return
+    try:
+        await asyncio.wait_for(producer.stop(), TXN_TIMEOUT_S)
+    except Exception:
+        log.debug("stopping a transactional producer failed", exc_info=True)
 
 
 class TransactionalSender:

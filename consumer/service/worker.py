@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -365,7 +365,8 @@ class Worker:
                         # working carefully: one record at a time; the rest is fetched again
                         consumer.seek(tp, record.offset)
                         break
-                    self._accept(work, record, now)
+                    if not await self._accept(tp, work, record, now):
+                        break  # revoked meanwhile: the new owner fetches the rest
             self._apply_flow()
 
     def _poll_size(self) -> int:
@@ -386,50 +387,44 @@ class Worker:
             log.error("fetching requests failed", extra={"error": message})
         self._fetch_error = message
 
-    def _accept(
-        self, work: PartitionWork, record: ConsumerRecord[Any, Any], received: float
-    ) -> None:
-        processor = self._processor
-        assert processor is not None
+    async def _accept(
+        self,
+        tp: TopicPartition,
+        work: PartitionWork,
+        record: ConsumerRecord[Any, Any],
+        received: float,
+    ) -> bool:
+        """Start answering ``record``; False when its partition was revoked meanwhile."""
+        processor, committer = self._processor, self._committer
+        assert processor is not None and committer is not None
+        head = work.take_head(record.offset)
+        poison = head is not None and head.attempts >= self._config.max_record_attempts
+        if not poison and (head is not None or self._suspects):
+            # The record at the committed position: count the attempt before anything of
+            # this assignment runs (whichever record kills the process, this one is the
+            # one a next owner cannot get past).
+            attempts = head.attempts + 1 if head is not None else 1
+            await committer.commit_attempt(tp, work, record.offset, attempts)
+            if self._work.get(tp) is not work:
+                return False
         work.offsets.register(record.offset)
         work.limit_backlog(self._config.max_uncommitted_records)
-        head = work.take_head(record.offset)
-        if head is not None and head.attempts >= self._config.max_record_attempts:
-            # a poison record: not even decoded again
-            decoded: Decoded | None = None
+        if poison:
+            assert head is not None
+            decoded: Decoded | None = None  # a poison record is not even decoded again
             weight = 1
             work_done = processor.give_up(record, head.attempts)
         else:
             decoded = processor.decode(record)
             weight = processor.weight(decoded)
             work_done = processor.process(record, decoded, received)
-            if head is not None or self._suspects:
-                # the record at the committed position: count the attempt first
-                attempts = head.attempts + 1 if head is not None else 1
-                work_done = self._counted(record, work, attempts, work_done)
         self._gate.add(weight)
         self._pairs_per_record += (weight - self._pairs_per_record) * 0.1
         task = asyncio.create_task(work_done)
         self._tasks.add(task)
         work.tasks.add(task)
         task.add_done_callback(partial(self._finished, work, record, decoded, weight))
-
-    async def _counted(
-        self,
-        record: ConsumerRecord[Any, Any],
-        work: PartitionWork,
-        attempts: int,
-        process: Coroutine[Any, Any, bool],
-    ) -> bool:
-        """Commit the record's attempt count, then process it."""
-        assert self._committer is not None
-        tp = TopicPartition(record.topic, record.partition)
-        try:
-            await self._committer.commit_attempt(tp, work, record.offset, attempts)
-        except BaseException:
-            process.close()
-            raise
-        return await process
+        return True
 
     def _finished(
         self,
@@ -587,9 +582,16 @@ class Worker:
         for tp in assigned:
             tid = transactional_id(self._config, tp.topic, tp.partition)
             txns = PartitionTransactions(
-                tp, make_transactional_producer(self._config, tid), self._config.group_id
+                tp, partial(make_transactional_producer, self._config, tid), self._config.group_id
             )
-            await txns.start()
+            try:
+                await txns.start()
+            except (KafkaError, TimeoutError, OSError) as exc:
+                txns.broken = True  # its first transaction starts a fresh producer
+                log.warning(
+                    "could not start a transactional producer; retrying at the first commit",
+                    extra={"partitions": names([tp]), "error": repr(exc)},
+                )
             self._txns[tp] = txns
 
     async def _stop_transactions(self, partitions: set[TopicPartition]) -> None:
