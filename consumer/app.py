@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from aiokafka.errors import KafkaError
+
 from consumer.engine.api import EngineError, RerankEngine
 from consumer.logging_setup import configure_logging
 from consumer.service.gpu_stats import refresh_gpu_memory
@@ -171,7 +173,7 @@ class Service:
             log.error("%s", exc)
             code = EXIT_FAILED
         except Exception as exc:
-            if type(exc).__module__.startswith("aiokafka."):  # e.g. no broker: one line will do
+            if isinstance(exc, KafkaError):  # e.g. no broker, not authorized: one line will do
                 log.error("Kafka failed: %s", _named(exc))
             else:
                 log.exception("the worker failed")

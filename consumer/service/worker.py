@@ -33,7 +33,15 @@ from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.engine.api import RerankEngine
@@ -62,12 +70,25 @@ from consumer.service.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
+# Failures that only an operator can fix (ACLs, credentials): stop instead of retrying.
+_NOT_AUTHORIZED = (
+    AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 _POLL_TIMEOUT_MS = 200
 _FETCH_ERROR_BACKOFF_S = 1.0
 _REVOKE_POLL_S = 0.01
 # Stopping a client waits on the broker; a broker that does not answer must not hold
 # the process past its drain.
 _CLIENT_STOP_TIMEOUT_S = 15.0
+
+
+class NotAuthorized(KafkaError):
+    """The broker refuses this worker's principal something it needs (an ACL, a login)."""
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -343,6 +364,11 @@ class Worker:
                 if self._stop_requested:
                     return
                 raise
+            except _NOT_AUTHORIZED as exc:
+                raise NotAuthorized(
+                    f"not authorized: {exc}; this worker's principal lacks an ACL "
+                    "(docs/operations.md, Kafka ACLs)"
+                ) from exc
             except KafkaError as exc:
                 self._polling = False
                 self._last_poll = time.monotonic()

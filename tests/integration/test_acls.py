@@ -31,7 +31,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 from pydantic import SecretStr
-from test_local_kafka import SMALL_HEAP, START_TIMEOUT_S, free_port_pair, kafka
+from test_local_kafka import SMALL_HEAP, START_TIMEOUT_S, free_port_pair
 from test_security_sasl import free_port_besides, script_broker
 from worker_harness import (
     FakeEngine,
@@ -134,7 +134,12 @@ async def acl_setup(
     """Topics and the documented ACLs (but those of ``leave_out`` on the group)."""
     prefix = f"acl-{uuid.uuid4().hex[:12]}"
     group = f"{prefix}-workers"
-    names = [f"{prefix}.requests", f"{prefix}.replies", f"{prefix}.requests.dlq", "secret-" + prefix]
+    names = [
+        f"{prefix}.requests",
+        f"{prefix}.replies",
+        f"{prefix}.requests.dlq",
+        f"secret-{prefix}",
+    ]
     admin = AdminClient({"bootstrap.servers": broker.plaintext})
     acls = [
         acl
@@ -242,7 +247,9 @@ async def test_a_missing_acl_is_one_clear_line(
         )
         code = await asyncio.wait_for(Service(settings, parts, fresh_metrics()).run(), 120)
     assert code == EXIT_FAILED
-    ours = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("consumer.")]
+    ours = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("consumer.")
+    ]
     assert len(ours) == 1, [r.getMessage() for r in ours]
     message = ours[0].getMessage()
     assert "group" in message.lower() and "authoriz" in message.lower(), message

@@ -18,7 +18,7 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,20 +194,20 @@ def worker_config(bootstrap: str, topics: Topics, group_id: str, **overrides: An
     """A worker configuration for tests: the group timings (session, heartbeat,
     rebalance, revoke, commit) are the defaults users run with; only lookups, the
     drain and the lag refresh are shorter, to keep the tests quick."""
-    config = WorkerConfig(
-        bootstrap_servers=bootstrap,
-        request_topic=topics.requests,
-        reply_topic=topics.replies,
-        dlq_topic=topics.dlq,
-        group_id=group_id,
-        client_id=f"test-worker-{uuid.uuid4().hex[:8]}",
-        allowed_reply_topics=TEST_TOPIC_PATTERN,
-        reply_topic_wait_s=2.0,
-        missing_topic_ttl_s=2.0,
-        drain_timeout_s=10.0,
-        lag_interval_s=0.5,
-    )
-    return replace(config, **overrides)
+    settings: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "request_topic": topics.requests,
+        "reply_topic": topics.replies,
+        "dlq_topic": topics.dlq,
+        "group_id": group_id,
+        "client_id": f"test-worker-{uuid.uuid4().hex[:8]}",
+        "allowed_reply_topics": TEST_TOPIC_PATTERN,
+        "reply_topic_wait_s": 2.0,
+        "missing_topic_ttl_s": 2.0,
+        "drain_timeout_s": 10.0,
+        "lag_interval_s": 0.5,
+    }
+    return WorkerConfig(**(settings | overrides))
 
 
 def fresh_metrics() -> Metrics:
