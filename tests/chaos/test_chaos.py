@@ -5,7 +5,8 @@ reply or a dead-letter record once the fault is over. In exactly-once mode a
 
 Each scenario runs for ``RERANK_CHAOS_SECONDS`` of traffic (default 8: the short
 version in ``scripts/test.sh``; the long version in docs/reliability.md used 120).
-``RERANK_CHAOS_REPORT=FILE`` appends one JSON line a run (the table's source).
+``RERANK_CHAOS_REPORT=FILE`` appends one JSON line a run (the table's source);
+``RERANK_CHAOS_SET=commit_interval_s=1.0`` gives every worker that setting.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ REPORT = os.environ.get("RERANK_CHAOS_REPORT")
 MODES = ("at_least_once", "exactly_once")
 SESSION_TIMEOUT_S = 10.0  # the default: faults meant to outlast it last longer
 SETTLE_S = 120.0  # after the fault: longest wait for the last answers
+# Settings every worker gets, from RERANK_CHAOS_SET="name=value,name=value" (to compare a
+# setting's effect, e.g. commit_interval_s=1.0); none by default.
+WORKER_SETTINGS = dict(
+    item.split("=", 1) for item in os.environ.get("RERANK_CHAOS_SET", "").split(",") if item
+)
 
 
 @dataclass
@@ -85,7 +91,7 @@ async def run_scenario(
         (logs / mode).mkdir(exist_ok=True)
         pool = WorkerPool(broker, await make_topics(broker.bootstrap), logs / mode)
         for index in range(workers):
-            pool.add(delivery=mode, **settings(index))
+            pool.add(delivery=mode, **(WORKER_SETTINGS | settings(index)))
         pools.append(pool)
     async with contextlib.AsyncExitStack() as stack:
         for pool in pools:
