@@ -253,6 +253,7 @@ async def main_async(args: argparse.Namespace) -> None:
         dlq_topic=names[2],
         group_id=f"bench-workers-{uuid.uuid4().hex}",
         client_id="bench-worker",
+        delivery=args.delivery,
     )
     worker = Worker(config, NoOpEngine(), Metrics())
     task = asyncio.create_task(worker.run())
@@ -278,8 +279,9 @@ async def main_async(args: argparse.Namespace) -> None:
         print(_hardware())
         print(
             f"{args.documents} documents x {args.doc_bytes} bytes per request, "
-            f"{args.partitions} partitions, no-op engine, worker defaults "
-            f"(linger {config.producer_linger_ms} ms, high mark {config.inflight_high_pairs} pairs)"
+            f"{args.partitions} partitions, no-op engine, delivery {config.delivery}, worker "
+            f"defaults (linger {config.producer_linger_ms} ms, high mark "
+            f"{config.inflight_high_pairs} pairs, commits every {config.commit_interval_s:g} s)"
         )
         await _load_run(spec(min(2000, args.requests), 0))  # warm-up: connections, caches
         burst_spec = spec(args.requests, 0)
@@ -328,6 +330,13 @@ def main() -> None:
         help="offered rate of the paced run (half the burst rate)",
     )
     parser.add_argument("--no-paced", dest="paced", action="store_false", help="skip the paced run")
+    parser.add_argument(
+        "--delivery",
+        default="at_least_once",
+        choices=("at_least_once", "exactly_once"),
+        help="the worker's delivery mode (exactly_once: replies in transactions; the load "
+        "generator reads with read_committed either way)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(main_async(args))
