@@ -68,17 +68,28 @@ async def read_heads(
     On failure (broker away), no heads: the worker then counts from zero, which can only
     delay a poison record's detection, never dead-letter a good one.
     """
-    # aiokafka's public committed() drops the metadata; its coordinator returns both.
-    coordinator = getattr(consumer, "_coordinator", None)
-    if coordinator is None or not partitions:
+    if not partitions:
         return {}
     try:
-        committed = await asyncio.wait_for(
-            coordinator.fetch_committed_offsets(list(partitions)), _READ_TIMEOUT_S
-        )
+        committed = await _fetch_committed(consumer, partitions)
     except (KafkaError, TimeoutError) as exc:
         log.warning("could not read the committed attempt counts", extra={"error": repr(exc)})
         return {}
     return {
         tp: Head(int(meta.offset), decode_attempts(meta.metadata)) for tp, meta in committed.items()
     }
+
+
+async def read_committed_offset(consumer: Any, tp: TopicPartition) -> int | None:
+    """The group's committed offset of ``tp`` (None: none yet); raises when unreadable."""
+    committed = await _fetch_committed(consumer, [tp])
+    return int(committed[tp].offset) if tp in committed else None
+
+
+async def _fetch_committed(consumer: Any, partitions: Collection[TopicPartition]) -> Any:
+    # aiokafka's public committed() drops the metadata and hides read errors; its
+    # coordinator returns both and raises.
+    coordinator = consumer._coordinator
+    return await asyncio.wait_for(
+        coordinator.fetch_committed_offsets(list(partitions)), _READ_TIMEOUT_S
+    )

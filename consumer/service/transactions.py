@@ -16,15 +16,18 @@ before (``init_transactions`` bumps the epoch and aborts its open transaction). 
 first transaction fails as fenced, and a fenced partition is never tried again.
 
 A transaction that fails otherwise (the broker away, a timeout) leaves the producer in
-an unknown state: it is replaced by a fresh one with the same transactional id (which
-aborts whatever the old one left open), and the outbox is committed again.
+an unknown state: it is replaced by a fresh one with the same transactional id. Its
+``init_transactions`` returns only once the old producer's transaction is finished, and
+that may have been a commit whose answer was lost. So the group's committed offset is
+read next, and outbox entries below it (already committed and visible) are dropped
+before the rest is committed again: resending them would duplicate replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +46,9 @@ MAX_RECORD_BYTES = 1024 * 1024 - 1024
 
 
 @dataclass
-class _Output:
+class Output:
+    """One record to produce in a partition's next transaction."""
+
     topic: str
     partition: int | None
     key: bytes | None
@@ -58,8 +63,10 @@ class PartitionTransactions:
     tp: TopicPartition
     make_producer: Callable[[], Any]
     group_id: str
+    # the group's committed offset of this partition (None: nothing committed yet)
+    read_committed: Callable[[], Awaitable[int | None]]
     # source offset -> what answering it produced (a reply or a dead-letter record)
-    outbox: dict[int, list[_Output]] = field(default_factory=dict)
+    outbox: dict[int, list[Output]] = field(default_factory=dict)
     fenced: bool = False
     broken: bool = False  # the last transaction failed: a fresh producer first
     producer: Any = None
@@ -72,7 +79,7 @@ class PartitionTransactions:
     async def stop(self) -> None:
         await _stop(self.producer)
 
-    def put(self, offset: int, output: _Output) -> None:
+    def put(self, offset: int, output: Output) -> None:
         """Keep what answering the record at ``offset`` produced, for its transaction."""
         self.outbox.setdefault(offset, []).append(output)
 
@@ -81,10 +88,10 @@ class PartitionTransactions:
         ``upto`` (with ``metadata``) for the group. False (nothing visible) on failure."""
         if self.fenced:
             return False
-        offsets = sorted(o for o in self.outbox if o < upto)
         try:
             if self.broken:
                 await self._renew()
+            offsets = sorted(o for o in self.outbox if o < upto)
             await asyncio.wait_for(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
         except ProducerFenced:
             self.fenced = True
@@ -131,10 +138,17 @@ class PartitionTransactions:
         await producer.commit_transaction()
 
     async def _renew(self) -> None:
-        """A fresh producer for the same transactional id (the old one is let go)."""
+        """A fresh producer for the same transactional id (the old one is let go), and
+        the outbox trimmed to what the old one's last transaction did not commit."""
         old = self.producer
         asyncio.get_running_loop().create_task(_stop(old))  # it may hang: never wait for it
         await self.start()
+        # The producer id arrives once the old transaction is committed or aborted.
+        await asyncio.wait_for(self.producer._txn_manager.wait_for_pid(), TXN_TIMEOUT_S)
+        committed = await asyncio.wait_for(self.read_committed(), TXN_TIMEOUT_S)
+        if committed is not None:
+            for offset in [o for o in self.outbox if o < committed]:
+                del self.outbox[offset]
         self.broken = False
 
 
@@ -173,7 +187,7 @@ class TransactionalSender:
             # stays uncommitted and the partition's new owner answers it.
             raise asyncio.CancelledError
 
-        txns.put(source.offset, _Output(topic, partition, key, value, headers))
+        txns.put(source.offset, Output(topic, partition, key, value, headers))
 
 
 class TransactionalCommitter:

@@ -45,7 +45,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.engine.api import RerankEngine
-from consumer.service.attempts import read_heads
+from consumer.service.attempts import read_committed_offset, read_heads
 from consumer.service.backpressure import PairGate
 from consumer.service.committer import Committer, names
 from consumer.service.connection import ConnectPolicy, KafkaConnector
@@ -608,7 +608,10 @@ class Worker:
         for tp in assigned:
             tid = transactional_id(self._config, tp.topic, tp.partition)
             txns = PartitionTransactions(
-                tp, partial(make_transactional_producer, self._config, tid), self._config.group_id
+                tp,
+                partial(make_transactional_producer, self._config, tid),
+                self._config.group_id,
+                partial(read_committed_offset, self._consumer, tp),
             )
             try:
                 await txns.start()

@@ -8,9 +8,14 @@ import signal
 from collections.abc import Callable
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaTimeoutError
+from aiokafka.structs import TopicPartition
 from worker_harness import (
     FakeEngine,
     TopicFactory,
+    Topics,
     by_correlation_id,
     fresh_metrics,
     make_topics,
@@ -23,6 +28,8 @@ from worker_harness import (
     worker_config,
 )
 
+from consumer.service.kafka_clients import make_transactional_producer, transactional_id
+from consumer.service.transactions import Output, PartitionTransactions
 from producer_sdk import RerankClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -114,3 +121,57 @@ async def test_a_worker_killed_mid_stream_leaves_no_duplicate_for_read_committed
     assert set(answers) == {f"req-{i}" for i in range(count)}
     duplicates = {cid: len(rs) for cid, rs in answers.items() if len(rs) > 1}
     assert duplicates == {}, duplicates
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_sent_again(
+    kafka_bootstrap: str,
+    kafka_admin: AIOKafkaAdminClient,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+) -> None:
+    """The broker commits a transaction but its answer never arrives (a timeout): the
+    fresh producer must not send that transaction's replies a second time."""
+    topics = await make_topics(new_topic)
+    group = new_group()
+    config = worker_config(kafka_bootstrap, topics, group, delivery="exactly_once")
+    tp = TopicPartition(topics.requests, 0)
+    producers: list[AIOKafkaProducer] = []
+
+    def make_producer() -> AIOKafkaProducer:
+        producer = make_transactional_producer(config, transactional_id(config, tp.topic, 0))
+        if not producers:  # the first one's commit answer is lost
+            commit = producer.commit_transaction
+
+            async def commit_then_time_out() -> None:
+                await commit()
+                raise KafkaTimeoutError
+
+            producer.commit_transaction = commit_then_time_out  # type: ignore[method-assign]
+        producers.append(producer)
+        return producer
+
+    async def read_committed() -> int | None:
+        offsets = await kafka_admin.list_consumer_group_offsets(group, partitions=[tp])
+        return offsets[tp].offset if tp in offsets and offsets[tp].offset >= 0 else None
+
+    txns = PartitionTransactions(tp, make_producer, group, read_committed)
+    await txns.start()
+    try:
+        for offset in range(5):
+            txns.put(offset, _reply(topics, offset))
+        assert not await txns.commit(5)  # committed, but the worker cannot know
+        for offset in range(5, 10):
+            txns.put(offset, _reply(topics, offset))
+        assert await txns.commit(10)
+    finally:
+        for producer in producers:
+            await producer.stop()
+    async with reply_reader(kafka_bootstrap, topics, "read_committed") as replies:
+        await replies.read(10)
+        await replies.quiet(1.0)
+    assert sorted(r.correlation_id for r in replies.records) == [f"c-{i}" for i in range(10)]
+
+
+def _reply(topics: Topics, offset: int) -> Output:
+    correlation_id = f"c-{offset}".encode()
+    return Output(topics.replies, 0, correlation_id, b"{}", [("correlation-id", correlation_id)])

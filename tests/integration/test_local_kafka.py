@@ -7,10 +7,12 @@ clear line on stderr and a non-zero exit before a broker would be started.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,9 +172,18 @@ async def commit_offset(bootstrap: str, tp: TopicPartition, offset: int) -> None
         await consumer.commit({tp: offset})
 
 
-async def committed_offset(bootstrap: str, tp: TopicPartition) -> int | None:
+async def committed_offset(
+    bootstrap: str, tp: TopicPartition, timeout_s: float = 20.0
+) -> int | None:
+    """The group's committed offset, once the restarted broker answers with one: just
+    after a start the topic may still be loading, which reads as "none"."""
     async with AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="kept-group") as consumer:
-        return await consumer.committed(tp)
+        deadline = time.monotonic() + timeout_s
+        while (committed := await consumer.committed(tp)) is None:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.2)
+        return committed
 
 
 async def topic_names(bootstrap: str) -> list[str]:
