@@ -90,6 +90,5 @@ async def _fetch_committed(consumer: Any, partitions: Collection[TopicPartition]
     # aiokafka's public committed() drops the metadata and hides read errors; its
     # coordinator returns both and raises.
     coordinator = consumer._coordinator
-    return await asyncio.wait_for(
-        coordinator.fetch_committed_offsets(list(partitions)), _READ_TIMEOUT_S
-    )
+    async with asyncio.timeout(_READ_TIMEOUT_S):
+        return await coordinator.fetch_committed_offsets(list(partitions))

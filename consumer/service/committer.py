@@ -68,7 +68,8 @@ class Committer:
             if not to_commit:
                 return True
             try:
-                await asyncio.wait_for(self._consumer.commit(to_commit), self._timeout_s)
+                async with asyncio.timeout(self._timeout_s):
+                    await self._consumer.commit(to_commit)
             except (KafkaError, TimeoutError) as exc:
                 # Usually a rebalance in progress; the next commit (or the revoke) covers it.
                 log.warning(
@@ -91,7 +92,8 @@ class Committer:
         async with self._lock:
             try:
                 commit = self._consumer.commit({tp: (offset, encode_attempts(attempts))})
-                await asyncio.wait_for(commit, self._timeout_s)
+                async with asyncio.timeout(self._timeout_s):
+                    await commit
             except (KafkaError, TimeoutError) as exc:
                 log.warning(
                     "could not record a record's attempt count",

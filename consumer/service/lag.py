@@ -38,7 +38,8 @@ class LagReporter:
             if every_round is not None:
                 await every_round()
             try:
-                await asyncio.wait_for(self.update(assigned()), _LAG_TIMEOUT_S)
+                async with asyncio.timeout(_LAG_TIMEOUT_S):
+                    await self.update(assigned())
             except (KafkaError, TimeoutError) as exc:
                 log.debug("lag update failed", extra={"error": repr(exc)})
 

@@ -181,7 +181,8 @@ class ReplyRouter:
 
     async def _ask(self, topic: str) -> Collection[int] | Unresolved | None:
         try:
-            partitions = await asyncio.wait_for(self._lookup.fetch_partitions(topic), self._wait_s)
+            async with asyncio.timeout(self._wait_s):
+                partitions = await self._lookup.fetch_partitions(topic)
         except Exception as exc:
             # No verdict (the broker is away or slow): not remembered, asked again later.
             reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)

@@ -74,7 +74,8 @@ class PartitionTransactions:
     async def start(self) -> None:
         """Start a producer: this fences every earlier producer of the partition."""
         self.producer = self.make_producer()
-        await asyncio.wait_for(self.producer.start(), TXN_TIMEOUT_S)
+        async with asyncio.timeout(TXN_TIMEOUT_S):
+            await self.producer.start()
 
     async def stop(self) -> None:
         await _stop(self.producer)
@@ -92,7 +93,8 @@ class PartitionTransactions:
             if self.broken:
                 await self._renew()
             offsets = sorted(o for o in self.outbox if o < upto)
-            await asyncio.wait_for(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
+            async with asyncio.timeout(TXN_TIMEOUT_S):
+                await self._transaction(offsets, upto, metadata)
         except ProducerFenced:
             self.fenced = True
             log.warning(
@@ -144,8 +146,10 @@ class PartitionTransactions:
         asyncio.get_running_loop().create_task(_stop(old))  # it may hang: never wait for it
         await self.start()
         # The producer id arrives once the old transaction is committed or aborted.
-        await asyncio.wait_for(self.producer._txn_manager.wait_for_pid(), TXN_TIMEOUT_S)
-        committed = await asyncio.wait_for(self.read_committed(), TXN_TIMEOUT_S)
+        async with asyncio.timeout(TXN_TIMEOUT_S):
+            await self.producer._txn_manager.wait_for_pid()
+        async with asyncio.timeout(TXN_TIMEOUT_S):
+            committed = await self.read_committed()
         if committed is not None:
             for offset in [o for o in self.outbox if o < committed]:
                 del self.outbox[offset]
@@ -156,7 +160,8 @@ async def _stop(producer: Any) -> None:
     if producer is None:
         return
     try:
-        await asyncio.wait_for(producer.stop(), TXN_TIMEOUT_S)
+        async with asyncio.timeout(TXN_TIMEOUT_S):
+            await producer.stop()
     except Exception:
         log.debug("stopping a transactional producer failed", exc_info=True)
 

@@ -338,7 +338,8 @@ class Worker:
             if client is None:
                 continue
             try:
-                await asyncio.wait_for(client.stop(), _CLIENT_STOP_TIMEOUT_S)
+                async with asyncio.timeout(_CLIENT_STOP_TIMEOUT_S):
+                    await client.stop()
             except TimeoutError:
                 log.error("stopping the Kafka %s timed out; going on without it", name)
             except Exception:
@@ -555,7 +556,8 @@ class Worker:
         if not suspects or self._consumer is None:
             return
         try:
-            ends = await asyncio.wait_for(self._consumer.end_offsets(list(suspects)), 10)
+            async with asyncio.timeout(10):
+                ends = await self._consumer.end_offsets(list(suspects))
         except (KafkaError, TimeoutError):
             ends = {}
         window = self._config.inflight_high_pairs + self._config.max_poll_records
