@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import orjson
-from pydantic import SecretStr
 
+from producer_sdk.cli_args import add_security_arguments, security_from_args
 from producer_sdk.client import DEFAULT_REPLY_TOPIC, DEFAULT_REQUEST_TOPIC, RerankClient
 from producer_sdk.errors import InvalidArgument, RerankError, RerankErrorReply
 from producer_sdk.request import build_request_body, check_timeout
 from producer_sdk.result import RerankResult
-from producer_sdk.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
+from producer_sdk.security import KafkaSecurity
 
 PROG = "rerank-client"
 EXIT_OK = 0
@@ -37,7 +37,6 @@ EXIT_BAD_ARGS = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_WIDTH = 100
 MIN_DOCUMENT_WIDTH = 10
-SSL_FILE_SETTINGS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
 STDIN_FIELDS = frozenset({"query", "documents", "instruction", "top_n", "raw_scores"})
 
 
@@ -116,67 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the result as JSON")
     output.add_argument("-v", "--verbose", action="count", default=0, help="log (-vv: debug)")
-    # The same settings, and environment variables, as the worker's (consumer.settings).
-    security = parser.add_argument_group("security", "each flag defaults to env RERANK_<FLAG>")
-    security.add_argument(
-        "--security-protocol",
-        type=_upper,
-        default=_service_env("security_protocol") or "PLAINTEXT",
-        choices=PROTOCOLS,
-    )
-    security.add_argument(
-        "--sasl-mechanism",
-        type=_upper,
-        default=_service_env("sasl_mechanism"),
-        choices=SASL_MECHANISMS,
-    )
-    security.add_argument("--sasl-username", default=_service_env("sasl_username"))
-    security.add_argument(
-        "--sasl-password",
-        default=_service_env("sasl_password"),
-        help="prefer env RERANK_SASL_PASSWORD: arguments show in the process list",
-    )
-    for name in SSL_FILE_SETTINGS:
-        security.add_argument(f"--{name.replace('_', '-')}", default=_service_env(name))
-    security.add_argument("--ssl-password", default=_service_env("ssl_password"))
+    add_security_arguments(parser)
     return parser
-
-
-def _service_env(setting: str) -> str | None:
-    # Empty means unset, as for the worker (a compose ``${X:-}`` gives an empty variable).
-    return os.environ.get(f"RERANK_{setting.upper()}") or None
-
-
-def _upper(value: str) -> str:
-    return value.strip().upper()
-
-
-def security_from_args(args: argparse.Namespace) -> KafkaSecurity:
-    """The connection security the flags describe; ValueError when they do not fit.
-
-    With SSL the files are checked and the SSL context is built here, so a missing or
-    unreadable file is one line on stderr, not a traceback from inside the client.
-    """
-    security = KafkaSecurity(
-        protocol=args.security_protocol,
-        sasl_mechanism=args.sasl_mechanism,
-        sasl_username=args.sasl_username,
-        sasl_password=SecretStr(args.sasl_password) if args.sasl_password else None,
-        ssl_cafile=args.ssl_cafile,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_password=SecretStr(args.ssl_password) if args.ssl_password else None,
-    )
-    if security.protocol in ("SSL", "SASL_SSL"):
-        for name in SSL_FILE_SETTINGS:
-            path = getattr(args, name)
-            if path is not None and not os.path.isfile(path):
-                raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
-        try:
-            security.aiokafka_kwargs()
-        except OSError as error:  # ssl.SSLError too: a bad PEM file or a wrong password
-            raise ValueError(f"the SSL settings do not load: {error}") from None
-    return security
 
 
 def read_input(args: argparse.Namespace, stdin: TextIO) -> RerankInput:
