@@ -92,3 +92,15 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "lazy.py"
     module.write_text("def f():\n    from consumer.service.worker import Worker\n")
     assert "consumer.service.worker" in imported_modules(module)
+
+
+def test_the_gateway_needs_only_the_sdk_and_an_http_server() -> None:
+    """rerank-gateway installs without the GPU stack: it never imports the worker's code."""
+    never = ("consumer", "benchmarks", "torch", "transformers", "pydantic_settings")
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in (REPO / "gateway").rglob("*.py")
+        for name in imported_modules(path)
+        if starts_with_any(name, never)
+    }
+    assert not wrong, sorted(wrong)

@@ -1,0 +1,99 @@
+"""``rerank-gateway``: serve HTTP rerank APIs (Cohere, TEI, the wire contract) through Kafka.
+
+::
+
+    RERANK_BOOTSTRAP_SERVERS=kafka:9092 rerank-gateway --port 8080
+    curl -s localhost:8080/v2/rerank -H 'content-type: application/json' \\
+        -d '{"model": "m", "query": "what is kafka?", "documents": ["a log", "a novelist"]}'
+
+SIGTERM or SIGINT: stop taking calls, let those in flight finish, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.connection import ClientHolder
+from gateway.metrics import GatewayMetrics
+from gateway.settings import GatewaySettings, parse_settings
+from gateway.workers import WorkerWatch
+
+log = logging.getLogger("gateway")
+
+# In-flight calls get this long to finish after a stop signal.
+_SHUTDOWN_GRACE_S = 30.0
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain and close."""
+    holder = ClientHolder(settings)
+    watch = _worker_watch(settings)
+    gateway = Gateway(settings, holder.get, GatewayMetrics(), watch)
+    runner = web.AppRunner(
+        gateway.make_app(), handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE_S
+    )
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    log.info("rerank-gateway listening on %s:%d", settings.host, settings.port)
+    holder.start()
+    if watch is not None:
+        await watch.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: finishing the calls in flight")
+        gateway.stopping = True
+        await runner.cleanup()
+        if watch is not None:
+            await watch.stop()
+        await holder.close()
+        log.info("rerank-gateway stopped")
+
+
+def _worker_watch(settings: GatewaySettings) -> WorkerWatch | None:
+    if settings.check_workers_s <= 0:
+        return None
+    return WorkerWatch(
+        settings.bootstrap_servers,
+        settings.group_id,
+        settings.security.aiokafka_kwargs(),
+        settings.check_workers_s,
+    )
+
+
+async def _run(settings: GatewaySettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(settings, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rerank-gateway`` console script; returns the exit status."""
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.root.level))
+    try:
+        asyncio.run(_run(settings))
+    except OSError as error:  # the port is taken, say, before anything was served
+        log.error("rerank-gateway could not start: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

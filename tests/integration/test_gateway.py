@@ -1,0 +1,258 @@
+"""rerank-gateway as users meet it: the real binary, a real broker, a worker, and HTTP
+clients no one here wrote (the ``cohere`` SDK, and aiohttp for TEI's plain HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import cohere
+import pytest
+from cohere.core.api_error import ApiError
+from cohere.errors import (
+    BadRequestError,
+    ServiceUnavailableError,
+    TooManyRequestsError,
+    UnauthorizedError,
+)
+from worker_harness import (
+    MODEL_NAME,
+    FakeEngine,
+    TopicFactory,
+    expected_order,
+    fake_score,
+    make_topics,
+    running_worker,
+    worker_config,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+GATEWAY = Path(sys.executable).with_name("rerank-gateway")
+TOKEN = "test-token"
+START_TIMEOUT_S = 30.0
+QUERY = "what is kafka?"
+DOCUMENTS = ["a novelist from Prague", "Kafka is a distributed event log", "a log", "kafka"]
+NO_RETRIES: Any = {"max_retries": 0}  # cohere retries 429 and 5xx by default
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    bootstrap: str, requests: str, replies: str, group: str, *flags: str, token: str | None = TOKEN
+) -> AsyncIterator[str]:
+    """The ``rerank-gateway`` console script in a process; yields its base URL once ready."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's code
+    env.pop("RERANK_GATEWAY_API_TOKEN", None)
+    if token is not None:
+        env["RERANK_GATEWAY_API_TOKEN"] = token
+    args = [str(GATEWAY), "--bootstrap-servers", bootstrap, "--port", str(port)]
+    args += ["--request-topic", requests, "--reply-topic", replies, "--group-id", group, *flags]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_ready(url, proc)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+        assert code == 0, f"the gateway exited {code}: {log}"
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[str]) -> None:
+    async with aiohttp.ClientSession() as session, asyncio.timeout(START_TIMEOUT_S):
+        while True:
+            assert proc.poll() is None, f"the gateway exited: {proc.stderr and proc.stderr.read()}"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/health/ready") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def gateway_with_worker(
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    *flags: str,
+    engine: FakeEngine | None = None,
+    token: str | None = TOKEN,
+) -> AsyncIterator[str]:
+    topics = await make_topics(new_topic)
+    group = new_group()
+    config = worker_config(kafka_bootstrap, topics, group)
+    async with (
+        running_worker(config, engine or FakeEngine()),
+        running_gateway(
+            kafka_bootstrap, topics.requests, topics.replies, group, *flags, token=token
+        ) as url,
+    ):
+        yield url
+
+
+def _expected(query: str = QUERY, instruction: str | None = None) -> list[int]:
+    return expected_order(query, instruction, DOCUMENTS)
+
+
+async def test_the_cohere_sdk_ranks_through_the_gateway(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    async with gateway_with_worker(kafka_bootstrap, new_topic, new_group) as url:
+        co = cohere.AsyncClientV2(api_key=TOKEN, base_url=url)
+        ranked = await co.rerank(model=MODEL_NAME, query=QUERY, documents=DOCUMENTS, top_n=3)
+
+        v1 = cohere.Client(api_key=TOKEN, base_url=url)
+        objects = [{"text": d, "source": f"s{i}"} for i, d in enumerate(DOCUMENTS)]
+        v1_ranked = await asyncio.to_thread(
+            v1.rerank, model=MODEL_NAME, query=QUERY, documents=objects, return_documents=True
+        )
+
+    assert [r.index for r in ranked.results] == _expected()[:3]
+    for result in ranked.results:
+        assert result.relevance_score == pytest.approx(
+            fake_score(QUERY, None, DOCUMENTS[result.index])
+        )
+    assert [r.index for r in v1_ranked.results] == _expected()
+    first = v1_ranked.results[0]
+    assert first.document is not None
+    assert first.document.text == DOCUMENTS[first.index]
+    assert first.document.source == f"s{first.index}"  # type: ignore[attr-defined]
+
+
+async def test_the_cohere_sdk_sees_each_error_as_cohere_reports_it(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    flags = ("--max-body-bytes", "2000")
+    async with gateway_with_worker(kafka_bootstrap, new_topic, new_group, *flags) as url:
+        co = cohere.AsyncClientV2(api_key=TOKEN, base_url=url)
+        with pytest.raises(BadRequestError) as bad:
+            await co.rerank(model=MODEL_NAME, query=QUERY, documents=DOCUMENTS, top_n=0)
+        with pytest.raises(BadRequestError) as empty:
+            await co.rerank(model=MODEL_NAME, query="", documents=DOCUMENTS)
+        with pytest.raises(ApiError) as too_large:
+            await co.rerank(model=MODEL_NAME, query=QUERY, documents=["x" * 3000])
+        stranger = cohere.AsyncClientV2(api_key="wrong", base_url=url)
+        with pytest.raises(UnauthorizedError):
+            await stranger.rerank(model=MODEL_NAME, query=QUERY, documents=DOCUMENTS)
+
+    assert "top_n" in bad.value.body["message"]
+    assert "query" in empty.value.body["message"]
+    assert too_large.value.status_code == 413
+
+
+async def test_no_worker_is_503_with_retry_after_at_once(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    topics = await make_topics(new_topic)
+    args = (kafka_bootstrap, topics.requests, topics.replies, new_group())
+    async with running_gateway(*args, "--check-workers", "0.5", "--timeout", "20") as url:
+        co = cohere.AsyncClientV2(api_key=TOKEN, base_url=url)
+        async with asyncio.timeout(5):  # not the 20 s call timeout: the group is empty
+            with pytest.raises(ServiceUnavailableError) as unavailable:
+                await co.rerank(
+                    model=MODEL_NAME, query=QUERY, documents=DOCUMENTS, request_options=NO_RETRIES
+                )
+    assert unavailable.value.headers is not None
+    assert unavailable.value.headers["retry-after"] == "1"
+    assert "no rerank worker" in unavailable.value.body["message"]
+
+
+async def test_no_reply_in_time_is_503(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    # Workers there but slower than the gateway's timeout.
+    slow = FakeEngine(delay_s=3.0)
+    flags = ("--timeout", "0.5")
+    async with gateway_with_worker(
+        kafka_bootstrap, new_topic, new_group, *flags, engine=slow
+    ) as url:
+        co = cohere.AsyncClientV2(api_key=TOKEN, base_url=url)
+        with pytest.raises(ServiceUnavailableError) as unavailable:
+            await co.rerank(
+                model=MODEL_NAME, query=QUERY, documents=DOCUMENTS, request_options=NO_RETRIES
+            )
+    assert "no reply" in unavailable.value.body["message"]
+
+
+async def test_calls_past_max_concurrency_get_429(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    slow = FakeEngine(delay_s=1.0)
+    flags = ("--max-concurrency", "1")
+    async with gateway_with_worker(
+        kafka_bootstrap, new_topic, new_group, *flags, engine=slow
+    ) as url:
+        co = cohere.AsyncClientV2(api_key=TOKEN, base_url=url)
+
+        async def call() -> Any:
+            return await co.rerank(
+                model=MODEL_NAME, query=QUERY, documents=DOCUMENTS, request_options=NO_RETRIES
+            )
+
+        first = asyncio.create_task(call())
+        await asyncio.sleep(0.3)  # the first is in flight, waiting on the slow engine
+        with pytest.raises(TooManyRequestsError) as overloaded:
+            await call()
+        assert [r.index for r in (await first).results] == _expected()
+    assert overloaded.value.headers is not None
+    assert overloaded.value.headers["retry-after"] == "1"
+
+
+async def test_tei_and_native_shapes_over_plain_http(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    engine = FakeEngine()
+    instruction = "Find the software"
+    async with (
+        gateway_with_worker(
+            kafka_bootstrap, new_topic, new_group, engine=engine, token=None
+        ) as url,
+        aiohttp.ClientSession() as http,
+    ):
+        tei_body = {"query": QUERY, "texts": DOCUMENTS, "return_text": True, "truncate": True}
+        async with http.post(f"{url}/rerank", json=tei_body) as response:
+            assert response.status == 200
+            tei = await response.json()
+        async with http.post(f"{url}/rerank", json={"query": QUERY, "texts": []}) as response:
+            tei_invalid = (response.status, await response.json())
+        native_body = {"query": QUERY, "documents": DOCUMENTS, "instruction": instruction}
+        async with http.post(f"{url}/rerank", json=native_body | {"top_n": 2}) as response:
+            assert response.status == 200
+            native = await response.json()
+        async with http.post(f"{url}/rerank", data=b"{not json") as response:
+            native_invalid = (response.status, await response.json())
+        async with http.get(f"{url}/metrics") as response:
+            metrics = await response.text()
+
+    assert [r["index"] for r in tei] == _expected()
+    assert all(r["text"] == DOCUMENTS[r["index"]] for r in tei)
+    assert tei_invalid[0] == 422
+    assert tei_invalid[1]["error_type"] == "validation"
+    assert [r["index"] for r in native["results"]] == _expected(QUERY, instruction)[:2]
+    assert native["model"] == MODEL_NAME
+    assert set(native) >= {"id", "usage", "timing_ms"}
+    assert engine.seen == [QUERY, QUERY], "the instruction reached the worker with the query"
+    assert native_invalid[0] == 422
+    assert native_invalid[1]["error"]["code"] == "invalid_request"
+    assert 'rerank_gateway_requests_total{api="tei",status="200"} 1.0' in metrics
+    assert 'rerank_gateway_requests_total{api="native",status="422"} 1.0' in metrics
