@@ -28,3 +28,17 @@ def test_overhead_bench_answers_every_request_and_names_the_hardware(kafka_boots
     assert "usable CPU cores" in run.stdout
     assert re.search(r"burst\s+200/200 replies\s+[\d,]+ requests/s", run.stdout), run.stdout
     assert re.search(r"paced\s+(\d+)/\1 replies", run.stdout), run.stdout
+
+
+def test_gateway_bench_compares_both_ways_and_names_the_hardware(kafka_bootstrap: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gateway_bench", "--bootstrap", kafka_bootstrap,
+         "--calls", "10", "--loop-calls", "40", "--concurrency", "4", "--rounds", "1",
+         "--partitions", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "usable CPU cores" in run.stdout
+    for way in ("sdk", "gateway"):
+        assert re.search(rf"round 1 {way}\s+lone p50\s+[\d.]+ ms", run.stdout), run.stdout
+    assert re.search(r"the gateway adds -?[\d.]+ ms", run.stdout), run.stdout
