@@ -34,6 +34,7 @@ from metric_names import (
 
 from consumer.app import STOP_GRACE_S
 from consumer.settings import Settings, env_name, load_settings
+from gateway import settings as gateway_settings
 
 REPO = Path(__file__).resolve().parents[2]
 # A dev dependency: a missing schema is a broken install, not a skip.
@@ -284,6 +285,20 @@ def test_workers_reach_kafka_inside_the_compose_network() -> None:
         assert f"PLAINTEXT://{bootstrap}" in listeners.split(","), name
 
 
+def test_the_gateway_serves_the_host_and_is_scraped() -> None:
+    stack = _stack(())
+    gateway = stack["services"]["gateway"]
+    listeners = stack["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT://{gateway['environment']['RERANK_BOOTSTRAP_SERVERS']}" in listeners
+    assert gateway["entrypoint"] == ["rerank-gateway"]
+    port = gateway["environment"]["RERANK_GATEWAY_PORT"]
+    assert str(gateway["ports"][0]).endswith(f":{port}")
+    assert f"{port}/health/ready" in " ".join(gateway["healthcheck"]["test"])
+    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["rerank-gateway"]["static_configs"][0]["targets"] == [f"gateway:{port}"]
+
+
 def test_topics_job_creates_the_topics_the_workers_use() -> None:
     stack = _stack(())
     job = stack["services"]["topics"]["environment"]
@@ -313,7 +328,11 @@ def test_env_example_worker_settings_are_real_settings(monkeypatch: pytest.Monke
     env = read_env_file(ENV_EXAMPLE)
     fields = {env_name(f) for f in Settings.model_fields}
     assert STACK_ONLY_RERANK_VARS.isdisjoint(fields)
+    gateway_vars = {k for k in env if k.startswith("RERANK_GATEWAY_")}
+    gateway_help = gateway_settings.build_parser().format_help()
+    assert {k for k in gateway_vars if f"[{k}]" not in gateway_help} == set()
     worker_vars = {k for k in env if k.startswith("RERANK_")} - STACK_ONLY_RERANK_VARS
+    worker_vars -= gateway_vars
     assert worker_vars - fields == set(), "unknown RERANK_* settings in .env.example"
     for name in list(os.environ):
         if name.startswith("RERANK_"):
