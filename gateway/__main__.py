@@ -37,8 +37,12 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     holder = ClientHolder(settings)
     watch = _worker_watch(settings)
     gateway = Gateway(settings, holder.get, GatewayMetrics(), watch)
+    # No access log: one line per call is noise at this rate; /metrics counts the calls.
     runner = web.AppRunner(
-        gateway.make_app(), handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE_S
+        gateway.make_app(),
+        handle_signals=False,
+        shutdown_timeout=_SHUTDOWN_GRACE_S,
+        access_log=None,
     )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()

