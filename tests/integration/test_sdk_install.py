@@ -97,6 +97,13 @@ def test_the_worker_says_which_extra_it_needs(sdk_venv: Path) -> None:
     assert "missing: torch" in started.stderr
 
 
+def test_the_gateway_says_which_extra_it_needs(sdk_venv: Path) -> None:
+    started = run(sdk_venv / "bin" / "rerank-gateway")
+    assert started.returncode == 2
+    assert "pip install 'kafka-rerank[gateway]'" in started.stderr
+    assert "missing: aiohttp" in started.stderr
+
+
 async def test_the_installed_cli_ranks_through_a_real_broker_and_worker(
     sdk_venv: Path,
     kafka_bootstrap: str,
