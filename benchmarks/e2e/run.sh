@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The end-to-end GPU benchmark, one command on the GPU host (from the repository root):
+#   bash benchmarks/e2e/run.sh --out results/ [--gpus N] [--config 0.6b] ...
+# .e2e/ must be there (bash benchmarks/e2e/pack.sh, run where there is a network). The
+# wheels go into a scratch site folder, never into the host's Python.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+BUNDLE="${E2E_BUNDLE:-$ROOT/.e2e}"
+SITE="${E2E_SITE:-/tmp/rerank-e2e/site}"
+PY="${PYTHON:-python3}"
+[[ -f $BUNDLE/jre.tar.xz ]] || { echo "no bundle at $BUNDLE: run benchmarks/e2e/pack.sh first" >&2; exit 2; }
+if ! "$PY" -c 'import aiokafka, orjson, pydantic_settings' 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$BUNDLE"/wheels/*.whl
+fi
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cd "$ROOT"
+exec "$PY" -m benchmarks.e2e_bench --bundle "$BUNDLE" "$@"

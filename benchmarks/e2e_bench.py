@@ -1,0 +1,456 @@
+"""The whole path on GPUs: a real Kafka broker, one worker per GPU, a load generator.
+
+On a GPU host (no Java or network needed there; ``benchmarks/e2e/pack.sh`` packs a Java
+runtime, the broker's jars, the wheels and the tokenizer into ``.e2e/`` beforehand):
+
+    bash benchmarks/e2e/run.sh --out results/     # = python -m benchmarks.e2e_bench ...
+
+It starts the broker with ``deploy/local/kafka``, creates the topics, saves a random-weight
+model of the released shape (``--config``; it costs what the real model costs), starts
+``python -m consumer`` once per GPU (``CUDA_VISIBLE_DEVICES``) in one consumer group, and
+drives them through the SDK with the engine bench's synthetic requests:
+
+* saturation: a closed loop with ``--concurrency`` requests in flight per GPU;
+* lone: one request at a time;
+* paced: an open loop at each of ``--fractions`` of the saturated rate, requests sent at
+  steady intervals.
+
+Latency is from the SDK call (produce) to its reply read. Each phase counts answered,
+error, lost (no reply in time) and duplicate replies. Then, with the workers stopped, the
+engine bench runs in the same call, so ratios to it hold. Output: ``summary.txt``,
+``results.json`` and ``latency_vs_load.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.workload import (
+    CONFIGS,
+    build_random_model,
+    default_tokenizer_dir,
+    synthetic_requests,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+KAFKA = ROOT / "deploy" / "local" / "kafka"
+KAFKA_PORT = 39092  # away from a broker on 9092
+FIRST_HTTP_PORT = 9300
+READY_TIMEOUT_S = 600.0
+CALL_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Phase:
+    """One load phase's counts and latencies (seconds)."""
+
+    name: str
+    offered_per_s: float | None = None
+    seconds: float = 0.0
+    sent: int = 0
+    answered: int = 0
+    errors: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    latencies: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self, docs: int) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None
+
+        out = {k: v for k, v in asdict(self).items() if k != "latencies"}
+        out |= {
+            "requests_per_s": round(self.answered / self.seconds, 1) if self.seconds else None,
+            "pairs_per_s": round(self.answered * docs / self.seconds, 1) if self.seconds else None,
+            "p50_ms": pct(0.5),
+            "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99),
+            "max_ms": round(lat[-1] * 1000, 1) if lat else None,
+        }
+        return out
+
+
+# -- set-up on the GPU host -----------------------------------------------------------------
+
+
+def unpack(bundle: Path, work: Path) -> dict[str, str]:
+    """Java runtime, broker jars and tokenizer from the bundle; the environment to use."""
+    cache = work / "cache"
+    for archive, target in (
+        ("jre.tar.xz", work),
+        ("kafka-libs.tar.xz", cache / "kafka-4.1.1"),
+        ("tokenizer.tar.xz", work),
+    ):
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(bundle / archive) as tar:
+            tar.extractall(target, filter="tar")
+    env = dict(os.environ)
+    env["PATH"] = f"{work / 'jre' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["RERANK_CACHE_DIR"] = str(cache)
+    env["KAFKA_HEAP_OPTS"] = "-Xms1g -Xmx4g"
+    return env
+
+
+def kafka(command: str, env: dict[str, str]) -> None:
+    subprocess.run([str(KAFKA), command], env=env, check=True, timeout=180)
+
+
+async def create_topics(bootstrap: str, partitions: int) -> tuple[str, str, str]:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    run = uuid.uuid4().hex[:8]
+    names = (f"e2e-requests-{run}", f"e2e-replies-{run}", f"e2e-dlq-{run}")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        sizes = (partitions, partitions, 1)
+        await admin.create_topics([NewTopic(n, k, 1) for n, k in zip(names, sizes, strict=True)])
+    finally:
+        await admin.close()
+    await asyncio.sleep(2.0)  # leaders for every partition
+    return names
+
+
+def start_workers(
+    args: argparse.Namespace, model: Path, bootstrap: str, names: tuple[str, str, str], out: Path
+) -> list[subprocess.Popen[bytes]]:
+    group = f"e2e-workers-{uuid.uuid4().hex[:8]}"
+    workers = []
+    for gpu in range(args.gpus):
+        command = [sys.executable, "-m", "consumer", "--model", str(model), "--device", args.device]
+        command += ["--bootstrap-servers", bootstrap, "--group-id", group]
+        command += ["--request-topic", names[0], "--reply-topic", names[1]]
+        command += ["--dlq-topic", names[2], "--group-instance-id", f"gpu{gpu}"]
+        command += ["--http-host", "127.0.0.1", "--http-port", str(FIRST_HTTP_PORT + gpu)]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
+        log = (out / f"worker-gpu{gpu}.log").open("wb")
+        workers.append(
+            subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
+    return workers
+
+
+async def wait_ready(workers: list[subprocess.Popen[bytes]]) -> float:
+    import aiohttp
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        for gpu, worker in enumerate(workers):
+            url = f"http://127.0.0.1:{FIRST_HTTP_PORT + gpu}/health/ready"
+            while True:
+                if worker.poll() is not None:
+                    raise SystemExit(f"worker on GPU {gpu} exited with {worker.returncode}")
+                if time.monotonic() - started > READY_TIMEOUT_S:
+                    raise SystemExit(f"worker on GPU {gpu} not ready in {READY_TIMEOUT_S} s")
+                try:
+                    async with http.get(url) as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(1.0)
+    return time.monotonic() - started
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> list[int | None]:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    codes: list[int | None] = []
+    for worker in workers:
+        try:
+            codes.append(worker.wait(60))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            codes.append(None)
+    return codes
+
+
+# -- load phases ------------------------------------------------------------------------
+
+
+class Load:
+    """Sends the synthetic requests round-robin through one SDK client."""
+
+    def __init__(self, client: Any, requests: list[tuple[str, list[str]]]) -> None:
+        self._client = client
+        self._requests = requests
+        self._next = 0
+
+    def _take(self) -> tuple[str, list[str]]:
+        request = self._requests[self._next % len(self._requests)]
+        self._next += 1
+        return request
+
+    async def one(self, phase: Phase) -> None:
+        from producer_sdk import RerankErrorReply, RerankTimeout
+
+        query, documents = self._take()
+        phase.sent += 1
+        started = time.perf_counter()
+        try:
+            await self._client.rerank(query, documents, timeout=CALL_TIMEOUT_S)
+        except RerankTimeout:
+            phase.lost += 1
+            return
+        except RerankErrorReply:
+            phase.errors += 1
+            return
+        phase.latencies.append(time.perf_counter() - started)
+        phase.answered += 1
+
+    async def closed_loop(self, name: str, concurrency: int, seconds: float) -> Phase:
+        phase = Phase(name)
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            while time.perf_counter() < end:
+                await self.one(phase)
+
+        started = time.perf_counter()
+        await self._counting(phase, asyncio.gather(*(caller() for _ in range(concurrency))))
+        phase.seconds = time.perf_counter() - started
+        return phase
+
+    async def open_loop(self, name: str, rate: float, seconds: float) -> Phase:
+        phase = Phase(name, offered_per_s=round(rate, 1))
+        count = max(1, int(rate * seconds))
+
+        async def paced() -> None:
+            tasks = []
+            started = time.perf_counter()
+            for i in range(count):
+                delay = started + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(self.one(phase)))
+            await asyncio.gather(*tasks)
+
+        started = time.perf_counter()
+        await self._counting(phase, paced())
+        # the offered window, not the tail of the last replies
+        phase.seconds = min(time.perf_counter() - started, count / rate)
+        return phase
+
+    async def _counting(self, phase: Phase, work: Any) -> None:
+        before = self._client.stats.duplicates_dropped
+        await work
+        await asyncio.sleep(1.0)  # late repeats of this phase's replies
+        phase.duplicates = self._client.stats.duplicates_dropped - before
+
+
+async def drive(
+    args: argparse.Namespace, bootstrap: str, names: tuple[str, str, str]
+) -> list[Phase]:
+    from producer_sdk import RerankClient
+
+    requests = synthetic_requests(args.tokenizer, args.pairs, args.docs, args.seed)
+    client = RerankClient(bootstrap, request_topic=names[0], reply_topic=names[1])
+    phases = []
+    async with client:
+        load = Load(client, requests)
+        in_flight = args.concurrency * args.gpus
+        await load.closed_loop("warm-up", in_flight, args.warm_s)
+        saturated = await load.closed_loop("saturated", in_flight, args.phase_s)
+        phases.append(saturated)
+        _say(saturated, args.docs)
+        lone = Phase("lone")
+        started = time.perf_counter()
+        for _ in range(args.lone):
+            await load.one(lone)
+        lone.seconds = time.perf_counter() - started
+        phases.append(lone)
+        _say(lone, args.docs)
+        rate = saturated.answered / saturated.seconds
+        for fraction in args.fractions:
+            paced = await load.open_loop(f"paced {fraction:.0%}", rate * fraction, args.phase_s)
+            phases.append(paced)
+            _say(paced, args.docs)
+    return phases
+
+
+def _say(phase: Phase, docs: int) -> None:
+    s = phase.summary(docs)
+    offered = f" offered {s['offered_per_s']}/s" if s["offered_per_s"] else ""
+    print(
+        f"{phase.name:12s}{offered} {s['answered']}/{s['sent']} answered, {s['pairs_per_s']} "
+        f"pairs/s, p50 {s['p50_ms']} ms p95 {s['p95_ms']} ms p99 {s['p99_ms']} ms, "
+        f"errors {s['errors']} lost {s['lost']} duplicates {s['duplicates']}",
+        flush=True,
+    )
+
+
+# -- the engine bench, the plot -------------------------------------------------------------
+
+
+def engine_bench(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
+    command = [sys.executable, "-m", "benchmarks.engine_bench", "--config", args.config]
+    command += ["--tokenizer", str(args.tokenizer), "--pairs", str(args.engine_pairs)]
+    command += ["--skip-reference"]
+    command += ["--json", "--device", args.device]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    (out / "engine_bench.txt").write_text(done.stdout + done.stderr)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else None
+
+
+def plot(phases: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Latency percentiles against the load answered; skipped without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(
+        (p for p in phases if p["pairs_per_s"] and p["name"] != "lone"),
+        key=lambda p: p["pairs_per_s"],
+    )
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        axes.plot([p["pairs_per_s"] for p in points], [p[key] for p in points], "o-", label=key[:3])
+    axes.set_xlabel("pairs/s answered through Kafka")
+    axes.set_ylabel("latency, produce to reply read (ms)")
+    axes.set_yscale("log")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    env = unpack(args.bundle, work) if args.bundle else dict(os.environ)
+    if args.tokenizer is None:
+        args.tokenizer = work / "tokenizer" if args.bundle else default_tokenizer_dir()
+    env["KAFKA_PORT"] = str(args.kafka_port)
+    for name in ("KAFKA_CONTROLLER_PORT", "KAFKA_STATE_DIR"):  # follow from the port
+        env.pop(name, None)
+    bootstrap = f"127.0.0.1:{args.kafka_port}"
+    kafka("start", env)
+    workers: list[subprocess.Popen[bytes]] = []
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "settings": _settings(args)}
+    try:
+        names = await create_topics(bootstrap, args.partitions)
+        model = work / "model"
+        config = json.loads(Path(CONFIGS.get(args.config, args.config)).read_text())
+        build_random_model(config, args.tokenizer, model, args.device, args.seed)
+        workers = start_workers(args, model, bootstrap, names, out)
+        report["workers_ready_s"] = round(await wait_ready(workers), 1)
+        print(f"{args.gpus} worker(s) ready after {report['workers_ready_s']} s", flush=True)
+        phases = await drive(args, bootstrap, names)
+        report["phases"] = [p.summary(args.docs) for p in phases]
+    finally:
+        report["worker_exit_codes"] = stop_workers(workers)
+        kafka("stop", env)
+    report["engine_bench"] = engine_bench(args, out)
+    report["hardware"] = _hardware(args.device)
+    _write(report, args, out)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys: tuple[str, ...] = ("gpus", "device", "config", "partitions", "docs", "concurrency")
+    keys += ("phase_s", "fractions", "lone")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _hardware(device: str) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.engine_bench import hardware
+
+    info = hardware(device)
+    info["gpus_visible"] = torch.cuda.device_count()
+    return info
+
+
+def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    hw = report["hardware"]
+    lines = [
+        f"hardware: {args.gpus} x {hw.get('gpu')} ({hw.get('gpus_visible')} visible), "
+        f"{hw['cpu_cores']} CPU cores ({hw['cpu']}), torch {hw['torch']}, "
+        f"transformers {hw['transformers']}, Python {hw['python']}",
+        f"settings: {json.dumps(report['settings'])}",
+        "phase         offered/s  answered/sent  pairs/s    p50 ms   p95 ms   p99 ms   "
+        "errors lost dup",
+    ]
+    for p in report.get("phases", []):
+        lines.append(
+            f"{p['name']:12s}  {p['offered_per_s'] or '':>9}  {p['answered']:>6}/{p['sent']:<6}"
+            f"  {p['pairs_per_s'] or 0:>8}  {p['p50_ms']:>7}  {p['p95_ms']:>7}  {p['p99_ms']:>7}"
+            f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}"
+        )
+    engine = report.get("engine_bench")
+    if engine:
+        lines.append(
+            f"engine bench (same call, GPU 0, workers stopped): "
+            f"{engine['engine']['load']['pairs_per_s']} pairs/s"
+        )
+    lines.append(f"worker exit codes after SIGTERM: {report['worker_exit_codes']}")
+    text = "\n".join(lines)
+    (out / "summary.txt").write_text(text + "\n")
+    print(text)
+    if report.get("phases"):
+        title = f"{args.gpus} x {hw.get('gpu')}, {args.config}, through Kafka"
+        plot(report["phases"], title, out / "latency_vs_load.png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for the results")
+    p.add_argument("--bundle", type=Path, help="what benchmarks/e2e/pack.sh made (.e2e)")
+    p.add_argument("--work", default="/tmp/rerank-e2e", help="scratch folder")
+    p.add_argument("--tokenizer", type=Path, help="default: the bundle's")
+    p.add_argument("--gpus", type=int, default=0, help="workers, one per GPU (0: every GPU)")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to try the harness out")
+    p.add_argument("--config", default="0.6b", help="0.6b, tiny or a config.json")
+    p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--kafka-port", type=int, default=KAFKA_PORT, help="the broker it starts")
+    p.add_argument("--docs", type=int, default=8, help="documents per request")
+    p.add_argument("--pairs", type=int, default=32768, help="distinct pairs to cycle through")
+    p.add_argument("--concurrency", type=int, default=128, help="requests in flight per GPU")
+    p.add_argument("--warm-s", type=float, default=10.0)
+    p.add_argument("--phase-s", type=float, default=20.0)
+    p.add_argument("--lone", type=int, default=100)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.8])
+    p.add_argument("--engine-pairs", type=int, default=16384, help="pairs of the engine bench")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.gpus <= 0:
+        import torch
+
+        args.gpus = torch.cuda.device_count()
+    return args
+
+
+def main() -> None:
+    asyncio.run(main_async(parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The end-to-end GPU benchmark's harness stays runnable: a short run on the CPU.
+
+It starts its own broker (with this machine's Java and the cached jars, as no bundle is
+given), a worker with the tiny random-weight model on the CPU, and every load phase.
+Its numbers are not checked: only that each phase answered every request once, and that
+the summary names the hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[2]
+PORT = 39592  # a broker of its own, away from the test broker
+
+
+def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
+         "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
+         "--config", "tiny", "--kafka-port", str(PORT), "--phase-s", "2", "--warm-s", "1",
+         "--lone", "3", "--concurrency", "4", "--pairs", "256", "--engine-pairs", "128"],
+        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert [p["name"] for p in report["phases"]] == ["saturated", "lone", "paced 50%", "paced 80%"]
+    for phase in report["phases"]:
+        assert phase["answered"] == phase["sent"] > 0, phase
+        assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0), phase
+    assert report["worker_exit_codes"] == [0]
+    assert report["engine_bench"]["engine"]["load"]["pairs_per_s"] > 0
+    assert "CPU cores" in (out / "summary.txt").read_text()
