@@ -27,7 +27,9 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -65,6 +67,8 @@ class Phase:
     lost: int = 0
     duplicates: int = 0
     latencies: list[float] = field(default_factory=list, repr=False)
+    # the worker's own timing of each answered request (ms): queue, inference, total
+    worker_ms: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
 
     def summary(self, docs: int) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -72,7 +76,7 @@ class Phase:
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None
 
-        out = {k: v for k, v in asdict(self).items() if k != "latencies"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("latencies", "worker_ms")}
         out |= {
             "requests_per_s": round(self.answered / self.seconds, 1) if self.seconds else None,
             "pairs_per_s": round(self.answered * docs / self.seconds, 1) if self.seconds else None,
@@ -81,6 +85,11 @@ class Phase:
             "p99_ms": pct(0.99),
             "max_ms": round(lat[-1] * 1000, 1) if lat else None,
         }
+        if self.worker_ms:
+            for i, part in enumerate(("queue", "inference", "total")):
+                out[f"worker_{part}_p50_ms"] = round(
+                    statistics.median(t[i] for t in self.worker_ms), 2
+                )
         return out
 
 
@@ -136,6 +145,7 @@ def start_workers(
         command += ["--request-topic", names[0], "--reply-topic", names[1]]
         command += ["--dlq-topic", names[2], "--group-instance-id", f"gpu{gpu}"]
         command += ["--http-host", "127.0.0.1", "--http-port", str(FIRST_HTTP_PORT + gpu)]
+        command += shlex.split(args.worker_args)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
         log = (out / f"worker-gpu{gpu}.log").open("wb")
         workers.append(
@@ -203,7 +213,7 @@ class Load:
         phase.sent += 1
         started = time.perf_counter()
         try:
-            await self._client.rerank(query, documents, timeout=CALL_TIMEOUT_S)
+            result = await self._client.rerank(query, documents, timeout=CALL_TIMEOUT_S)
         except RerankTimeout:
             phase.lost += 1
             return
@@ -212,6 +222,8 @@ class Load:
             return
         phase.latencies.append(time.perf_counter() - started)
         phase.answered += 1
+        timing = result.timing
+        phase.worker_ms.append((timing.queue_ms, timing.inference_ms, timing.total_ms))
 
     async def closed_loop(self, name: str, concurrency: int, seconds: float) -> Phase:
         phase = Phase(name)
@@ -276,7 +288,7 @@ async def drive(
         phases.append(lone)
         _say(lone, args.docs)
         rate = saturated.answered / saturated.seconds
-        for fraction in args.fractions:
+        for fraction in args.fractions:  # none: --fractions with no value
             paced = await load.open_loop(f"paced {fraction:.0%}", rate * fraction, args.phase_s)
             phases.append(paced)
             _say(paced, args.docs)
@@ -289,7 +301,9 @@ def _say(phase: Phase, docs: int) -> None:
     print(
         f"{phase.name:12s}{offered} {s['answered']}/{s['sent']} answered, {s['pairs_per_s']} "
         f"pairs/s, p50 {s['p50_ms']} ms p95 {s['p95_ms']} ms p99 {s['p99_ms']} ms, "
-        f"errors {s['errors']} lost {s['lost']} duplicates {s['duplicates']}",
+        f"errors {s['errors']} lost {s['lost']} duplicates {s['duplicates']}; worker p50 "
+        f"queue {s.get('worker_queue_p50_ms')} inference {s.get('worker_inference_p50_ms')} "
+        f"total {s.get('worker_total_p50_ms')} ms",
         flush=True,
     )
 
@@ -367,14 +381,14 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         report["worker_exit_codes"] = stop_workers(workers)
         kafka("stop", env)
-    report["engine_bench"] = engine_bench(args, out)
+    report["engine_bench"] = engine_bench(args, out) if args.engine_pairs else None
     report["hardware"] = _hardware(args.device)
     _write(report, args, out)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys: tuple[str, ...] = ("gpus", "device", "config", "partitions", "docs", "concurrency")
-    keys += ("phase_s", "fractions", "lone")
+    keys += ("phase_s", "fractions", "lone", "worker_args")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -397,13 +411,16 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         f"transformers {hw['transformers']}, Python {hw['python']}",
         f"settings: {json.dumps(report['settings'])}",
         "phase         offered/s  answered/sent  pairs/s    p50 ms   p95 ms   p99 ms   "
-        "errors lost dup",
+        "errors lost dup  worker p50 ms (queue/inference/total)",
     ]
     for p in report.get("phases", []):
+        worker = "/".join(
+            str(p.get(f"worker_{part}_p50_ms")) for part in ("queue", "inference", "total")
+        )
         lines.append(
             f"{p['name']:12s}  {p['offered_per_s'] or '':>9}  {p['answered']:>6}/{p['sent']:<6}"
             f"  {p['pairs_per_s'] or 0:>8}  {p['p50_ms']:>7}  {p['p95_ms']:>7}  {p['p99_ms']:>7}"
-            f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}"
+            f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}  {worker}"
         )
     engine = report.get("engine_bench")
     if engine:
@@ -437,8 +454,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warm-s", type=float, default=10.0)
     p.add_argument("--phase-s", type=float, default=20.0)
     p.add_argument("--lone", type=int, default=100)
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.8])
-    p.add_argument("--engine-pairs", type=int, default=16384, help="pairs of the engine bench")
+    p.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.8])
+    p.add_argument(
+        "--engine-pairs", type=int, default=16384, help="pairs of the engine bench (0: skip it)"
+    )
+    p.add_argument("--worker-args", default="", help='more worker flags: "--flag value ..."')
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.gpus <= 0:
