@@ -69,6 +69,8 @@ class Phase:
     latencies: list[float] = field(default_factory=list, repr=False)
     # the worker's own timing of each answered request (ms): queue, inference, total
     worker_ms: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
+    # (unix time sent, latency ms, worker total ms) of each answered request
+    timeline: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
 
     def summary(self, docs: int) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -76,7 +78,8 @@ class Phase:
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None
 
-        out = {k: v for k, v in asdict(self).items() if k not in ("latencies", "worker_ms")}
+        hidden = ("latencies", "worker_ms", "timeline")
+        out = {k: v for k, v in asdict(self).items() if k not in hidden}
         out |= {
             "requests_per_s": round(self.answered / self.seconds, 1) if self.seconds else None,
             "pairs_per_s": round(self.answered * docs / self.seconds, 1) if self.seconds else None,
@@ -90,6 +93,8 @@ class Phase:
                 out[f"worker_{part}_p50_ms"] = round(
                     statistics.median(t[i] for t in self.worker_ms), 2
                 )
+            totals = sorted(t[2] for t in self.worker_ms)
+            out["worker_total_p99_ms"] = round(totals[int(0.99 * (len(totals) - 1))], 2)
         return out
 
 
@@ -147,6 +152,10 @@ def start_workers(
         command += ["--http-host", "127.0.0.1", "--http-port", str(FIRST_HTTP_PORT + gpu)]
         command += shlex.split(args.worker_args)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
+        if args.gc_probe_ms:
+            probe = str(Path(__file__).parent / "e2e" / "gc_probe")
+            env["PYTHONPATH"] = os.pathsep.join([probe, env.get("PYTHONPATH", "")])
+            env["RERANK_GC_PROBE_MS"] = str(args.gc_probe_ms)
         log = (out / f"worker-gpu{gpu}.log").open("wb")
         workers.append(
             subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -211,6 +220,7 @@ class Load:
 
         query, documents = self._take()
         phase.sent += 1
+        sent_at = time.time()
         started = time.perf_counter()
         try:
             result = await self._client.rerank(query, documents, timeout=CALL_TIMEOUT_S)
@@ -224,6 +234,8 @@ class Load:
         phase.answered += 1
         timing = result.timing
         phase.worker_ms.append((timing.queue_ms, timing.inference_ms, timing.total_ms))
+        latency_ms = round(phase.latencies[-1] * 1000, 2)
+        phase.timeline.append((round(sent_at, 4), latency_ms, round(timing.total_ms, 2)))
 
     async def closed_loop(self, name: str, concurrency: int, seconds: float) -> Phase:
         phase = Phase(name)
@@ -289,7 +301,9 @@ async def drive(
         _say(lone, args.docs)
         rate = saturated.answered / saturated.seconds
         for fraction in args.fractions:  # none: --fractions with no value
-            paced = await load.open_loop(f"paced {fraction:.0%}", rate * fraction, args.phase_s)
+            name = f"paced {fraction:.0%}"
+            name += f" #{sum(p.name.startswith(name) for p in phases) + 1}"
+            paced = await load.open_loop(name, rate * fraction, args.phase_s)
             phases.append(paced)
             _say(paced, args.docs)
     return phases
@@ -378,6 +392,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"{args.gpus} worker(s) ready after {report['workers_ready_s']} s", flush=True)
         phases = await drive(args, bootstrap, names)
         report["phases"] = [p.summary(args.docs) for p in phases]
+        report["timelines"] = {p.name: p.timeline for p in phases if p.name != "saturated"}
     finally:
         report["worker_exit_codes"] = stop_workers(workers)
         kafka("stop", env)
@@ -459,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine-pairs", type=int, default=16384, help="pairs of the engine bench (0: skip it)"
     )
     p.add_argument("--worker-args", default="", help='more worker flags: "--flag value ..."')
+    p.add_argument(
+        "--gc-probe-ms", type=float, default=0, help="log worker GC pauses over this (0: off)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.gpus <= 0:

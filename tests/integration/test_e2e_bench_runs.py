@@ -32,7 +32,12 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
-    assert [p["name"] for p in report["phases"]] == ["saturated", "lone", "paced 50%", "paced 80%"]
+    assert [p["name"] for p in report["phases"]] == [
+        "saturated",
+        "lone",
+        "paced 50% #1",
+        "paced 80% #1",
+    ]
     for phase in report["phases"]:
         assert phase["answered"] == phase["sent"] > 0, phase
         assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0), phase
