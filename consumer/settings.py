@@ -442,6 +442,13 @@ class Settings(BaseSettings):
     log_format: LogFormat = _setting(
         "text", "Log format: text or json (one object a line).", "Service"
     )
+    gc_freeze: bool = _setting(
+        True,
+        "After the warm-up, put every object alive then (model, tokenizer, libraries) out of "
+        "the garbage collector's reach: its full collections then no longer pause the "
+        "worker for about half a second under load.",
+        "Service",
+    )
 
     @field_validator("compile", "packed", "cuda_graphs", mode="before")
     @classmethod

@@ -317,3 +317,42 @@ async def test_a_failed_engine_makes_the_service_step_aside_and_exit_1(session, 
     code = await asyncio.wait_for(running, WAIT_S)
     assert code == EXIT_FAILED
     assert any("stepped aside" in r.getMessage() for r in caplog.records)
+
+
+def test_freeze_heap_puts_live_objects_out_of_the_collectors_reach() -> None:
+    import gc
+
+    from consumer.app import freeze_heap
+
+    kept = [{"n": i} for i in range(1000)]
+    try:
+        frozen = freeze_heap()
+        assert frozen == gc.get_freeze_count() >= len(kept)
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("gc_freeze", [True, False])
+async def test_the_heap_is_frozen_once_the_engine_is_warm_unless_switched_off(
+    monkeypatch: pytest.MonkeyPatch, gc_freeze: bool
+) -> None:
+    import consumer.app
+
+    calls: list[bool] = []
+
+    def fake_freeze() -> int:
+        calls.append(fakes.engines[0].started)
+        return 1
+
+    monkeypatch.setattr(consumer.app, "freeze_heap", fake_freeze)
+    fakes = FakeParts()
+    service = make_service(fakes, gc_freeze=gc_freeze)
+    running = asyncio.create_task(service.run())
+    try:
+        fakes.release_load.set()
+        await wait_for(lambda: fakes.workers and fakes.workers[0].joined.is_set())
+        service._on_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(running, WAIT_S) == EXIT_OK
+    finally:
+        running.cancel()
+    assert calls == ([True] if gc_freeze else [])
