@@ -15,6 +15,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The chaos tests' fault injector (built once with Go, cached like the Kafka jars).
 "$ROOT/deploy/local/toxiproxy" fetch
 export RERANK_TOXIPROXY="$("$ROOT/deploy/local/toxiproxy" path)"
+"$ROOT/deploy/local/helm" fetch
 
 echo "[test] ruff"
 "$VENV/bin/ruff" check .
