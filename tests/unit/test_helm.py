@@ -839,3 +839,15 @@ def test_crd_schemas_say_where_they_come_from() -> None:
     for name in CRD_FILES.values():
         assert name in readme
     assert "Apache" in readme and (CRD_DIR / "LICENSE.Apache-2.0").is_file()
+
+
+def test_operations_doc_explains_the_chart() -> None:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    section = doc.split("\n## Kubernetes\n", 1)[1]
+    headings = re.findall(r"^#+\s+(.+?)\s*$", doc, flags=re.M)
+    anchors = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+    for link in re.findall(r"\]\(#([^)]+)\)", section):
+        assert link in anchors, link
+    for example in EXAMPLES:
+        assert f"`{example}.yaml`" in section
+    assert "lagThreshold" in section and "1,561 pairs/s" in section
