@@ -1,5 +1,10 @@
 """Bi-encoders (BERT-like sentence encoders): cosine similarity of the pooled,
-L2-normalized query and document embeddings; each distinct query of a batch is embedded once."""
+L2-normalized query and document embeddings; each distinct query of a batch is embedded once.
+
+The raw score (``raw_scores``) is the cosine similarity, in [-1, 1]. The contract's score
+is in [0, 1], so :meth:`BiEncoderScorer.calibrate` maps it linearly: ``(cos + 1) / 2``
+(-1 -> 0, 0 -> 0.5, 1 -> 1). The map is increasing, so the ranking is the cosine's. It is
+a similarity, not a probability of relevance: unrelated texts score near 0.5, not near 0."""
 
 from __future__ import annotations
 
@@ -72,5 +77,8 @@ class BiEncoderScorer(OneCallScorer):
         return [float(x) for x in sims.cpu().tolist()]
 
     def calibrate(self, logits: Sequence[float]) -> list[float]:
-        """Identity: the cosine similarity is the score."""
-        return list(logits)
+        """Cosine similarity in [-1, 1] -> score in [0, 1]: ``(cos + 1) / 2``, same order.
+
+        Clamped to [0, 1]: float rounding can put the cosine of (nearly) identical texts a
+        hair above 1."""
+        return [min(1.0, max(0.0, (x + 1.0) / 2.0)) for x in logits]

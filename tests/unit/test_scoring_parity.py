@@ -263,12 +263,43 @@ def test_bi_encoder_ranks_relevant_documents_first() -> None:
         logits = loaded.scorer.score(pairs)
         assert logits[1] > logits[0]
         assert all(-1.0 <= x <= 1.0 + 1e-6 for x in logits)
-        assert loaded.scorer.calibrate(logits) == logits
+        assert loaded.scorer.calibrate(logits) == pytest.approx([(x + 1) / 2 for x in logits])
     # two requests in one batch score as they do alone
     first = loaded.encoder.encode(cases[0][0], list(cases[0][1:]), None)
     second = loaded.encoder.encode(cases[1][0], list(cases[1][1:]), None)
     both = loaded.scorer.score(first + second)
     assert both == pytest.approx(loaded.scorer.score(first) + loaded.scorer.score(second), abs=1e-5)
+
+
+async def test_bi_encoder_replies_scores_in_0_1_ranked_as_the_cosines() -> None:
+    """The offline fallback through the engine, as the worker runs it: a document whose
+    embedding points away from the query's (cosine < 0) still scores within [0, 1]."""
+    from consumer.engine.api import ScoreRequest
+    from consumer.engine.engine import Engine
+
+    loaded = load_model(ModelOptions(model=str(minilm_dir())))
+    engine = Engine.for_model(loaded)
+    await engine.start()
+    try:
+        request = ScoreRequest(
+            "What is the capital of France?",
+            (
+                "buy cheap shoes online",  # cosine about -0.07 with this query
+                "Paris is the capital and largest city of France.",
+                "Mitochondria are the powerhouse of the cell.",
+                "What is the capital of France?",  # cosine 1 (a hair above, in float32)
+            ),
+        )
+        result = await engine.score(request)
+    finally:
+        await engine.close()
+    cosines = result.logits  # what raw_scores reports
+    assert min(cosines) < 0
+    assert all(0.0 <= s <= 1.0 for s in result.scores)
+    assert result.scores == pytest.approx([(c + 1) / 2 for c in cosines], abs=1e-6)
+    by_score = sorted(range(4), key=lambda i: -result.scores[i])
+    assert by_score == sorted(range(4), key=lambda i: -cosines[i]) == [3, 1, 2, 0]
+    assert loaded.scorer.calibrate([-1.0, 0.0, 1.0]) == [0.0, 0.5, 1.0]
 
 
 def test_non_qwen_cross_encoder_matches_its_tokenizer_and_model(
