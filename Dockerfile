@@ -25,7 +25,8 @@ COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 COPY producer_sdk ./producer_sdk
 COPY schemas ./schemas
-RUN pip install ".[worker]"
+COPY gateway ./gateway
+RUN pip install ".[worker,gateway]"
 
 FROM ${PYTHON_IMAGE}
 ARG UID=10001

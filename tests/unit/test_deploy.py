@@ -567,11 +567,20 @@ def test_dockerfile_copies_what_the_build_context_keeps() -> None:
             assert f"!{source}" in ignore or f"!{source}/" in ignore, source
 
 
-def test_dockerfile_installs_the_worker_extra() -> None:
-    """``pip install .`` alone is the SDK: the image needs the worker's GPU stack too."""
+def test_dockerfile_installs_the_worker_and_gateway_extras() -> None:
+    """``pip install .`` alone is the SDK: the image runs the worker and the gateway too."""
     _, instructions = _dockerfile()
     installs = [rest for op, rest in instructions if op == "RUN" and "pip install" in rest]
-    assert any('".[worker]"' in rest for rest in installs), installs
+    assert any('".[worker,gateway]"' in rest for rest in installs), installs
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    """A package left out of the image installs nothing: its console script fails to import."""
+    _, instructions = _dockerfile()
+    copied = {rest.split()[0] for op, rest in instructions if op == "COPY"}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert sorted(set(packages) - copied) == []
 
 
 # --- systemd -----------------------------------------------------------------------------------
