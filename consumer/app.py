@@ -37,6 +37,7 @@ from consumer.service.gpu_stats import refresh_gpu_memory
 from consumer.service.http_server import HealthServer
 from consumer.service.metrics import Metrics
 from consumer.settings import Settings, SettingsError, load_settings
+from consumer.tracing_setup import TracingUnavailable, tracer_provider
 
 if TYPE_CHECKING:
     from consumer.runtime.loader import LoadedModel
@@ -368,8 +369,21 @@ def main(argv: Sequence[str] | None = None, parts: Parts = REAL_PARTS) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # Progress bars (weights loading) would break the one-record-a-line log output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        tracing = tracer_provider(settings.tracing)
+    except TracingUnavailable as exc:
+        _print_problems([str(exc)])
+        return EXIT_BAD_SETTINGS
+    if tracing is not None:
+        from opentelemetry import trace
+
+        trace.set_tracer_provider(tracing)  # the worker finds it when it is built
     log.info("rerank worker starting", extra={"settings": settings.masked()})
-    return asyncio.run(_run(settings, parts))
+    try:
+        return asyncio.run(_run(settings, parts))
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # exports the spans still buffered
 
 
 async def _run(settings: Settings, parts: Parts) -> int:

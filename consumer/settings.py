@@ -40,6 +40,7 @@ Switch = Literal["auto", "on", "off"]
 Delivery = Literal["at_least_once", "exactly_once"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["text", "json"]
+Tracing = Literal["off", "otlp"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -442,6 +443,14 @@ class Settings(BaseSettings):
     log_format: LogFormat = _setting(
         "text", "Log format: text or json (one object a line).", "Service"
     )
+    tracing: Tracing = _setting(
+        "off",
+        "OpenTelemetry traces of each request: off, or otlp (exported to the collector the "
+        "standard OTEL_EXPORTER_OTLP_* variables name; needs the tracing extra). The "
+        "requests' W3C traceparent headers make the worker's spans children of the "
+        "producer's.",
+        "Service",
+    )
     gc_freeze: bool = _setting(
         True,
         "After the warm-up, put every object alive then (model, tokenizer, libraries) out of "
@@ -465,7 +474,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", "dtype", "device", mode="before")
+    @field_validator("log_format", "dtype", "device", "tracing", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from consumer.engine.api import DeadlineExceeded, EngineError, EngineFailed
+from consumer.engine.api import BatchTiming, DeadlineExceeded, EngineError, EngineFailed
 from consumer.engine.budget import TokenBudget
 from consumer.engine.handoff import BatchQueue
 from consumer.engine.metrics import BatchReport, EngineMetrics, EngineStats
@@ -307,15 +307,24 @@ class InferenceLoop:
         self, tickets: list[Ticket], logits: list[float], scores: list[float], started: float
     ) -> None:
         ended = time.perf_counter()
+        end_ns = time.time_ns()
         self._last_batch_end = ended
         self.progress_at = time.monotonic()
         self._budget.batch_succeeded()
         seconds = ended - started
-        self._record(tickets, seconds, started)
-        batch_id = next(self._batch_ids)
-        self._post(Outcome(tickets, logits, scores, batch_id=batch_id, seconds=seconds))
+        report = self._record(tickets, seconds, started)
+        batch = BatchTiming(
+            batch_id=next(self._batch_ids),
+            start_ns=end_ns - round(seconds * 1e9),
+            end_ns=end_ns,
+            seconds=seconds,
+            pairs=len(tickets),
+            tokens=report.real_tokens,
+            cost_tokens=report.cost_tokens,
+        )
+        self._post(Outcome(tickets, logits, scores, batch=batch))
 
-    def _record(self, tickets: list[Ticket], seconds: float, started: float) -> None:
+    def _record(self, tickets: list[Ticket], seconds: float, started: float) -> BatchReport:
         pairs = [t.pair for t in tickets]
         report = BatchReport(
             pairs=pairs,
@@ -329,6 +338,7 @@ class InferenceLoop:
             self._metrics.batch_scored(report)
         except Exception:
             log.warning("recording a batch's metrics failed", exc_info=True)
+        return report
 
     def _crash(self, exc: BaseException, batch: Batch | None, in_flight: _Launched | None) -> None:
         """A bug in this loop: answer what it held, then let the engine fail the rest."""

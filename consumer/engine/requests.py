@@ -40,6 +40,8 @@ class RequestTable:
             for request in {t.request: None for t in outcome.tickets}:
                 self.fail(request, outcome.error_type, outcome.error_message)
             return
+        batch = outcome.batch
+        assert batch is not None, "a successful outcome reports its batch"
         now = time.perf_counter()
         for ticket, logit, score in zip(
             outcome.tickets, outcome.logits, outcome.scores, strict=True
@@ -49,7 +51,7 @@ class RequestTable:
                 continue
             request.logits[ticket.index] = logit
             request.scores[ticket.index] = score
-            request.batch_seconds[outcome.batch_id] = outcome.seconds
+            request.batches[batch.batch_id] = batch
             request.remaining -= 1
             self.in_flight_pairs -= 1
             if request.remaining == 0:
@@ -87,7 +89,7 @@ def score_result(
     request: PendingRequest, pairs: list[EncodedPair], tokenize_s: float
 ) -> ScoreResult:
     """The answer of a request whose pairs are all scored."""
-    inference_s = sum(request.batch_seconds.values())
+    inference_s = sum(batch.seconds for batch in request.batches.values())
     in_engine_s = request.finished - request.enqueued
     return ScoreResult(
         logits=tuple(request.logits),
@@ -96,5 +98,6 @@ def score_result(
         truncated=tuple(p.truncated for p in pairs),
         queue_ms=max(0.0, in_engine_s - inference_s) * 1000.0,
         inference_ms=inference_s * 1000.0,
-        extra={"tokenize_ms": tokenize_s * 1000.0, "batches": float(len(request.batch_seconds))},
+        extra={"tokenize_ms": tokenize_s * 1000.0, "batches": float(len(request.batches))},
+        batches=tuple(request.batches.values()),
     )

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from consumer.engine.api import EngineError
+from consumer.engine.api import BatchTiming, EngineError
 from consumer.runtime.prompt import EncodedPair
 
 
@@ -20,7 +20,7 @@ class PendingRequest:
     """Loop-side state of one request; mutated only on the event loop thread."""
 
     __slots__ = (
-        "batch_seconds",
+        "batches",
         "deadline",
         "done",
         "enqueued",
@@ -45,7 +45,7 @@ class PendingRequest:
         self.done = False
         self.enqueued = time.perf_counter()
         self.finished = self.enqueued
-        self.batch_seconds: dict[int, float] = {}
+        self.batches: dict[int, BatchTiming] = {}
         self.tickets = [
             Ticket(pair, self, i, pair.tokens, deadline, self.enqueued)
             for i, pair in enumerate(pairs)
@@ -81,8 +81,7 @@ class Outcome:
     scores: Sequence[float] = ()
     error_type: type[EngineError] | None = None
     error_message: str = ""
-    batch_id: int = 0
-    seconds: float = 0.0
+    batch: BatchTiming | None = None  # set on success
 
 
 def failure(tickets: list[Ticket], error_type: type[EngineError], message: str) -> Outcome:

@@ -43,6 +43,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
+from opentelemetry.trace import TracerProvider
 
 from consumer.engine.api import RerankEngine
 from consumer.service.attempts import read_committed_offset, read_heads
@@ -61,6 +62,7 @@ from consumer.service.metrics import Metrics
 from consumer.service.partitions import Hold, PartitionWork
 from consumer.service.processing import Decoded, RequestProcessor
 from consumer.service.reply_router import ClientTopicLookup, ReplyRouter
+from consumer.service.tracing import WorkerTracing
 from consumer.service.transactions import (
     PartitionTransactions,
     TransactionalCommitter,
@@ -103,14 +105,23 @@ class _Listener(ConsumerRebalanceListener):
 
 
 class Worker:
-    """One consumer-group member answering rerank requests with ``engine``."""
+    """One consumer-group member answering rerank requests with ``engine``.
+
+    Requests are traced (OpenTelemetry, :mod:`consumer.service.tracing`) when
+    ``tracer_provider``, or else the global provider, is an SDK one; decided here, once.
+    """
 
     def __init__(
-        self, config: WorkerConfig, engine: RerankEngine, metrics: Metrics | None = None
+        self,
+        config: WorkerConfig,
+        engine: RerankEngine,
+        metrics: Metrics | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._config = config
         self._engine = engine
         self._metrics = metrics if metrics is not None else Metrics()
+        self._tracing = WorkerTracing.create(tracer_provider, config.group_id, config.client_id)
         self._gate = PairGate(config.inflight_high_pairs, config.inflight_low_pairs)
         self._work: dict[TopicPartition, PartitionWork] = {}
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -264,6 +275,10 @@ class Worker:
         sender: Sender = (
             TransactionalSender(self._txns) if config.exactly_once else AckedSender(self._producer)
         )
+        engine = self._engine
+        if self._tracing is not None:
+            sender = self._tracing.sender(sender, config.dlq_topic)
+            engine = self._tracing.engine(engine)
         delivery = Delivery(
             sender,
             router,
@@ -273,7 +288,7 @@ class Worker:
             on_dead_letter_blocked=self._on_dead_letter_blocked,
         )
         self._processor = RequestProcessor(
-            self._engine, delivery, config.limits, config.default_max_age_s
+            engine, delivery, config.limits, config.default_max_age_s
         )
         if config.exactly_once:
             self._committer = TransactionalCommitter(
@@ -441,10 +456,13 @@ class Worker:
             decoded: Decoded | None = None  # a poison record is not even decoded again
             weight = 1
             work_done = processor.give_up(record, head.attempts)
-        else:
+        elif self._tracing is None:
             decoded = processor.decode(record)
             weight = processor.weight(decoded)
             work_done = processor.process(record, decoded, received)
+        else:
+            decoded, work_done = self._tracing.request(record, processor, received)
+            weight = processor.weight(decoded)
         self._gate.add(weight)
         self._pairs_per_record += (weight - self._pairs_per_record) * 0.1
         task = asyncio.create_task(work_done)

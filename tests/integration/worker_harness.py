@@ -224,10 +224,15 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str)
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    config: WorkerConfig, engine: FakeEngine | Any, metrics: Metrics | None = None
+    config: WorkerConfig,
+    engine: FakeEngine | Any,
+    metrics: Metrics | None = None,
+    tracer_provider: Any = None,
 ) -> AsyncIterator[Worker]:
-    """A worker running in this event loop, in its group; stopped cleanly on exit."""
-    worker = Worker(config, engine, metrics if metrics is not None else fresh_metrics())
+    """A worker running in this event loop, in its group; stopped cleanly on exit.
+    ``tracer_provider``: an OpenTelemetry SDK provider to trace requests with."""
+    metrics = metrics if metrics is not None else fresh_metrics()
+    worker = Worker(config, engine, metrics, tracer_provider=tracer_provider)
     task = asyncio.create_task(worker.run())
     try:
         await wait_until(lambda: worker.in_group or task.done(), JOIN_TIMEOUT_S, "group join")

@@ -14,7 +14,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CONSUMER = REPO / "consumer"
 # The wiring at the top of consumer/ may import every layer.
-TOP_LEVEL = {"__init__", "__main__", "app", "settings", "settings_doc", "logging_setup"}
+TOP_LEVEL = {
+    "__init__",
+    "__main__",
+    "app",
+    "settings",
+    "settings_doc",
+    "logging_setup",
+    "tracing_setup",
+}
 LAYERS = ("service", "engine", "runtime")
 # What each layer must never import (the layers above it, the wiring, the benchmarks).
 FORBIDDEN = {
