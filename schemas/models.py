@@ -107,6 +107,14 @@ class RerankRequest(BaseModel):
         default=False,
         description="Report raw model logits instead of calibrated [0, 1] scores.",
     )
+    truncate: bool = Field(
+        default=True,
+        description=(
+            "Cut documents that do not fit the model's token limit and score the rest "
+            "(the reply's 'truncated' lists them). When false, such a request gets an "
+            "invalid_request error naming the documents and the limit instead."
+        ),
+    )
 
 
 class RerankResult(BaseModel):
@@ -160,8 +168,25 @@ class RerankReply(BaseModel):
     id: CorrelationId
     model: str = Field(description="The model that produced the scores.")
     results: list[RerankResult]
+    truncated: list[Annotated[int, Field(ge=0)]] | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_drop_default,
+        description=(
+            "Indices (into the request's documents, ascending) of the documents that were "
+            "cut to fit the model's token limit before scoring, whether or not they are "
+            "among the results. Present only when at least one was."
+        ),
+    )
     usage: Usage
     timing_ms: Timing
+
+    @field_validator("truncated", mode="before")
+    @classmethod
+    def _absent_not_null(cls, value: object) -> object:
+        # Omitted when nothing was truncated, never null (as the schema says).
+        if value is None:
+            raise ValueError("must be omitted rather than null")
+        return value
 
 
 class ErrorBody(BaseModel):

@@ -59,6 +59,9 @@ if TYPE_CHECKING:  # the loader imports torch; the engine does not
 
 log = logging.getLogger(__name__)
 
+# An error about documents too long for the model names at most this many of them.
+_INDICES_SHOWN = 50
+
 
 class Engine:
     """A :class:`consumer.engine.api.RerankEngine` over a prompt encoder and a scorer.
@@ -192,6 +195,8 @@ class Engine:
             self._check_open()
             if _expired(request.deadline):
                 raise DeadlineExceeded("the request's deadline passed while it was tokenized")
+            if not request.truncate:
+                self._refuse_truncation(pairs)
         except BaseException:
             self._queue.tokenizing(-1)
             raise
@@ -268,6 +273,22 @@ class Engine:
                 f"encoder gave {len(pairs)} pairs for {len(request.documents)} documents"
             )
         return pairs
+
+    def _refuse_truncation(self, pairs: list[EncodedPair]) -> None:
+        """InvalidRequest naming the documents the encoder cut (``truncate=false``).
+
+        The encoder's own flags, so the documents are tokenized once either way."""
+        cut = [i for i, pair in enumerate(pairs) if pair.truncated]
+        if not cut:
+            return
+        limit = getattr(self._encoder, "limit_description", "the model's token limit")
+        shown = ", ".join(str(i) for i in cut[:_INDICES_SHOWN])
+        if len(cut) > _INDICES_SHOWN:
+            shown += f", ... ({len(cut) - _INDICES_SHOWN} more)"
+        raise InvalidRequest(
+            f"{len(cut)} of {len(pairs)} documents do not fit {limit} and truncate is false: "
+            f"documents [{shown}]"
+        )
 
     def _open(self, pairs: list[EncodedPair], deadline: float | None) -> PendingRequest:
         assert self._loop is not None

@@ -52,7 +52,12 @@ class EncodedPair:
 
 
 class PromptEncoder(Protocol):
-    """Turns one request into one :class:`EncodedPair` per document, in order."""
+    """Turns one request into one :class:`EncodedPair` per document, in order.
+
+    The encoders here also say what they cut to in ``limit_description`` (for the error
+    a request with ``truncate`` false gets), such as "the limit of 8192 tokens per prompt
+    (...)"; the engine does without it.
+    """
 
     def encode(
         self, query: str, documents: Sequence[str], instruction: str | None
@@ -96,6 +101,10 @@ class Qwen3RerankerEncoder:
         self.max_pair_tokens = max_pair_tokens
         self.default_instruction = default_instruction
         self._default_instruction_ids = self._ids(f"<Instruct>: {default_instruction}\n<Query>:")
+        self.limit_description = (
+            f"the limit of {max_pair_tokens} tokens per prompt (template, instruction, query "
+            "and document)"
+        )
 
     def _ids(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -169,6 +178,9 @@ class TextPairEncoder:
         limit = getattr(hf_tokenizer, "model_max_length", max_pair_tokens) or max_pair_tokens
         self.max_pair_tokens = min(max_pair_tokens, int(limit))
         self._tok.enable_truncation(self.max_pair_tokens, strategy="only_second")
+        self.limit_description = (
+            f"the limit of {self.max_pair_tokens} tokens per query and document pair"
+        )
 
     def encode(
         self, query: str, documents: Sequence[str], instruction: str | None
@@ -202,24 +214,28 @@ class BiEncoderEncoder:
     """Bi-encoders (sentence-transformers style): query and document are embedded apart.
 
     Each text is cut to ``max_seq_tokens`` (the model's max_seq_length); the instruction
-    is ignored.
+    is ignored. A pair is ``truncated`` when its document was cut, or the query was (then
+    every pair of the request is).
     """
 
     def __init__(self, hf_tokenizer: Any, max_seq_tokens: int) -> None:
         self._tok = private_tokenizer(hf_tokenizer)
         self.max_seq_tokens = max_seq_tokens
         self._tok.enable_truncation(max_seq_tokens)
+        self.limit_description = f"the limit of {max_seq_tokens} tokens per query or document"
 
     def encode(
         self, query: str, documents: Sequence[str], instruction: str | None
     ) -> list[EncodedPair]:
         """Encode the query once and every document."""
-        q = list(self._tok.encode(query).ids)
+        encoded_query = self._tok.encode(query)
+        q = list(encoded_query.ids)
+        query_cut = bool(encoded_query.overflowing)
         return [
             EncodedPair(
                 payload=BiEncoderIds(q, list(e.ids)),
                 tokens=len(q) + len(e.ids),
-                truncated=bool(e.overflowing),
+                truncated=query_cut or bool(e.overflowing),
             )
             for e in self._tok.encode_batch(list(documents))
         ]

@@ -452,17 +452,23 @@ def encode_success(
     queue_ms: float,
     inference_ms: float,
     total_ms: float,
+    truncated: Sequence[bool] = (),
 ) -> bytes:
     """The value of a success reply record.
 
     Results are sorted by ``relevance_score`` descending (ties: lower index first) and
     cut to ``top_n``; ``relevance_score`` is the calibrated score, or the raw logit when
-    ``raw_scores``. Raises ValueError when the lengths disagree or a reported number is
-    not finite (a broken model: the service answers ``internal`` instead).
+    ``raw_scores``. ``truncated`` (one flag per document, or empty) becomes the reply's
+    ``truncated`` indices, a field left out when no document was cut, so that such replies
+    are exactly what they were before the field existed. Raises ValueError when the
+    lengths disagree or a reported number is not finite (a broken model: the service
+    answers ``internal`` instead).
     """
     n = len(documents)
     if len(scores) != n or len(logits) != n:
         raise ValueError(f"{n} documents but {len(scores)} scores and {len(logits)} logits")
+    if truncated and len(truncated) != n:
+        raise ValueError(f"{n} documents but {len(truncated)} truncation flags")
     values = logits if raw_scores else scores
     if not all(math.isfinite(v) for v in values):
         raise ValueError("non-finite relevance score")
@@ -476,7 +482,7 @@ def encode_success(
         ]
     else:
         results = [{"index": i, "relevance_score": float(values[i])} for i in order]
-    reply = {
+    reply: dict[str, Any] = {
         "id": correlation_id,
         "model": model,
         "results": results,
@@ -487,6 +493,8 @@ def encode_success(
             "total": _timing(total_ms),
         },
     }
+    if any(truncated):
+        reply["truncated"] = [i for i, cut in enumerate(truncated) if cut]
     return orjson.dumps(reply)
 
 
@@ -508,6 +516,7 @@ def encode_result(
         queue_ms=result.queue_ms,
         inference_ms=result.inference_ms,
         total_ms=total_ms,
+        truncated=result.truncated,
     )
 
 

@@ -184,6 +184,7 @@ class RequestProcessor:
             documents=tuple(request.documents),
             instruction=request.instruction,
             deadline=deadline,
+            truncate=request.truncate,
         )
         error: tuple[ErrorCode, str, bool] | None = None
         try:

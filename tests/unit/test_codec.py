@@ -477,6 +477,44 @@ def test_encode_result_from_engine_result() -> None:
     }
 
 
+def test_truncated_documents_are_named_in_the_reply_whatever_top_n_keeps() -> None:
+    """Document 2 was cut to fit the model; the reply says so although top_n=1 drops it."""
+    request = decoded(body(documents=["a log", "a queue", "a long manual " * 900], top_n=1), cid())
+    result = ScoreResult(
+        logits=(0.0, 3.0, -1.0),
+        scores=(0.5, 0.95, 0.27),
+        prompt_tokens=8192,
+        truncated=(False, False, True),
+        queue_ms=1.0,
+        inference_ms=2.0,
+    )
+    raw = encode_result(request, "qwen", result, total_ms=4.0)
+    reply = orjson.loads(raw)
+    assert reply["truncated"] == [2]
+    assert [r["index"] for r in reply["results"]] == [1]
+    assert list(REPLY_VALIDATOR.iter_errors(reply)) == []
+    assert RerankReply.model_validate_json(raw).truncated == [2]
+    assert success(truncated=[True, False, False, True])["truncated"] == [0, 3]
+
+
+def test_nothing_truncated_leaves_the_field_out() -> None:
+    """Such a reply is byte for byte what it was before the field existed, so readers
+    that validate against the older schema (no 'truncated') still accept it."""
+    assert "truncated" not in success(truncated=[False] * 4)
+    assert "truncated" not in success()  # an engine that reports no flags
+
+
+def test_success_rejects_a_truncation_flag_count_that_is_not_the_document_count() -> None:
+    with pytest.raises(ValueError, match="truncation flags"):
+        success(truncated=[True])
+
+
+def test_truncate_is_a_request_option_on_by_default() -> None:
+    assert decoded(body(), cid()).request.truncate is True
+    assert decoded(body(truncate=False), cid()).request.truncate is False
+    assert rejected(body(truncate="no"), cid()).message == "truncate: must be a boolean, got string"
+
+
 @pytest.mark.parametrize("code", list(ErrorCode))
 def test_encode_error(code: ErrorCode) -> None:
     raw = encode_error("c-1", code.value, "it broke", code == ErrorCode.INTERNAL)

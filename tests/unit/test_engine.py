@@ -546,6 +546,64 @@ async def test_prompt_too_long_is_an_invalid_request() -> None:
     await engine.close()
 
 
+async def test_truncate_false_refuses_documents_the_encoder_cut_and_scores_nothing() -> None:
+    scorer = FakeScorer()
+    engine = await started_engine(scorer)
+    encoder = engine._encoder
+    assert isinstance(encoder, FakeEncoder)
+    long_doc = "x" * (TRUNCATE_AT + 1)
+    documents = ("short", long_doc, "fits", long_doc)
+    calls = encoder.calls
+
+    with pytest.raises(InvalidRequest) as caught:
+        await engine.score(ScoreRequest("q", documents, truncate=False))
+
+    assert caught.value.code == "invalid_request" and not caught.value.retriable
+    message = str(caught.value)
+    assert "2 of 4 documents do not fit the model's token limit" in message
+    assert message.endswith("documents [1, 3]")
+    assert encoder.calls == calls + 1  # tokenized once: the check reads the encoder's flags
+    assert scorer.batches == [] and engine.in_flight_pairs == 0
+    # The same documents with truncate on (the default) are cut and scored; short ones
+    # with it off are scored as usual.
+    cut = await engine.score(ScoreRequest("q", documents))
+    assert cut.truncated == (False, True, False, True)
+    fits = ScoreRequest("q", ("short", "fits"), truncate=False)
+    assert (await engine.score(fits)).logits == expected_logits(fits)
+    await engine.close()
+
+
+async def test_truncate_false_names_the_indices_and_limit_of_a_real_encoder(
+    tiny_causal_dir: Path,
+) -> None:
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
+
+    model = load_model(
+        ModelOptions(
+            model=str(tiny_causal_dir),
+            device="cpu",
+            compile="off",
+            packed="off",
+            max_pair_tokens=128,
+        )
+    )
+    engine = Engine.for_model(model)
+    await engine.start()
+    try:
+        documents = tuple(["a short passage"] * 60 + ["a long passage " * 50] * 60)
+        with pytest.raises(InvalidRequest) as caught:
+            await engine.score(ScoreRequest("what is kafka", documents, truncate=False))
+    finally:
+        await engine.close()
+    assert str(caught.value) == (
+        "60 of 120 documents do not fit the limit of 128 tokens per prompt (template, "
+        "instruction, query and document) and truncate is false: documents ["
+        + ", ".join(str(i) for i in range(60, 110))
+        + ", ... (10 more)]"
+    )
+
+
 async def test_cancelled_request_leaves_nothing_in_flight() -> None:
     scorer = FakeScorer()
     scorer.gate.clear()

@@ -44,6 +44,16 @@ def test_sentence_encoder_loads_as_bi_encoder() -> None:
     )  # its sentence-transformers max_seq_length
 
 
+def test_bi_encoder_reports_a_cut_query_as_truncating_every_pair() -> None:
+    """Its query is embedded alone and cut to max_seq_length too: every pair then lost
+    part of its input, and truncate=false must not let that pass silently."""
+    encoder = load_model(ModelOptions(model=str(minilm_dir()))).encoder
+    long_query = encoder.encode("a long query " * 200, ["short", "also short"], None)
+    assert [pair.truncated for pair in long_query] == [True, True]
+    assert [p.truncated for p in encoder.encode("a query", ["short"], None)] == [False]
+    assert encoder.limit_description == "the limit of 256 tokens per query or document"  # type: ignore[attr-defined]
+
+
 def test_bfloat16_option_loads_a_bfloat16_model(tiny_causal_dir: Path) -> None:
     fp32 = load_model(ModelOptions(model=str(tiny_causal_dir)))
     bf16 = load_model(ModelOptions(model=str(tiny_causal_dir), dtype="bfloat16"))

@@ -48,6 +48,7 @@ VALID_REQUESTS: dict[str, Any] = {
     "padded unicode query": {"query": "  日本語 ", "documents": ["ü"]},
     "id of 256 characters": {"id": LONG_ID, "query": "q", "documents": ["a"]},
     "top_n above document count": {"query": "q", "documents": ["a"], "top_n": 50},
+    "truncate false": {"query": "q", "documents": ["a"], "truncate": False},
 }
 
 INVALID_REQUESTS: dict[str, Any] = {
@@ -78,6 +79,8 @@ INVALID_REQUESTS: dict[str, Any] = {
     "id too long": {"id": LONG_ID + "x", "query": "q", "documents": ["a"]},
     "id an integer": {"id": 5, "query": "q", "documents": ["a"]},
     "instruction an integer": {"query": "q", "documents": ["a"], "instruction": 7},
+    "truncate null": {"query": "q", "documents": ["a"], "truncate": None},
+    "truncate a string": {"query": "q", "documents": ["a"], "truncate": "false"},
 }
 
 _SUCCESS = {
@@ -120,6 +123,7 @@ VALID_REPLIES: dict[str, Any] = {
     "integer score": _with(_SUCCESS, ("results", 0, "relevance_score"), 1),
     **{f"error {code.value}": _with(_ERROR, ("error", "code"), code.value) for code in ErrorCode},
     "retriable error": _with(_ERROR, ("error", "retriable"), True),
+    "success with truncated documents": _with(_SUCCESS, ("truncated",), [0, 5]),
 }
 
 INVALID_REPLIES: dict[str, Any] = {
@@ -139,6 +143,10 @@ INVALID_REPLIES: dict[str, Any] = {
     "both success and error": {**_SUCCESS, "error": _ERROR["error"]},
     "neither": {"id": "req-1"},
     "not an object": [_ERROR],
+    "truncated null": _with(_SUCCESS, ("truncated",), None),
+    "truncated a negative index": _with(_SUCCESS, ("truncated",), [-1]),
+    "truncated not a list": _with(_SUCCESS, ("truncated",), 3),
+    "truncated in an error reply": {**_ERROR, "truncated": [0]},
 }
 
 
@@ -258,6 +266,7 @@ def test_request_defaults() -> None:
     request = RerankRequest.model_validate_json(b'{"query": "q", "documents": ["a"]}')
     assert request.id is None and request.instruction is None and request.top_n is None
     assert request.return_documents is False and request.raw_scores is False
+    assert request.truncate is True
 
 
 def test_unknown_field_error_names_the_field() -> None:
