@@ -22,10 +22,12 @@ from producer_sdk.errors import (
     RerankTimeout,
 )
 from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
+from producer_sdk.retry import NO_RETRY, RetryPolicy
 from producer_sdk.security import KafkaSecurity
 from producer_sdk.sync_client import SyncRerankClient
 
 __all__ = [
+    "NO_RETRY",
     "ClientClosed",
     "ClientStartError",
     "ClientStats",
@@ -39,6 +41,7 @@ __all__ = [
     "RerankErrorReply",
     "RerankResult",
     "RerankTimeout",
+    "RetryPolicy",
     "SyncRerankClient",
     "Timing",
     "Usage",

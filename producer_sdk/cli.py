@@ -28,6 +28,7 @@ from producer_sdk.client import DEFAULT_REPLY_TOPIC, DEFAULT_REQUEST_TOPIC, Rera
 from producer_sdk.errors import InvalidArgument, RerankError, RerankErrorReply
 from producer_sdk.request import build_request_body, check_timeout
 from producer_sdk.result import RerankResult
+from producer_sdk.retry import DEFAULT_RETRY, RetryPolicy
 from producer_sdk.security import KafkaSecurity
 
 PROG = "rerank-client"
@@ -37,7 +38,7 @@ EXIT_BAD_ARGS = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_WIDTH = 100
 MIN_DOCUMENT_WIDTH = 10
-STDIN_FIELDS = frozenset({"query", "documents", "instruction", "top_n", "raw_scores"})
+STDIN_FIELDS = frozenset({"query", "documents", "instruction", "top_n", "raw_scores", "truncate"})
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,15 @@ class RerankInput:
     instruction: str | None = None
     top_n: int | None = None
     raw_scores: bool = False
+    truncate: bool = True
 
 
 # -- formatting (pure) ------------------------------------------------------------------
 
 
 def format_table(result: RerankResult, documents: Sequence[str], width: int) -> str:
-    """The ranking as a table: rank, score, index and the document cut to ``width``."""
+    """The ranking as a table: rank, score, index and the document cut to ``width``; then
+    a line naming the documents the service truncated, if it did."""
     rows = [
         (str(rank), f"{item.score:.4f}", str(item.index), documents[item.index])
         for rank, item in enumerate(result.results, start=1)
@@ -68,6 +71,9 @@ def format_table(result: RerankResult, documents: Sequence[str], width: int) -> 
     for rank, score, index, document in [header, *rows]:
         cells = (rank.rjust(widths[0]), score.rjust(widths[1]), index.rjust(widths[2]))
         lines.append("  ".join(cells) + "  " + _one_line(document, document_width))
+    if result.truncated:
+        indices = ", ".join(str(i) for i in result.truncated)
+        lines.append(_one_line(f"truncated to fit the model: documents {indices}", width))
     return "\n".join(lines)
 
 
@@ -108,10 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.add_argument("--reply-topic", default=DEFAULT_REPLY_TOPIC)
     kafka.add_argument("--reply-partition", type=int, help="default: a random partition")
     kafka.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    kafka.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        default=DEFAULT_RETRY.attempts - 1,
+        help="send again after a retriable failure up to N times (default %(default)s; 0: never)",
+    )
+    kafka.add_argument(
+        "--retry-budget",
+        type=float,
+        metavar="SECONDS",
+        help="time for all attempts (default: --timeout); above --timeout, a request with no "
+        "reply within --timeout is sent again",
+    )
     request = parser.add_argument_group("request")
     request.add_argument("--top-n", type=int, help="print only the best N results")
     request.add_argument("--instruction", help="task instruction for the model")
     request.add_argument("--raw-scores", action="store_true", help="raw logits, not [0, 1]")
+    request.add_argument(
+        "--no-truncate",
+        dest="truncate",
+        action="store_false",
+        default=None,
+        help="fail (invalid_request) instead of cutting documents too long for the model",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the result as JSON")
     output.add_argument("-v", "--verbose", action="count", default=0, help="log (-vv: debug)")
@@ -122,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_input(args: argparse.Namespace, stdin: TextIO) -> RerankInput:
     """The query and documents from the arguments, else from JSON on ``stdin``.
 
-    Flags (``--top-n``, ``--instruction``, ``--raw-scores``) win over the JSON's fields.
+    Flags (``--top-n``, ``--instruction``, ``--raw-scores``, ``--no-truncate``) win over
+    the JSON's fields.
     Raises :class:`InvalidArgument` for missing or malformed input.
     """
     if args.query is not None:
@@ -139,6 +167,7 @@ def read_input(args: argparse.Namespace, stdin: TextIO) -> RerankInput:
         instruction=args.instruction if args.instruction is not None else given.instruction,
         top_n=args.top_n if args.top_n is not None else given.top_n,
         raw_scores=args.raw_scores or given.raw_scores,
+        truncate=args.truncate if args.truncate is not None else given.truncate,
     )
     # The SDK's own checks, here so that bad input never waits for a connection.
     build_request_body(
@@ -147,6 +176,7 @@ def read_input(args: argparse.Namespace, stdin: TextIO) -> RerankInput:
         instruction=merged.instruction,
         top_n=merged.top_n,
         raw_scores=merged.raw_scores,
+        truncate=merged.truncate,
     )
     return merged
 
@@ -171,7 +201,15 @@ def _input_from_json(text: str) -> RerankInput:
         instruction=data.get("instruction"),
         top_n=data.get("top_n"),
         raw_scores=data.get("raw_scores", False),
+        truncate=data.get("truncate", True),
     )
+
+
+def retry_policy(args: argparse.Namespace) -> RetryPolicy:
+    """The retry policy the flags ask for; :class:`InvalidArgument` when they are wrong."""
+    if args.retries < 0:
+        raise InvalidArgument(f"--retries must be 0 or more, not {args.retries}")
+    return RetryPolicy(attempts=args.retries + 1, budget=args.retry_budget)
 
 
 # -- running ---------------------------------------------------------------------------
@@ -190,6 +228,7 @@ async def run(
         default_timeout=args.timeout,
         start_timeout=args.timeout,
         client_id=PROG,
+        retry=retry_policy(args),
     )
     async with client:
         return await client.rerank(
@@ -198,6 +237,7 @@ async def run(
             instruction=given.instruction,
             top_n=given.top_n,
             raw_scores=given.raw_scores,
+            truncate=given.truncate,
         )
 
 
@@ -210,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         security = security_from_args(args)
         given = read_input(args, sys.stdin)
         check_timeout(args.timeout)
+        retry_policy(args)
     except ValueError as error:  # InvalidArgument is a ValueError too
         return _fail(EXIT_BAD_ARGS, str(error))
     try:

@@ -21,8 +21,13 @@ def build_request_body(
     top_n: int | None = None,
     return_documents: bool = False,
     raw_scores: bool = False,
+    truncate: bool = True,
 ) -> dict[str, Any]:
-    """The request record's value, or :class:`InvalidArgument` naming what is wrong."""
+    """The request record's value, or :class:`InvalidArgument` naming what is wrong.
+
+    ``truncate`` is sent only when false: a worker older than the option answers a
+    request that has it ``invalid_request`` (unknown field) rather than cutting silently.
+    """
     if not isinstance(query, str):
         raise InvalidArgument(f"query must be a str, not {type(query).__name__}")
     if not query.strip():
@@ -35,7 +40,11 @@ def build_request_body(
             raise InvalidArgument(f"top_n must be an int, not {type(top_n).__name__}")
         if top_n < 1:
             raise InvalidArgument(f"top_n must be at least 1, not {top_n}")
-    for name, flag in (("return_documents", return_documents), ("raw_scores", raw_scores)):
+    for name, flag in (
+        ("return_documents", return_documents),
+        ("raw_scores", raw_scores),
+        ("truncate", truncate),
+    ):
         if not isinstance(flag, bool):
             raise InvalidArgument(f"{name} must be a bool, not {type(flag).__name__}")
 
@@ -48,6 +57,8 @@ def build_request_body(
         body["return_documents"] = True
     if raw_scores:
         body["raw_scores"] = True
+    if not truncate:
+        body["truncate"] = False
     return body
 
 

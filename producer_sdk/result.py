@@ -41,13 +41,20 @@ class Timing:
 
 @dataclass(frozen=True, slots=True)
 class RerankResult:
-    """A ranking: ``results`` sorted by score, best first (cut to ``top_n``)."""
+    """A ranking: ``results`` sorted by score, best first (cut to ``top_n``).
+
+    ``truncated``: indices (into the request's documents, ascending) of the documents
+    the service cut to fit the model's token limit before scoring them, whether or not
+    they are among ``results``; empty when none was (or the service is older than the
+    field).
+    """
 
     id: str
     model: str
     results: list[RankedDocument]
     usage: Usage
     timing: Timing
+    truncated: tuple[int, ...] = ()
 
     def __iter__(self) -> Iterator[RankedDocument]:
         return iter(self.results)
@@ -85,7 +92,7 @@ class RerankResult:
             if item.document is not None:
                 entry["document"] = item.document
             results.append(entry)
-        return {
+        reply: dict[str, Any] = {
             "id": self.id,
             "model": self.model,
             "results": results,
@@ -96,6 +103,9 @@ class RerankResult:
                 "total": self.timing.total_ms,
             },
         }
+        if self.truncated:  # left out when empty, as the service does
+            reply["truncated"] = list(self.truncated)
+        return reply
 
 
 def parse_reply(body: Any, document_count: int) -> RerankResult:
@@ -115,6 +125,7 @@ def parse_reply(body: Any, document_count: int) -> RerankResult:
             results=[_ranked(item, document_count) for item in _typed(body, "results", list)],
             usage=Usage(prompt_tokens=_typed(_typed(body, "usage", Mapping), "prompt_tokens", int)),
             timing=_timing(_typed(body, "timing_ms", Mapping)),
+            truncated=_truncated(body, document_count),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise MalformedReply(f"reply does not follow the wire contract: {error}") from None
@@ -140,6 +151,19 @@ def _ranked(item: Any, document_count: int) -> RankedDocument:
     if document is not None and not isinstance(document, str):
         raise TypeError("'document' is not a string")
     return RankedDocument(index=index, score=_number(item, "relevance_score"), document=document)
+
+
+def _truncated(body: Mapping[str, Any], document_count: int) -> tuple[int, ...]:
+    if "truncated" not in body:  # nothing was cut, or a service older than the field
+        return ()
+    indices = []
+    for index in _typed(body, "truncated", list):
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError("'truncated' holds something that is not an integer")
+        if not 0 <= index < document_count:
+            raise ValueError(f"truncated index {index} is outside the {document_count} documents")
+        indices.append(index)
+    return tuple(indices)
 
 
 def _timing(timing: Mapping[str, Any]) -> Timing:

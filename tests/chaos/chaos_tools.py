@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from producer_sdk import RerankClient, RerankError
+from producer_sdk import NO_RETRY, RerankClient, RerankError
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SCRIPT = REPO / "deploy" / "local" / "kafka"
@@ -367,6 +367,9 @@ class Traffic:
             reply_topic=topics.replies,
             default_timeout=120.0,
             read_committed=read_committed,
+            # The ledger judges the service: each call is one request record, and a reply
+            # more for a correlation id is a duplicate the service produced, not a retry.
+            retry=NO_RETRY,
         )
         self._rate = rate
         self.report = TrafficReport()

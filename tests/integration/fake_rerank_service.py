@@ -2,8 +2,9 @@
 
 It answers requests by the wire contract (v1) with a deterministic fake score, and
 can be told to misbehave the ways the real service may: stay silent for a query,
-answer with an error, answer twice (at-least-once redelivery). It is a fake of our
-own service, never of Kafka: every record goes through the real broker.
+answer with an error, answer twice (at-least-once redelivery), miss the first request
+of a call or answer it late, fail it with a retriable error. It is a fake of our own
+service, never of Kafka: every record goes through the real broker.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,14 @@ class Behaviour:
 
     ignored_queries: set[str] = field(default_factory=set)
     duplicate_replies: bool = False
+    # The first request of a correlation id with one of these queries is never answered
+    # (lost, or stuck behind a dead worker); later ones are.
+    drop_first: set[str] = field(default_factory=set)
+    # The first request of such a call is held until the next one with its correlation
+    # id comes, then both are answered, the first one first (a slow worker catching up).
+    hold_first: set[str] = field(default_factory=set)
+    # The first request of such a call gets a retriable `internal` error reply.
+    fail_first: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -63,6 +73,8 @@ class FakeRerankService:
         self.reply_topic = reply_topic
         self.behaviour = Behaviour()
         self.seen: list[SeenRequest] = []
+        self._held: dict[str, dict[str, Any]] = {}  # correlation id -> held request body
+        self._times_seen: Counter[str] = Counter()  # requests per correlation id
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False
         )
@@ -102,7 +114,26 @@ class FakeRerankService:
         if body["query"] in self.behaviour.ignored_queries:
             return
         correlation_id = headers.get(HEADER_CORRELATION_ID) or body["id"]
-        reply = orjson.dumps(_reply_body(correlation_id, body))
+        self._times_seen[correlation_id] += 1
+        first = self._times_seen[correlation_id] == 1
+        if first and body["query"] in self.behaviour.drop_first:
+            return
+        if first and body["query"] in self.behaviour.hold_first:
+            self._held[correlation_id] = body
+            return
+        held = self._held.pop(correlation_id, None)
+        if held is not None:
+            await self._reply(correlation_id, headers, _reply_body(correlation_id, held))
+        if first and body["query"] in self.behaviour.fail_first:
+            failed = _error_body(correlation_id, "internal", "the engine is shutting down", True)
+            await self._reply(correlation_id, headers, failed)
+            return
+        await self._reply(correlation_id, headers, _reply_body(correlation_id, body))
+
+    async def _reply(
+        self, correlation_id: str, headers: dict[str, str], body: dict[str, Any]
+    ) -> None:
+        reply = orjson.dumps(body)
         partition = headers.get(HEADER_REPLY_PARTITION)
         copies = 2 if self.behaviour.duplicate_replies else 1
         for _ in range(copies):
@@ -119,10 +150,7 @@ def _reply_body(correlation_id: str, request: dict[str, Any]) -> dict[str, Any]:
     query: str = request["query"]
     if query.startswith(ERROR_QUERY_PREFIX):
         code = query.removeprefix(ERROR_QUERY_PREFIX)
-        return {
-            "id": correlation_id,
-            "error": {"code": code, "message": f"told to fail with {code}", "retriable": False},
-        }
+        return _error_body(correlation_id, code, f"told to fail with {code}", False)
     documents: list[str] = request["documents"]
     scored = sorted(
         ((fake_score(query, doc), index) for index, doc in enumerate(documents)), reverse=True
@@ -139,4 +167,11 @@ def _reply_body(correlation_id: str, request: dict[str, Any]) -> dict[str, Any]:
         "results": results,
         "usage": {"prompt_tokens": sum(len(doc.split()) for doc in documents)},
         "timing_ms": {"queue": 0.0, "inference": 0.0, "total": 0.0},
+    }
+
+
+def _error_body(correlation_id: str, code: str, message: str, retriable: bool) -> dict[str, Any]:
+    return {
+        "id": correlation_id,
+        "error": {"code": code, "message": message, "retriable": retriable},
     }

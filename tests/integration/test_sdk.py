@@ -19,12 +19,14 @@ from aiokafka import AIOKafkaProducer
 from fake_rerank_service import MODEL_NAME, FakeRerankService, fake_score
 
 from producer_sdk import (
+    NO_RETRY,
     ClientClosed,
     ClientStartError,
     RerankClient,
     RerankErrorReply,
     RerankResult,
     RerankTimeout,
+    RetryPolicy,
     SyncRerankClient,
     cli,
 )
@@ -260,6 +262,78 @@ async def test_duplicate_replies_are_dropped(
     assert client.stats.replies_matched == len(calls)
 
 
+# -- retries ---------------------------------------------------------------------------
+
+
+async def test_an_unanswered_request_is_sent_again_with_its_correlation_id_and_answered(
+    fake_service: FakeRerankService, make_client: ClientFactory
+) -> None:
+    """The first request of the call is lost; with a budget above the timeout the client
+    sends it again, under the same correlation id, and the retry's reply is the result."""
+    fake_service.behaviour.drop_first.add("lost once")
+    client = await make_client(retry=RetryPolicy(budget=20.0))
+    documents = call_documents(1)
+
+    result = await client.rerank("lost once", documents, return_documents=True, timeout=1.0)
+
+    assert_ranking_of(result, documents)
+    first, second = [s for s in fake_service.seen if s.body["query"] == "lost once"]
+    assert first.headers[HEADER_CORRELATION_ID] == second.headers[HEADER_CORRELATION_ID]
+    assert first.body == second.body and result.id == first.body["id"]
+    assert second.key == f"{result.id}.2".encode() != first.key  # likely another partition
+    assert first.headers[HEADER_DEADLINE_MS] == second.headers[HEADER_DEADLINE_MS]
+    assert client.stats.retries == 1 and client.stats.replies_matched == 1
+
+
+async def test_a_late_reply_to_the_first_attempt_resolves_the_call_once(
+    fake_service: FakeRerankService, make_client: ClientFactory
+) -> None:
+    """Both attempts get answered (the first late): one result, the other reply is dropped
+    as a duplicate, as a reply repeated by the at-least-once service would be."""
+    fake_service.behaviour.hold_first.add("answered late")
+    client = await make_client(retry=RetryPolicy(budget=20.0))
+    documents = call_documents(2)
+
+    result = await client.rerank("answered late", documents, return_documents=True, timeout=1.0)
+
+    assert_ranking_of(result, documents)
+    sent = [s for s in fake_service.seen if s.body["query"] == "answered late"]
+    assert len(sent) == 2 and {s.body["id"] for s in sent} == {result.id}
+    await wait_until(lambda: client.stats.duplicates_dropped == 1)
+    assert client.stats.replies_matched == 1 and client.pending_count == 0
+
+
+async def test_a_retriable_error_reply_is_retried_within_the_calls_timeout(
+    fake_service: FakeRerankService, make_client: ClientFactory
+) -> None:
+    """The default policy: no budget asked for, yet a retriable error is tried again."""
+    fake_service.behaviour.fail_first.add("fails once")
+    client = await make_client()
+    started = time.monotonic()
+
+    result = await client.rerank("fails once", ["a document"], timeout=10.0)
+
+    assert time.monotonic() - started < 10.0
+    assert [s.body["id"] for s in fake_service.seen if s.body["query"] == "fails once"] == [
+        result.id,
+        result.id,
+    ]
+    assert client.stats.retries == 1 and client.stats.replies_matched == 2
+
+
+async def test_without_retries_the_retriable_error_reaches_the_caller(
+    fake_service: FakeRerankService, make_client: ClientFactory
+) -> None:
+    fake_service.behaviour.fail_first.add("fails once, no retry")
+    client = await make_client(retry=NO_RETRY)
+
+    with pytest.raises(RerankErrorReply) as raised:
+        await client.rerank("fails once, no retry", ["a document"])
+
+    assert raised.value.code == "internal" and raised.value.retriable is True
+    assert client.stats.retries == 0
+
+
 async def test_start_fails_clearly_for_a_missing_topic(
     rerank_service: RerankService,
 ) -> None:
@@ -303,6 +377,30 @@ async def test_sync_client_blocks_until_the_result(rerank_service: RerankService
     result = await asyncio.to_thread(use_sync_client)
 
     assert_ranking_of(result, documents)
+
+
+async def test_sync_client_passes_truncate_and_retry_through(
+    fake_service: FakeRerankService,
+) -> None:
+    fake_service.behaviour.fail_first.add("sync, fails once")
+
+    def use_sync_client() -> tuple[RerankResult, int]:
+        with SyncRerankClient(
+            bootstrap_servers=fake_service.bootstrap_servers,
+            request_topic=fake_service.request_topic,
+            reply_topic=fake_service.reply_topic,
+            retry=NO_RETRY,
+        ) as client:
+            result = client.rerank(
+                "sync, fails once", ["a"], truncate=False, retry=RetryPolicy(attempts=2)
+            )
+            return result, client.client.stats.retries
+
+    result, retries = await asyncio.to_thread(use_sync_client)
+
+    sent = [s for s in fake_service.seen if s.body["query"] == "sync, fails once"]
+    assert [s.body["truncate"] for s in sent] == [False, False]
+    assert retries == 1 and result.indices == [0]
 
 
 async def test_cli_prints_the_ranking_as_json(

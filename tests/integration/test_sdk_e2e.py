@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 from tiny_models import build_tiny_qwen3_reranker
 from worker_harness import (
     MODEL_NAME,
     FakeEngine,
     Topics,
+    committed_offset,
     fake_score,
     fresh_metrics,
     make_topics,
@@ -43,6 +45,7 @@ from producer_sdk import (
     RerankErrorReply,
     RerankResult,
     RerankTimeout,
+    cli,
 )
 
 REQUEST_PARTITIONS = 3
@@ -343,3 +346,72 @@ async def test_reply_scores_equal_the_real_engines_scores_for_the_request(
     for item in raw:
         assert item.score == pytest.approx(direct_raw.logits[item.index], abs=SCORE_TOLERANCE)
     assert result.usage.prompt_tokens == direct.prompt_tokens
+
+
+async def test_truncation_is_reported_or_refused_and_the_partition_moves_on(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    new_group: Callable[[], str],
+    tiny_qwen3: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Real Engine, tiny Qwen3 reranker cut at 128 tokens a prompt: a reply names the
+    documents it cut; with truncate=False the call is an invalid_request error naming
+    them and the limit; the worker answers the next request and commits every offset."""
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
+
+    options = ModelOptions(
+        model=str(tiny_qwen3), device="cpu", compile="off", packed="off", max_pair_tokens=128
+    )
+    model = await asyncio.to_thread(load_model, options)
+    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+    topics = await make_topics(new_topic, request_partitions=1)
+    config = worker_config(kafka_bootstrap, topics, new_group())
+    query = "How does Kafka keep messages in order?"
+    long_document = "Kafka keeps records of one key in one partition, in order. " * 40
+    documents = ["Records with one key go to one partition.", long_document, "A novelist."]
+    await engine.start()
+    try:
+        async with running_worker(config, engine, fresh_metrics()) as worker:
+            client = RerankClient(
+                kafka_bootstrap, request_topic=topics.requests, reply_topic=topics.replies
+            )
+            async with client:
+                cut = await client.rerank(query, documents, top_n=1)
+                with pytest.raises(RerankErrorReply) as refused:
+                    await client.rerank(query, documents, truncate=False)
+                fits = await client.rerank(query, [documents[0], documents[2]], truncate=False)
+            cli_argv = [
+                "--bootstrap-servers",
+                kafka_bootstrap,
+                "--request-topic",
+                topics.requests,
+                "--reply-topic",
+                topics.replies,
+            ]
+            table_status = await asyncio.to_thread(cli.main, [*cli_argv, query, *documents])
+            table = capsys.readouterr().out
+            refused_status = await asyncio.to_thread(
+                cli.main, [*cli_argv, "--no-truncate", query, *documents]
+            )
+            refused_err = capsys.readouterr().err
+            await wait_until(lambda: worker.in_flight_pairs == 0, 10, "every request to finish")
+            tp = TopicPartition(topics.requests, 0)
+            committed = await committed_offset(kafka_bootstrap, config.group_id, tp, 5)
+    finally:
+        await engine.close()
+
+    assert cut.truncated == (1,)  # named although top_n=1 left it out of the results
+    assert len(cut.results) == 1
+    assert refused.value.code == "invalid_request" and refused.value.retriable is False
+    assert refused.value.message == (
+        "1 of 3 documents do not fit the limit of 128 tokens per prompt (template, "
+        "instruction, query and document) and truncate is false: documents [1]"
+    )
+    assert fits.truncated == () and len(fits.results) == 2
+    assert table_status == cli.EXIT_OK
+    assert table.splitlines()[-1] == "truncated to fit the model: documents 1"
+    assert refused_status == cli.EXIT_FAILED
+    assert refused_err.count("\n") == 1 and "documents [1]" in refused_err
+    assert committed == 5, "the refused requests are answered and committed like any other"

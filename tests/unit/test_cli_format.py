@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import orjson
 import pytest
 
 from consumer.settings import Settings, env_name, load_settings
-from producer_sdk import cli
+from producer_sdk import NO_RETRY, RetryPolicy, cli
 from producer_sdk.errors import InvalidArgument
 from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
 
@@ -105,6 +106,27 @@ def test_json_has_the_reply_shape_with_documents() -> None:
     assert printed["timing_ms"] == {"queue": 1.0, "inference": 2.0, "total": 3.5}
 
 
+def test_table_and_json_say_which_documents_the_service_truncated() -> None:
+    result = replace(ranked_result(), truncated=(1, 2))
+
+    lines = cli.format_table(result, DOCUMENTS, width=200).splitlines()
+    printed = orjson.loads(cli.format_json(result, DOCUMENTS))
+
+    assert len(lines) == 2 + len(DOCUMENTS)
+    assert lines[-1] == "truncated to fit the model: documents 1, 2"
+    assert printed["truncated"] == [1, 2]
+    assert "truncated" not in orjson.loads(cli.format_json(ranked_result(), DOCUMENTS))
+
+
+def test_no_truncate_flag_and_stdin_field_ask_for_an_error_instead_of_a_cut() -> None:
+    assert cli.read_input(parse("q", "a"), io.StringIO()).truncate is True
+    assert cli.read_input(parse("--no-truncate", "q", "a"), io.StringIO()).truncate is False
+    stdin = '{"query": "q", "documents": ["a"], "truncate": false}'
+    assert cli.read_input(parse(), io.StringIO(stdin)).truncate is False
+    with pytest.raises(InvalidArgument, match="truncate must be a bool"):
+        cli.read_input(parse(), io.StringIO('{"query": "q", "documents": ["a"], "truncate": 0}'))
+
+
 # -- input -----------------------------------------------------------------------------
 
 
@@ -157,6 +179,14 @@ def test_query_without_documents_is_refused() -> None:
         cli.read_input(parse("lonely query"), io.StringIO())
 
 
+def test_retry_flags_make_the_clients_retry_policy() -> None:
+    assert cli.retry_policy(parse("q", "d")) == RetryPolicy()
+    assert cli.retry_policy(parse("--retries", "0", "q", "d")) == NO_RETRY
+    assert cli.retry_policy(parse("--retries", "4", "--retry-budget", "90", "q", "d")) == (
+        RetryPolicy(attempts=5, budget=90.0)
+    )
+
+
 # -- exit codes ------------------------------------------------------------------------
 
 
@@ -169,6 +199,8 @@ def test_query_without_documents_is_refused() -> None:
         (["", "d"], "query is empty"),
         (["--security-protocol", "SASL_SSL", "q", "d"], "SASL"),
         (["--ssl-keyfile", "key.pem", "q", "d"], "certificate"),
+        (["--retries", "-1", "q", "d"], "--retries must be 0 or more"),
+        (["--retry-budget", "0", "q", "d"], "budget must be a positive number"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(

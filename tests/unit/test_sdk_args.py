@@ -47,6 +47,7 @@ GOOD_DOCUMENTS = ["a distributed log", "a novelist"]
         ({"top_n": "2"}, "top_n must be an int"),
         ({"return_documents": "yes"}, "return_documents must be a bool"),
         ({"raw_scores": 1}, "raw_scores must be a bool"),
+        ({"truncate": None}, "truncate must be a bool"),
     ],
 )
 def test_bad_arguments_are_named(arguments: dict[str, Any], complaint: str) -> None:
@@ -81,6 +82,13 @@ def test_body_carries_every_option() -> None:
         "return_documents": True,
         "raw_scores": True,
     }
+
+
+def test_truncate_is_sent_only_when_off() -> None:
+    """On is the service's default; a worker older than the option then sees the same
+    request as before, while truncate=False reaches it (and an old one refuses it)."""
+    assert "truncate" not in build_request_body(GOOD_QUERY, GOOD_DOCUMENTS, truncate=True)
+    assert build_request_body(GOOD_QUERY, GOOD_DOCUMENTS, truncate=False)["truncate"] is False
 
 
 def test_empty_documents_are_allowed_as_items() -> None:
@@ -219,6 +227,17 @@ def test_result_round_trips_to_the_reply_shape() -> None:
     }
 
 
+def test_truncated_documents_are_parsed_and_round_trip() -> None:
+    reply = success_reply(truncated=[0, 1])
+    result = parse_reply(reply, document_count=2)
+
+    assert result.truncated == (0, 1)
+    assert result.to_dict()["truncated"] == [0, 1]
+    # Without the field (nothing cut, or an older service): empty, and left out again.
+    assert parse_reply(success_reply(), document_count=2).truncated == ()
+    assert "truncated" not in parse_reply(success_reply(), document_count=2).to_dict()
+
+
 def test_with_documents_fills_text_from_the_request() -> None:
     result = parse_reply(success_reply(), document_count=2).with_documents(["first", "second"])
     assert [item.document for item in result] == ["second", "first"]
@@ -260,6 +279,10 @@ def test_error_reply_raises_its_code_message_and_flag() -> None:
         success_reply(timing_ms={"queue": 1}),
         {"id": "abc", "error": {"code": "internal"}},
         {key: value for key, value in success_reply().items() if key != "model"},
+        success_reply(truncated=None),
+        success_reply(truncated=[2]),  # only 2 documents
+        success_reply(truncated=[True]),
+        success_reply(truncated="0"),
     ],
 )
 def test_malformed_replies_raise_malformed_reply(reply: Any) -> None:
