@@ -27,6 +27,7 @@ from typing import Any, Self
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from opentelemetry.trace import Span, TracerProvider
 
 from producer_sdk.connect_check import bootstrap_failure
 from producer_sdk.errors import (
@@ -36,11 +37,12 @@ from producer_sdk.errors import (
     InvalidArgument,
     MalformedReply,
     RerankError,
-    RerankTimeout,
 )
 from producer_sdk.request import build_request_body, check_timeout
 from producer_sdk.result import RerankResult, parse_reply
+from producer_sdk.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries, check_retry
 from producer_sdk.security import KafkaSecurity
+from producer_sdk.tracing import ClientTracing, now_ns
 from schemas.models import (
     HEADER_CORRELATION_ID,
     HEADER_DEADLINE_MS,
@@ -60,6 +62,7 @@ class ClientStats:
     """Counters of what the client has seen; handy in tests and dashboards."""
 
     requests_sent: int = 0
+    retries: int = 0  # requests sent again by the retry policy (counted in requests_sent too)
     replies_matched: int = 0
     duplicates_dropped: int = 0
     late_replies_dropped: int = 0
@@ -70,6 +73,7 @@ class ClientStats:
 class _Pending:
     future: asyncio.Future[RerankResult]
     document_count: int
+    span: Span | None = None  # the call's span, when tracing is on
 
 
 class _RecentIds:
@@ -105,6 +109,11 @@ class RerankClient:
     exactly_once``), whose aborted attempts are then never seen. ``producer_options``
     and ``consumer_options`` pass extra settings to aiokafka (for example
     ``compression_type``).
+
+    Tracing (OpenTelemetry) is on when the application installed an SDK tracer provider
+    before :meth:`start`, or passes one as ``tracer_provider``: each call is then a
+    ``rerank`` span with ``send``/``receive`` children, and the request carries its W3C
+    ``traceparent`` header (:mod:`producer_sdk.tracing`). Otherwise nothing is traced.
     """
 
     def __init__(
@@ -122,6 +131,8 @@ class RerankClient:
         producer_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
         read_committed: bool = False,
+        tracer_provider: TracerProvider | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if reply_partition is not None and (
             isinstance(reply_partition, bool)
@@ -140,10 +151,13 @@ class RerankClient:
         self._security = security or KafkaSecurity()
         self._default_timeout = check_timeout(default_timeout)
         self._start_timeout = check_timeout(start_timeout)
+        self._retry = check_retry(retry)
         self.client_id = client_id or f"rerank-client-{uuid.uuid4().hex[:8]}"
         self._producer_options = dict(producer_options or {})
         self._consumer_options = dict(consumer_options or {})
         self._isolation_level = "read_committed" if read_committed else "read_uncommitted"
+        self._tracer_provider = tracer_provider
+        self._tracing: ClientTracing | None = None  # decided once, in start()
 
         self.stats = ClientStats()
         self._pending: dict[str, _Pending] = {}
@@ -192,6 +206,9 @@ class RerankClient:
         if self._started:
             raise ClientStartError("the client was already started")
         self._started = True
+        self._tracing = ClientTracing.create(
+            self._tracer_provider, self._request_topic, self._reply_topic, self.client_id
+        )
         try:
             async with asyncio.timeout(self._start_timeout):
                 await self._connect()
@@ -234,12 +251,20 @@ class RerankClient:
         return_documents: bool = False,
         raw_scores: bool = False,
         timeout: float | None = None,
+        truncate: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> RerankResult:
         """Score ``documents`` against ``query``; results come sorted, best first.
 
         ``timeout`` (seconds, default: the client's ``default_timeout``) covers sending
         and waiting; the service is told the same deadline and skips work that
         nobody waits for any more.
+
+        ``truncate``: documents too long for the model are cut and scored (the result's
+        ``truncated`` names them); False makes that an ``invalid_request`` error reply.
+        ``retry`` (default: the client's ``retry``) says which failures are sent again,
+        how often and within what time (:mod:`producer_sdk.retry`); every attempt
+        carries the same correlation id, so the call has one result whichever reply wins.
 
         Raises :class:`InvalidArgument` (nothing sent), :class:`RerankTimeout`,
         :class:`RerankErrorReply`, :class:`ClientClosed`, :class:`DeliveryError` or
@@ -252,29 +277,43 @@ class RerankClient:
             top_n=top_n,
             return_documents=return_documents,
             raw_scores=raw_scores,
+            truncate=truncate,
         )
         seconds = self._default_timeout if timeout is None else check_timeout(timeout)
+        policy = self._retry if retry is None else check_retry(retry)
         self._check_open()
-
-        correlation_id = uuid.uuid4().hex
-        body["id"] = correlation_id
-        deadline_ms = int((time.time() + seconds) * 1000)
-        future: asyncio.Future[RerankResult] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = _Pending(future, len(documents))
-        self._send_in_background(correlation_id, orjson.dumps(body), deadline_ms, future)
-        try:
-            async with asyncio.timeout(seconds):
-                return await future
-        except TimeoutError:
-            if future.done() and not future.cancelled():
-                # The reply won the race, only the wake-up came after the timer fired.
-                return future.result()
-            raise RerankTimeout(f"no reply within {seconds:g} s") from None
-        finally:
-            if self._pending.pop(correlation_id, None) is not None:
-                self._recent.remember(correlation_id, resolved=False)
+        if self._tracing is None:
+            return await self._call(body, len(documents), seconds, None, policy)
+        with self._tracing.call(len(documents), top_n) as span:
+            return await self._call(body, len(documents), seconds, span, policy)
 
     # -- internals -------------------------------------------------------------------
+
+    async def _call(
+        self,
+        body: dict[str, Any],
+        document_count: int,
+        seconds: float,
+        span: Span | None,
+        policy: RetryPolicy = DEFAULT_RETRY,
+    ) -> RerankResult:
+        """Send one request and wait for its reply, sending it again when ``policy``
+        allows (:func:`call_with_retries`); ``span``: the call's, when tracing."""
+        correlation_id = uuid.uuid4().hex
+        body["id"] = correlation_id
+        budget = seconds if policy.budget is None else policy.budget
+        deadline_ms = int((time.time() + budget) * 1000)  # the same on every attempt
+        loop = asyncio.get_running_loop()
+        entry = _Pending(loop.create_future(), document_count, span)
+        self._pending[correlation_id] = entry
+        attempts = _Attempts(self, correlation_id, orjson.dumps(body), deadline_ms, entry)
+        try:
+            return await call_with_retries(attempts, policy, seconds, clock=loop.time)
+        finally:
+            if not entry.future.done():
+                entry.future.cancel()  # a send that fails later has nobody to tell
+            if self._pending.pop(correlation_id, None) is not None:
+                self._recent.remember(correlation_id, resolved=False)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -366,15 +405,28 @@ class RerankClient:
         value: bytes,
         deadline_ms: int,
         future: asyncio.Future[RerankResult],
+        span: Span | None = None,
+        attempt: int = 1,
     ) -> None:
         # The call awaits only its future; a failed send resolves that same future, so
-        # timeout, close and delivery errors all reach the caller the same way.
+        # timeout, close and delivery errors all reach the caller the same way. A retry
+        # has a key of its own, so that it likely lands on another partition than the
+        # attempt before it (which may sit behind a stuck worker); the correlation id,
+        # which the service answers by, stays the same.
+        key = correlation_id if attempt == 1 else f"{correlation_id}.{attempt}"
         headers = [
             (HEADER_CORRELATION_ID, correlation_id.encode()),
             *self._reply_headers,
             (HEADER_DEADLINE_MS, str(deadline_ms).encode()),
         ]
-        task = asyncio.create_task(self._deliver(correlation_id, value, headers, future))
+        if span is None or self._tracing is None:
+            delivery = self._deliver(correlation_id, value, headers, future, key)
+        else:  # the send span's context goes into the headers, so it starts first
+            send = self._tracing.send(span, headers, correlation_id, len(value))
+            delivery = self._tracing.sending(
+                send, self._deliver(correlation_id, value, headers, future, key), future
+            )
+        task = asyncio.create_task(delivery)
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
@@ -384,11 +436,15 @@ class RerankClient:
         value: bytes,
         headers: list[tuple[str, bytes]],
         future: asyncio.Future[RerankResult],
+        key: str | None = None,
     ) -> None:
         assert self._producer is not None
         try:
             delivered = await self._producer.send(
-                self._request_topic, value, key=correlation_id.encode(), headers=headers
+                self._request_topic,
+                value,
+                key=(key or correlation_id).encode(),
+                headers=headers,
             )
             await delivered
         except MessageSizeTooLargeError:
@@ -425,6 +481,7 @@ class RerankClient:
         self.stats.replies_matched += 1
         if entry.future.done():
             return
+        started_ns = now_ns() if entry.span is not None else 0
         try:
             result = parse_reply(orjson.loads(record.value or b""), entry.document_count)
         except orjson.JSONDecodeError as error:
@@ -434,6 +491,8 @@ class RerankClient:
             entry.future.set_exception(error)
         else:
             entry.future.set_result(result)
+        if entry.span is not None and self._tracing is not None:
+            self._tracing.received(entry.span, record, started_ns, entry.future)
 
     def _count_unmatched(self, correlation_id: str | None) -> None:
         seen = self._recent.lookup(correlation_id) if correlation_id else None
@@ -451,6 +510,51 @@ class RerankClient:
         log.error("reply reader of %s stopped: %s", self.client_id, error)
         self._closed = True
         self._fail_pending(f"the reply reader stopped: {error}")
+
+
+class _Attempts:
+    """The sends of one call and their shared outcome, as :func:`call_with_retries`
+    drives them: every attempt resolves the same pending entry (one correlation id)."""
+
+    def __init__(
+        self,
+        client: RerankClient,
+        correlation_id: str,
+        value: bytes,
+        deadline_ms: int,
+        entry: _Pending,
+    ) -> None:
+        self._client = client
+        self._id = correlation_id
+        self._value = value
+        self._deadline_ms = deadline_ms
+        self._entry = entry
+
+    def send(self, attempt: int) -> None:
+        if attempt > 1:
+            self._client._check_open()  # closed while the call paused: ClientClosed
+            self._client.stats.retries += 1
+        entry = self._entry
+        self._client._send_in_background(
+            self._id, self._value, self._deadline_ms, entry.future, entry.span, attempt
+        )
+
+    async def wait(self, seconds: float) -> RerankResult | None:
+        future = self._entry.future
+        if not future.done():
+            # asyncio.wait, not a timeout around the future: it must stay pending for a
+            # later reply when this wait ends, and no reply is lost to a timer firing late.
+            await asyncio.wait([future], timeout=seconds)
+        if not future.done():
+            return None
+        return future.result()  # or raises the attempt's error
+
+    def reopen(self) -> None:
+        # The reply reader dropped the entry when the failed reply came; a reply to any
+        # attempt (a retry's, or a repeat of the first) resolves the new future.
+        self._client._check_open()  # else close() could not fail the new future
+        self._entry.future = asyncio.get_running_loop().create_future()
+        self._client._pending[self._id] = self._entry
 
 
 def _correlation_id(record: ConsumerRecord[bytes, bytes]) -> str | None:

@@ -16,6 +16,8 @@ from typing import Any, Self, TypeVar
 from producer_sdk.client import RerankClient
 from producer_sdk.errors import ClientClosed
 from producer_sdk.result import RerankResult
+from producer_sdk.retry import RetryPolicy
+from producer_sdk.tracing import in_callers_context
 
 T = TypeVar("T")
 
@@ -75,6 +77,8 @@ class SyncRerankClient:
         return_documents: bool = False,
         raw_scores: bool = False,
         timeout: float | None = None,
+        truncate: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> RerankResult:
         """Blocks until the ranking comes; arguments and errors as :meth:`RerankClient.rerank`."""
         return self.submit(
@@ -85,6 +89,8 @@ class SyncRerankClient:
             return_documents=return_documents,
             raw_scores=raw_scores,
             timeout=timeout,
+            truncate=truncate,
+            retry=retry,
         ).result()
 
     def submit(
@@ -97,20 +103,29 @@ class SyncRerankClient:
         return_documents: bool = False,
         raw_scores: bool = False,
         timeout: float | None = None,
+        truncate: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> concurrent.futures.Future[RerankResult]:
-        """Starts a call and returns at once; the future holds the result or the error."""
+        """Starts a call and returns at once; the future holds the result or the error.
+
+        The call runs in the calling thread's OpenTelemetry context (its current span is
+        the parent of the call's span when tracing is on)."""
         with self._lock:
             if self._closed:
                 raise ClientClosed("the client is closed")
             return asyncio.run_coroutine_threadsafe(
-                self._client.rerank(
-                    query,
-                    documents,
-                    instruction=instruction,
-                    top_n=top_n,
-                    return_documents=return_documents,
-                    raw_scores=raw_scores,
-                    timeout=timeout,
+                in_callers_context(
+                    self._client.rerank(
+                        query,
+                        documents,
+                        instruction=instruction,
+                        top_n=top_n,
+                        return_documents=return_documents,
+                        raw_scores=raw_scores,
+                        timeout=timeout,
+                        truncate=truncate,
+                        retry=retry,
+                    )
                 ),
                 self._loop,
             )

@@ -53,12 +53,33 @@ class ScoreRequest:
     """One rerank request, already validated.
 
     ``deadline`` is an absolute Unix time in seconds (``time.time()`` clock), or None.
+    ``truncate=False``: a document that does not fit the model's token limit makes the
+    request an :class:`InvalidRequest` instead of being cut.
     """
 
     query: str
     documents: tuple[str, ...]
     instruction: str | None = None
     deadline: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTiming:
+    """One model call that scored pairs of a request, shared by every request it held.
+
+    ``start_ns``/``end_ns`` are wall-clock Unix epoch nanoseconds (what traces need);
+    ``seconds`` is the same span measured on ``time.perf_counter``. ``pairs``, ``tokens``
+    (real) and ``cost_tokens`` (the scorer's cost) count the whole batch.
+    """
+
+    batch_id: int
+    start_ns: int
+    end_ns: int
+    seconds: float
+    pairs: int
+    tokens: int
+    cost_tokens: int
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,9 @@ class ScoreResult:
     ``logits`` are raw relevance logits (for Qwen3-Reranker: logit_yes - logit_no);
     ``scores`` are the calibrated relevance scores in [0, 1] (sigmoid of the logit
     for cross-encoders).
+
+    ``batches``: the model calls that scored this request's pairs, in the order they
+    finished (empty when the engine does not report them).
     """
 
     logits: tuple[float, ...]
@@ -77,6 +101,7 @@ class ScoreResult:
     queue_ms: float
     inference_ms: float
     extra: dict[str, float] = field(default_factory=dict)
+    batches: tuple[BatchTiming, ...] = ()
 
 
 class RerankEngine(Protocol):
