@@ -65,6 +65,7 @@ class Reranker(Protocol):
         return_documents: bool = False,
         raw_scores: bool = False,
         timeout: float | None = None,
+        truncate: bool = True,
     ) -> RerankResult: ...
 
 
@@ -235,12 +236,15 @@ def _parse(shape: Shape, body: Any) -> RerankCall:
 
 def _options(call: RerankCall, settings: GatewaySettings) -> dict[str, Any]:
     # Documents are not asked back from the worker: the gateway has them already.
-    return {
+    options: dict[str, Any] = {
         "instruction": call.instruction,
         "top_n": call.top_n,
         "raw_scores": call.raw_scores,
         "timeout": settings.timeout_s,
     }
+    if call.truncate is not None:  # None: the service's default (it truncates)
+        options["truncate"] = call.truncate
+    return options
 
 
 def _failure_of(error: RerankError) -> CallFailed:

@@ -204,3 +204,13 @@ def test_settings_read_the_workers_variables(monkeypatch: pytest.MonkeyPatch) ->
     assert parse_settings(["--port", "9100"]).port == 9100
     with pytest.raises(SystemExit):
         parse_settings(["--max-concurrency", "0"])
+
+
+async def test_truncate_reaches_the_service_only_when_the_caller_set_it(
+    http: TestClient[Any, Any], fake: FakeReranker
+) -> None:
+    tei = {"query": "q", "texts": ["a"]}  # TEI's own default: truncate false
+    native = {"query": "q", "documents": ["a"]}
+    for body in (tei, native, native | {"truncate": False}):
+        assert (await http.post("/rerank", json=body, headers=AUTH)).status == 200
+    assert [call.get("truncate") for call in fake.calls] == [False, None, False]
