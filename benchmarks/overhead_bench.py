@@ -254,6 +254,7 @@ async def main_async(args: argparse.Namespace) -> None:
         group_id=f"bench-workers-{uuid.uuid4().hex}",
         client_id="bench-worker",
         delivery=args.delivery,
+        producer_linger_ms=args.producer_linger_ms,
     )
     worker = Worker(config, NoOpEngine(), Metrics())
     task = asyncio.create_task(worker.run())
@@ -336,6 +337,12 @@ def main() -> None:
         choices=("at_least_once", "exactly_once"),
         help="the worker's delivery mode (exactly_once: replies in transactions; the load "
         "generator reads with read_committed either way)",
+    )
+    parser.add_argument(
+        "--producer-linger-ms",
+        type=int,
+        default=WorkerConfig.producer_linger_ms,
+        help="the worker's producer linger (default: the worker's)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

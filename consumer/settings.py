@@ -224,7 +224,11 @@ class Settings(BaseSettings):
         500, "Most records taken from the consumer per poll.", "Kafka tuning", gt=0
     )
     producer_linger_ms: int = _setting(
-        5, "How long the producer waits to batch replies.", "Kafka tuning", ge=0
+        0,
+        "How long the producer waits to batch replies (0: at once; replies still batch "
+        "while a send is in flight).",
+        "Kafka tuning",
+        ge=0,
     )
     commit_interval_s: float = _setting(
         0.1,

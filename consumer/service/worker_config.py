@@ -43,8 +43,9 @@ class WorkerConfig:
             across its restarts (the GPU index, a StatefulSet ordinal). None: dynamic.
         connect_timeout_s: at start, how long to keep trying to reach the brokers
             before giving up (0: for as long as the worker runs).
-        producer_linger_ms: how long the producer waits to batch replies; a few ms
-            buys throughput for almost no latency.
+        producer_linger_ms: how long the producer waits to batch replies. 0: replies
+            go at once and batch by themselves while a send is in flight (5 ms cost a
+            lone request 4.5 ms on an H200 and bought no throughput, docs/benchmarks.md).
         max_poll_records: most records taken from the consumer per poll.
 
     Replies:
@@ -114,7 +115,7 @@ class WorkerConfig:
     rebalance_timeout_ms: int = 60_000
     group_instance_id: str | None = None
     connect_timeout_s: float = 300.0
-    producer_linger_ms: int = 5
+    producer_linger_ms: int = 0
     max_poll_records: int = 500
     allowed_reply_topics: str | None = None
     delivery: str = "at_least_once"
