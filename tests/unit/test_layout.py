@@ -112,3 +112,9 @@ def test_the_gateway_needs_only_the_sdk_and_an_http_server() -> None:
         if starts_with_any(name, never)
     }
     assert not wrong, sorted(wrong)
+
+
+def test_test_modules_have_unique_names() -> None:
+    """The test folders are not packages: pytest cannot collect two files of one name."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
