@@ -29,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -39,6 +39,7 @@ from consumer.service.metrics import Metrics
 from consumer.service.partitions import PartitionWork
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TXN_TIMEOUT_S = 10.0
 # The producer's max_request_size; a record over it could never be in a transaction.
@@ -74,8 +75,7 @@ class PartitionTransactions:
     async def start(self) -> None:
         """Start a producer: this fences every earlier producer of the partition."""
         self.producer = self.make_producer()
-        async with asyncio.timeout(TXN_TIMEOUT_S):
-            await self.producer.start()
+        await bounded(self.producer.start(), TXN_TIMEOUT_S)
 
     async def stop(self) -> None:
         await _stop(self.producer)
@@ -93,8 +93,7 @@ class PartitionTransactions:
             if self.broken:
                 await self._renew()
             offsets = sorted(o for o in self.outbox if o < upto)
-            async with asyncio.timeout(TXN_TIMEOUT_S):
-                await self._transaction(offsets, upto, metadata)
+            await bounded(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
         except ProducerFenced:
             self.fenced = True
             log.warning(
@@ -146,10 +145,8 @@ class PartitionTransactions:
         asyncio.get_running_loop().create_task(_stop(old))  # it may hang: never wait for it
         await self.start()
         # The producer id arrives once the old transaction is committed or aborted.
-        async with asyncio.timeout(TXN_TIMEOUT_S):
-            await self.producer._txn_manager.wait_for_pid()
-        async with asyncio.timeout(TXN_TIMEOUT_S):
-            committed = await self.read_committed()
+        await bounded(self.producer._txn_manager.wait_for_pid(), TXN_TIMEOUT_S)
+        committed = await bounded(self.read_committed(), TXN_TIMEOUT_S)
         if committed is not None:
             for offset in [o for o in self.outbox if o < committed]:
                 del self.outbox[offset]
@@ -160,10 +157,36 @@ async def _stop(producer: Any) -> None:
     if producer is None:
         return
     try:
-        async with asyncio.timeout(TXN_TIMEOUT_S):
-            await producer.stop()
+        await bounded(producer.stop(), TXN_TIMEOUT_S)
     except Exception:
         log.debug("stopping a transactional producer failed", exc_info=True)
+
+
+async def bounded(work: Awaitable[T], seconds: float) -> T:
+    """``work`` in a task of its own, given up after ``seconds`` even if it ignores being
+    cancelled: then TimeoutError, and the task is cancelled and left to end on its own.
+
+    A cancel-based timeout (``asyncio.timeout``) waits for the cancelled work to give
+    in. A producer in trouble may not: an exactly-once worker in the chaos suite stopped
+    committing for minutes after a broker freeze, with no transaction ever timing out.
+    This bound holds whatever the work does with its cancellation.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_forget)
+        raise TimeoutError(f"gave up after {seconds:g} s")
+    return task.result()
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure of abandoned work is not news
 
 
 class TransactionalSender:

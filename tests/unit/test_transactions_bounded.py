@@ -1,0 +1,87 @@
+"""A transaction step that ignores its cancellation cannot stall the commits.
+
+aiokafka code that swallows a cancel would make a cancel-based timeout
+(``asyncio.timeout``) wait for ever; ``bounded`` gives up anyway, so the partition's
+producer is marked broken and replaced at the next commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from aiokafka.structs import TopicPartition
+
+import consumer.service.transactions as transactions
+from consumer.service.transactions import PartitionTransactions, bounded
+
+TP = TopicPartition("rerank.requests", 0)
+
+
+async def _stubborn(release: asyncio.Event) -> str:
+    """Work that shrugs off cancellation until ``release`` is set."""
+    while True:
+        try:
+            await release.wait()
+            return "done late"
+        except asyncio.CancelledError:
+            continue  # the misbehaviour under test
+
+
+async def test_bounded_gives_up_on_work_that_ignores_its_cancel() -> None:
+    release = asyncio.Event()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await bounded(_stubborn(release), 0.2)
+    assert time.monotonic() - started < 1.0
+    release.set()  # let the abandoned task end
+    await asyncio.sleep(0)
+
+
+async def test_bounded_returns_the_result_and_passes_errors_on() -> None:
+    async def answer() -> int:
+        return 42
+
+    async def fail() -> None:
+        raise ValueError("no")
+
+    assert await bounded(answer(), 1.0) == 42
+    with pytest.raises(ValueError):
+        await bounded(fail(), 1.0)
+
+
+class _StubbornProducer:
+    """A transactional producer whose commit never ends and ignores cancellation."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def begin_transaction(self) -> None:
+        return None
+
+    async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
+        return None
+
+    async def commit_transaction(self) -> None:
+        await _stubborn(self.release)
+
+
+async def test_a_stuck_commit_marks_the_producer_broken_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transactions, "TXN_TIMEOUT_S", 0.2)
+    producer = _StubbornProducer()
+
+    async def nothing_committed() -> None:
+        return None
+
+    txns = PartitionTransactions(TP, lambda: producer, "group", nothing_committed)
+    txns.producer = producer
+    started = time.monotonic()
+    assert await txns.commit(upto=5) is False
+    assert time.monotonic() - started < 1.0
+    assert txns.broken, "the next commit starts a fresh producer"
+    producer.release.set()
+    await asyncio.sleep(0)
