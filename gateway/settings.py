@@ -39,9 +39,14 @@ class GatewaySettings:
     log_level: str = "INFO"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    # Empty means unset (a compose ``${X:-}`` gives an empty variable).
-    return os.environ.get(f"RERANK_{name.upper()}") or default
+DEFAULTS = GatewaySettings()
+
+
+def _env(name: str, default: object) -> str:
+    """``RERANK_<NAME>``, else ``default``, as text: argparse converts and checks a text
+    default with the flag's ``type``, so a bad variable is one usage line, as a bad flag is.
+    Empty means unset (a compose ``${X:-}`` gives an empty variable)."""
+    return os.environ.get(f"RERANK_{name.upper()}") or str(default)
 
 
 def _positive_float(text: str) -> float:
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     kafka = parser.add_argument_group("kafka")
     kafka.add_argument(
         "--bootstrap-servers",
-        default=_env("bootstrap_servers", "localhost:9092"),
+        default=_env("bootstrap_servers", DEFAULTS.bootstrap_servers),
         help="[RERANK_BOOTSTRAP_SERVERS] (default %(default)s)",
     )
     kafka.add_argument(
@@ -86,46 +91,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kafka.add_argument(
         "--group-id",
-        default=_env("group_id", "rerank-workers"),
+        default=_env("group_id", DEFAULTS.group_id),
         help="the workers' consumer group, watched to answer 503 at once when it has no "
         "member [RERANK_GROUP_ID] (default %(default)s)",
     )
     http = parser.add_argument_group("http")
     http.add_argument(
-        "--host", default=_env("gateway_host", "0.0.0.0"), help="[RERANK_GATEWAY_HOST]"
+        "--host", default=_env("gateway_host", DEFAULTS.host), help="[RERANK_GATEWAY_HOST]"
     )
     http.add_argument(
         "--port",
         type=int,
-        default=int(_env("gateway_port", "8080") or 8080),
+        default=_env("gateway_port", DEFAULTS.port),
         help="[RERANK_GATEWAY_PORT] (default %(default)s)",
     )
     http.add_argument(
         "--timeout",
         type=_positive_float,
-        default=float(_env("gateway_timeout_s", "30") or 30),
+        default=_env("gateway_timeout_s", DEFAULTS.timeout_s),
         help="seconds a call may wait for its reply; then 503 [RERANK_GATEWAY_TIMEOUT_S]",
     )
     http.add_argument(
         "--max-concurrency",
         type=_positive_int,
-        default=int(_env("gateway_max_concurrency", "512") or 512),
+        default=_env("gateway_max_concurrency", DEFAULTS.max_concurrency),
         help="calls in flight at once; more get 429 [RERANK_GATEWAY_MAX_CONCURRENCY]",
     )
     http.add_argument(
         "--max-body-bytes",
         type=_positive_int,
-        default=int(_env("gateway_max_body_bytes", str(1024 * 1024)) or 0),
+        default=_env("gateway_max_body_bytes", DEFAULTS.max_body_bytes),
         help="largest request body; larger gets 413 [RERANK_GATEWAY_MAX_BODY_BYTES]",
     )
     http.add_argument(
         "--check-workers",
         type=float,
-        default=float(_env("gateway_check_workers_s", "5") or 5),
+        default=_env("gateway_check_workers_s", DEFAULTS.check_workers_s),
         help="seconds between looks at the workers' group (0: never look) "
         "[RERANK_GATEWAY_CHECK_WORKERS_S]",
     )
-    http.add_argument("--log-level", default=_env("log_level", "INFO"), help="[RERANK_LOG_LEVEL]")
+    http.add_argument(
+        "--log-level", default=_env("log_level", DEFAULTS.log_level), help="[RERANK_LOG_LEVEL]"
+    )
     add_security_arguments(parser)
     return parser
 
@@ -153,7 +160,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> GatewaySettings:
         timeout_s=args.timeout,
         max_concurrency=args.max_concurrency,
         max_body_bytes=args.max_body_bytes,
-        api_token=_env("gateway_api_token"),
+        api_token=os.environ.get("RERANK_GATEWAY_API_TOKEN") or None,
         check_workers_s=args.check_workers,
         log_level=args.log_level.upper(),
     )

@@ -214,3 +214,11 @@ async def test_truncate_reaches_the_service_only_when_the_caller_set_it(
     for body in (tei, native, native | {"truncate": False}):
         assert (await http.post("/rerank", json=body, headers=AUTH)).status == 200
     assert [call.get("truncate") for call in fake.calls] == [False, None, False]
+
+
+def test_a_bad_variable_is_a_usage_error_as_a_bad_flag_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("RERANK_GATEWAY_MAX_CONCURRENCY", "0"), ("RERANK_GATEWAY_PORT", "x")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(SystemExit):
+                parse_settings([])
