@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -33,6 +33,7 @@ from gateway.shapes import (
     Shape,
     shape_of_root_rerank,
 )
+from producer_sdk.client import RerankClient
 from producer_sdk.errors import (
     DeliveryError,
     InvalidArgument,
@@ -52,25 +53,10 @@ _REPLY_CODES = {
 }
 
 
-class Reranker(Protocol):
-    """What the gateway needs of the SDK client (a fake in unit tests)."""
-
-    async def rerank(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        instruction: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        raw_scores: bool = False,
-        timeout: float | None = None,
-        truncate: bool = True,
-    ) -> RerankResult: ...
-
-
 class WorkerPresence(Protocol):
-    """Whether the workers' group is known to be empty."""
+    """What the gateway knows of the workers' group (:class:`gateway.workers.WorkerWatch`)."""
+
+    members: int | None  # None: not known
 
     @property
     def none_there(self) -> bool: ...
@@ -95,7 +81,7 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        reranker: Callable[[], Reranker | None],
+        reranker: Callable[[], RerankClient | None],
         metrics: GatewayMetrics,
         workers: WorkerPresence | None = None,
     ) -> None:
@@ -220,8 +206,7 @@ class Gateway:
         return web.json_response({"status": "ready"})
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        workers = self._workers
-        members = getattr(workers, "members", None) if workers is not None else None
+        members = self._workers.members if self._workers is not None else None
         self._metrics.workers.set(-1 if members is None else members)
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -279,7 +279,7 @@ def _top_n(fields: Mapping[str, Any]) -> int | None:
     top_n = _optional(fields, "top_n", int)
     if top_n is not None and top_n < 1:
         raise BadRequest(f"`top_n` must be at least 1, not {top_n}")
-    return top_n if top_n is None else int(top_n)
+    return top_n
 
 
 def _v1_text(document: Any, index: int, rank_fields: list[str] | None) -> str:
