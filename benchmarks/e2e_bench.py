@@ -12,8 +12,13 @@ drives them through the SDK with the engine bench's synthetic requests:
 
 * saturation: a closed loop with ``--concurrency`` requests in flight per GPU;
 * lone: one request at a time;
-* paced: an open loop at each of ``--fractions`` of the saturated rate, requests sent at
-  steady intervals.
+* paced: an open loop at each of ``--fractions`` of the saturated rate, then at each of
+  ``--rates`` (requests/s, all workers together: the same offered load in every run, for
+  before/after comparisons), requests sent at steady intervals.
+
+Each phase also reads the workers' ``/metrics`` before and after it: how many batches ran,
+their mean pairs and mean model time. ``--worker-root`` runs the workers from another
+checkout (an earlier commit), with this harness, in the same call.
 
 Latency is from the SDK call (produce) to its reply read. Each phase counts answered,
 error, lost (no reply in time) and duplicate replies. Then, with the workers stopped, the
@@ -72,6 +77,8 @@ class Phase:
     worker_ms: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
     # (unix time sent, latency ms, worker total ms) of each answered request
     timeline: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
+    # the workers' batches during the phase: count, mean pairs, mean model ms
+    batches: dict[str, float] = field(default_factory=dict)
 
     def summary(self, docs: int) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -157,9 +164,11 @@ def start_workers(
             probe = str(Path(__file__).parent / "e2e" / "gc_probe")
             env["PYTHONPATH"] = os.pathsep.join([probe, env.get("PYTHONPATH", "")])
             env["RERANK_GC_PROBE_MS"] = str(args.gc_probe_ms)
+        root = args.worker_root.resolve() if args.worker_root else ROOT
+        env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
         log = (out / f"worker-gpu{gpu}.log").open("wb")
         workers.append(
-            subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         )
     return workers
 
@@ -200,6 +209,51 @@ def stop_workers(workers: list[subprocess.Popen[bytes]]) -> list[int | None]:
     return codes
 
 
+# -- the workers' batches -------------------------------------------------------------------
+
+BATCH_SERIES = (
+    "rerank_batch_pairs_sum",
+    "rerank_batch_pairs_count",
+    "rerank_inference_seconds_sum",
+)
+
+
+async def batch_totals(gpus: int) -> dict[str, float]:
+    """The workers' batch counters, summed (missing when a worker does not answer)."""
+    import aiohttp
+
+    totals = dict.fromkeys(BATCH_SERIES, 0.0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for gpu in range(gpus):
+            url = f"http://127.0.0.1:{FIRST_HTTP_PORT + gpu}/metrics"
+            try:
+                async with http.get(url) as response:
+                    text = await response.text()
+            except aiohttp.ClientError:
+                return {}
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name in totals:
+                    totals[name] += float(value)
+    return totals
+
+
+def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Batches run between two readings: count, mean pairs, mean model ms."""
+    if not before or not after:
+        return {}
+    count = after["rerank_batch_pairs_count"] - before["rerank_batch_pairs_count"]
+    if count <= 0:
+        return {"count": 0}
+    pairs = after["rerank_batch_pairs_sum"] - before["rerank_batch_pairs_sum"]
+    seconds = after["rerank_inference_seconds_sum"] - before["rerank_inference_seconds_sum"]
+    return {
+        "count": count,
+        "mean_pairs": round(pairs / count, 1),
+        "mean_model_ms": round(1000 * seconds / count, 2),
+    }
+
+
 # -- load phases ------------------------------------------------------------------------
 
 
@@ -237,6 +291,14 @@ class Load:
         phase.worker_ms.append((timing.queue_ms, timing.inference_ms, timing.total_ms))
         latency_ms = round(phase.latencies[-1] * 1000, 2)
         phase.timeline.append((round(sent_at, 4), latency_ms, round(timing.total_ms, 2)))
+
+    async def lone(self, name: str, count: int) -> Phase:
+        phase = Phase(name)
+        started = time.perf_counter()
+        for _ in range(count):
+            await self.one(phase)
+        phase.seconds = time.perf_counter() - started
+        return phase
 
     async def closed_loop(self, name: str, concurrency: int, seconds: float) -> Phase:
         phase = Phase(name)
@@ -288,28 +350,28 @@ async def drive(
     gc.collect()
     gc.freeze()
     client = RerankClient(bootstrap, request_topic=names[0], reply_topic=names[1])
-    phases = []
+    phases: list[Phase] = []
+
+    async def run(phase: Any) -> Phase:
+        before = await batch_totals(args.gpus)
+        done: Phase = await phase
+        done.batches = batch_summary(before, await batch_totals(args.gpus))
+        phases.append(done)
+        _say(done, args.docs)
+        return done
+
     async with client:
         load = Load(client, requests)
         in_flight = args.concurrency * args.gpus
         await load.closed_loop("warm-up", in_flight, args.warm_s)
-        saturated = await load.closed_loop("saturated", in_flight, args.phase_s)
-        phases.append(saturated)
-        _say(saturated, args.docs)
-        lone = Phase("lone")
-        started = time.perf_counter()
-        for _ in range(args.lone):
-            await load.one(lone)
-        lone.seconds = time.perf_counter() - started
-        phases.append(lone)
-        _say(lone, args.docs)
+        saturated = await run(load.closed_loop("saturated", in_flight, args.phase_s))
+        await run(load.lone("lone", args.lone))
         rate = saturated.answered / saturated.seconds
-        for fraction in args.fractions:  # none: --fractions with no value
-            name = f"paced {fraction:.0%}"
-            name += f" #{sum(p.name.startswith(name) for p in phases) + 1}"
-            paced = await load.open_loop(name, rate * fraction, args.phase_s)
-            phases.append(paced)
-            _say(paced, args.docs)
+        paced = [(f"paced {f:.0%}", rate * f) for f in args.fractions]
+        paced += [(f"paced {r:g}/s", r) for r in args.rates]
+        for name, offered in paced:
+            name += f" #{sum(p.name.startswith(name + ' #') for p in phases) + 1}"
+            await run(load.open_loop(name, offered, args.phase_s))
     return phases
 
 
@@ -407,8 +469,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys: tuple[str, ...] = ("gpus", "device", "config", "partitions", "docs", "concurrency")
-    keys += ("phase_s", "fractions", "lone", "worker_args")
-    return {k: getattr(args, k) for k in keys}
+    keys += ("phase_s", "fractions", "rates", "lone", "worker_args", "worker_root")
+    return {k: str(v) if isinstance(v := getattr(args, k), Path) else v for k in keys}
 
 
 def _hardware(device: str) -> dict[str, Any]:
@@ -430,7 +492,8 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         f"transformers {hw['transformers']}, Python {hw['python']}",
         f"settings: {json.dumps(report['settings'])}",
         "phase         offered/s  answered/sent  pairs/s    p50 ms   p95 ms   p99 ms   "
-        "errors lost dup  worker p50 ms (queue/inference/total)",
+        "errors lost dup  worker p50 ms (queue/inference/total)  batches (count, mean pairs, "
+        "mean model ms)",
     ]
     for p in report.get("phases", []):
         worker = "/".join(
@@ -440,6 +503,7 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
             f"{p['name']:12s}  {p['offered_per_s'] or '':>9}  {p['answered']:>6}/{p['sent']:<6}"
             f"  {p['pairs_per_s'] or 0:>8}  {p['p50_ms']:>7}  {p['p95_ms']:>7}  {p['p99_ms']:>7}"
             f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}  {worker}"
+            f"  {_batches(p.get('batches') or {})}"
         )
     engine = report.get("engine_bench")
     if engine:
@@ -454,6 +518,12 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     if report.get("phases"):
         title = f"{args.gpus} x {hw.get('gpu')}, {args.config}, through Kafka"
         plot(report["phases"], title, out / "latency_vs_load.png")
+
+
+def _batches(batches: dict[str, float]) -> str:
+    if not batches.get("count"):
+        return "-"
+    return f"{batches['count']:.0f}, {batches['mean_pairs']}, {batches['mean_model_ms']}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -475,9 +545,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lone", type=int, default=100)
     p.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.8])
     p.add_argument(
+        "--rates", type=float, nargs="*", default=[], help="paced phases at these requests/s"
+    )
+    p.add_argument(
         "--engine-pairs", type=int, default=16384, help="pairs of the engine bench (0: skip it)"
     )
     p.add_argument("--worker-args", default="", help='more worker flags: "--flag value ..."')
+    p.add_argument(
+        "--worker-root", type=Path, help="run the workers from this checkout (default: this one)"
+    )
     p.add_argument(
         "--gc-probe-ms", type=float, default=0, help="log worker GC pauses over this (0: off)"
     )

@@ -365,6 +365,14 @@ class Settings(BaseSettings):
         "Batching and back-pressure",
         ge=0,
     )
+    quick_batch_backlog: float = _setting(
+        4.0,
+        "While fewer than this many quick batches' worth of tokens wait, batches are cut no "
+        "bigger than the largest CUDA graph (8,192 tokens), which is cheap to issue; a larger "
+        "backlog gets max_batch_tokens for throughput. 0: always max_batch_tokens.",
+        "Batching and back-pressure",
+        ge=0,
+    )
     min_batch_tokens: int = _setting(
         4096,
         "After running out of device memory the token budget shrinks, never below this.",
@@ -655,6 +663,7 @@ class Settings(BaseSettings):
             max_batch_tokens=self.max_batch_tokens,
             max_batch_pairs=self.max_batch_pairs,
             max_wait_ms=self.max_wait_ms,
+            quick_backlog=self.quick_batch_backlog,
             min_batch_tokens=self.min_batch_tokens,
             tokenizer_threads=self.tokenizer_threads,
             stall_timeout_s=self.engine_stall_timeout_s,

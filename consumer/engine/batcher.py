@@ -18,6 +18,14 @@ cost (``max_batch_tokens``) and by ``max_batch_pairs``:
 The cost function is injected (the scorer knows whether it pads or packs); it must
 be monotone: adding a pair never makes a batch cheaper.
 
+Quick batches. A scorer may issue batches up to some cost far more cheaply than bigger
+ones (a CUDA graph replays a whole forward at once; above it every layer is issued from
+Python, which can take longer than the device work of a mid-sized batch). While the queue
+holds less than ``quick_backlog`` such batches' worth of tokens, batches are cut no bigger
+than ``quick_batch_cost``: under a moderate load every batch is quick, and a batch just
+over the quick size, slow to issue, never makes the next one bigger still. A larger
+backlog gets the full budget, whose batches use the device best.
+
 Length order only pays when rows are padded. For a packed (padding-free) scorer the
 batcher takes pairs in arrival order instead (``by_length=False``): the pairs of one
 request then stay together, so their shared prefix is computed once, and requests are
@@ -34,6 +42,8 @@ DEFAULT_MAX_BATCH_TOKENS = 65536
 DEFAULT_MAX_BATCH_PAIRS = 512
 # Enough pairs to find close length neighbours; bounds the sort done per batch.
 DEFAULT_WINDOW_PAIRS = 4096
+# Queued tokens, in quick batches, above which batches take the full budget again.
+DEFAULT_QUICK_BACKLOG = 4.0
 
 
 class BatchItem(Protocol):
@@ -85,6 +95,10 @@ class TokenBudgetBatcher(Generic[ItemT]):
         cost: cost of a candidate batch; must be monotone. Default: longest * count.
         window_pairs: how many of the oldest pending pairs are considered per batch.
         by_length: batch pairs of close lengths (padded scorers); False: oldest first.
+        quick_backlog: below this many quick batches' worth of queued tokens, cut quick
+            batches (see the module's doc); 0: always the full budget.
+
+    :attr:`quick_batch_cost` (0: none) is the scorer's, set once it is known.
     """
 
     def __init__(
@@ -94,16 +108,21 @@ class TokenBudgetBatcher(Generic[ItemT]):
         cost: CostFunction[ItemT] | None = None,
         window_pairs: int = DEFAULT_WINDOW_PAIRS,
         by_length: bool = True,
+        quick_backlog: float = DEFAULT_QUICK_BACKLOG,
     ) -> None:
         if max_batch_pairs < 1:
             raise ValueError("max_batch_pairs must be at least 1")
         if window_pairs < 1:
             raise ValueError("window_pairs must be at least 1")
+        if quick_backlog < 0:
+            raise ValueError("quick_backlog must not be negative")
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_pairs = max_batch_pairs
         self._cost: CostFunction[ItemT] = cost if cost is not None else longest_times_count
         self._window_pairs = max(window_pairs, max_batch_pairs)
         self.by_length = by_length
+        self.quick_backlog = quick_backlog
+        self.quick_batch_cost = 0
         # A dict keeps insertion order (= age) and removes in O(1).
         self._pending: dict[ItemT, None] = {}
         self._pending_tokens = 0
@@ -118,6 +137,15 @@ class TokenBudgetBatcher(Generic[ItemT]):
         if value < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         self._max_batch_tokens = value
+
+    def batch_budget(self) -> int:
+        """The budget of the next batch: the quick size under a small backlog, else full."""
+        quick = self.quick_batch_cost
+        if 0 < quick < self._max_batch_tokens and (
+            self._pending_tokens <= quick * self.quick_backlog
+        ):
+            return quick
+        return self._max_batch_tokens
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -162,7 +190,7 @@ class TokenBudgetBatcher(Generic[ItemT]):
         """True when the queue holds at least one full batch (no point waiting for more)."""
         return (
             len(self._pending) >= self.max_batch_pairs
-            or self._pending_tokens >= self._max_batch_tokens
+            or self._pending_tokens >= self.batch_budget()
         )
 
     def next_batch(self, now: float) -> FormedBatch[ItemT]:
@@ -177,7 +205,7 @@ class TokenBudgetBatcher(Generic[ItemT]):
             growth = _nearest_first(by_length, anchor=window[0])
         else:
             growth = window
-        size, cost = self._largest_affordable(growth)
+        size, cost = self._largest_affordable(growth, self.batch_budget())
         batch = sorted(growth[:size], key=_tokens) if self.by_length else growth[:size]
         for item in batch:
             self.remove(item)
@@ -197,8 +225,8 @@ class TokenBudgetBatcher(Generic[ItemT]):
                 break
         return window, expired
 
-    def _largest_affordable(self, growth: list[ItemT]) -> tuple[int, int]:
-        """Largest prefix of ``growth`` within the budget (at least 1), and its cost.
+    def _largest_affordable(self, growth: list[ItemT], budget: int) -> tuple[int, int]:
+        """Largest prefix of ``growth`` within ``budget`` (at least 1), and its cost.
 
         Binary search is valid because the cost is monotone; it finds the same size
         as adding pairs one by one until the next one would break the budget.
@@ -208,7 +236,7 @@ class TokenBudgetBatcher(Generic[ItemT]):
         while low < high:
             mid = (low + high + 1) // 2
             mid_cost = self._cost(growth[:mid])
-            if mid_cost <= self._max_batch_tokens:
+            if mid_cost <= budget:
                 low, low_cost = mid, mid_cost
             else:
                 high = mid - 1

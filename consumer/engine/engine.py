@@ -91,6 +91,7 @@ class Engine:
             window_pairs=self.settings.window_pairs,
             # packed batches cost no padding: keep each request's pairs together instead
             by_length=not scorer.traits.packed,
+            quick_backlog=self.settings.quick_backlog,
         )
         self._queue = BatchQueue(batcher, self.settings.max_wait_ms / 1000.0)
         self._requests = RequestTable(self._queue)
@@ -174,10 +175,11 @@ class Engine:
         self._metrics.token_budget_changed(self._queue.max_batch_tokens)
         self._metrics.model_started(self._name, traits.kind, traits.device, traits.dtype)
         log.info(
-            "engine ready: model=%s max_batch_tokens=%d max_batch_pairs=%d",
+            "engine ready: model=%s max_batch_tokens=%d max_batch_pairs=%d quick_batch_cost=%d",
             self._name,
             self._queue.max_batch_tokens,
             self._queue.max_batch_pairs,
+            self._queue.quick_batch_cost,
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResult:

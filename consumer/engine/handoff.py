@@ -49,6 +49,16 @@ class BatchQueue:
             self._batcher.max_batch_tokens = value
 
     @property
+    def quick_batch_cost(self) -> int:
+        """The scorer's quick batch size the batcher cuts to under a small backlog (0: none)."""
+        return self._batcher.quick_batch_cost
+
+    @quick_batch_cost.setter
+    def quick_batch_cost(self, value: int) -> None:
+        with self._cond:
+            self._batcher.quick_batch_cost = max(0, value)
+
+    @property
     def max_batch_pairs(self) -> int:
         """The batcher's pair limit."""
         return self._batcher.max_batch_pairs

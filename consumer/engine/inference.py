@@ -144,6 +144,8 @@ class InferenceLoop:
                 self._stats.warmup_s = time.perf_counter() - started
             pairs = self._encoder.encode("check query", ["check document"], None)
             self._check = _CheckBatch(pairs, list(self._scorer.score(pairs)))
+            # known once the warm-up has captured what it can replay
+            self._queue.quick_batch_cost = self._scorer.traits.quick_batch_cost
         except BaseException as exc:
             if not self.warmed.cancelled():
                 self.warmed.set_exception(exc)

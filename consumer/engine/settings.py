@@ -15,6 +15,11 @@ class EngineSettings:
     ``max_batch_tokens``) after ``oom_recovery_batches`` successful batches in a row, so
     a passing memory shortage does not cost throughput for the rest of the process.
 
+    ``quick_backlog``: while fewer than this many quick batches' worth of tokens wait,
+    batches are cut no bigger than the scorer's quick size (its largest CUDA graph), so a
+    moderate load runs in batches that are cheap to issue; 0 always cuts the full budget
+    (:mod:`consumer.engine.batcher`).
+
     ``stall_timeout_s``: with work outstanding, the model must finish a batch at least
     this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
     every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
@@ -26,6 +31,7 @@ class EngineSettings:
     tokenizer_threads: int = 4
     warmup: bool = True
     window_pairs: int = 4096
+    quick_backlog: float = 4.0
     min_batch_tokens: int = 4096
     oom_budget_factor: float = 0.75
     oom_recovery_batches: int = 200
@@ -37,6 +43,8 @@ class EngineSettings:
             raise ValueError("max_batch_tokens and max_batch_pairs must be at least 1")
         if self.tokenizer_threads < 1:
             raise ValueError("tokenizer_threads must be at least 1")
+        if self.quick_backlog < 0:
+            raise ValueError("quick_backlog must not be negative")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
         if not 0 < self.oom_budget_factor < 1:

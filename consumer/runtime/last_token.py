@@ -11,7 +11,7 @@ pinned host memory, and returns at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,29 @@ import torch
 from consumer.runtime.prompt import EncodedPair, PromptEncoder
 from consumer.runtime.scorer import ScorerBase, ScorerTraits, sigmoid
 from consumer.runtime.tensors import pad_right, pinned, to_device
+
+
+def stream_tokens(pairs: Sequence[EncodedPair]) -> int:
+    """Tokens of these pairs laid out as one packed stream, at most.
+
+    A pair whose request head (:attr:`EncodedPair.shared_prefix`) or instruction head
+    (:attr:`EncodedPair.common_prefix`) matches the pair before it adds only the rest:
+    the packed layout computes such a stretch once (it shares more when equal heads are
+    not neighbours, so this never counts fewer tokens than the stream has).
+    """
+    total = 0
+    previous: list[int] | None = None
+    for pair in pairs:
+        ids: list[int] = pair.payload  # type: ignore[assignment]
+        shared = 0
+        if previous is not None:
+            for cut in (pair.shared_prefix, pair.common_prefix):
+                if 0 < cut < len(ids) and ids[:cut] == previous[:cut]:
+                    shared = cut
+                    break
+        total += pair.tokens - shared
+        previous = ids
+    return total
 
 
 @dataclass
@@ -80,13 +103,16 @@ class LastTokenScorer(ScorerBase):
         super().warmup(encoder)
         if self._packed is not None:
             self._packed.capture_graphs()  # runs every graph's shapes before capturing it
+            quick = self._packed.graph_tokens()
+            self.traits = replace(self.traits, quick_batch_cost=quick)
 
     def batch_cost(self, pairs: Sequence[EncodedPair]) -> int:
-        """Sum of lengths when packed, longest x count when padded."""
+        """Tokens of the packed stream (heads shared by neighbours counted once) when
+        packed, longest x count when padded."""
         if not pairs:
             return 0
         if self.traits.packed:
-            return sum(p.tokens for p in pairs)
+            return stream_tokens(pairs)
         return max(p.tokens for p in pairs) * len(pairs)
 
     def prepare(self, pairs: Sequence[EncodedPair]) -> object:

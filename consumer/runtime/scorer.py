@@ -41,6 +41,10 @@ class ScorerTraits:
     request's pairs together (they share their prompt head) instead of sorting by length.
     ``pipelined``: ``launch`` returns before the device finishes, so a second batch can
     be queued behind it.
+    ``quick_batch_cost``: the largest :meth:`Scorer.batch_cost` the scorer issues cheaply
+    (replayed from a captured CUDA graph), known once :meth:`Scorer.warmup` has run; 0:
+    every size is issued the same way. A batch just above it is issued layer by layer
+    from Python, which can take longer than its device work.
     """
 
     kind: str
@@ -48,6 +52,7 @@ class ScorerTraits:
     dtype: str
     packed: bool = False
     pipelined: bool = False
+    quick_batch_cost: int = 0
 
 
 class Scorer(Protocol):
@@ -56,7 +61,8 @@ class Scorer(Protocol):
     traits: ScorerTraits
 
     def batch_cost(self, pairs: Sequence[EncodedPair]) -> int:
-        """Tokens this batch costs on the device (longest x count when padded, sum when packed)."""
+        """Tokens this batch costs on the device (longest x count when padded; when packed,
+        the tokens of its stream, each shared prompt head counted once)."""
         ...
 
     def prepare(self, pairs: Sequence[EncodedPair]) -> object:

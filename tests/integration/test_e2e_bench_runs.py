@@ -2,8 +2,8 @@
 
 It starts its own broker (with this machine's Java and the cached jars, as no bundle is
 given), a worker with the tiny random-weight model on the CPU, and every load phase.
-Its numbers are not checked: only that each phase answered every request once, and that
-the summary names the hardware.
+Its numbers are not checked: only that each phase answered every request once, that the
+workers' batches were read around each phase, and that the summary names the hardware.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
          "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
          "--config", "tiny", "--kafka-port", str(PORT), "--phase-s", "2", "--warm-s", "1",
-         "--lone", "3", "--concurrency", "4", "--pairs", "256", "--engine-pairs", "128"],
+         "--lone", "3", "--concurrency", "4", "--pairs", "256", "--engine-pairs", "128",
+         "--rates", "5"],
         cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -37,9 +38,13 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
         "lone",
         "paced 50% #1",
         "paced 80% #1",
+        "paced 5/s #1",
     ]
     for phase in report["phases"]:
         assert phase["answered"] == phase["sent"] > 0, phase
+        # the worker's own batch counters, read around the phase
+        assert phase["batches"]["count"] >= 1, phase
+        assert phase["batches"]["mean_pairs"] >= 1, phase
         assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0), phase
     assert report["worker_exit_codes"] == [0]
     assert report["engine_bench"]["engine"]["load"]["pairs_per_s"] > 0

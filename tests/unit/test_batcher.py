@@ -199,3 +199,52 @@ def test_would_fill_batch() -> None:
     assert not batcher.would_fill_batch()
     batcher.add(Pair(95))
     assert batcher.would_fill_batch()
+
+
+def packed_batcher(quick: int, backlog: float = 4.0) -> TokenBudgetBatcher[Pair]:
+    batcher: TokenBudgetBatcher[Pair] = TokenBudgetBatcher(
+        max_batch_tokens=65536, cost=total_tokens, by_length=False, quick_backlog=backlog
+    )
+    batcher.quick_batch_cost = quick
+    return batcher
+
+
+def test_a_small_backlog_is_cut_into_quick_batches() -> None:
+    batcher = packed_batcher(quick=8192)
+    batcher.add_many(Pair(368) for _ in range(40))  # 14,720 tokens: under 4 quick batches
+    sizes = [formed.cost for formed in drain_batches(batcher)]
+    assert all(size <= 8192 for size in sizes)
+    assert sum(sizes) == 40 * 368
+
+
+def test_a_large_backlog_gets_the_full_budget_until_it_is_small() -> None:
+    batcher = packed_batcher(quick=8192)
+    batcher.add_many(Pair(368) for _ in range(300))  # 110,400 tokens: over 4 quick batches
+    first = batcher.next_batch(0.0)
+    assert first.cost > 8192
+    assert first.cost <= 65536
+    # 300 - 178 pairs left = 44,896 tokens: still over 32,768, so full again, then quick
+    costs = [formed.cost for formed in drain_batches(batcher)]
+    assert costs[0] > 8192
+    assert all(cost <= 8192 for cost in costs[1:])
+
+
+def test_quick_batches_are_off_without_a_quick_size_or_backlog() -> None:
+    for batcher in (packed_batcher(quick=0), packed_batcher(quick=8192, backlog=0)):
+        batcher.add_many(Pair(368) for _ in range(40))
+        assert batcher.next_batch(0.0).cost == 40 * 368
+
+
+def test_a_full_quick_batch_needs_no_wait_for_more() -> None:
+    batcher = packed_batcher(quick=8192)
+    batcher.add_many(Pair(368) for _ in range(20))  # 7,360 tokens
+    assert not batcher.would_fill_batch()
+    batcher.add(Pair(1000))
+    assert batcher.would_fill_batch()
+
+
+def test_the_quick_size_never_raises_a_lowered_budget() -> None:
+    batcher = packed_batcher(quick=8192)
+    batcher.max_batch_tokens = 4096  # after an out-of-memory
+    batcher.add_many(Pair(368) for _ in range(20))
+    assert batcher.next_batch(0.0).cost <= 4096

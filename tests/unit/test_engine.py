@@ -893,3 +893,57 @@ async def test_a_lowered_budget_recovers_after_enough_good_batches() -> None:
         await engine.score(ScoreRequest("q", (f"more {i}",)))
     assert engine.max_batch_tokens == 1000  # never above the setting
     await engine.close()
+
+
+class QuickScorer(FakeScorer):
+    """Packed; once warmed up, issues batches up to ``quick`` tokens cheaply (CUDA graphs)."""
+
+    traits = ScorerTraits("fake", "cpu", "float32", packed=True)
+
+    def __init__(self, quick: int) -> None:
+        super().__init__()
+        self.quick = quick
+
+    def batch_cost(self, pairs: Sequence[EncodedPair]) -> int:
+        return sum(p.tokens for p in pairs)
+
+    def warmup(self, encoder: PromptEncoder) -> None:
+        super().warmup(encoder)
+        self.traits = ScorerTraits(
+            "fake", "cpu", "float32", packed=True, quick_batch_cost=self.quick
+        )
+
+
+async def backlog_batch_costs(backlog_requests: int, quick_backlog: float) -> list[int]:
+    """Costs of the batches that serve a backlog of 100-token pairs (10 a request)."""
+    scorer = QuickScorer(quick=1000)
+    engine = await started_engine(scorer, max_batch_tokens=10_000, quick_backlog=quick_backlog)
+    scorer.gate.clear()
+    # one request on the model and one in the batch cut ahead: the backlog then builds
+    # in the queue and is cut only once the model is free
+    lone = ScoreRequest("q" * 10, ("d" * 90,))
+    ahead = [asyncio.create_task(engine.score(lone))]
+    await asyncio.to_thread(scorer.entered.wait, 5)
+    ahead.append(asyncio.create_task(engine.score(lone)))
+    await wait_for(lambda: engine._queue._next is not None)
+    requests = [ScoreRequest("q" * 10, ("d" * 90,) * 10) for _ in range(backlog_requests)]
+    tasks = [asyncio.create_task(engine.score(r)) for r in requests]
+    await wait_for(lambda: engine.in_flight_pairs == 2 + 10 * backlog_requests)
+    scorer.gate.set()
+    await asyncio.gather(*ahead, *tasks)
+    await engine.close()
+    return [100 * len(batch) for batch in scorer.batches[2:]]
+
+
+async def test_a_moderate_backlog_runs_in_quick_batches() -> None:
+    # 3,000 tokens wait: under 4 quick batches' worth
+    assert await backlog_batch_costs(3, quick_backlog=4.0) == [1000, 1000, 1000]
+    # turned off: one batch takes them all
+    assert await backlog_batch_costs(3, quick_backlog=0) == [3000]
+
+
+async def test_a_large_backlog_gets_the_full_budget() -> None:
+    # 9,000 tokens wait: one full batch, then the rest was small enough for quick ones
+    assert await backlog_batch_costs(9, quick_backlog=4.0) == [9000]
+    costs = await backlog_batch_costs(14, quick_backlog=4.0)
+    assert costs == [10_000, 1000, 1000, 1000, 1000]

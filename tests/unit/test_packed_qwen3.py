@@ -13,7 +13,7 @@ import pytest
 import torch
 from varlen_reference import piecewise_causal_attention, segment_causal_attention
 
-from consumer.runtime.last_token import LastTokenScorer
+from consumer.runtime.last_token import LastTokenScorer, stream_tokens
 from consumer.runtime.loader import LoadedModel, load_model
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import EncodedPair
@@ -277,3 +277,37 @@ def test_short_pairs_below_a_clipped_stretch_keep_three_key_pieces_at_most() -> 
     for keys, seq in zip(inputs.last_key_pieces.tolist(), seqs, strict=True):
         rows = [r for start, n in keys for r in range(start, start + n)]
         assert inputs.ids[rows].tolist() == seq  # each pair's keys are exactly its ids
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [0, 3, 5, 1, 4, 2], [5, 4, 3, 2, 1, 0]])
+def test_stream_tokens_is_the_packed_stream_or_more(causal: LoadedModel, order: list[int]) -> None:
+    """The batcher's cost of a packed batch: never less than the stream the layout builds
+    (so a batch within a graph's tokens fits it); in request order it misses only the
+    template + instruction that the first and last request share without being neighbours."""
+    pairs = [encoded(causal)[i] for i in order]
+    stream = pack(ids(pairs), [p.share_points for p in pairs]).ids.numel()
+    cost = stream_tokens(pairs)
+    assert cost >= stream
+    if order == sorted(order):
+        assert cost == stream + pairs[0].common_prefix
+    assert cost < sum(p.tokens for p in pairs)  # the heads are not counted per pair
+    assert stream_tokens(pairs[:1]) == pairs[0].tokens
+
+
+def test_the_packed_scorer_counts_stream_tokens(causal: LoadedModel) -> None:
+    pairs = encoded(causal)
+    scorer = scorer_of(causal)
+    assert not scorer.traits.packed  # the tiny model on the CPU runs padded
+    assert scorer.batch_cost(pairs) == max(p.tokens for p in pairs) * len(pairs)
+    packed = LastTokenScorer(
+        "causal-lm",
+        scorer._base,
+        scorer._head,
+        0.0,
+        0,
+        "cpu",
+        "float32",
+        packed=packed_model(scorer._base, "pieces"),
+    )
+    assert packed.batch_cost(pairs) == stream_tokens(pairs)
+    assert packed.traits.quick_batch_cost == 0  # no graphs captured

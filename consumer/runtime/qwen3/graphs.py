@@ -185,6 +185,11 @@ class PackedGraphs:
             time.perf_counter() - t0,
         )
 
+    @property
+    def max_tokens(self) -> int:
+        """Stream tokens of the largest captured bucket; 0 before :meth:`capture`."""
+        return max((bucket.tokens for bucket in self._graphs), default=0)
+
     def fit(self, inputs: PackedInputs) -> BucketInputs | None:
         """The batch in the smallest bucket that holds it, or None (run it without a graph)."""
         if not self._graphs:
