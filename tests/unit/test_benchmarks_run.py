@@ -35,3 +35,18 @@ def test_gpu_check_passes_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     verdict = lines[-1]
     assert verdict["ok"] is True and verdict["launched_ahead_ok"] is True
+
+
+def test_e2e_compare_tabulates_the_paced_phases_of_committed_runs() -> None:
+    """The before/after table of docs/benchmarks.md comes from these raw runs."""
+    from pathlib import Path
+
+    from benchmarks import e2e_compare
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    runs = results / "2026-12-04-e2e-quick-batches" / "call3"
+    text = e2e_compare.table({"after": [runs / "after5"], "before": [runs / "before5"]})
+    rows = text.splitlines()[1:]
+    assert len(rows) == 6  # three paced phases a run, saturated and lone left out
+    assert [row.split()[2] for row in rows[:3]] == ["816", "1304", "1464"]
+    assert rows[0].startswith("after") and rows[3].startswith("before")

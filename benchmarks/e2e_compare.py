@@ -1,0 +1,89 @@
+"""Latency against offered load, two variants side by side, from e2e bench runs.
+
+    python -m benchmarks.e2e_compare --variant before DIR DIR ... --variant after DIR ... \\
+        --out compare.png
+
+Each DIR is an ``--out`` folder of :mod:`benchmarks.e2e_bench` (its ``results.json``). The
+paced phases are drawn by offered pairs/s, every run a line, so run-to-run spread shows;
+the table printed beside it gives p50/p99 and the workers' mean batch per phase and run.
+Compare only runs of the same card and, ideally, the same call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple")
+
+
+def paced_phases(run: Path) -> list[dict[str, Any]]:
+    """The paced phases of one run, by offered load."""
+    report = json.loads((run / "results.json").read_text())
+    phases = [p for p in report["phases"] if p["offered_per_s"]]
+    docs = report["settings"]["docs"]
+    for phase in phases:
+        phase["offered_pairs_per_s"] = phase["offered_per_s"] * docs
+    return sorted(phases, key=lambda p: p["offered_pairs_per_s"])
+
+
+def table(variants: dict[str, list[Path]]) -> str:
+    header = "variant                run      offered pairs/s  p50 ms  p99 ms"
+    lines = [header + "  batches: mean pairs, mean ms"]
+    for name, runs in variants.items():
+        for run in runs:
+            for p in paced_phases(run):
+                batches = p.get("batches") or {}
+                lines.append(
+                    f"{name:22s} {run.name:8s} {p['offered_pairs_per_s']:>15.0f}"
+                    f"  {p['p50_ms']:>6}  {p['p99_ms']:>6}  "
+                    f"{batches.get('mean_pairs', '-')}, {batches.get('mean_model_ms', '-')}"
+                )
+    return "\n".join(lines)
+
+
+def plot(variants: dict[str, list[Path]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for (name, runs), colour in zip(variants.items(), COLOURS, strict=False):
+        for i, run in enumerate(runs):
+            phases = paced_phases(run)
+            x = [p["offered_pairs_per_s"] for p in phases]
+            label = name if i == 0 else None
+            for ax, key in zip(axes, ("p50_ms", "p99_ms"), strict=True):
+                ax.plot(x, [p[key] for p in phases], "o-", color=colour, alpha=0.7, label=label)
+    for ax, key in zip(axes, ("p50", "p99"), strict=True):
+        ax.set_title(f"{key}, produce to reply read")
+        ax.set_xlabel("offered load (pairs/s)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("ms")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--variant", nargs="+", action="append", required=True, metavar=("NAME", "DIR"),
+        help="a name, then the run folders of that variant",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--title", default="latency against offered load")
+    args = p.parse_args()
+    variants = {v[0]: [Path(d) for d in v[1:]] for v in args.variant}
+    print(table(variants))
+    plot(variants, args.title, args.out)
+    print(f"plot: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
