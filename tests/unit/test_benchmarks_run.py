@@ -50,3 +50,13 @@ def test_e2e_compare_tabulates_the_paced_phases_of_committed_runs() -> None:
     assert len(rows) == 6  # three paced phases a run, saturated and lone left out
     assert [row.split()[2] for row in rows[:3]] == ["816", "1304", "1464"]
     assert rows[0].startswith("after") and rows[3].startswith("before")
+
+
+def test_lone_path_times_every_part(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import lone_path
+
+    lone_path.main(["--requests", "3"])
+    out = capsys.readouterr().out
+    for part in ("encode", "encode via pool", "split over 4 threads", "pack + graph layout"):
+        assert f"  {part} " in out
+    assert "cores, TOKENIZERS_PARALLELISM=" in out

@@ -1,0 +1,112 @@
+"""Where a lone request's host time goes, on this machine: tokenizing and batch preparing.
+
+    python -m benchmarks.lone_path [--tokenizer DIR] [--requests 300]
+
+Times, per 8-document request of the engine bench's workload (median of ``--requests``):
+
+* ``encode``: the service's encoder (:class:`consumer.runtime.prompt.Qwen3RerankerEncoder`);
+* ``encode via pool``: the same handed to a 4-thread pool and waited for, as the engine does;
+* ``batch call only``: the tokenizer's own batch call, without building the prompts;
+* ``split over 4 threads``: the documents split in 4 chunks, each chunk's batch call on its
+  own pool thread (the Rust tokenizer releases the GIL);
+* ``pack`` and ``pack + graph layout``: the packed stream of the request's 8 pairs
+  (:func:`consumer.runtime.qwen3.layout.pack`), then laid out into its CUDA graph bucket.
+
+Run with ``TOKENIZERS_PARALLELISM=false`` as well: the tokenizer spreads one batch call
+over every core unless told not to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from benchmarks.workload import default_tokenizer_dir, synthetic_requests
+from consumer.runtime.options import DEFAULT_INSTRUCTION
+
+if TYPE_CHECKING:
+    from consumer.runtime.qwen3.layout import PackedInputs
+
+
+def median_ms(work: Callable[[int], object], count: int) -> float:
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        work(i)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokenizer", type=Path, default=None)
+    p.add_argument("--requests", type=int, default=300)
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from consumer.runtime.prompt import Qwen3RerankerEncoder
+    from consumer.runtime.qwen3.graphs import lay_out, make_buckets
+    from consumer.runtime.qwen3.layout import pack
+
+    directory = args.tokenizer or default_tokenizer_dir()
+    encoder = Qwen3RerankerEncoder(
+        AutoTokenizer.from_pretrained(directory), 8192, DEFAULT_INSTRUCTION
+    )
+    requests = synthetic_requests(directory, 4096, 8, 0)
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    batch = encoder._encode_batch  # the tokenizer's own batch call
+
+    def request(i: int) -> tuple[str, list[str]]:
+        return requests[i % len(requests)]
+
+    def documents(i: int) -> list[str]:
+        return [" " + d for d in request(i)[1]]
+
+    def split(i: int) -> None:
+        docs = documents(i)
+        chunks = [docs[k::4] for k in range(4)]
+        for f in [pool.submit(batch, c, add_special_tokens=False) for c in chunks if c]:
+            f.result()
+
+    pairs = [encoder.encode(q, d, None) for q, d in requests[:64]]
+    ids = [[list(p.payload) for p in ps] for ps in pairs]  # type: ignore[call-overload]
+    buckets = make_buckets()
+
+    def packed(i: int) -> PackedInputs:
+        k = i % len(pairs)
+        return pack(ids[k], [p.share_points for p in pairs[k]])
+
+    def laid_out(i: int) -> object:
+        inputs = packed(i)
+        return lay_out(inputs, next(b for b in buckets if b.fits(inputs)))
+
+    n = args.requests
+    results = {
+        "encode": median_ms(lambda i: encoder.encode(*request(i), None), n),
+        "encode via pool": median_ms(
+            lambda i: pool.submit(encoder.encode, *request(i), None).result(), n
+        ),
+        "batch call only": median_ms(lambda i: batch(documents(i), add_special_tokens=False), n),
+        "split over 4 threads": median_ms(split, n),
+        "pack": median_ms(packed, n),
+        "pack + graph layout": median_ms(laid_out, n),
+    }
+    tokens = statistics.mean(sum(p.tokens for p in ps) for ps in pairs)
+    print(
+        f"{os.cpu_count()} cores, TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}"
+        f", 8 documents a request, {tokens:.0f} prompt tokens on average; median ms:"
+    )
+    for name, ms in results.items():
+        print(f"  {name:22s} {ms:7.3f}")
+    pool.shutdown()
+
+
+if __name__ == "__main__":
+    main()
