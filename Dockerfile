@@ -26,7 +26,8 @@ COPY consumer ./consumer
 COPY producer_sdk ./producer_sdk
 COPY schemas ./schemas
 COPY gateway ./gateway
-RUN pip install ".[worker,gateway]"
+# tracing: RERANK_TRACING=otlp works in the image as documented (docs/operations.md)
+RUN pip install ".[worker,gateway,tracing]"
 
 FROM ${PYTHON_IMAGE}
 ARG UID=10001

@@ -567,11 +567,12 @@ def test_dockerfile_copies_what_the_build_context_keeps() -> None:
             assert f"!{source}" in ignore or f"!{source}/" in ignore, source
 
 
-def test_dockerfile_installs_the_worker_and_gateway_extras() -> None:
-    """``pip install .`` alone is the SDK: the image runs the worker and the gateway too."""
+def test_dockerfile_installs_the_worker_gateway_and_tracing_extras() -> None:
+    """``pip install .`` alone is the SDK: the image runs the worker and the gateway too,
+    and a worker in it can trace (``RERANK_TRACING=otlp``), as docs/operations.md says."""
     _, instructions = _dockerfile()
     installs = [rest for op, rest in instructions if op == "RUN" and "pip install" in rest]
-    assert any('".[worker,gateway]"' in rest for rest in installs), installs
+    assert any('".[worker,gateway,tracing]"' in rest for rest in installs), installs
 
 
 def test_dockerfile_copies_every_package_the_project_installs() -> None:
