@@ -308,6 +308,15 @@ class TracedSender:
             span.end()
 
 
+def mark_failed(code: str, message: str) -> None:
+    """Fail the current request's span (a no-op when it is not traced or not sampled):
+    for error replies the worker decides itself, with no failing step to mark."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("rerank.error.code", code)
+        span.set_status(Status(StatusCode.ERROR, message))
+
+
 def _header(headers: list[tuple[str, bytes]], name: str) -> str:
     """The last ``name`` header (the dead-letter headers come after the request's own)."""
     for key, value in reversed(headers):

@@ -8,6 +8,7 @@ broker, worker and client.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -698,3 +699,27 @@ async def test_the_tracing_benchmark_runs() -> None:
     args = argparse.Namespace(iterations=40, rounds=2, documents=2, doc_bytes=16)
     text = tracing_bench.report(results, args)
     assert text.startswith("hardware: ") and "worker" in text and "on - off" in text
+
+
+class NanEngine(TimedEngine):
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        result = await super().score(request)
+        return dataclasses.replace(result, scores=(float("nan"),) * len(request.documents))
+
+
+async def test_error_replies_the_worker_decides_fail_the_request_span(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """A deadline already past, and scores the reply cannot carry: no step failed, but the
+    request's span says it ended in an error reply."""
+    late = [*ANSWERABLE, ("deadline-ms", b"1000")]  # 1970
+    await process_traced(provider, TimedEngine(), request_record(BODY, late))
+    process = by_name(exporter.get_finished_spans())["process rerank.requests"]
+    assert process.status.status_code == StatusCode.ERROR
+    assert process.attributes["rerank.error.code"] == "deadline_exceeded"  # type: ignore[index]
+    exporter.clear()
+
+    await process_traced(provider, NanEngine(batches=1), request_record(BODY, ANSWERABLE))
+    process = by_name(exporter.get_finished_spans())["process rerank.requests"]
+    assert process.status.status_code == StatusCode.ERROR
+    assert process.attributes["rerank.error.code"] == "internal"  # type: ignore[index]
