@@ -79,9 +79,12 @@ class ModelShape:
         )
 
 
-FLOPS_FORMULA = (
-    "FLOPs = 2*P_nonemb*tokens + 4*layers*heads*head_dim*sum(L^2) "
-    "(linear layers + QK^T and AV, no causal halving, as in the anchor benchmarks)"
+FLOPS_FORMULA = "FLOPs = 2*P_nonemb*tokens + 4*layers*heads*head_dim*(query x key pairs attended)"
+# What each count takes as tokens and attended pairs:
+FLOP_COUNTS = (
+    ("anchor", "every pair alone, full L^2 square (the anchor benchmarks' formula)"),
+    ("needed", "causal (half the square), each shared head once: the least work that scores"),
+    ("executed", "what the engine's layout runs: causal, padding included, shared heads once"),
 )
 
 
@@ -113,26 +116,31 @@ class BatchLog(NoMetrics):
         self.batches.clear()
         self.seconds.clear()
 
-    def device_flops(self, shape: ModelShape, packed: bool) -> float:
-        """FLOPs the device executed: padding included, shared heads counted once."""
-        total = 0.0
+    def flops(self, shape: ModelShape, packed: bool) -> dict[str, float]:
+        """FLOPs of every batch, each way of :data:`FLOP_COUNTS`."""
+        totals = dict.fromkeys([name for name, _ in FLOP_COUNTS], 0.0)
         for batch in self.batches:
+            stream, attended = packed_work(batch)
+            totals["anchor"] += sum(shape.flops(p.tokens, p.tokens**2) for p in batch)
+            totals["needed"] += shape.flops(stream, attended)
             if packed:
-                tokens, sum_q_k = packed_work(batch)
-                total += shape.flops(tokens, sum_q_k)
+                totals["executed"] += shape.flops(stream, attended)
             else:
                 longest = max(p.tokens for p in batch)
-                total += shape.flops(longest * len(batch), len(batch) * longest * longest)
-        return total
+                causal = len(batch) * longest * (longest + 1) // 2
+                totals["executed"] += shape.flops(longest * len(batch), causal)
+        return totals
 
 
 def packed_work(batch: Sequence[EncodedPair]) -> tuple[int, int]:
-    """Stream tokens and sum of (query x key) segment lengths of a packed batch."""
+    """Stream tokens of a packed batch, and the causal (query, key) pairs its segments
+    attend: a segment's q queries see its ancestors' k - q keys and the causal half of
+    its own q x q block."""
     from consumer.runtime.qwen3.layout import pack
 
     inputs = pack([p.payload for p in batch], [p.share_points for p in batch])  # type: ignore[misc]
-    q_lengths, k_lengths = inputs.cu_q.diff().long(), inputs.cu_k.diff().long()
-    return inputs.ids.numel(), int((q_lengths * k_lengths).sum())
+    q, k = inputs.cu_q.diff().long(), inputs.cu_k.diff().long()
+    return inputs.ids.numel(), int((q * (k - q) + q * (q + 1) // 2).sum())
 
 
 def measure_tokenizer(encoder: Any, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
@@ -242,7 +250,7 @@ async def run_engine(
     real = engine.stats.real_tokens - before[0]
     cost = engine.stats.cost_tokens - before[1]
     lengths = log.lengths
-    useful = sum(shape.flops(n, n * n) for lens in lengths for n in lens)
+    flops = log.flops(shape, packed)
     load.update(
         batches=len(lengths),
         mean_batch_pairs=statistics.mean(len(x) for x in lengths),
@@ -250,9 +258,10 @@ async def run_engine(
         computed_token_share=(
             sum(packed_work(b)[0] for b in log.batches) / real if packed else cost / real
         ),
-        device_busy_share=sum(log.seconds) / load["seconds"],
-        useful_tflops=useful / load["seconds"] / 1e12,
-        device_tflops=log.device_flops(shape, packed) / load["seconds"] / 1e12,
+        # the host's view: from a batch's launch (or the previous batch's end) to its
+        # results read back; not a device counter
+        batch_in_flight_share=sum(log.seconds) / load["seconds"],
+        **{f"{name}_tflops": total / load["seconds"] / 1e12 for name, total in flops.items()},
         oom_splits=engine.stats.oom_splits - before[2],
         max_batch_tokens_end=engine.max_batch_tokens,
     )
@@ -436,17 +445,16 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"{load['batches']} batches of {load['mean_batch_pairs']:.0f} pairs on average",
         f"padding      cost {load['padding_overhead']:.3f}x the real tokens, computed "
         f"{load['computed_token_share']:.3f}x (packed: shared heads once); "
-        f"device busy {100 * load['device_busy_share']:.0f}% of the wall time",
+        f"a batch on the device (host's view) {100 * load['batch_in_flight_share']:.0f}% of "
+        "the wall time",
         f"compute      {FLOPS_FORMULA}",
     ]
-    for name, value in (
-        ("useful", load["useful_tflops"]),
-        ("executed", load["device_tflops"]),  # padding included, shared heads counted once
-    ):
+    for name, meaning in FLOP_COUNTS:
+        value = load[f"{name}_tflops"]
         lines.append(
             f"             {name}: {value:.1f} TFLOP/s = {100 * value / peak:.1f}% of "
             f"{peak:.0f} (dense bf16 peak), {100 * value / ACHIEVABLE_BF16_TFLOPS:.1f}% of "
-            f"{ACHIEVABLE_BF16_TFLOPS:.0f} (achievable bf16)"
+            f"{ACHIEVABLE_BF16_TFLOPS:.0f} (achievable bf16); {meaning}"
         )
     lines += [
         f"under load   request p50 {load['req_p50_ms']:.1f} ms, p95 {load['req_p95_ms']:.1f} ms",

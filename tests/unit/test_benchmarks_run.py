@@ -60,3 +60,28 @@ def test_lone_path_times_every_part(capsys: pytest.CaptureFixture[str]) -> None:
     for part in ("encode", "encode via pool", "split over 4 threads", "pack + graph layout"):
         assert f"  {part} " in out
     assert "cores, TOKENIZERS_PARALLELISM=" in out
+
+
+def test_the_bench_counts_causal_attention_and_shared_heads_once() -> None:
+    from benchmarks.engine_bench import BatchLog, ModelShape
+    from consumer.runtime.prompt import EncodedPair
+
+    shape = ModelShape(layers=2, heads=4, head_dim=8, non_embedding_params=1000)
+    attention = 4 * 2 * 4 * 8  # FLOPs per attended (query, key) pair
+    head = [1, 2, 3]
+    pairs = [
+        EncodedPair([*head, 10, 11], 5, False, shared_prefix=3),
+        EncodedPair([*head, 20], 4, False, shared_prefix=3),
+    ]
+    log = BatchLog(batches=[pairs])
+    anchor = 2000 * 9 + attention * (5 * 5 + 4 * 4)
+    # the head (3 tokens) once, then the tails: 3 + 2 + 1 tokens; the head attends
+    # causally within itself (6 pairs), each tail sees the head and itself causally
+    needed = 2000 * 6 + attention * (6 + (2 * 3 + 3) + (1 * 3 + 1))
+    padded = 2000 * 10 + attention * 2 * (5 * 6 // 2)
+    assert log.flops(shape, packed=True) == {
+        "anchor": anchor, "needed": needed, "executed": needed
+    }  # fmt: skip
+    assert log.flops(shape, packed=False) == {
+        "anchor": anchor, "needed": needed, "executed": padded
+    }  # fmt: skip
