@@ -10,7 +10,10 @@ and drives the :class:`consumer.engine.engine.Engine` with synthetic requests:
 3. one request at a time on an idle engine;
 4. the reference FastAPI recipe on the same pairs and card: seq-cls, fp16 on GPU,
    one padded forward of 8 pairs per request via AutoModelForSequenceClassification
-   (the model part only, no HTTP server; a server would only add to its latency).
+   (the model part only, no HTTP server; a server would only add to its latency);
+5. the strong reference (:mod:`benchmarks.strong_reference`): transformers alone done
+   well, pairs sorted by length into token-budget batches, bf16, ``torch.compile`` on
+   CUDA, only the yes/no rows of the LM head. The ratio is reported against both.
 
 Smoke run on a CPU: ``python -m benchmarks.engine_bench --pairs 64 --device cpu --config tiny
 --skip-reference``. Only torch, transformers and tokenizers are imported (no Kafka,
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import strong_reference
 from benchmarks.workload import (
     CONFIGS,
     build_random_model,
@@ -412,6 +416,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "request after another at a steady rate, so fewer pairs give the same pairs/s sooner",
     )
     p.add_argument(
+        "--strong-compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile in the strong reference (auto: on CUDA only)",
+    )
+    p.add_argument(
+        "--strong-budget",
+        type=int,
+        default=32768,
+        help="padded tokens a batch of the strong reference",
+    )
+    p.add_argument(
         "--switch-interval-ms",
         type=float,
         default=None,
@@ -473,6 +489,17 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
             f"ratio        engine / reference = {r['speedup']:.2f}x pairs/s "
             "(same workload, same device, same process)",
         ]
+    strong = r.get("strong_reference")
+    if strong:
+        lines += [
+            f"strong ref.  transformers alone, {strong['dtype']}, compiled={strong['compiled']}, "
+            f"pairs sorted by length into {strong['budget_tokens']}-token batches, yes/no "
+            f"rows only, offline (knows every pair up front), same {strong['pairs']} pairs:",
+            f"             {strong['pairs_per_s']:.1f} pairs/s ({strong['batches']} batches, "
+            f"p50 {strong['batch_p50_ms']:.1f} ms; tokenizing {strong['tokenize_s']:.2f} s "
+            f"of it; warm-up {strong['warm_up_s']:.1f} s)",
+            f"ratio        engine / strong reference = {r['speedup_strong']:.2f}x pairs/s",
+        ]
     return lines
 
 
@@ -520,6 +547,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         report["reference"]["pairs"] = sum(len(docs) for _, docs in subset)
         report["speedup"] = (
             report["engine"]["load"]["pairs_per_s"] / report["reference"]["pairs_per_s"]
+        )
+        compile_strong = args.strong_compile == "on" or (
+            args.strong_compile == "auto" and device.startswith("cuda")
+        )
+        report["strong_reference"] = await asyncio.to_thread(
+            strong_reference.run,
+            config,
+            tokenizer_dir,
+            subset,
+            device,
+            compile_strong,
+            args.strong_budget,
+            args.seed,
+        )
+        report["speedup_strong"] = (
+            report["engine"]["load"]["pairs_per_s"] / report["strong_reference"]["pairs_per_s"]
         )
     return report
 

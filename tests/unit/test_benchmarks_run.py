@@ -26,7 +26,10 @@ def test_engine_bench_reports_every_part(capsys: pytest.CaptureFixture[str]) -> 
     assert idle["requests"] == 3
     assert {"p50_tokenize_ms", "p50_queue_ms", "p50_inference_ms"} <= set(idle)
     assert report["reference"]["pairs"] == 16 and report["speedup"] > 0
-    assert "idle engine" in out and "ratio" in out
+    strong = report["strong_reference"]
+    assert strong["pairs"] == 16 and strong["compiled"] is False  # CPU: no compile
+    assert report["speedup_strong"] > 0
+    assert "idle engine" in out and "engine / strong reference" in out
 
 
 def test_gpu_check_passes_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,3 +88,16 @@ def test_the_bench_counts_causal_attention_and_shared_heads_once() -> None:
     assert log.flops(shape, packed=False) == {
         "anchor": anchor, "needed": needed, "executed": padded
     }  # fmt: skip
+
+
+def test_strong_reference_batches_sorted_pairs_within_the_budget() -> None:
+    from benchmarks.strong_reference import length_batches
+
+    lengths = [300, 10, 200, 20, 5000, 30]
+    batches = length_batches(lengths, budget=600)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert longest * len(batch) <= 600 or len(batch) == 1
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+    assert batches[-1] == [4]  # over the budget: alone
