@@ -6,14 +6,15 @@ one is redelivered and answered twice); commits never run more often than that.
 
 Nothing is committed while the group no longer knows this member (session or poll
 timeout): the partitions may be another member's by then, and a commit could move its
-offsets. Failures are logged, not raised: the next commit covers them.
+offsets. Failures are logged, not raised, and a failed commit is tried again after
+``interval_s`` whether or not more records finish (:func:`commit_after_progress`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -25,6 +26,30 @@ from consumer.service.partitions import PartitionWork
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 10.0
+
+Work = Callable[[], Mapping[TopicPartition, PartitionWork]]
+
+
+async def commit_after_progress(
+    progress: asyncio.Event,
+    commit: Callable[[Mapping[TopicPartition, PartitionWork]], Awaitable[bool]],
+    work: Work,
+    interval_s: float,
+) -> None:
+    """Commit after progress, at most every ``interval_s``, until cancelled.
+
+    A commit that fails is tried again after ``interval_s`` without waiting for more
+    progress: what it left behind (the offsets, and in exactly-once mode the replies
+    themselves) must not wait for a next request, which may never come. Before, an
+    exactly-once worker whose transaction failed while the broker was frozen kept its
+    replies unsent for minutes once the traffic had stopped.
+    """
+    while True:
+        await progress.wait()
+        progress.clear()
+        if not await commit(work()):
+            progress.set()
+        await asyncio.sleep(interval_s)
 
 
 class Committer:
@@ -48,13 +73,9 @@ class Committer:
         """A record finished: a commit follows within ``interval_s``."""
         self._progress.set()
 
-    async def run(self, work: Callable[[], Mapping[TopicPartition, PartitionWork]]) -> None:
+    async def run(self, work: Work) -> None:
         """Commit after progress, at most every ``interval_s``, until cancelled."""
-        while True:
-            await self._progress.wait()
-            self._progress.clear()
-            await self.commit(work())
-            await asyncio.sleep(self._interval_s)
+        await commit_after_progress(self._progress, self.commit, work, self._interval_s)
 
     async def commit(self, work: Mapping[TopicPartition, PartitionWork]) -> bool:
         """Commit every finished prefix in ``work``; True if all of it is committed."""

@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.attempts import encode_attempts
+from consumer.service.committer import Work, commit_after_progress
 from consumer.service.metrics import Metrics
 from consumer.service.partitions import PartitionWork
 
@@ -240,13 +241,10 @@ class TransactionalCommitter:
         """A record finished: a transaction follows within ``interval_s``."""
         self._progress.set()
 
-    async def run(self, work: Callable[[], Mapping[TopicPartition, PartitionWork]]) -> None:
-        """Commit after progress, at most every ``interval_s``, until cancelled."""
-        while True:
-            await self._progress.wait()
-            self._progress.clear()
-            await self.commit(work())
-            await asyncio.sleep(self._interval_s)
+    async def run(self, work: Work) -> None:
+        """Commit after progress, at most every ``interval_s``, until cancelled (a failed
+        transaction is tried again without waiting for more progress)."""
+        await commit_after_progress(self._progress, self.commit, work, self._interval_s)
 
     async def commit(self, work: Mapping[TopicPartition, PartitionWork]) -> bool:
         """One transaction per partition with a finished prefix; True if all committed."""
