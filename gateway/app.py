@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.metrics import GatewayMetrics
@@ -133,7 +135,14 @@ class Gateway:
             body = await self._read_json(request)
             shape = pick_shape(body)
             call = _parse(shape, body)
-            answer = shape.render(call, await self._rerank(call))
+            # the caller's W3C trace context goes on in the request record, so the
+            # worker's spans join the caller's trace
+            context = otel_context.attach(propagate.extract(request.headers))
+            try:
+                result = await self._rerank(call)
+            finally:
+                otel_context.detach(context)
+            answer = shape.render(call, result)
             response = web.Response(body=orjson.dumps(answer), content_type="application/json")
         except CallFailed as failed:
             response = self._error(shape, failed)

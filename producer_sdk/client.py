@@ -42,7 +42,7 @@ from producer_sdk.request import build_request_body, check_timeout
 from producer_sdk.result import RerankResult, parse_reply
 from producer_sdk.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries, check_retry
 from producer_sdk.security import KafkaSecurity
-from producer_sdk.tracing import ClientTracing, now_ns
+from producer_sdk.tracing import ClientTracing, now_ns, pass_on_current
 from schemas.models import (
     HEADER_CORRELATION_ID,
     HEADER_DEADLINE_MS,
@@ -420,6 +420,7 @@ class RerankClient:
             (HEADER_DEADLINE_MS, str(deadline_ms).encode()),
         ]
         if span is None or self._tracing is None:
+            pass_on_current(headers)  # an upstream hop's trace, if the caller is in one
             delivery = self._deliver(correlation_id, value, headers, future, key)
         else:  # the send span's context goes into the headers, so it starts first
             send = self._tracing.send(span, headers, correlation_id, len(value))

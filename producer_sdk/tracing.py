@@ -1,9 +1,12 @@
 """OpenTelemetry traces of rerank calls: W3C trace context in Kafka record headers.
 
 Off unless the application installed an OpenTelemetry SDK tracer provider (or passed one
-as ``tracer_provider``): with the API's default provider nothing is created, nothing is
-added to the records and the call path does no tracing work at all (one ``is None``
-check). Whether it is on is decided once, when the client starts.
+as ``tracer_provider``): with the API's default provider no span is created and the call
+path does no tracing work but one look at the caller's context: a call made inside a trace
+(one an upstream hop carried in, such as the HTTP request the gateway serves) passes that
+trace on in the record's ``traceparent`` header, as OpenTelemetry's API does without an
+SDK, so the worker's spans join it. Whether tracing is on is decided once, when the
+client starts.
 
 One call, on:
 
@@ -103,6 +106,13 @@ def enabled_tracer(provider: TracerProvider | None = None) -> Tracer | None:
 def inject(headers: list[tuple[str, bytes]], span: Span) -> None:
     """Add ``span``'s context (``traceparent``, ``tracestate``, baggage) to ``headers``."""
     propagate.inject(headers, trace.set_span_in_context(span), HEADER_SETTER)
+
+
+def pass_on_current(headers: list[tuple[str, bytes]]) -> None:
+    """With tracing off here, add the caller's trace context to ``headers`` when the
+    caller is inside a trace (e.g. one extracted from an incoming request); else nothing."""
+    if trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(headers, setter=HEADER_SETTER)
 
 
 def extract(headers: Headers) -> otel_context.Context:

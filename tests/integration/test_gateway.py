@@ -28,6 +28,7 @@ from worker_harness import (
     MODEL_NAME,
     FakeEngine,
     TopicFactory,
+    TopicReader,
     expected_order,
     fake_score,
     make_topics,
@@ -256,3 +257,27 @@ async def test_tei_and_native_shapes_over_plain_http(
     assert native_invalid[1]["error"]["code"] == "invalid_request"
     assert 'rerank_gateway_requests_total{api="tei",status="200"} 1.0' in metrics
     assert 'rerank_gateway_requests_total{api="native",status="422"} 1.0' in metrics
+
+
+async def test_the_callers_trace_context_goes_on_to_the_worker(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """An HTTP caller inside a trace: its ``traceparent`` reaches the request record, so
+    the worker's spans join the caller's trace (the gateway itself traces nothing)."""
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    topics = await make_topics(new_topic)
+    group = new_group()
+    async with (
+        running_worker(worker_config(kafka_bootstrap, topics, group), FakeEngine()),
+        running_gateway(kafka_bootstrap, topics.requests, topics.replies, group, token=None) as url,
+        aiohttp.ClientSession() as http,
+    ):
+        body = {"query": QUERY, "documents": DOCUMENTS}
+        async with http.post(f"{url}/rerank", json=body, headers={"traceparent": traceparent}):
+            pass
+        async with http.post(f"{url}/rerank", json=body) as response:
+            assert response.status == 200  # a caller in no trace
+    async with TopicReader(kafka_bootstrap, topics.requests, 1) as requests:
+        traced, untraced = await requests.read(2)
+    assert traced.headers["traceparent"] == traceparent.encode()
+    assert "traceparent" not in untraced.headers

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -48,6 +49,7 @@ from producer_sdk.tracing import (
     extract,
     in_callers_context,
     inject,
+    pass_on_current,
 )
 
 REQUESTS = "rerank.requests"
@@ -723,3 +725,18 @@ async def test_error_replies_the_worker_decides_fail_the_request_span(
     process = by_name(exporter.get_finished_spans())["process rerank.requests"]
     assert process.status.status_code == StatusCode.ERROR
     assert process.attributes["rerank.error.code"] == "internal"  # type: ignore[index]
+
+
+def test_with_tracing_off_a_callers_trace_is_passed_on_and_nothing_else() -> None:
+    """The SDK without a provider adds no header, unless its caller is inside a trace that
+    an upstream hop carried in (the gateway's HTTP caller): then it passes that one on."""
+    incoming = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    headers: list[tuple[str, bytes]] = [("correlation-id", b"c-1")]
+    pass_on_current(headers)
+    assert headers == [("correlation-id", b"c-1")]
+    token = otel_context.attach(extract(incoming))
+    try:
+        pass_on_current(headers)
+    finally:
+        otel_context.detach(token)
+    assert headers == [("correlation-id", b"c-1"), *incoming]
