@@ -93,8 +93,9 @@ def enabled_tracer(provider: TracerProvider | None = None) -> Tracer | None:
     """A tracer of ``provider`` (default: the global one), or None when tracing is off.
 
     Off means the OpenTelemetry API's own provider (the proxy used before anything is
-    installed, or the no-op one): an application that configured no SDK gets no spans,
-    no headers and no per-call work.
+    installed, or the no-op one): an application that configured no SDK gets no spans
+    and no per-call work, and a header only to pass on a trace it is already in
+    (:func:`pass_on_current`).
     """
     if provider is None:
         provider = trace.get_tracer_provider()
