@@ -221,6 +221,7 @@ BATCH_SERIES = (
 async def batch_totals(gpus: int) -> dict[str, float]:
     """The workers' batch counters, summed (missing when a worker does not answer)."""
     import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
 
     totals = dict.fromkeys(BATCH_SERIES, 0.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -231,10 +232,10 @@ async def batch_totals(gpus: int) -> dict[str, float]:
                     text = await response.text()
             except aiohttp.ClientError:
                 return {}
-            for line in text.splitlines():
-                name, _, value = line.partition(" ")
-                if name in totals:
-                    totals[name] += float(value)
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in totals:
+                        totals[sample.name] += sample.value
     return totals
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import strong_reference
+from benchmarks.host import cpu_model
 from benchmarks.workload import (
     CONFIGS,
     build_random_model,
@@ -120,11 +121,13 @@ class BatchLog(NoMetrics):
         self.batches.clear()
         self.seconds.clear()
 
-    def flops(self, shape: ModelShape, packed: bool) -> dict[str, float]:
-        """FLOPs of every batch, each way of :data:`FLOP_COUNTS`."""
+    def flops(
+        self, shape: ModelShape, packed: bool, works: Sequence[tuple[int, int]]
+    ) -> dict[str, float]:
+        """FLOPs of every batch, each way of :data:`FLOP_COUNTS`; ``works``: each batch's
+        :func:`packed_work`."""
         totals = dict.fromkeys([name for name, _ in FLOP_COUNTS], 0.0)
-        for batch in self.batches:
-            stream, attended = packed_work(batch)
+        for batch, (stream, attended) in zip(self.batches, works, strict=True):
             totals["anchor"] += sum(shape.flops(p.tokens, p.tokens**2) for p in batch)
             totals["needed"] += shape.flops(stream, attended)
             if packed:
@@ -254,14 +257,13 @@ async def run_engine(
     real = engine.stats.real_tokens - before[0]
     cost = engine.stats.cost_tokens - before[1]
     lengths = log.lengths
-    flops = log.flops(shape, packed)
+    works = [packed_work(batch) for batch in log.batches]
+    flops = log.flops(shape, packed, works)
     load.update(
         batches=len(lengths),
         mean_batch_pairs=statistics.mean(len(x) for x in lengths),
         padding_overhead=cost / real,
-        computed_token_share=(
-            sum(packed_work(b)[0] for b in log.batches) / real if packed else cost / real
-        ),
+        computed_token_share=(sum(stream for stream, _ in works) / real if packed else cost / real),
         # the host's view: from a batch's launch (or the previous batch's end) to its
         # results read back; not a device counter
         batch_in_flight_share=sum(log.seconds) / load["seconds"],
@@ -344,14 +346,7 @@ def hardware(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),

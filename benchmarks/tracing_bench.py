@@ -35,7 +35,6 @@ import statistics
 import string
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -46,6 +45,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
+from benchmarks.host import cpu_model
 from consumer.engine.api import ScoreRequest, ScoreResult
 from consumer.service.codec import ReplyRoute, RequestLimits
 from consumer.service.delivery import Delivery
@@ -320,14 +320,7 @@ async def run(iterations: int, rounds: int, documents: int, doc_bytes: int) -> d
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = ", ".join(
         f"{name} {importlib.metadata.version(name)}"

@@ -45,6 +45,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from consumer.service.codec import ReplyRoute, dlq_headers, encode_error, reply_headers
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import ReplyRouter, Unresolved, Unroutable
+from consumer.service.tracing import mark_failed
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,11 @@ class Delivery:
     ) -> None:
         """Deliver a reply ``value``; ``outcome`` is ``"ok"`` or the error code it carries.
 
-        ``deadline`` (Unix time) is the request's: retrying stops there.
+        ``deadline`` (Unix time) is the request's: retrying stops there. An error reply
+        fails the request's span, when it is traced.
         """
+        if outcome != OUTCOME_OK:
+            mark_failed(outcome, f"answered with an error reply: {outcome}")
         give_up, at_deadline = self._give_up_time(deadline)
         backoff = self._policy.first_backoff_s
         while True:

@@ -27,7 +27,6 @@ from consumer.service.codec import (
     reply_address,
 )
 from consumer.service.delivery import OUTCOME_OK, Delivery
-from consumer.service.tracing import mark_failed
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -145,14 +144,12 @@ class RequestProcessor:
             return
         deadline = self._deadline(record, decoded)
         if deadline is not None and deadline <= self._clock():
-            message = "the request's deadline passed before it was scored"
-            mark_failed(ErrorCode.DEADLINE_EXCEEDED.value, message)
             await self._delivery.reply_error(
                 record,
                 decoded.route,
                 decoded.correlation_id,
                 ErrorCode.DEADLINE_EXCEEDED,
-                message,
+                "the request's deadline passed before it was scored",
                 retriable=False,
             )
             return
@@ -208,7 +205,6 @@ class RequestProcessor:
             except ValueError as exc:  # NaN or infinite scores: a broken model, not the caller
                 log.error("engine gave unusable scores", extra=_context(record, decoded))
                 error = (ErrorCode.INTERNAL, f"the model gave unusable scores: {exc}", True)
-                mark_failed(ErrorCode.INTERNAL.value, error[1])
             else:
                 await self._delivery.reply(
                     record, decoded.route, decoded.correlation_id, value, OUTCOME_OK, deadline

@@ -45,7 +45,6 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, Trac
 
 from consumer.engine.api import RerankEngine, ScoreRequest, ScoreResult
 from consumer.service.codec import Rejection
-from consumer.service.delivery import Sender
 from producer_sdk.tracing import (
     KAFKA,
     MESSAGING_BODY_SIZE,
@@ -67,6 +66,7 @@ from producer_sdk.tracing import (
 from schemas.models import DLQ_HEADER_ERROR_CODE
 
 if TYPE_CHECKING:
+    from consumer.service.delivery import Sender
     from consumer.service.processing import Decoded, RequestProcessor
 
 _MS = 1_000_000  # nanoseconds
@@ -310,7 +310,8 @@ class TracedSender:
 
 def mark_failed(code: str, message: str) -> None:
     """Fail the current request's span (a no-op when it is not traced or not sampled):
-    for error replies the worker decides itself, with no failing step to mark."""
+    every error reply does (:meth:`consumer.service.delivery.Delivery.reply`), whether or
+    not a step of the request failed first."""
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attribute("rerank.error.code", code)

@@ -66,7 +66,7 @@ def test_lone_path_times_every_part(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_the_bench_counts_causal_attention_and_shared_heads_once() -> None:
-    from benchmarks.engine_bench import BatchLog, ModelShape
+    from benchmarks.engine_bench import BatchLog, ModelShape, packed_work
     from consumer.runtime.prompt import EncodedPair
 
     shape = ModelShape(layers=2, heads=4, head_dim=8, non_embedding_params=1000)
@@ -82,10 +82,11 @@ def test_the_bench_counts_causal_attention_and_shared_heads_once() -> None:
     # causally within itself (6 pairs), each tail sees the head and itself causally
     needed = 2000 * 6 + attention * (6 + (2 * 3 + 3) + (1 * 3 + 1))
     padded = 2000 * 10 + attention * 2 * (5 * 6 // 2)
-    assert log.flops(shape, packed=True) == {
+    works = [packed_work(pairs)]
+    assert log.flops(shape, True, works) == {
         "anchor": anchor, "needed": needed, "executed": needed
     }  # fmt: skip
-    assert log.flops(shape, packed=False) == {
+    assert log.flops(shape, False, works) == {
         "anchor": anchor, "needed": needed, "executed": padded
     }  # fmt: skip
 
