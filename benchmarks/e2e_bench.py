@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.host import positive_float
 from benchmarks.workload import (
     CONFIGS,
     build_random_model,
@@ -546,7 +547,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lone", type=int, default=100)
     p.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.8])
     p.add_argument(
-        "--rates", type=float, nargs="*", default=[], help="paced phases at these requests/s"
+        "--rates",
+        type=positive_float,
+        nargs="*",
+        default=[],
+        help="paced phases at these requests/s",
     )
     p.add_argument(
         "--engine-pairs", type=int, default=16384, help="pairs of the engine bench (0: skip it)"

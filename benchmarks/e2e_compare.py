@@ -73,13 +73,17 @@ def plot(variants: dict[str, list[Path]], title: str, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--variant", nargs="+", action="append", required=True, metavar=("NAME", "DIR"),
+        "--variant", nargs="+", action="append", required=True, metavar="NAME DIR",
         help="a name, then the run folders of that variant",
     )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("--title", default="latency against offered load")
     args = p.parse_args()
     variants = {v[0]: [Path(d) for d in v[1:]] for v in args.variant}
+    for runs in variants.values():
+        for run in runs:
+            if not (run / "results.json").is_file():
+                p.error(f"{run} has no results.json (an --out folder of benchmarks.e2e_bench)")
     print(table(variants))
     plot(variants, args.title, args.out)
     print(f"plot: {args.out}")

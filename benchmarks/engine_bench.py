@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import strong_reference
-from benchmarks.host import cpu_model
+from benchmarks.host import cpu_model, positive_int
 from benchmarks.workload import (
     CONFIGS,
     build_random_model,
@@ -418,7 +418,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--strong-budget",
-        type=int,
+        type=positive_int,
         default=32768,
         help="padded tokens a batch of the strong reference",
     )

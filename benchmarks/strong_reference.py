@@ -132,15 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
+    from benchmarks.host import positive_int
     from benchmarks.workload import CONFIGS, default_tokenizer_dir, synthetic_requests
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="0.6b", help="a config.json path, or one of: 0.6b, tiny")
     p.add_argument("--tokenizer", type=Path, default=None)
-    p.add_argument("--pairs", type=int, default=1024)
+    p.add_argument("--pairs", type=positive_int, default=1024)
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", choices=("on", "off"), default="on")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
+    p.add_argument("--budget", type=positive_int, default=DEFAULT_BUDGET)
     args = p.parse_args(argv)
     config = json.loads(Path(CONFIGS.get(args.config, args.config)).read_text())
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()

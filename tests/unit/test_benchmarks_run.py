@@ -102,3 +102,18 @@ def test_strong_reference_batches_sorted_pairs_within_the_budget() -> None:
         assert longest * len(batch) <= 600 or len(batch) == 1
         assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
     assert batches[-1] == [4]  # over the budget: alone
+
+
+def test_bench_arguments_out_of_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import e2e_bench, strong_reference
+
+    for run, argv in (
+        (e2e_bench.parse_args, ["--out", "x", "--gpus", "1", "--rates", "0"]),
+        (strong_reference.main, ["--pairs", "0"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+    assert "must be above 0" in capsys.readouterr().err
