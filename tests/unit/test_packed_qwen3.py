@@ -311,3 +311,15 @@ def test_the_packed_scorer_counts_stream_tokens(causal: LoadedModel) -> None:
     )
     assert packed.batch_cost(pairs) == stream_tokens(pairs)
     assert packed.traits.quick_batch_cost == 0  # no graphs captured
+
+
+def test_the_packed_forward_runs_in_inference_mode_by_itself(causal: LoadedModel) -> None:
+    """No autograd state whoever calls it (a decorator once slipped onto the method above)."""
+    scorer = scorer_of(causal)
+    pairs = encoded(causal)
+    packed = packed_model(scorer._base, "pieces")
+    hidden = packed.last_hidden_prepared(
+        packed.prepare(ids(pairs), [p.share_points for p in pairs])
+    )
+    assert hidden.is_inference()
+    assert packed.graph_tokens() == 0  # no graphs on the CPU

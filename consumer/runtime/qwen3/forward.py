@@ -188,11 +188,11 @@ class PackedQwen3:
             self.graphs = None
             torch.cuda.empty_cache()
 
-    @torch.inference_mode()
     def graph_tokens(self) -> int:
         """The most stream tokens a batch may have to replay from a captured graph; 0: none."""
         return self.graphs.max_tokens if self.graphs is not None else 0
 
+    @torch.inference_mode()
     def last_hidden_prepared(self, inputs: object) -> torch.Tensor:
         """(n, hidden) final-normed hidden states at each pair's last token."""
         assert isinstance(inputs, PackedInputs)
