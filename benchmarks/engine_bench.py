@@ -50,6 +50,7 @@ from consumer.engine.engine import Engine
 from consumer.engine.metrics import BatchReport, NoMetrics
 from consumer.engine.settings import EngineSettings
 from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.qwen3.forward import LAYER_PATHS
 
 # The reference recipe's prompt (a typical FastAPI reranker wrapper), not the model card's.
 REFERENCE_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -222,6 +223,7 @@ async def run_engine(
         dtype=args.dtype,
         compile=args.compile,
         packed=args.packed,
+        layers=args.layers,
     )
     t0 = time.perf_counter()
     model = await asyncio.to_thread(load_model, options)
@@ -390,6 +392,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--packed", choices=("auto", "on", "off"), default="auto")
+    p.add_argument(
+        "--layers",
+        choices=("auto", *LAYER_PATHS),
+        default="auto",
+        help="how the packed path runs each layer (fp8: FP8 linear layers)",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=65536)
     p.add_argument("--max-batch-pairs", type=int, default=512)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -522,6 +530,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "warm_pairs",
                 "compile",
                 "packed",
+                "layers",
                 "dtype",
             )
         },

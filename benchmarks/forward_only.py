@@ -23,7 +23,13 @@ batch on one thread, for each variant:
   once per request instead of once per batch (the layout before cut points);
 * ``no-share``: every pair computes its own template, instruction and query;
 * ``expanded-gqa``: k and v copied to every query head before the kernel, as torch's
-  ``varlen_attn`` without ``enable_gqa`` needs.
+  ``varlen_attn`` without ``enable_gqa`` needs;
+* ``kernels``: the default with each layer's row-wise steps in the fused Triton kernels
+  of ``consumer.runtime.qwen3.fused_layers`` (residual add + norm in one pass, SiLU * up,
+  q/k/v and gate/up each one GEMM) instead of compiled torch regions;
+* ``fp8``: ``kernels`` with FP8 linear layers (activations quantized inside those
+  kernels, ``torch._scaled_mm`` with row-wise scales); ``fp8-normed``: only the q/k/v and
+  gate/up GEMMs in FP8; ``fp8-graphs``: ``fp8`` with CUDA graphs.
 
 Each variant first runs every batch once (compiling, filling the allocator's cache), then
 the variants are timed in turn, ``--rounds`` times, so an order effect shows. It also
@@ -56,7 +62,7 @@ from consumer.runtime.loader import load_model
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import EncodedPair
 from consumer.runtime.qwen3.attention import flash_varlen_attention
-from consumer.runtime.qwen3.forward import PackedQwen3
+from consumer.runtime.qwen3.forward import LAYER_PATHS, PackedQwen3
 from consumer.runtime.qwen3.graphs import PackedGraphs, make_buckets
 from consumer.runtime.qwen3.layout import Prefix
 
@@ -69,6 +75,10 @@ VARIANTS = (
     "request-heads",
     "no-share",
     "expanded-gqa",
+    "kernels",
+    "fp8",
+    "fp8-normed",
+    "fp8-graphs",
 )
 
 
@@ -102,12 +112,15 @@ def build_variant(base: Any, name: str) -> PackedQwen3:
         "flash-attention": flash_varlen_attention,
     }.get(name)
     graphs = None
-    if name == "graphs":
+    if name in ("graphs", "fp8-graphs"):
         graphs = PackedGraphs()
     elif name == "graphs-wide":  # the first buckets: one 1,024 segment length, T // 32 + 8
         graphs = PackedGraphs(make_buckets(segment_lengths=(1024,), tokens_per_segment=32))
     qk_kernel = False if name == "torch-qk" else None
-    packed = PackedQwen3(base, "cuda", attention, graphs=graphs, qk_kernel=qk_kernel)
+    layer_path = {"fp8-graphs": "fp8"}.get(name, name if name in LAYER_PATHS else "compiled")
+    packed = PackedQwen3(
+        base, "cuda", attention, graphs=graphs, qk_kernel=qk_kernel, layer_path=layer_path
+    )
     packed.compile()
     return packed
 

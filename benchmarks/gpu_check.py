@@ -4,9 +4,11 @@
 
 Builds Qwen3ForCausalLM with random weights from the released 0.6B config
 (consumer/data/qwen3-reranker-0.6b.config.json), saves it with the tokenizer into a temp
-folder, loads it through :func:`consumer.runtime.loader.load_model` three ways
-(packed+compiled, packed eager, padded eager; ``--padded-compiled`` adds the padded
-path compiled, which takes minutes) and scores ~64 mixed pairs (lengths
+folder, loads it through :func:`consumer.runtime.loader.load_model` several ways
+(packed+compiled, packed eager, packed with the fused row kernels (``layers=kernels``),
+padded eager; ``--padded-compiled`` adds the padded path compiled, which takes minutes;
+packed with FP8 linear layers where the GPU has them is reported but not judged: its
+drift is measured by ``benchmarks.drift``) and scores ~64 mixed pairs (lengths
 from a few to a few thousand tokens, CJK, emoji, truncated documents) in batches of
 several sizes (the pairs of one request share their head in the packed batches; see
 ``check_batches``), one batch after another and all launched before any is collected. The
@@ -158,21 +160,28 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "qwen3-reranker-0.6b-random"
         build_model(folder, tokenizer_dir, tiny)
-        variants = {  # name: (packed, compile)
-            "packed_compiled": ("on", "on"),
-            "packed_eager": ("on", "off"),
-            "padded_eager": ("off", "off"),
+        variants = {  # name: (packed, compile, layers)
+            "packed_compiled": ("on", "on", "auto"),
+            "packed_eager": ("on", "off", "auto"),
+            "packed_kernels": ("on", "auto", "kernels"),
+            "padded_eager": ("off", "off", "auto"),
         }
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+            variants["packed_fp8"] = ("on", "auto", "fp8")  # reported, not judged
         if padded_compiled:
-            variants["padded_compiled"] = ("off", "on")
+            variants["padded_compiled"] = ("off", "on", "auto")
         if DEVICE != "cuda":
-            variants = {"padded_eager": ("off", "off")}
+            variants = {"padded_eager": ("off", "off", "auto")}
         results: dict[str, list[float]] = {}
         worst_queued = 0.0  # launch/collect vs score: the same computation, so ~equal
         pairs: list[EncodedPair] = []
-        for name, (packed, compile_) in variants.items():
+        for name, (packed, compile_, layers) in variants.items():
             options = ModelOptions(
-                model=str(folder), max_pair_tokens=MAX_PAIR_TOKENS, packed=packed, compile=compile_
+                model=str(folder),
+                max_pair_tokens=MAX_PAIR_TOKENS,
+                packed=packed,
+                compile=compile_,
+                layers=layers,
             )
             loaded = load_model(options)
             if not pairs:
@@ -225,7 +234,8 @@ def main(argv: list[str]) -> int:
     allowed = max(SCORE_TOL, 2 * errors["reference"]) if low_precision else SCORE_TOL
     for name, error in errors.items():
         emit(compare=f"{name} vs reference_fp32", max_abs_score_diff=round(error, 5))
-    worst = max(errors.values())
+    # FP8 drifts by design; benchmarks.drift measures how far (docs/benchmarks.md)
+    worst = max(error for name, error in errors.items() if name != "packed_fp8")
     queued_ok = worst_queued <= QUEUED_TOL
     spread = max(truth) - min(truth)
     emit(

@@ -3,7 +3,10 @@
 # parity at the full 0.6B shape, the packed forward's variants, then the engine against
 # the reference recipe. Run from the repository root on the device machine:
 #   OUT=/tmp/out TOK=.devcache/qwen3_tok bash benchmarks/gpu_session.sh [steps...]
-# Steps: check attention variants profile bench (default: check variants bench).
+# Steps: check attention variants profile bench layers large drift
+# (default: check variants bench). layers: the engine bench once per layer path (bf16
+# compiled, bf16 fused kernels, FP8, FP8 for the normed GEMMs only); large: the 4B and 8B
+# shapes, bf16 against FP8; drift: scores of each path against the model card in fp32.
 set -u
 OUT=${OUT:?set OUT to a folder for the outputs}
 TOK=${TOK:-.devcache/qwen3_tok}
@@ -18,8 +21,16 @@ for step in "${steps[@]}"; do
     check) timeout 240 python -m benchmarks.gpu_check "$TOK" 64 ;;
     attention) timeout 120 python -m benchmarks.attention_kernels ;;
     variants) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants default,graphs,torch-qk,no-share ;;
-    profile) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants default,flash-attention,torch-qk --rounds 1 --profile ;;
+    profile) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants fp8,default,kernels --rounds 2 --profile ;;
     bench) timeout 300 python -m benchmarks.engine_bench --tokenizer "$TOK" --pairs 16384 --reference-pairs 4096 --json ;;
+    layers) for layers in compiled fp8 kernels fp8-normed; do
+        timeout 110 python -m benchmarks.engine_bench --tokenizer "$TOK" --pairs 8192 --skip-reference --layers $layers --json
+      done ;;
+    large) for config in 4b 8b; do for layers in compiled fp8; do
+        timeout 170 python -m benchmarks.engine_bench --tokenizer "$TOK" --config $config --pairs 4096 --skip-reference --layers $layers --json
+      done; done ;;
+    drift) timeout 200 python -m benchmarks.drift --tokenizer "$TOK" --pairs 512 --layers compiled,kernels,fp8,fp8-normed
+      timeout 150 python -m benchmarks.drift --tokenizer "$TOK" --config 4b --pairs 256 --layers compiled,fp8 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac >"$OUT/$step.txt" 2>"$OUT/$step.err"
   echo "step $step exit $? in $(( $(date +%s) - start )) s"

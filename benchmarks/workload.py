@@ -15,6 +15,8 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIGS = {
     "0.6b": CONFIG_DIR / "qwen3-reranker-0.6b.config.json",
+    "4b": CONFIG_DIR / "qwen3-reranker-4b.config.json",
+    "8b": CONFIG_DIR / "qwen3-reranker-8b.config.json",
     "tiny": CONFIG_DIR / "qwen3-tiny.config.json",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")

@@ -41,6 +41,7 @@ Delivery = Literal["at_least_once", "exactly_once"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["text", "json"]
 Tracing = Literal["off", "otlp"]
+Layers = Literal["auto", "compiled", "kernels", "fp8", "fp8-normed"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -341,6 +342,16 @@ class Settings(BaseSettings):
         "costs a few seconds at start and some GPU memory.",
         "Model",
     )
+    layers: Layers = _setting(
+        "auto",
+        "How the packed path runs each decoder layer: auto or compiled (torch.compile "
+        "regions), kernels (fused Triton row kernels around bf16 GEMMs), fp8 (the same "
+        "with FP8 linear layers; compute capability 8.9 or newer; 1.3-1.6x faster on an "
+        "H200 but scores drift about 10x further from fp32 than bf16: see "
+        "docs/benchmarks.md), fp8-normed (FP8 for q/k/v and gate/up only). All but auto "
+        "and compiled turn the packed path on.",
+        "Model",
+    )
     default_instruction: str = _setting(
         DEFAULT_INSTRUCTION,
         "Instruction used when a request gives none.",
@@ -486,7 +497,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", "dtype", "device", "tracing", mode="before")
+    @field_validator("log_format", "dtype", "device", "tracing", "layers", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -652,6 +663,7 @@ class Settings(BaseSettings):
             compile=self.compile,
             packed=self.packed,
             cuda_graphs=self.cuda_graphs,
+            layers=self.layers,
             default_instruction=self.default_instruction,
         )
 

@@ -1,5 +1,11 @@
-"""Runs the Triton kernels (qk_rope_kernel and varlen_attention_kernel of
+"""Runs the Triton kernels (qk_rope_kernel, varlen_attention_kernel and row_kernels of
 consumer.runtime.qwen3) in Triton's CPU interpreter and prints what they computed.
+
+The interpreter's own float-to-FP8 conversion is wrong where rounding carries into the
+exponent (124.6 becomes 64, not 128), so here the quantizing kernels write their scaled
+values unrounded (``row_kernels.FP8`` is set to float32) and torch rounds them to e4m3,
+as a GPU's conversion instruction does; ``benchmarks.gpu_check`` compares the real
+conversion on a GPU.
 
 Started by tests/unit/test_triton_kernels.py in a child process with
 ``TRITON_INTERPRET=1`` (Triton reads it when a kernel is defined, so it cannot be
@@ -18,8 +24,9 @@ from tiny_models import tiny_qwen3_config_dict
 from transformers import Qwen3Config, Qwen3Model
 from varlen_reference import piecewise_causal_attention, segment_causal_attention
 
-from consumer.runtime.qwen3 import qk_rope_kernel
+from consumer.runtime.qwen3 import qk_rope_kernel, row_kernels
 from consumer.runtime.qwen3.forward import PackedQwen3
+from consumer.runtime.qwen3.fused_layers import quantize_weight
 from consumer.runtime.qwen3.layers import rms_norm, rotate_half
 from consumer.runtime.qwen3.layout import pack
 from consumer.runtime.qwen3.varlen_attention_kernel import grouped_varlen_attention
@@ -125,14 +132,135 @@ def packed_forward_through_the_kernels() -> dict[str, float | int]:
     }
 
 
+def row_kernels_against_torch(dtype: torch.dtype) -> dict[str, float]:
+    """Residual add + RMSNorm, SiLU * up and row quantization against torch's steps."""
+    torch.manual_seed(0)
+    width, rows = 96, 7  # width not a power of two: the kernels mask the block's tail
+    x = (4 * torch.randn(rows, width)).to(dtype)
+    delta = torch.randn(rows, 2 * width).to(dtype)[:, :width]  # rows with a stride
+    weight = (1 + 0.3 * torch.randn(width)).to(dtype)
+    x[3] = 0  # a row of zeros must not divide by zero
+    delta[3] = 0
+    total, (normed, none) = row_kernels.add_norm(x, delta, weight, EPS, quantize=False)
+    want_total = x + delta
+    want_normed = rms_norm(want_total, weight, EPS)
+    _, (scaled, scales) = row_kernels.add_norm(x, delta, weight, EPS, quantize=True)
+    assert none is None and scales is not None
+    gate_up = (3 * torch.randn(rows, 2 * width)).to(dtype)
+    product, _ = row_kernels.silu_mul(gate_up, quantize=False)
+    want_product = torch.nn.functional.silu(gate_up[:, :width]) * gate_up[:, width:]
+    q_product, product_scales = row_kernels.silu_mul(gate_up, quantize=True)
+    q_rows, row_scales = row_kernels.quantize_rows(want_product)
+    assert product_scales is not None and row_scales is not None
+    amax = want_normed.float().abs().amax(dim=1, keepdim=True)
+    return {
+        "add_max_abs_diff": float((total.float() - want_total.float()).abs().max()),
+        "add_max_abs": float(want_total.float().abs().max()),
+        "norm_max_abs_diff": float((normed.float() - want_normed.float()).abs().max()),
+        "norm_max_abs": float(want_normed.float().abs().max()),
+        "silu_max_abs_diff": float((product.float() - want_product.float()).abs().max()),
+        "silu_max_abs": float(want_product.float().abs().max()),
+        # the scaled rows: the row's largest magnitude maps to 448 (zero rows stay zero)
+        "scale_max_rel_diff": float(
+            ((scales[amax > 0] * 448 - amax[amax > 0]) / amax[amax > 0]).abs().max()
+        ),
+        "zero_row_scale": float(scales[3, 0]),
+        "zero_row_max_abs": float(scaled[3].abs().max()),
+        "scaled_max_abs": float(scaled.abs().max()),
+        "dequantized_norm_max_abs_diff": float((scaled * scales - want_normed.float()).abs().max()),
+        "dequantized_silu_max_abs_diff": float(
+            (q_product * product_scales - want_product.float()).abs().max()
+        ),
+        "dequantized_rows_max_abs_diff": float(
+            (q_rows * row_scales - want_product.float()).abs().max()
+        ),
+    }
+
+
+def fp8_rounded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to e4m3 with one scale per row (its largest magnitude over 448)."""
+    scale = (t.abs().amax(dim=-1, keepdim=True) / 448).clamp(min=1e-12)
+    return (t / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def fp8_emulated(model: Any, seqs: list[list[int]], prefixes: Any, path: str) -> torch.Tensor:
+    """The torch path (consumer.runtime.qwen3.layers) with the linear layers that ``path``
+    runs in FP8 computing on inputs and weights rounded as an FP8 GEMM's are."""
+    import types
+
+    from consumer.runtime.qwen3 import layers
+
+    names = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    if path == "fp8":
+        names += ["o_proj", "down_proj"]
+    rounded = {
+        id(getattr(module, name).weight)
+        for layer in model.layers
+        for module in (layer.self_attn, layer.mlp)
+        for name in names
+        if hasattr(module, name)
+    }
+    real = layers.F
+
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if id(weight) not in rounded:
+            return real.linear(x, weight)
+        return fp8_rounded(x.float()) @ fp8_rounded(weight.float()).t()
+
+    plain = PackedQwen3(model, "cpu", segment_causal_attention, qk_kernel=False)
+    layers.F = types.SimpleNamespace(linear=linear, silu=real.silu)  # type: ignore[assignment]
+    try:
+        return plain.last_hidden(seqs, prefixes)
+    finally:
+        layers.F = real
+
+
+def fused_forward_against_the_torch_path() -> dict[str, float]:
+    """A tiny model's packed forward through the fused row kernels: in float32 (the same
+    arithmetic as the torch path), with FP8 linear layers (all, and only those fed by a
+    norm) against their torch emulation, and FP8 weights alone."""
+    torch.manual_seed(0)
+    model = Qwen3Model(Qwen3Config(**tiny_qwen3_config_dict())).eval()
+    seqs = [[5, 6, 7, 8, 9, 11, 12], [21, 22], [5, 6, 7, 8, 9, 14, 15, 16], [30]]
+    prefixes: list[int | tuple[int, int]] = [5, 0, 5, 0]
+    plain = PackedQwen3(model, "cpu", segment_causal_attention, qk_kernel=False)
+    want = plain.last_hidden(seqs, prefixes)
+    out = {"max_abs_value": float(want.abs().max())}
+    # keys read in place by the Triton attention kernel, and gathered for the stand-in
+    attentions = {
+        "kernels": {"piecewise_attention": grouped_varlen_attention},
+        "fp8": {"attention": segment_causal_attention},
+        "fp8-normed": {"piecewise_attention": grouped_varlen_attention},
+    }
+    for path, attention in attentions.items():
+        fused = PackedQwen3(model, "cpu", qk_kernel=True, layer_path=path, **attention)
+        got = fused.last_hidden(seqs, prefixes)
+        out[f"{path}_max_abs_diff"] = float((got - want).abs().max())
+        if path != "kernels":
+            emulated = fp8_emulated(model, seqs, prefixes, path)
+            out[f"{path}_vs_emulated_max_abs_diff"] = float((got - emulated).abs().max())
+    weight = model.layers[0].mlp.down_proj.weight.detach()
+    linear = quantize_weight(weight)
+    assert linear.scale is not None
+    dequantized = linear.weight.float() * linear.scale.t()
+    out["weight_max_rel_err"] = float(
+        ((dequantized - weight).abs() / weight.abs().amax(dim=1, keepdim=True)).max()
+    )
+    return out
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (the kernel runs in Triton's interpreter)")
+    row_kernels.FP8 = torch.float32  # scaled values unrounded (see the module docstring)
     print(json.dumps({
         "float32": kernel_against_torch(torch.float32),
         "bfloat16": kernel_against_torch(torch.bfloat16),
         "attention": attention_against_reference(),
         "packed": packed_forward_through_the_kernels(),
+        "rows_float32": row_kernels_against_torch(torch.float32),
+        "rows_bfloat16": row_kernels_against_torch(torch.bfloat16),
+        "fused": fused_forward_against_the_torch_path(),
     }))  # fmt: skip
 
 

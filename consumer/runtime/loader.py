@@ -31,7 +31,7 @@ from consumer.runtime.prompt import (
     TextPairEncoder,
 )
 from consumer.runtime.qwen3.attention import varlen_available
-from consumer.runtime.qwen3.forward import PackedQwen3, supports_packing
+from consumer.runtime.qwen3.forward import LAYER_PATHS, PackedQwen3, supports_packing
 from consumer.runtime.qwen3.graphs import PackedGraphs
 from consumer.runtime.scorer import Scorer
 
@@ -70,6 +70,7 @@ class _Resolved:
     compile: bool
     packed: str  # "on" | "off" | "auto" (decided per kind)
     cuda_graphs: bool
+    layers: str  # one of LAYER_PATHS
 
 
 def load_model(options: ModelOptions) -> LoadedModel:
@@ -182,7 +183,25 @@ def resolve_options(options: ModelOptions) -> _Resolved:
     )
     attn = "sdpa" if options.attn_implementation == "auto" else options.attn_implementation
     graphs_on = options.cuda_graphs != "off" and device.startswith("cuda")
-    return _Resolved(device, dtype, attn, compile_on, options.packed, graphs_on)
+    layers = _layer_path(options.layers, device)
+    packed = "on" if layers != "compiled" else options.packed
+    return _Resolved(device, dtype, attn, compile_on, packed, graphs_on, layers)
+
+
+def _layer_path(layers: str, device: str) -> str:
+    """The packed path's layer path; ModelLoadError for an unknown one or FP8 without FP8 GEMMs."""
+    if layers == "auto":
+        return "compiled"
+    if layers not in LAYER_PATHS:
+        raise ModelLoadError(f"layers must be auto, {', '.join(LAYER_PATHS)}, not {layers!r}")
+    if layers.startswith("fp8") and not (
+        device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)
+    ):
+        raise ModelLoadError(
+            f"layers={layers} needs a CUDA GPU with FP8 matrix multiplies (compute capability 8.9 "
+            "or newer: Ada, Hopper, Blackwell)"
+        )
+    return layers
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -206,15 +225,17 @@ def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
         and varlen_available()
         and supports_packing(base)
     )
+    asked = "packed=on" if run.layers == "compiled" else f"layers={run.layers} (packed)"
     if run.packed == "on" and not possible:
         raise ModelLoadError(
-            "packed=on needs a CUDA device, bfloat16/float16, torch's flash attention op "
+            f"{asked} needs a CUDA device, bfloat16/float16, torch's flash attention op "
             "(torch.ops.aten._flash_attention_forward) and "
             "a Qwen3 model without sliding-window layers"
         )
     if run.packed == "off" or not possible:
         return None
-    return PackedQwen3(base, run.device, graphs=PackedGraphs() if run.cuda_graphs else None)
+    graphs = PackedGraphs() if run.cuda_graphs else None
+    return PackedQwen3(base, run.device, graphs=graphs, layer_path=run.layers)
 
 
 def _last_token_model(

@@ -16,7 +16,10 @@ class ModelOptions:
     attn_implementation -> sdpa; compile -> on for cuda, off for cpu;
     packed -> the padding-free varlen path when on cuda and
     FlashAttention's varlen op exists (Qwen3 models only), else padded batches;
-    cuda_graphs -> small packed batches replayed from CUDA graphs when packed is on.
+    cuda_graphs -> small packed batches replayed from CUDA graphs when packed is on;
+    layers -> how the packed path runs each decoder layer: "compiled" (torch.compile
+    regions), "kernels" (fused row kernels around model-dtype GEMMs) or "fp8" (the same
+    with FP8 linear layers; Hopper or newer); auto -> compiled.
     """
 
     model: str = "Qwen/Qwen3-Reranker-0.6B"
@@ -27,4 +30,5 @@ class ModelOptions:
     compile: str = "auto"
     packed: str = "auto"
     cuda_graphs: str = "auto"
+    layers: str = "auto"
     default_instruction: str = DEFAULT_INSTRUCTION

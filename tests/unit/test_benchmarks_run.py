@@ -117,3 +117,19 @@ def test_bench_arguments_out_of_range_are_usage_errors(
             run(argv)
         assert exit_info.value.code == 2
     assert "must be above 0" in capsys.readouterr().err
+
+
+def test_drift_measures_agreement_per_request() -> None:
+    """Top-1 and rank agreement are per request of 8 documents; score differences over all."""
+    from benchmarks.drift import agreement, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    truth = [0.1, 0.9, 0.3, 0.2, 0.5, 0.6, 0.7, 0.8] * 2
+    same_top = [0.1, 0.9, 0.3, 0.2, 0.5, 0.6, 0.8, 0.7]  # two lower ranks swapped
+    new_top = [0.95, 0.9, 0.3, 0.2, 0.5, 0.6, 0.7, 0.8]  # another document on top
+    a = agreement(same_top + new_top, truth)
+    assert a["top1_agreement"] == 0.5
+    assert a["max_abs_score_diff"] == pytest.approx(0.85)
+    assert a["mean_abs_score_diff"] == pytest.approx((0.1 + 0.1 + 0.85) / 16)
+    assert a["spearman_min"] < a["spearman_mean"] < 1.0

@@ -156,6 +156,9 @@ def test_hub_id_without_network_says_so(tmp_path: Path, monkeypatch: pytest.Monk
         ("dtype", "float8", "unknown dtype 'float8'"),
         ("packed", "on", "packed=on needs a CUDA device"),
         ("compile", "maybe", "compile must be auto, on or off"),
+        ("layers", "fast", "layers must be auto, compiled, kernels, fp8, fp8-normed, not 'fast'"),
+        ("layers", "fp8", "layers=fp8 needs a CUDA GPU with FP8 matrix multiplies"),
+        ("layers", "kernels", r"layers=kernels \(packed\) needs a CUDA device"),
     ],
 )
 def test_bad_options_are_refused(

@@ -351,6 +351,14 @@ def test_client_id_defaults_to_the_host() -> None:
     assert load_settings([]).worker_config().client_id.startswith("rerank-worker-")
 
 
+def test_layer_path_reaches_the_model_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_LAYERS", " FP8 ")
+    assert load_settings([]).model_options().layers == "fp8"
+    assert load_settings(["--layers", "fp8-normed"]).model_options().layers == "fp8-normed"
+    with pytest.raises(SettingsError, match="layers"):
+        load_settings(["--layers", "int4"])
+
+
 def test_model_options_and_engine_settings_carry_the_settings() -> None:
     settings = load_settings(
         ["--model", "/models/x", "--device", "CPU", "--dtype", "float32", "--max-batch-pairs", "9"]
@@ -377,6 +385,7 @@ def test_model_options_and_engine_settings_carry_the_settings() -> None:
                 "max_pair_tokens",
                 "compile",
                 "packed",
+                "layers",
                 "default_instruction",
             ],
         ),

@@ -1,6 +1,7 @@
 """The Triton kernels of the packed forward, run on the CPU by Triton's interpreter: q/k
-norm + rotary + gather (consumer.runtime.qwen3.qk_rope_kernel) and grouped varlen attention
-(consumer.runtime.qwen3.varlen_attention_kernel).
+norm + rotary + gather (consumer.runtime.qwen3.qk_rope_kernel), grouped varlen attention
+(consumer.runtime.qwen3.varlen_attention_kernel) and the row kernels between the GEMMs
+(consumer.runtime.qwen3.row_kernels, with and without FP8 quantization).
 
 The interpreter executes each kernel's own code (indexing, masks, the order of its
 arithmetic), so this checks the kernel itself, not a copy. One difference from a GPU:
@@ -85,3 +86,49 @@ def test_kernels_refuse_shapes_they_cannot_tile() -> None:
     assert not varlen_attention_kernel.supports(12, 8, 128)  # heads do not group
     assert not varlen_attention_kernel.supports(16, 8, 96)  # not a power of two
     assert qk_rope_kernel.supports(128) and not qk_rope_kernel.supports(96)
+
+
+def test_row_kernels_match_the_torch_steps_in_float32(interpreted: dict[str, Any]) -> None:
+    """Residual add + RMSNorm, SiLU * up, and the scaled rows of the FP8 quantization."""
+    r = interpreted["rows_float32"]
+    assert r["add_max_abs"] > 1.0 and r["add_max_abs_diff"] == 0.0
+    assert r["norm_max_abs"] > 1.0 and r["norm_max_abs_diff"] < 1e-5
+    assert r["silu_max_abs"] > 1.0 and r["silu_max_abs_diff"] < 1e-5
+    assert r["scale_max_rel_diff"] < 1e-6  # each row's largest magnitude maps to 448
+    assert r["scaled_max_abs"] == 448.0
+    # e4m3 keeps 3 mantissa bits: rounding moves a value by at most 1/16 of it
+    assert r["dequantized_norm_max_abs_diff"] <= r["norm_max_abs"] / 16
+    assert r["dequantized_silu_max_abs_diff"] <= r["silu_max_abs"] / 16
+
+
+def test_row_kernels_within_rounding_in_bfloat16(interpreted: dict[str, Any]) -> None:
+    """A unit in the last place per rounding step (the interpreter truncates; see the
+    module docstring): SiLU * up rounds twice."""
+    r = interpreted["rows_bfloat16"]
+    for step, roundings in (("add", 1), ("norm", 2), ("silu", 2)):
+        assert r[f"{step}_max_abs_diff"] <= roundings * BF16_ULP * r[f"{step}_max_abs"], step
+    assert r["scale_max_rel_diff"] <= BF16_ULP
+
+
+def test_a_row_of_zeros_quantizes_to_zeros_without_dividing_by_zero(
+    interpreted: dict[str, Any],
+) -> None:
+    for dtype in ("rows_float32", "rows_bfloat16"):
+        r = interpreted[dtype]
+        assert 0 < r["zero_row_scale"] <= 1e-12
+        assert r["zero_row_max_abs"] == 0.0
+
+
+def test_fused_layers_compute_the_torch_paths_arithmetic(interpreted: dict[str, Any]) -> None:
+    """In float32 the fused row kernels are the torch path's arithmetic; with FP8 linear
+    layers the forward is the torch path with every GEMM's input and weight rounded to
+    e4m3 (row-wise and per-channel scales), and visibly not the unrounded one."""
+    r = interpreted["fused"]
+    assert r["max_abs_value"] > 0.1
+    assert r["kernels_max_abs_diff"] < 1e-5
+    for path in ("fp8", "fp8-normed"):
+        assert r[f"{path}_vs_emulated_max_abs_diff"] < 1e-4, path
+        assert r[f"{path}_max_abs_diff"] > 1e-3, path  # the rounding happened
+    # fewer GEMMs rounded, less drift (here: on a random tiny model)
+    assert r["fp8-normed_max_abs_diff"] < r["fp8_max_abs_diff"]
+    assert r["weight_max_rel_err"] <= 1 / 16

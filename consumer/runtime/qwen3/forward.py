@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from consumer.runtime.qwen3 import qk_rope_kernel
+from consumer.runtime.qwen3 import fused_layers, qk_rope_kernel
 from consumer.runtime.qwen3.attention import PiecewiseAttention, VarlenAttention, default_attention
 from consumer.runtime.qwen3.layers import (
     LayerWeights,
@@ -49,6 +49,12 @@ from consumer.runtime.qwen3.layers import (
 from consumer.runtime.qwen3.layout import PackedInputs, Prefix, pack, pinned_inputs
 
 log = logging.getLogger(__name__)
+
+# How each decoder layer runs: compiled torch regions; the fused row kernels of
+# consumer.runtime.qwen3.fused_layers with model-dtype GEMMs; or the same with FP8 GEMMs,
+# all four of a layer or only the two fed by an RMSNorm
+LAYER_PATHS = ("compiled", "kernels", "fp8", "fp8-normed")
+_FP8_GEMMS = {"fp8": fused_layers.FP8_ALL, "fp8-normed": fused_layers.FP8_NORMED}
 
 
 def supports_packing(base: torch.nn.Module) -> bool:
@@ -82,6 +88,10 @@ class PackedQwen3:
             (:mod:`consumer.runtime.qwen3.qk_rope_kernel`) instead of compiled torch code
             and copies.
             None: on when the device is CUDA and the kernel runs for the head size.
+        layer_path: one of :data:`LAYER_PATHS`. All but "compiled" need the q/k kernel;
+            "fp8" and "fp8-normed" quantize the linear layers' weights once, here (copies:
+            the model's own weights stay as they are), and need FP8 GEMMs (compute
+            capability 8.9 or newer) on CUDA.
     """
 
     def __init__(
@@ -92,7 +102,10 @@ class PackedQwen3:
         graphs: Any = None,
         qk_kernel: bool | None = None,
         piecewise_attention: PiecewiseAttention | None = None,
+        layer_path: str = "compiled",
     ) -> None:
+        if layer_path not in LAYER_PATHS:
+            raise ValueError(f"layer_path must be one of {LAYER_PATHS}, not {layer_path!r}")
         if not supports_packing(base):
             raise ValueError("the packed path needs a bias-free SiLU Qwen3 model")
         self.base = base
@@ -132,6 +145,13 @@ class PackedQwen3:
             if qk_kernel
             else None
         )
+        self.layer_path = layer_path
+        self._fused: list[fused_layers.FusedLayer] | None = None
+        if layer_path != "compiled":
+            if self._rotary_table is None:
+                raise ValueError(f"layer_path {layer_path!r} needs the q/k kernel")
+            fp8 = _FP8_GEMMS.get(layer_path, frozenset())
+            self._fused = [fused_layers.fuse_layer(w, fp8) for w in self._layers]
 
     @property
     def uses_qk_kernel(self) -> bool:
@@ -213,6 +233,8 @@ class PackedQwen3:
         Every layer but the last runs on the whole stream; the last one only on each
         pair's last token (its keys and values still come from every token).
         """
+        if self._fused is not None:
+            return self._fused_hidden_at(inputs, self._fused)
         base = self.base
         x = base.embed_tokens(inputs.ids)
         rotary = self._rotary(x, inputs.positions)
@@ -231,6 +253,47 @@ class PackedQwen3:
             q, k, v, inputs.last_cu_q, inputs.last_cu_k, inputs.last_key_pieces, 1, inputs.max_k
         )
         return base.norm(self._output_and_mlp(x.index_select(0, inputs.last), attended, final))
+
+    def _fused_hidden_at(
+        self, inputs: PackedInputs, fused: list[fused_layers.FusedLayer]
+    ) -> torch.Tensor:
+        """:meth:`hidden_at` through the fused layers: each layer's MLP output is added
+        to the residual stream inside the next layer's input norm."""
+        x = self.base.embed_tokens(inputs.ids)
+        gathered = self.piecewise_attention is None
+        eps = self._eps
+        delta: torch.Tensor | None = None
+        *layers, final = fused
+        for layer in layers:
+            x, qkv = fused_layers.attention_projections(x, delta, layer, eps)
+            kv_index = inputs.kv_index if gathered else None
+            q, k, v = self._qk_kernel_inputs(qkv, layer, inputs.positions, None, kv_index)
+            attended = self._attend(
+                q, k, v, inputs.cu_q, inputs.cu_k, inputs.key_pieces, inputs.max_q, inputs.max_k
+            )
+            x, delta = fused_layers.output_and_mlp(x, attended, layer, eps)
+        x, qkv = fused_layers.attention_projections(x, delta, final, eps)
+        kv_index = inputs.last_kv_index if gathered else None
+        q, k, v = self._qk_kernel_inputs(qkv, final, inputs.positions, inputs.last, kv_index)
+        attended = self._attend(
+            q, k, v, inputs.last_cu_q, inputs.last_cu_k, inputs.last_key_pieces, 1, inputs.max_k
+        )
+        x, delta = fused_layers.output_and_mlp(x.index_select(0, inputs.last), attended, final, eps)
+        return self.base.norm(x + delta)
+
+    def _qk_kernel_inputs(
+        self,
+        qkv: torch.Tensor,
+        layer: fused_layers.FusedLayer,
+        positions: torch.Tensor,
+        q_rows: torch.Tensor | None,
+        kv_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of the fused q/k/v product (rows of [q | k | v]) through the q/k kernel."""
+        kv_size = self._kv_heads * self._head_dim
+        q, k, v = qkv.split([self._q_size, kv_size, kv_size], dim=1)
+        norms = (layer.q_norm, layer.k_norm)
+        return self._normed_rotated(q, k, v, *norms, positions, q_rows, kv_index)
 
     def _attend(
         self,
@@ -287,11 +350,25 @@ class PackedQwen3:
         q_rows: torch.Tensor | None,
         kv_index: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        assert self._rotary_table is not None
         q, k, v = self._projections(x, w.input_norm, w.qkv, self._eps, self._q_size)
+        return self._normed_rotated(q, k, v, w.q_norm, w.k_norm, positions, q_rows, kv_index)
+
+    def _normed_rotated(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_norm: torch.Tensor,
+        k_norm: torch.Tensor,
+        positions: torch.Tensor,
+        q_rows: torch.Tensor | None,
+        kv_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q/k kernel's step: (rows, heads, head_dim) q, k and v of projected rows."""
+        assert self._rotary_table is not None
         table, eps = self._rotary_table, self._eps
-        q = qk_rope_kernel.norm_rope(q, self._heads, w.q_norm, table, positions, eps, q_rows)
-        k = qk_rope_kernel.norm_rope(k, self._kv_heads, w.k_norm, table, positions, eps, kv_index)
+        q = qk_rope_kernel.norm_rope(q, self._heads, q_norm, table, positions, eps, q_rows)
+        k = qk_rope_kernel.norm_rope(k, self._kv_heads, k_norm, table, positions, eps, kv_index)
         if kv_index is None:
             v = v.view(v.shape[0], self._kv_heads, self._head_dim)
         else:

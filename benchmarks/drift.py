@@ -1,0 +1,185 @@
+"""Score drift of each way of running the model, against the model card's recipe in fp32.
+
+    python -m benchmarks.drift --tokenizer DIR [--config 0.6b] [--pairs 512]
+        [--layers compiled,kernels,fp8] [--model CHECKPOINT_DIR]
+
+Builds a random-weight model of ``--config`` (as the engine bench does, with a wider
+initialisation so that scores spread), takes the engine bench's synthetic requests (8
+documents each) and scores every pair:
+
+* ``card_fp32``: the model card's recipe (transformers, one pair at a time, the
+  full-vocabulary logits at the last token) in float32: the truth;
+* ``card_bf16``: the same recipe in bfloat16, the yardstick a faster path is held to;
+* ``engine_<layers>``: the engine's scorer in bfloat16 with each ``--layers`` path
+  (``consumer.runtime.options.ModelOptions.layers``; ``fp8`` needs compute capability
+  8.9 or newer).
+
+For each it prints, against ``card_fp32``, over scores (sigmoid of the yes-no logit):
+the largest and the mean absolute difference, the share of requests whose top document
+is the same, and the Spearman rank correlation of each request's documents (mean and
+worst). ``no_worse_than_card_bf16`` says whether a path agrees with fp32 at least as
+well as the model card's own bf16 run: the rule for making it a default. Random weights
+have no trained outlier channels, so FP8's drift on a trained checkpoint can be larger;
+run this with ``--model`` on the real checkpoint where it can be downloaded.
+
+A GPU check of the FP8 row kernels runs first: the Triton kernels' rounding to e4m3
+against torch's on the same scaled rows (Triton's CPU interpreter cannot check that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.gpu_check import reference_logits
+from benchmarks.workload import (
+    CONFIGS,
+    build_random_model,
+    default_tokenizer_dir,
+    synthetic_requests,
+)
+from consumer.runtime.loader import load_model
+from consumer.runtime.options import ModelOptions
+from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.scorer import sigmoid
+
+DOCS = 8
+CHUNK_REQUESTS = 8  # requests per engine batch
+
+
+def emit(**fields: Any) -> None:
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in fields.items()}))
+
+
+def check_fp8_rounding(width: int = 3072, rows: int = 4096) -> dict[str, Any]:
+    """The row kernel's FP8 output against torch's rounding of the same scaled rows."""
+    from consumer.runtime.qwen3 import row_kernels
+
+    torch.manual_seed(0)
+    x = (torch.randn(rows, width, device="cuda") * torch.rand(rows, 1, device="cuda") * 8).to(
+        torch.bfloat16
+    )
+    got, scales = row_kernels.quantize_rows(x)
+    assert scales is not None
+    want = (x.float() / scales).clamp(-448, 448).to(torch.float8_e4m3fn)
+    differ = got.view(torch.uint8) != want.view(torch.uint8)
+    steps = (got.float() - want.float()).abs()[differ]
+    return {
+        "fp8_rounding_values": got.numel(),
+        "fp8_rounding_mismatches": int(differ.sum()),
+        # a mismatch that is one e4m3 step is a tie rounded the other way, not a bug
+        "fp8_rounding_worst_rel_step": float((steps / want.float().abs()[differ]).max())
+        if int(differ.sum())
+        else 0.0,
+    }
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long score lists (no ties expected)."""
+
+    def ranks(v: list[float]) -> list[int]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = rank
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
+
+
+def agreement(scores: list[float], truth: list[float]) -> dict[str, float]:
+    """How ``scores`` agree with ``truth``, over all pairs and per request of ``DOCS``."""
+    diffs = [abs(x - y) for x, y in zip(scores, truth, strict=True)]
+    requests = [slice(i, i + DOCS) for i in range(0, len(truth), DOCS)]
+    top1 = [
+        max(range(DOCS), key=scores[r].__getitem__) == max(range(DOCS), key=truth[r].__getitem__)
+        for r in requests
+    ]
+    rho = [spearman(scores[r], truth[r]) for r in requests]
+    return {
+        "max_abs_score_diff": max(diffs),
+        "mean_abs_score_diff": statistics.fmean(diffs),
+        "top1_agreement": sum(top1) / len(top1),
+        "spearman_mean": statistics.fmean(rho),
+        "spearman_min": min(rho),
+    }
+
+
+def engine_logits(
+    folder: Path, layers: str, raw: list[tuple[str, list[str]]], pairs: list[EncodedPair]
+) -> tuple[list[float], float]:
+    """The engine scorer's logits, 8 requests a batch, and its warm-up seconds. Encodes
+    ``raw`` into ``pairs`` first if that is empty."""
+    options = ModelOptions(model=str(folder), layers=layers, cuda_graphs="off")
+    loaded = load_model(options)
+    if not pairs:
+        pairs += [p for q, docs in raw for p in loaded.encoder.encode(q, docs, None)]
+    t0 = time.perf_counter()
+    loaded.scorer.warmup(loaded.encoder)
+    warm = time.perf_counter() - t0
+    logits: list[float] = []
+    step = CHUNK_REQUESTS * DOCS
+    for i in range(0, len(pairs), step):
+        logits += loaded.scorer.score(pairs[i : i + step])
+    del loaded
+    torch.cuda.empty_cache()
+    return logits, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--config", default="0.6b", help="one of " + ", ".join(CONFIGS))
+    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--layers", default="compiled,kernels,fp8")
+    parser.add_argument("--init-range", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a checkpoint folder instead of random weights"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the engine's bf16 and FP8 paths need CUDA")
+    emit(gpu=torch.cuda.get_device_name(), torch=torch.__version__, config=args.config)
+    emit(**check_fp8_rounding())
+    tokenizer_dir = args.tokenizer or default_tokenizer_dir()
+    config = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
+    config["initializer_range"] = args.init_range
+    raw = synthetic_requests(tokenizer_dir, args.pairs, DOCS, args.seed)
+    logits: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or Path(tmp)
+        if args.model is None:
+            build_random_model(config, tokenizer_dir, folder, "cuda", args.seed)
+        pairs: list[EncodedPair] = []
+        for layers in args.layers.split(","):
+            name = f"engine_{layers}"
+            logits[name], warm = engine_logits(folder, layers, raw, pairs)
+            emit(variant=name, warmup_s=warm)
+        logits["card_bf16"] = reference_logits(folder, pairs, torch.bfloat16)
+        truth = reference_logits(folder, pairs, torch.float32)
+    truth_scores = [sigmoid(x) for x in truth]
+    spread = [statistics.pstdev(truth_scores[i : i + DOCS]) for i in range(0, len(pairs), DOCS)]
+    emit(pairs=len(pairs), score_spread_within_request_mean=statistics.fmean(spread))
+    card = agreement([sigmoid(x) for x in logits["card_bf16"]], truth_scores)
+    for name, values in logits.items():
+        a = agreement([sigmoid(x) for x in values], truth_scores)
+        no_worse = (
+            a["max_abs_score_diff"] <= card["max_abs_score_diff"]
+            and a["top1_agreement"] >= card["top1_agreement"]
+            and a["spearman_mean"] >= card["spearman_mean"]
+        )
+        emit(variant=name, vs="card_fp32", **a, no_worse_than_card_bf16=no_worse)
+
+
+if __name__ == "__main__":
+    main()
