@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import strong_reference
+from benchmarks.device_time import DeviceTimedScorer
 from benchmarks.host import cpu_model, positive_int
 from benchmarks.workload import (
     CONFIGS,
@@ -51,6 +52,7 @@ from consumer.engine.metrics import BatchReport, NoMetrics
 from consumer.engine.settings import EngineSettings
 from consumer.runtime.prompt import EncodedPair
 from consumer.runtime.qwen3.forward import LAYER_PATHS
+from consumer.runtime.scorer import Scorer
 
 # The reference recipe's prompt (a typical FastAPI reranker wrapper), not the model card's.
 REFERENCE_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -236,7 +238,9 @@ async def run_engine(
         tokenizer_threads=args.tokenizer_threads,
     )
     log = BatchLog()
-    engine = Engine.for_model(model, settings, log)
+    timed = DeviceTimedScorer(model.scorer) if model.device.startswith("cuda") else None
+    scorer: Scorer = timed if timed is not None else model.scorer
+    engine = Engine(model.encoder, scorer, model.name, settings, log)
     t0 = time.perf_counter()
     await engine.start()
     packed = model.scorer.traits.packed
@@ -254,13 +258,17 @@ async def run_engine(
             engine, requests[: max(1, args.warm_pairs // args.docs_per_request)], args.concurrency
         )
     log.clear()
+    if timed is not None:
+        timed.reset()
     before = (engine.stats.real_tokens, engine.stats.cost_tokens, engine.stats.oom_splits)
-    load = await saturate(engine, requests, args.concurrency)
+    load: dict[str, Any] = dict(await saturate(engine, requests, args.concurrency))
     real = engine.stats.real_tokens - before[0]
     cost = engine.stats.cost_tokens - before[1]
     lengths = log.lengths
     works = [packed_work(batch) for batch in log.batches]
     flops = log.flops(shape, packed, works)
+    # CUDA events: each batch's span on the device (benchmarks/device_time.py)
+    load["device_busy_share"] = timed.busy_s / load["seconds"] if timed is not None else None
     load.update(
         batches=len(lengths),
         mean_batch_pairs=statistics.mean(len(x) for x in lengths),
@@ -466,6 +474,13 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"{load['computed_token_share']:.3f}x (packed: shared heads once); "
         f"a batch on the device (host's view) {100 * load['batch_in_flight_share']:.0f}% of "
         "the wall time",
+    ]
+    if load["device_busy_share"] is not None:
+        lines.append(
+            f"device       busy {100 * load['device_busy_share']:.1f}% of the wall time "
+            "(CUDA events around each batch; gaps inside a batch count as busy)"
+        )
+    lines += [
         f"compute      {FLOPS_FORMULA}",
     ]
     for name, meaning in FLOP_COUNTS:

@@ -7,6 +7,7 @@ the end and reports what it promises.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,7 @@ def test_engine_bench_reports_every_part(capsys: pytest.CaptureFixture[str]) -> 
     strong = report["strong_reference"]
     assert strong["pairs"] == 16 and strong["compiled"] is False  # CPU: no compile
     assert report["speedup_strong"] > 0
+    assert load["device_busy_share"] is None  # CUDA events only on a GPU
     assert "idle engine" in out and "engine / strong reference" in out
 
 
@@ -133,3 +135,48 @@ def test_drift_measures_agreement_per_request() -> None:
     assert a["max_abs_score_diff"] == pytest.approx(0.85)
     assert a["mean_abs_score_diff"] == pytest.approx((0.1 + 0.1 + 0.85) / 16)
     assert a["spearman_min"] < a["spearman_mean"] < 1.0
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: a tick per record() in milliseconds."""
+
+    clock = 0.0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = 0.0
+
+    def record(self) -> None:
+        _FakeEvent.clock += 5.0
+        self.at = _FakeEvent.clock
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return end.at - self.at
+
+
+def test_device_timed_scorer_sums_each_batch_span(
+    tiny_causal_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The span between the events around a batch's launch is added when it is collected;
+    the scores and traits are the wrapped scorer's."""
+    import torch
+
+    from benchmarks.device_time import DeviceTimedScorer
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    model = load_model(ModelOptions(model=str(tiny_causal_dir)))
+    pairs = model.encoder.encode("q", ["a", "b c"], None)
+    timed = DeviceTimedScorer(model.scorer)
+    assert timed.traits is model.scorer.traits
+    handle = timed.launch(timed.prepare(pairs))
+    assert timed.busy_s == 0.0  # counted when collected
+    assert timed.collect(handle) == model.scorer.score(pairs)
+    assert timed.busy_s == pytest.approx(0.005) and timed.batches == 1
+    timed.score(pairs)
+    assert timed.busy_s == pytest.approx(0.010) and timed.batches == 2
+    timed.reset()
+    assert (timed.busy_s, timed.batches) == (0.0, 0)
