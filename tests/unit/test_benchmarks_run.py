@@ -180,3 +180,20 @@ def test_device_timed_scorer_sums_each_batch_span(
     assert timed.busy_s == pytest.approx(0.010) and timed.batches == 2
     timed.reset()
     assert (timed.busy_s, timed.batches) == (0.0, 0)
+
+
+def test_the_fp8_speed_table_comes_from_the_committed_runs() -> None:
+    """Every engine-bench rate in docs/benchmarks.md's FP8 table is in the raw output."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = root / "benchmarks" / "results" / "2026-12-04-fp8"
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    table = docs[docs.index("### FP8 linear layers") :][:3000]
+    rates = {}
+    for path in [*runs.glob("call2/bench-*.txt"), *runs.glob("call3/bench-*.txt")]:
+        report = json.loads(path.read_text().strip().splitlines()[-1])
+        rates[path.stem] = report["engine"]["load"]["pairs_per_s"]
+    assert len(rates) == 8
+    for name, rate in rates.items():
+        assert f"{rate:,.1f}" in table, name
