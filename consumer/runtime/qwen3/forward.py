@@ -26,7 +26,9 @@ for shapes that kernel cannot tile, reads them gathered (``kv_index``). q/k norm
 Each decoder layer runs as compiled regions (norm + q/k/v products; output
 projection + residual + norm + MLP + residual) around those kernels. One compiled
 graph serves all layers and every token count, so compiling takes seconds, not the
-minutes a whole-model graph takes. Needs CUDA and bf16/fp16.
+minutes a whole-model graph takes. Or, with ``layer_path`` (``RERANK_LAYERS``), each
+layer runs as four GEMMs with fused Triton row kernels between them, in bf16 or with FP8
+linear layers (:mod:`consumer.runtime.qwen3.fused_layers`). Needs CUDA and bf16/fp16.
 """
 
 from __future__ import annotations
