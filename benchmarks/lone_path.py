@@ -1,4 +1,4 @@
-"""Where a lone request's host time goes, on this machine: tokenizing and batch preparing.
+"""Where a request's host time goes, on this machine: tokenizing and batch preparing.
 
     python -m benchmarks.lone_path [--tokenizer DIR] [--requests 300]
 
@@ -10,7 +10,9 @@ Times, per 8-document request of the engine bench's workload (median of ``--requ
 * ``split over 4 threads``: the documents split in 4 chunks, each chunk's batch call on its
   own pool thread (the Rust tokenizer releases the GIL);
 * ``pack`` and ``pack + graph layout``: the packed stream of the request's 8 pairs
-  (:func:`consumer.runtime.qwen3.layout.pack`), then laid out into its CUDA graph bucket.
+  (:func:`consumer.runtime.qwen3.layout.pack`), then laid out into its CUDA graph bucket;
+* ``pack 216 pairs``: the packed stream of 27 requests, a batch the size the engine cuts
+  under saturation (the inference thread packs each batch while the GPU runs the last).
 
 Run with ``TOKENIZERS_PARALLELISM=false`` as well: the tokenizer spreads one batch call
 over every core unless told not to.
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         k = i % len(pairs)
         return pack(ids[k], [p.share_points for p in pairs[k]])
 
+    saturated = [k % len(pairs) for k in range(27)]
+
+    def packed_saturated(i: int) -> PackedInputs:
+        rows = [(row, p) for k in saturated for row, p in zip(ids[k], pairs[k], strict=True)]
+        return pack([row for row, _ in rows], [p.share_points for _, p in rows])
+
     def laid_out(i: int) -> object:
         inputs = packed(i)
         return lay_out(inputs, next(b for b in buckets if b.fits(inputs)))
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         "split over 4 threads": median_ms(split, n),
         "pack": median_ms(packed, n),
         "pack + graph layout": median_ms(laid_out, n),
+        "pack 216 pairs": median_ms(packed_saturated, max(1, n // 10)),
     }
     tokens = statistics.mean(sum(p.tokens for p in ps) for ps in pairs)
     print(
