@@ -45,7 +45,7 @@ from benchmarks.workload import (
     default_tokenizer_dir,
     synthetic_requests,
 )
-from consumer.runtime.loader import load_model
+from consumer.runtime.loader import LoadedModel, load_model
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import EncodedPair
 from consumer.runtime.scorer import sigmoid
@@ -114,15 +114,8 @@ def agreement(scores: list[float], truth: list[float]) -> dict[str, float]:
     }
 
 
-def engine_logits(
-    folder: Path, layers: str, raw: list[tuple[str, list[str]]], pairs: list[EncodedPair]
-) -> tuple[list[float], float]:
-    """The engine scorer's logits, 8 requests a batch, and its warm-up seconds. Encodes
-    ``raw`` into ``pairs`` first if that is empty."""
-    options = ModelOptions(model=str(folder), layers=layers, cuda_graphs="off")
-    loaded = load_model(options)
-    if not pairs:
-        pairs += [p for q, docs in raw for p in loaded.encoder.encode(q, docs, None)]
+def engine_logits(loaded: LoadedModel, pairs: list[EncodedPair]) -> tuple[list[float], float]:
+    """The engine scorer's logits, 8 requests a batch, and its warm-up seconds."""
     t0 = time.perf_counter()
     loaded.scorer.warmup(loaded.encoder)
     warm = time.perf_counter() - t0
@@ -130,8 +123,6 @@ def engine_logits(
     step = CHUNK_REQUESTS * DOCS
     for i in range(0, len(pairs), step):
         logits += loaded.scorer.score(pairs[i : i + step])
-    del loaded
-    torch.cuda.empty_cache()
     return logits, warm
 
 
@@ -160,11 +151,17 @@ def main() -> None:
         folder = args.model or Path(tmp)
         if args.model is None:
             build_random_model(config, tokenizer_dir, folder, "cuda", args.seed)
-        pairs: list[EncodedPair] = []
+        pairs: list[EncodedPair] | None = None
         for layers in args.layers.split(","):
+            loaded = load_model(ModelOptions(model=str(folder), layers=layers, cuda_graphs="off"))
+            if pairs is None:  # every path has the same encoder: encode once
+                pairs = [p for q, docs in raw for p in loaded.encoder.encode(q, docs, None)]
             name = f"engine_{layers}"
-            logits[name], warm = engine_logits(folder, layers, raw, pairs)
+            logits[name], warm = engine_logits(loaded, pairs)
             emit(variant=name, warmup_s=warm)
+            del loaded
+            torch.cuda.empty_cache()
+        assert pairs is not None, "--layers names at least one path"
         logits["card_bf16"] = reference_logits(folder, pairs, torch.bfloat16)
         truth = reference_logits(folder, pairs, torch.float32)
     truth_scores = [sigmoid(x) for x in truth]

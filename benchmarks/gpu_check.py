@@ -38,6 +38,7 @@ from benchmarks.workload import CONFIGS, build_random_model
 from consumer.runtime.loader import LoadedModel, load_model
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.qwen3.fused_layers import fp8_supported
 from consumer.runtime.scorer import sigmoid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +167,7 @@ def main(argv: list[str]) -> int:
             "packed_kernels": ("on", "auto", "kernels"),
             "padded_eager": ("off", "off", "auto"),
         }
-        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        if fp8_supported(DEVICE):
             variants["packed_fp8"] = ("on", "auto", "fp8")  # reported, not judged
         if padded_compiled:
             variants["padded_compiled"] = ("off", "on", "auto")

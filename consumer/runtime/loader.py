@@ -32,6 +32,7 @@ from consumer.runtime.prompt import (
 )
 from consumer.runtime.qwen3.attention import varlen_available
 from consumer.runtime.qwen3.forward import LAYER_PATHS, PackedQwen3, supports_packing
+from consumer.runtime.qwen3.fused_layers import fp8_supported
 from consumer.runtime.qwen3.graphs import PackedGraphs
 from consumer.runtime.scorer import Scorer
 
@@ -194,9 +195,7 @@ def _layer_path(layers: str, device: str) -> str:
         return "compiled"
     if layers not in LAYER_PATHS:
         raise ModelLoadError(f"layers must be auto, {', '.join(LAYER_PATHS)}, not {layers!r}")
-    if layers.startswith("fp8") and not (
-        device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)
-    ):
+    if layers.startswith("fp8") and not fp8_supported(device):
         raise ModelLoadError(
             f"layers={layers} needs a CUDA GPU with FP8 matrix multiplies (compute capability 8.9 "
             "or newer: Ada, Hopper, Blackwell)"

@@ -359,6 +359,15 @@ def test_layer_path_reaches_the_model_options(monkeypatch: pytest.MonkeyPatch) -
         load_settings(["--layers", "int4"])
 
 
+def test_layer_setting_offers_exactly_the_packed_paths_layer_paths() -> None:
+    from typing import get_args
+
+    from consumer.runtime.qwen3.forward import LAYER_PATHS
+    from consumer.settings import Layers
+
+    assert get_args(Layers) == ("auto", *LAYER_PATHS)
+
+
 def test_model_options_and_engine_settings_carry_the_settings() -> None:
     settings = load_settings(
         ["--model", "/models/x", "--device", "CPU", "--dtype", "float32", "--max-batch-pairs", "9"]

@@ -147,7 +147,6 @@ class PackedQwen3:
             if qk_kernel
             else None
         )
-        self.layer_path = layer_path
         self._fused: list[fused_layers.FusedLayer] | None = None
         if layer_path != "compiled":
             if self._rotary_table is None:

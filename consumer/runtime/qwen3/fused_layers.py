@@ -69,6 +69,15 @@ class Linear:
         return (dequantized @ (self.weight.float() * self.scale.t()).t()).to(out_dtype)
 
 
+def fp8_supported(device: str) -> bool:
+    """Whether ``device`` has FP8 GEMMs (a CUDA GPU of compute capability 8.9 or newer)."""
+    return (
+        device.startswith("cuda")
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) >= (8, 9)
+    )
+
+
 def quantize_weight(weight: torch.Tensor) -> Linear:
     """FP8 e4m3 weights with one fp32 scale per output channel (row of ``weight``)."""
     w = weight.detach().float()
@@ -90,7 +99,11 @@ class FusedLayer:
     post_norm: torch.Tensor
     gate_up: Linear  # [gate; up] rows
     down: Linear
-    dtype: torch.dtype  # of the activations between the GEMMs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype between the GEMMs: the model's."""
+        return self.input_norm.dtype
 
 
 def fuse_layer(w: LayerWeights, fp8: frozenset[str] = frozenset()) -> FusedLayer:
@@ -110,7 +123,6 @@ def fuse_layer(w: LayerWeights, fp8: frozenset[str] = frozenset()) -> FusedLayer
             post_norm=w.post_norm,
             gate_up=linear("gate_up", torch.cat(w.gate_up)),
             down=linear("down", w.down),
-            dtype=w.input_norm.dtype,
         )
 
 
