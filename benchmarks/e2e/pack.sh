@@ -19,7 +19,7 @@ VENV="${RERANK_VENV:-$CACHE_DIR/venv}"
 TARGET_PYTHON="${E2E_PYTHON_VERSION:-3.12}"
 # Packages beyond what the GPU image has (torch, transformers, aiohttp, prometheus-client).
 WHEELS=(aiokafka async-timeout orjson pydantic pydantic-core pydantic-settings
-    annotated-types typing-inspection python-dotenv opentelemetry-api)
+    annotated-types typing-inspection python-dotenv opentelemetry-api tiktoken)
 
 say() { echo "[e2e-pack] $*"; }
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from consumer.runtime.bi_encoder import BiEncoderScorer
+from consumer.runtime.bpe import UnsupportedTokenizer
 from consumer.runtime.cross_encoder import TextPairScorer
 from consumer.runtime.last_token import LastTokenScorer
 from consumer.runtime.options import ModelOptions
@@ -264,8 +265,19 @@ def _last_token_model(
     # positions past the model's table are garbage to it (and to the packed path's kernel)
     positions = getattr(base.config, "max_position_embeddings", None)
     limit = _max_positions({"max_position_embeddings": positions}, options.max_pair_tokens)
-    encoder = Qwen3RerankerEncoder(tokenizer, limit, options.default_instruction)
+    encoder = _qwen3_encoder(tokenizer, limit, options)
     return LoadedModel(name, kind, encoder, scorer, run.device, run.dtype)
+
+
+def _qwen3_encoder(tokenizer: Any, limit: int, options: ModelOptions) -> Qwen3RerankerEncoder:
+    try:
+        encoder = Qwen3RerankerEncoder(
+            tokenizer, limit, options.default_instruction, options.tokenizer_backend
+        )
+    except (UnsupportedTokenizer, ImportError) as exc:  # only when tiktoken was asked for
+        raise ModelLoadError(f"cannot tokenize with tiktoken: {_one_line(exc)}") from exc
+    log.info("tokenizing Qwen3 prompts with %s", encoder.backend)
+    return encoder
 
 
 def _load_causal_lm(

@@ -19,7 +19,10 @@ class ModelOptions:
     cuda_graphs -> small packed batches replayed from CUDA graphs when packed is on;
     layers -> how the packed path runs each decoder layer: "compiled" (torch.compile
     regions), "kernels" (fused row kernels around model-dtype GEMMs) or "fp8" (the same
-    with FP8 linear layers; Hopper or newer); auto -> compiled.
+    with FP8 linear layers; Hopper or newer); auto -> compiled;
+    tokenizer_backend -> how Qwen3 prompts become ids: "tiktoken", "huggingface", or
+    auto (tiktoken when it reproduces the model's tokenizer; see
+    :mod:`consumer.runtime.bpe`).
     """
 
     model: str = "Qwen/Qwen3-Reranker-0.6B"
@@ -31,4 +34,5 @@ class ModelOptions:
     packed: str = "auto"
     cuda_graphs: str = "auto"
     layers: str = "auto"
+    tokenizer_backend: str = "auto"
     default_instruction: str = DEFAULT_INSTRUCTION

@@ -7,11 +7,21 @@ construction, and encoding never mutates it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenizers import Tokenizer
+
+from consumer.runtime.bpe import ByteLevelBpe, UnsupportedTokenizer, byte_level_bpe
+
+log = logging.getLogger(__name__)
+
+# How the Qwen3 encoder turns text into ids: "tiktoken" (the same ids, faster; see
+# consumer.runtime.bpe), "huggingface" (the model's own Rust tokenizer), or "auto"
+# (tiktoken when it reproduces the tokenizer and is installed, else huggingface).
+TOKENIZER_BACKENDS = ("auto", "tiktoken", "huggingface")
 
 QWEN3_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
@@ -79,6 +89,27 @@ def private_tokenizer(hf_tokenizer: Any) -> Tokenizer:
     return own
 
 
+def fast_bpe_for(tokenizer: Tokenizer, backend: str) -> ByteLevelBpe | None:
+    """The tiktoken encoder for ``tokenizer`` per ``backend`` (None: use the tokenizer itself).
+
+    ``auto`` falls back to the tokenizer, with a log line saying why; ``tiktoken``
+    raises :class:`UnsupportedTokenizer` (or ImportError) instead.
+    """
+    if backend not in TOKENIZER_BACKENDS:
+        raise ValueError(f"tokenizer backend {backend!r}: use one of {TOKENIZER_BACKENDS}")
+    if backend == "huggingface":
+        return None
+    try:
+        bpe = byte_level_bpe(tokenizer.to_str())
+        bpe.check_against(lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
+    except (UnsupportedTokenizer, ImportError) as exc:
+        if backend == "tiktoken":
+            raise
+        log.info("tokenizing with the model's own tokenizer, not tiktoken: %s", exc)
+        return None
+    return bpe
+
+
 class Qwen3RerankerEncoder:
     """The Qwen3-Reranker prompt, tokenized the way its model card does it.
 
@@ -89,13 +120,22 @@ class Qwen3RerankerEncoder:
     ends with ``:`` and every document part starts with the space, which the Qwen2
     pre-tokenizer always separates, so the ids equal those of the whole string.
 
-    Only document tokens are cut to fit ``max_pair_tokens``.
+    Only document tokens are cut to fit ``max_pair_tokens``. ``backend`` is one of
+    :data:`TOKENIZER_BACKENDS`; :attr:`backend` says which one runs.
     """
 
-    def __init__(self, hf_tokenizer: Any, max_pair_tokens: int, default_instruction: str) -> None:
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        max_pair_tokens: int,
+        default_instruction: str,
+        backend: str = "auto",
+    ) -> None:
         self._tok = private_tokenizer(hf_tokenizer)
         # encode_batch_fast (tokenizers >= 0.21) skips character offsets we never use
         self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        self._bpe = fast_bpe_for(self._tok, backend)
+        self.backend = "huggingface" if self._bpe is None else "tiktoken"
         self._prefix = self._ids(QWEN3_PREFIX)
         self._suffix = self._ids(QWEN3_SUFFIX)
         self.max_pair_tokens = max_pair_tokens
@@ -107,7 +147,15 @@ class Qwen3RerankerEncoder:
         )
 
     def _ids(self, text: str) -> list[int]:
+        if self._bpe is not None:
+            return self._bpe.encode(text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _document_ids(self, documents: Sequence[str]) -> list[list[int]]:
+        texts = [" " + d for d in documents]
+        if self._bpe is not None:
+            return self._bpe.encode_many(texts)
+        return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
 
     def encode(
         self, query: str, documents: Sequence[str], instruction: str | None
@@ -124,10 +172,8 @@ class Qwen3RerankerEncoder:
                 f"instruction and query take {len(head) + len(self._suffix)} prompt tokens, "
                 f"leaving no room for a document within max_pair_tokens={self.max_pair_tokens}"
             )
-        encodings = self._encode_batch([" " + d for d in documents], add_special_tokens=False)
         pairs = []
-        for enc in encodings:
-            doc = enc.ids
+        for doc in self._document_ids(documents):
             cut = len(doc) > room
             ids = head + (doc[:room] if cut else doc) + self._suffix
             pairs.append(

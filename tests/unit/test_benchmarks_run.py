@@ -62,7 +62,13 @@ def test_lone_path_times_every_part(capsys: pytest.CaptureFixture[str]) -> None:
 
     lone_path.main(["--requests", "3"])
     out = capsys.readouterr().out
-    for part in ("encode", "encode via pool", "split over 4 threads", "pack + graph layout"):
+    parts = [
+        f"{row} ({backend})"
+        for row in ("encode", "encode via pool", "pool rate, k tokens/s")
+        for backend in ("huggingface", "tiktoken")
+    ]
+    parts += ["split over 4 threads (huggingface)", "pack + graph layout", "pack 216 pairs"]
+    for part in parts:
         assert f"  {part} " in out
     assert "cores, TOKENIZERS_PARALLELISM=" in out
 

@@ -1,0 +1,196 @@
+"""tiktoken against the real Qwen3 tokenizer: the same ids, or a refusal that says why."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tiny_models import qwen3_tokenizer_dir
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
+from consumer.runtime.bpe import CHECK_STRINGS, UnsupportedTokenizer, byte_level_bpe
+from consumer.runtime.loader import ModelLoadError, load_model
+from consumer.runtime.options import DEFAULT_INSTRUCTION, ModelOptions
+from consumer.runtime.prompt import TOKENIZER_BACKENDS, Qwen3RerankerEncoder, fast_bpe_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def qwen_json() -> str:
+    return (qwen3_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Tokenizer:
+    return Tokenizer.from_file(str(qwen3_tokenizer_dir() / "tokenizer.json"))
+
+
+def varied_texts(tokenizer: Tokenizer, seed: int) -> list[str]:
+    """Decoded random vocabulary (the bench's documents), this repository's own source
+    and docs in slices, random characters from every plane, and random bytes."""
+    rng = random.Random(seed)
+    texts = [
+        tokenizer.decode([rng.randrange(0, 151_643) for _ in range(rng.randint(1, 200))])
+        for _ in range(200)
+    ]
+    texts += [
+        tokenizer.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(40, 480))])
+        for _ in range(300)
+    ]
+    sources = sorted(ROOT.glob("consumer/**/*.py")) + sorted(ROOT.glob("docs/*.md"))
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for _ in range(10):
+            start = rng.randrange(len(text))
+            texts.append(text[start : start + rng.randint(1, 2000)])
+    corners = (
+        " \t\n\r\x0b\x0c\u00a0\u3000'sStTdDmMlLrReEvV0123456789.,!?-_<>|/\\\"\u00e9e\u0301\u0338"
+    )
+    corners += (
+        "A\u030a\u00df\u4e2d\u6587\ud55c\U0001f642\U0001f44d\U0001f3fd\u200d\u2028\ufb01\u2460"
+    )
+    texts += ["".join(rng.choices(corners, k=rng.randint(1, 40))) for _ in range(3000)]
+    texts += [
+        "".join(chr(c) for c in rng.choices(range(0x20, 0xD800), k=rng.randint(1, 30)))
+        + "".join(chr(c) for c in rng.choices(range(0xE000, 0x30000), k=rng.randint(1, 30)))
+        for _ in range(1000)
+    ]
+    texts += [rng.randbytes(rng.randint(1, 60)).decode("utf-8", "replace") for _ in range(500)]
+    return texts + list(CHECK_STRINGS) + ["<|im_end|><|im_start|>", "<think>\n\n</think>"]
+
+
+def test_tiktoken_gives_the_qwen3_tokenizers_ids(qwen: Tokenizer, qwen_json: str) -> None:
+    bpe = byte_level_bpe(qwen_json)
+    texts = varied_texts(qwen, seed=7)
+    differ = [t for t in texts if bpe.encode(t) != qwen.encode(t, add_special_tokens=False).ids]
+    assert len(texts) > 5000
+    assert differ == []
+
+
+def test_added_tokens_in_text_become_their_ids(qwen: Tokenizer, qwen_json: str) -> None:
+    bpe = byte_level_bpe(qwen_json)
+    ids = bpe.encode("a<|im_end|>b")
+    assert qwen.token_to_id("<|im_end|>") in ids
+    # NFC would fold ">" and the combining solidus into one character; the token comes first
+    assert bpe.encode("<|im_end|>\u0338")[0] == qwen.token_to_id("<|im_end|>")
+
+
+def test_both_backends_encode_requests_the_same(qwen: Tokenizer) -> None:
+    hf = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
+    rng = random.Random(3)
+    requests = [
+        (
+            qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(2, 30))]),
+            [
+                qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(0, 300))])
+                for _ in range(8)
+            ],
+        )
+        for _ in range(40)
+    ]
+    for limit in (192, 8192):  # 192: most documents are cut
+        fast = Qwen3RerankerEncoder(hf, limit, DEFAULT_INSTRUCTION, "tiktoken")
+        own = Qwen3RerankerEncoder(hf, limit, DEFAULT_INSTRUCTION, "huggingface")
+        assert (fast.backend, own.backend) == ("tiktoken", "huggingface")
+        for query, docs in requests:
+            for instruction in (None, "Find the passage 📄"):
+                assert fast.encode(query, docs, instruction) == own.encode(query, docs, instruction)
+
+
+def with_spec(qwen_json: str, change: Any) -> str:
+    spec = json.loads(qwen_json)
+    change(spec)
+    return json.dumps(spec)
+
+
+def _merges_swapped(spec: dict[str, Any]) -> None:
+    merges = spec["model"]["merges"]
+    merges[10], merges[11] = merges[11], merges[10]
+
+
+UNSUPPORTED = {
+    "normalizer": (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer 'NFKC'"),
+    "dropout": (lambda s: s["model"].update(dropout=0.1), "dropout"),
+    "inverted split": (
+        lambda s: s["pre_tokenizer"]["pretokenizers"][0].update(invert=True),
+        "isolating regex split",
+    ),
+    "byte-level regex": (
+        lambda s: s["pre_tokenizer"]["pretokenizers"][1].update(use_regex=True),
+        "plain byte-level map",
+    ),
+    "stripped added token": (
+        lambda s: s["added_tokens"][0].update(lstrip=True),
+        "stripping rules",
+    ),
+    "merges out of order": (_merges_swapped, "order of the ids"),
+    "word piece": (lambda s: s["model"].update(type="WordPiece"), "only BPE"),
+}
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED, ids=list(UNSUPPORTED))
+def test_a_tokenizer_outside_the_recipe_is_refused_with_its_reason(
+    qwen_json: str, case: str
+) -> None:
+    change, reason = UNSUPPORTED[case]
+    with pytest.raises(UnsupportedTokenizer, match=reason):
+        byte_level_bpe(with_spec(qwen_json, change))
+
+
+def test_the_start_check_catches_different_ids(qwen_json: str) -> None:
+    bpe = byte_level_bpe(qwen_json)
+    with pytest.raises(UnsupportedTokenizer, match="different ids"):
+        bpe.check_against(lambda text: [0])
+
+
+def test_auto_falls_back_to_the_models_tokenizer_and_says_why(
+    qwen_json: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    odd = Tokenizer.from_str(with_spec(qwen_json, lambda s: s.update(normalizer={"type": "NFKC"})))
+    with caplog.at_level(logging.INFO, logger="consumer.runtime.prompt"):
+        assert fast_bpe_for(odd, "auto") is None
+    assert "not tiktoken: normalizer 'NFKC'" in caplog.text
+    assert fast_bpe_for(odd, "huggingface") is None
+    with pytest.raises(UnsupportedTokenizer):
+        fast_bpe_for(odd, "tiktoken")
+    with pytest.raises(ValueError, match="tokenizer backend 'fast'"):
+        fast_bpe_for(odd, "fast")
+
+
+def test_the_loader_refuses_tiktoken_for_a_tokenizer_it_cannot_reproduce(
+    tiny_causal_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_causal_dir, folder)
+    spec = folder / "tokenizer.json"
+    spec.write_text(with_spec(spec.read_text(), lambda s: s["model"].update(dropout=0.1)))
+    # transformers rebuilds a Qwen2Tokenizer's pipeline from its vocabulary; the generic
+    # class loads tokenizer.json as written
+    config = folder / "tokenizer_config.json"
+    config.write_text(
+        with_spec(config.read_text(), lambda c: c.update(tokenizer_class="PreTrainedTokenizerFast"))
+    )
+    with pytest.raises(ModelLoadError, match=r"cannot tokenize with tiktoken: .*dropout"):
+        load_model(ModelOptions(model=str(folder), tokenizer_backend="tiktoken"))
+    loaded = load_model(ModelOptions(model=str(folder)))
+    assert getattr(loaded.encoder, "backend", None) == "huggingface"
+
+
+def test_the_loader_picks_tiktoken_for_the_qwen3_tokenizer(tiny_causal_dir: Path) -> None:
+    loaded = load_model(ModelOptions(model=str(tiny_causal_dir)))
+    assert getattr(loaded.encoder, "backend", None) == "tiktoken"
+
+
+def test_the_setting_offers_exactly_the_encoders_backends() -> None:
+    from typing import get_args
+
+    from consumer.settings import TokenizerBackend
+
+    assert get_args(TokenizerBackend) == TOKENIZER_BACKENDS
