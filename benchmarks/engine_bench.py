@@ -50,7 +50,7 @@ from consumer.engine.api import ScoreRequest
 from consumer.engine.engine import Engine
 from consumer.engine.metrics import BatchReport, NoMetrics
 from consumer.engine.settings import EngineSettings
-from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.prompt import TOKENIZER_BACKENDS, EncodedPair
 from consumer.runtime.qwen3.forward import LAYER_PATHS
 from consumer.runtime.scorer import Scorer
 
@@ -153,11 +153,16 @@ def packed_work(batch: Sequence[EncodedPair]) -> tuple[int, int]:
     return inputs.ids.numel(), int((q * (k - q) + q * (q + 1) // 2).sum())
 
 
-def measure_tokenizer(encoder: Any, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
+def measure_tokenizer(encoder: Any, requests: list[tuple[str, list[str]]]) -> dict[str, Any]:
     started = time.perf_counter()
     tokens = sum(p.tokens for q, docs in requests for p in encoder.encode(q, docs, None))
     seconds = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds)}
+    return {
+        "backend": getattr(encoder, "backend", "the model's tokenizer"),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds),
+    }
 
 
 async def saturate(
@@ -226,6 +231,7 @@ async def run_engine(
         compile=args.compile,
         packed=args.packed,
         layers=args.layers,
+        tokenizer_backend=args.tokenizer_backend,
     )
     t0 = time.perf_counter()
     model = await asyncio.to_thread(load_model, options)
@@ -406,6 +412,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="how the packed path runs each layer (fp8: FP8 linear layers)",
     )
+    p.add_argument(
+        "--tokenizer-backend",
+        choices=TOKENIZER_BACKENDS,
+        default="auto",
+        help="how prompts are tokenized (auto: tiktoken when it reproduces the tokenizer)",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=65536)
     p.add_argument("--max-batch-pairs", type=int, default=512)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -466,7 +478,8 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"{min(r['settings']['concurrency'], load['requests'])} of {load['requests']} "
         "requests in flight at a time",
         f"tokenizer    {engine['tokenizer']['tokens_per_s']:,} tokens/s "
-        "from one calling thread (the service's encoder; the Rust tokenizer spreads a "
+        f"from one calling thread (the service's encoder, {engine['tokenizer']['backend']}; "
+        "the Rust tokenizer spreads a "
         f"batch over cores unless TOKENIZERS_PARALLELISM=false; {os.cpu_count()} cores here)",
         f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} tokens/s, "
         f"{load['batches']} batches of {load['mean_batch_pairs']:.0f} pairs on average",

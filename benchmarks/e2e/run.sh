@@ -9,7 +9,7 @@ BUNDLE="${E2E_BUNDLE:-$ROOT/.e2e}"
 SITE="${E2E_SITE:-/tmp/rerank-e2e/site}"
 PY="${PYTHON:-python3}"
 [[ -f $BUNDLE/jre.tar.xz ]] || { echo "no bundle at $BUNDLE: run benchmarks/e2e/pack.sh first" >&2; exit 2; }
-if ! "$PY" -c 'import aiokafka, orjson, pydantic_settings, opentelemetry.trace' 2>/dev/null; then
+if ! "$PY" -c 'import aiokafka, orjson, pydantic_settings, opentelemetry.trace, tiktoken' 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$BUNDLE"/wheels/*.whl
 fi
