@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import random
@@ -14,7 +15,13 @@ from tiny_models import qwen3_tokenizer_dir
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from consumer.runtime.bpe import CHECK_STRINGS, UnsupportedTokenizer, byte_level_bpe
+from consumer.runtime.bpe import (
+    CHECK_STRINGS,
+    MIN_CHARS_PER_THREAD,
+    UnsupportedTokenizer,
+    byte_level_bpe,
+    split_runs,
+)
 from consumer.runtime.loader import ModelLoadError, load_model
 from consumer.runtime.options import DEFAULT_INSTRUCTION, ModelOptions
 from consumer.runtime.prompt import TOKENIZER_BACKENDS, Qwen3RerankerEncoder, fast_bpe_for
@@ -194,3 +201,52 @@ def test_the_setting_offers_exactly_the_encoders_backends() -> None:
     from consumer.settings import TokenizerBackend
 
     assert get_args(TokenizerBackend) == TOKENIZER_BACKENDS
+
+
+def test_split_runs_keeps_order_and_balances_the_text() -> None:
+    rng = random.Random(5)
+    for _ in range(2000):
+        texts = ["x" * rng.randint(0, 3000) for _ in range(rng.randint(0, 12))]
+        most = rng.randint(1, 5)
+        runs = split_runs(texts, most, 2000)
+        assert [t for run in runs for t in run] == texts
+        assert 1 <= len(runs) <= most and all(runs[1:])
+        if sum(map(len, texts)) < 4000:  # not enough for two runs of 2,000
+            assert len(runs) == 1
+    even = ["y" * 1000] * 8
+    assert [len(run) for run in split_runs(even, 4, 2000)] == [2, 2, 2, 2]
+
+
+def test_a_long_request_split_over_helper_threads_keeps_its_ids(
+    qwen: Tokenizer, qwen_json: str
+) -> None:
+    bpe = byte_level_bpe(qwen_json, helper_threads=3)
+    rng = random.Random(11)
+    docs = [
+        " " + qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(40, 480))])
+        for _ in range(8)
+    ]
+    assert len(split_runs(docs, 4, MIN_CHARS_PER_THREAD)) == 4
+    expected = [qwen.encode(d, add_special_tokens=False).ids for d in docs]
+    for _ in range(20):
+        assert bpe.encode_many(docs) == expected
+
+
+def test_concurrent_long_requests_share_the_helpers_and_keep_their_ids(
+    qwen: Tokenizer, qwen_json: str
+) -> None:
+    bpe = byte_level_bpe(qwen_json, helper_threads=2)
+    rng = random.Random(13)
+    requests = [
+        [
+            " " + qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(200, 480))])
+            for _ in range(6)
+        ]
+        for _ in range(4)
+    ]
+    expected = [[qwen.encode(d, add_special_tokens=False).ids for d in docs] for docs in requests]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda k: [bpe.encode_many(requests[k % 4]) for _ in range(10)], range(8))
+        )
+    assert all(got == [expected[k % 4]] * 10 for k, got in enumerate(results))
