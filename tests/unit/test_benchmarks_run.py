@@ -203,3 +203,24 @@ def test_the_fp8_speed_table_comes_from_the_committed_runs() -> None:
     assert len(rates) == 8
     for name, rate in rates.items():
         assert f"{rate:,.1f}" in table, name
+
+
+def test_the_tiktoken_tables_come_from_the_committed_runs() -> None:
+    """Every rate and lone p50 in docs/benchmarks.md's tiktoken tables is in the raw output."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = root / "benchmarks" / "results" / "2026-12-04-tiktoken"
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    section = docs[docs.index("### Tokenizing with tiktoken") :]
+    section = section[: section.index("\n## ")]
+    numbers = []
+    for path in sorted(runs.glob("call*/bench-*.txt")):
+        report = json.loads(path.read_text().strip().splitlines()[-1])
+        numbers.append(f"{report['engine']['load']['pairs_per_s']:,.1f}")
+    for path in sorted(runs.glob("call*/*/results.json")):
+        phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
+        numbers += [f"{phases['lone']['p50_ms']}", f"{phases['saturated']['pairs_per_s']:,.1f}"]
+    assert len(numbers) == 8 + 2 * 6
+    for number in numbers:
+        assert number in section, number
