@@ -39,6 +39,12 @@ def qwen() -> Tokenizer:
     return Tokenizer.from_file(str(qwen3_tokenizer_dir() / "tokenizer.json"))
 
 
+def random_text(tokenizer: Tokenizer, rng: random.Random, least: int, most: int) -> str:
+    """Between ``least`` and ``most`` random vocabulary tokens, decoded (the bench's text)."""
+    count = rng.randint(least, most)
+    return str(tokenizer.decode([rng.randrange(1000, 100_000) for _ in range(count)]))
+
+
 def varied_texts(tokenizer: Tokenizer, seed: int) -> list[str]:
     """Decoded random vocabulary (the bench's documents), this repository's own source
     and docs in slices, random characters from every plane, and random bytes."""
@@ -47,10 +53,7 @@ def varied_texts(tokenizer: Tokenizer, seed: int) -> list[str]:
         tokenizer.decode([rng.randrange(0, 151_643) for _ in range(rng.randint(1, 200))])
         for _ in range(200)
     ]
-    texts += [
-        tokenizer.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(40, 480))])
-        for _ in range(300)
-    ]
+    texts += [random_text(tokenizer, rng, 40, 480) for _ in range(300)]
     sources = sorted(ROOT.glob("consumer/**/*.py")) + sorted(ROOT.glob("docs/*.md"))
     for path in sources:
         text = path.read_text(encoding="utf-8")
@@ -93,13 +96,7 @@ def test_both_backends_encode_requests_the_same(qwen: Tokenizer) -> None:
     hf = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
     rng = random.Random(3)
     requests = [
-        (
-            qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(2, 30))]),
-            [
-                qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(0, 300))])
-                for _ in range(8)
-            ],
-        )
+        (random_text(qwen, rng, 2, 30), [random_text(qwen, rng, 0, 300) for _ in range(8)])
         for _ in range(40)
     ]
     for limit in (192, 8192):  # 192: most documents are cut
@@ -222,10 +219,7 @@ def test_a_long_request_split_over_helper_threads_keeps_its_ids(
 ) -> None:
     bpe = byte_level_bpe(qwen_json, helper_threads=3)
     rng = random.Random(11)
-    docs = [
-        " " + qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(40, 480))])
-        for _ in range(8)
-    ]
+    docs = [" " + random_text(qwen, rng, 40, 480) for _ in range(8)]
     assert len(split_runs(docs, 4, MIN_CHARS_PER_THREAD)) == 4
     expected = [qwen.encode(d, add_special_tokens=False).ids for d in docs]
     for _ in range(20):
@@ -237,13 +231,7 @@ def test_concurrent_long_requests_share_the_helpers_and_keep_their_ids(
 ) -> None:
     bpe = byte_level_bpe(qwen_json, helper_threads=2)
     rng = random.Random(13)
-    requests = [
-        [
-            " " + qwen.decode([rng.randrange(1000, 100_000) for _ in range(rng.randint(200, 480))])
-            for _ in range(6)
-        ]
-        for _ in range(4)
-    ]
+    requests = [[" " + random_text(qwen, rng, 200, 480) for _ in range(6)] for _ in range(4)]
     expected = [[qwen.encode(d, add_special_tokens=False).ids for d in docs] for docs in requests]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(
