@@ -42,3 +42,18 @@ def test_gateway_bench_compares_both_ways_and_names_the_hardware(kafka_bootstrap
     for way in ("sdk", "gateway"):
         assert re.search(rf"round 1 {way}\s+lone p50\s+[\d.]+ ms", run.stdout), run.stdout
     assert re.search(r"the gateway adds -?[\d.]+ ms", run.stdout), run.stdout
+
+
+def test_kafka_hop_bench_times_every_client_pairing(kafka_bootstrap: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kafka_hop", "--bootstrap", kafka_bootstrap,
+         "--hops", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"\d+ cores \(.+\), Python", run.stdout), run.stdout
+    pairings = ("aiokafka", "librdkafka")
+    for sender in pairings:
+        for reader in pairings:
+            assert re.search(rf"{sender} -> {reader} .*message read [\d.]+", run.stdout)
+    assert re.search(r"aiokafka -> aiokafka .*fetch response read [\d.]+", run.stdout)
