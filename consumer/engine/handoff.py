@@ -19,9 +19,17 @@ from collections.abc import Callable, Iterable
 from consumer.engine.batcher import FormedBatch, TokenBudgetBatcher
 from consumer.engine.work import Batch, Ticket
 
-# With a batch on the device and the next not cut yet, how often to look whether the
-# device is done (the batch former's notify wakes the inference thread at once otherwise).
+# With a batch on the device and more work coming (queued, being cut, or being tokenized),
+# how often to look whether the device is done (the batch former's notify wakes the
+# inference thread at once otherwise).
 IN_FLIGHT_POLL_S = 0.0005
+
+# With a batch on the device and nothing else anywhere in the engine, the inference thread
+# stops polling and waits on the device itself (``take`` returns None): the device's own
+# completion wakes it at once, where a poll lands up to IN_FLIGHT_POLL_S late. A request
+# that arrives meanwhile is cut and prepared by the batch former all the same, and is
+# launched as soon as the batch ends. Benchmarks turn it off to compare.
+WAIT_ON_DEVICE_WHEN_QUIET = True
 
 
 class BatchQueue:
@@ -160,14 +168,16 @@ class BatchQueue:
         """The next cut batch, marking the model busy.
 
         ``device_done`` is None when nothing is in flight: then wait for a batch.
-        Otherwise wait only while the batch in flight still runs, so its results are
-        collected as soon as it ends. None when stopping or no batch came.
+        Otherwise wait only while the batch in flight still runs and more work is on its
+        way, so its results are collected as soon as it ends. None when stopping, when the
+        batch in flight ended, or when nothing else is queued, cut or being tokenized (the
+        caller then waits on the device itself).
         """
         with self._cond:
             while self._next is None and not self._stopping:
                 if device_done is None:
                     self._cond.wait()
-                elif device_done():
+                elif device_done() or (WAIT_ON_DEVICE_WHEN_QUIET and self._quiet()):
                     break
                 else:
                     self._cond.wait(IN_FLIGHT_POLL_S)
@@ -177,6 +187,10 @@ class BatchQueue:
             self._busy = True
             self._cond.notify_all()  # the former may cut the next batch now
             return batch
+
+    def _quiet(self) -> bool:
+        """Nothing queued, cut or being tokenized (condition held)."""
+        return self._next is None and not self._batcher and self._tokenizing == 0
 
     def idle(self) -> None:
         """The inference thread has nothing on the model."""

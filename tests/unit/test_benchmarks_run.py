@@ -34,6 +34,28 @@ def test_engine_bench_reports_every_part(capsys: pytest.CaptureFixture[str]) -> 
     assert "idle engine" in out and "engine / strong reference" in out
 
 
+def test_lone_stages_times_the_hand_overs_of_every_variant(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import lone_stages
+    from consumer.engine import handoff
+
+    lone_stages.main(
+        ["--config", "tiny", "--device", "cpu", "--requests", "3", "--warm", "1",
+         "--gap-ms", "1", "--json"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    medians = json.loads(out.strip().splitlines()[-1])
+    assert set(medians) == set(lone_stages.VARIANTS)
+    for steps in medians.values():
+        # the CPU path has no packing, graphs or device events; every other step is timed
+        for step in ("pool pickup", "encode", "back on loop", "former wakes", "prepare",
+                     "inference wakes", "launch", "to loop", "loop resumes"):  # fmt: skip
+            assert 0 <= steps[step] <= steps["total"], (step, steps)
+    assert "step (ms, median)" in out and "no GPU" in out
+    assert handoff.WAIT_ON_DEVICE_WHEN_QUIET  # the variants leave the default behind
+
+
 def test_gpu_check_passes_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     """Without CUDA it runs the padded path in float32 against the model card."""
     assert gpu_check.main(["gpu_check", str(default_tokenizer_dir()), "24", "--tiny"]) == 0
@@ -222,5 +244,28 @@ def test_the_tiktoken_tables_come_from_the_committed_runs() -> None:
         phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
         numbers += [f"{phases['lone']['p50_ms']}", f"{phases['saturated']['pairs_per_s']:,.1f}"]
     assert len(numbers) == 8 + 2 * 9
+    for number in numbers:
+        assert number in section, number
+
+
+def test_the_handover_tables_come_from_the_committed_runs() -> None:
+    """The lone-request and saturated numbers and the step totals of docs/benchmarks.md's
+    hand-over section are in the raw output of the calls it cites."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = root / "benchmarks" / "results" / "2026-12-04-handovers"
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    section = docs[docs.index("### A lone request's hand-overs in the engine") :]
+    section = section[: section.index("\n## ")]
+    numbers = []
+    for path in sorted(runs.glob("call[34]/e2e-*/results.json")):
+        phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
+        numbers += [f"{phases['lone']['p50_ms']}", f"{phases['saturated']['pairs_per_s']:,.1f}"]
+    for side in ("old", "new"):
+        text = (runs / "call4" / f"stages-{side}.txt").read_text()
+        steps = json.loads(text.strip().splitlines()[-1])["default"]
+        numbers += [f"{steps[name]:.2f}" for name in ("prepare", "total", "  pack")]
+    assert len(numbers) == 2 * 5 + 2 * 3
     for number in numbers:
         assert number in section, number

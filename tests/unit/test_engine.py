@@ -726,6 +726,50 @@ async def test_the_next_batch_is_launched_before_the_last_one_is_collected() -> 
     await engine.close()
 
 
+class TimedDeviceScorer(LaunchingScorer):
+    """A pipelined scorer whose device takes ``device_s`` a batch: ``done`` says whether
+    it has finished (counting the calls), ``collect`` waits for it."""
+
+    def __init__(self, device_s: float) -> None:
+        super().__init__()
+        self.device_s = device_s
+        self.done_calls = 0
+
+    def launch(self, prepared: object) -> object:
+        number, pairs = super().launch(prepared)  # type: ignore[misc]
+        finished = threading.Event()
+        threading.Timer(self.device_s, finished.set).start()
+        return number, pairs, finished
+
+    def done(self, handle: object) -> bool:
+        assert isinstance(handle, tuple)
+        self.done_calls += 1
+        return handle[2].is_set()
+
+    def collect(self, handle: object) -> list[float]:
+        assert isinstance(handle, tuple)
+        number, pairs, finished = handle
+        assert finished.wait(10), "the fake device never finished"
+        return super().collect((number, pairs))
+
+
+async def test_with_nothing_else_to_do_the_inference_thread_waits_on_the_device() -> None:
+    """A lone batch on the device: the inference thread waits on the device itself, not
+    polling it every IN_FLIGHT_POLL_S (up to a poll late); work that comes meanwhile is
+    still scored."""
+    scorer = TimedDeviceScorer(device_s=0.2)
+    engine = await started_engine(scorer, max_wait_ms=0)
+    scorer.done_calls = 0
+    first = asyncio.create_task(engine.score(ScoreRequest("q1", ("a", "b"))))
+    await asyncio.sleep(0.05)  # the first batch is on the device
+    second = ScoreRequest("q2", ("c",))
+    results = await asyncio.wait_for(asyncio.gather(first, engine.score(second)), 10)
+    assert results[1].logits == expected_logits(second)
+    # polling every 0.5 ms over 0.4 s of device time would have asked hundreds of times
+    assert scorer.done_calls <= 10, scorer.done_calls
+    await engine.close()
+
+
 async def test_an_error_reported_at_collect_fails_only_that_batch() -> None:
     scorer = LaunchingScorer(fail_collect="bad")
     engine = await started_engine(scorer, max_batch_pairs=2, max_wait_ms=0)

@@ -234,6 +234,46 @@ def test_bucket_layout_computes_the_same_rows(causal: LoadedModel, keys: str) ->
     assert torch.allclose(rows[: len(pairs)], packed.last_hidden_prepared(inputs), atol=TOL)
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_bucket_layout_is_one_block_holding_every_padded_tensor(share: bool) -> None:
+    """lay_out writes every input into one block of bytes: each tensor's values, then
+    its padding (unused tokens 0, empty segments repeating the last bound, keys of the
+    stream itself when nothing is gathered)."""
+    seqs = [[5, 6, 7], [5, 6, 8, 9], [4, 4]]
+    inputs = pack(seqs, [2, 2, 0] if share else None)
+    bucket = make_buckets([512])[0]
+    laid = lay_out(inputs, bucket)
+    views = laid.inputs
+    assert laid.count == 3 and laid.block.dtype == torch.uint8
+    for name, view in zip(PackedInputs.TENSORS, views.tensors(), strict=True):
+        assert view is not None
+        assert view.untyped_storage().data_ptr() == laid.block.untyped_storage().data_ptr(), name
+    tokens = inputs.ids.numel()
+    stream = torch.arange(tokens)
+
+    def padded(t: torch.Tensor | None, size: int, fill: int) -> list[int]:
+        values = (stream if t is None else t).tolist()
+        return values + [fill] * (size - len(values))
+
+    bounds = bucket.segments + 1
+    assert views.ids.tolist() == padded(inputs.ids, bucket.tokens, 0)
+    assert views.positions.tolist() == padded(inputs.positions, bucket.tokens, 0)
+    assert views.cu_q.tolist() == padded(inputs.cu_q, bounds, tokens)
+    assert views.cu_k.tolist() == padded(inputs.cu_k, bounds, int(inputs.cu_k[-1]))
+    assert views.kv_index is not None and views.last_kv_index is not None
+    assert views.kv_index.tolist() == padded(inputs.kv_index, bucket.keys, 0)
+    assert views.last.tolist() == padded(inputs.last, bucket.segments, 0)
+    assert views.last_cu_q.tolist() == padded(inputs.last_cu_q, bounds, 3)
+    assert views.last_cu_k.tolist() == padded(inputs.last_cu_k, bounds, int(inputs.last_cu_k[-1]))
+    assert views.last_kv_index.tolist() == padded(inputs.last_kv_index, bucket.keys, 0)
+    for name in ("key_pieces", "last_key_pieces"):
+        given, view = getattr(inputs, name), getattr(views, name)
+        assert view.shape == (bucket.segments, *given.shape[1:])
+        assert torch.equal(view[: given.shape[0]], given)
+        assert not view[given.shape[0] :].any()  # empty pieces
+    assert inputs.shared == share
+
+
 def test_batches_that_fit_no_bucket_run_without_a_graph() -> None:
     graphs = PackedGraphs(make_buckets([512]))
     small = pack([[1] * 100, [2] * 100])

@@ -184,12 +184,9 @@ class PackedQwen3:
             )
         if self.graphs is not None:
             inputs.graph_inputs = self.graphs.fit(inputs)
-        if self.device.startswith("cuda"):
-            # only the tensors that will be uploaded: the graph's layout if one fits
-            if inputs.graph_inputs is not None:
-                inputs.graph_inputs.inputs = pinned_inputs(inputs.graph_inputs.inputs)
-            else:
-                inputs = pinned_inputs(inputs)
+        if self.device.startswith("cuda") and inputs.graph_inputs is None:
+            # a graph's layout is pinned already; only a batch run without one needs it
+            inputs = pinned_inputs(inputs)
         return inputs
 
     def capture_graphs(self) -> None:

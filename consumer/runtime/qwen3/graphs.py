@@ -20,14 +20,17 @@ replays them (the engine's inference thread, during its warm-up).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from consumer.runtime.qwen3.layout import PackedInputs
+from consumer.runtime.qwen3.varlen_attention_kernel import KEY_PIECES
 
 log = logging.getLogger(__name__)
 
@@ -84,56 +87,134 @@ def key_count(inputs: PackedInputs) -> int:
     return inputs.ids.numel() if inputs.kv_index is None else inputs.kv_index.numel()
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where one input tensor of a bucket sits in the bucket's byte block."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # bytes
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def view(self, block: torch.Tensor) -> torch.Tensor:
+        """This slot's tensor, a view of ``block`` (uint8)."""
+        return block[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass(frozen=True)
+class _BlockLayout:
+    """Every input of one bucket in one contiguous block of bytes, so that a batch's
+    inputs are one page-locked allocation on the host and one upload to the device."""
+
+    slots: tuple[_Slot, ...]
+    nbytes: int
+
+    @staticmethod
+    def of(bucket: Bucket) -> _BlockLayout:
+        """The layout of ``bucket``'s inputs."""
+        slots, offset = [], 0
+        for name, (dtype, shape) in _shapes(bucket).items():
+            slots.append(_Slot(name, dtype, shape, offset))
+            offset += -(-slots[-1].nbytes // _ALIGN) * _ALIGN  # rounded up
+        return _BlockLayout(tuple(slots), offset)
+
+    def inputs(self, block: torch.Tensor, bucket: Bucket) -> PackedInputs:
+        """The inputs as views of ``block``."""
+        views = {slot.name: slot.view(block) for slot in self.slots}
+        # the bucket's longest segment; a key segment is a head plus a tail
+        return PackedInputs(**views, max_q=bucket.max_segment, max_k=2 * bucket.max_segment)
+
+
+# every slot starts at a multiple of this many bytes, so any dtype may view it
+_ALIGN = 16
+
+
 @dataclass
 class BucketInputs:
-    """A batch laid out in a bucket's shapes (host tensors, pinned on CUDA); ``count``
-    pairs are real, the other ``last`` slots are unused."""
+    """A batch laid out in a bucket's shapes: ``block`` holds every input tensor (host
+    bytes, pinned on CUDA); ``count`` pairs are real, the other ``last`` slots are unused."""
 
     bucket: Bucket
-    inputs: PackedInputs
+    layout: _BlockLayout
+    block: torch.Tensor
     count: int
 
-
-def _padded(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
-    return torch.cat((t, torch.full((size - t.numel(),), fill, dtype=t.dtype)))
-
-
-def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat((t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))))
+    @property
+    def inputs(self) -> PackedInputs:
+        """The tensors, as views of the block (a replay uploads the block instead)."""
+        return self.layout.inputs(self.block, self.bucket)
 
 
-def lay_out(inputs: PackedInputs, bucket: Bucket) -> BucketInputs:
-    """``inputs`` in ``bucket``'s shapes: trailing tokens, segments and pair slots unused."""
-    tokens = inputs.ids.numel()
-    count = inputs.last.numel()
-    stream = torch.arange(tokens)
-    kv_index = inputs.kv_index if inputs.kv_index is not None else stream
-    last_kv_index = inputs.last_kv_index if inputs.last_kv_index is not None else stream
-    bounds = bucket.segments + 1
-    laid = PackedInputs(
-        ids=_padded(inputs.ids, bucket.tokens, 0),
-        positions=_padded(inputs.positions, bucket.tokens, 0),
-        cu_q=_padded(inputs.cu_q, bounds, int(inputs.cu_q[-1])),  # empty segments
-        cu_k=_padded(inputs.cu_k, bounds, int(inputs.cu_k[-1])),
-        kv_index=_padded(kv_index, bucket.keys, 0),
-        last=_padded(inputs.last, bucket.segments, 0),
-        last_cu_q=_padded(inputs.last_cu_q, bounds, count),
-        last_cu_k=_padded(inputs.last_cu_k, bounds, int(inputs.last_cu_k[-1])),
-        last_kv_index=_padded(last_kv_index, bucket.keys, 0),
-        key_pieces=_padded_rows(inputs.key_pieces, bucket.segments),  # empty pieces
-        last_key_pieces=_padded_rows(inputs.last_key_pieces, bucket.segments),
-        max_q=bucket.max_segment,
-        max_k=2 * bucket.max_segment,  # a key segment is a head plus a tail
-    )
-    return BucketInputs(bucket, laid, count)
+def _shapes(bucket: Bucket) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every input's dtype (as :func:`consumer.runtime.qwen3.layout.pack` makes it) and
+    shape in ``bucket``, in :attr:`PackedInputs.TENSORS` order."""
+    bounds, pieces = (bucket.segments + 1,), (bucket.segments, KEY_PIECES, 2)
+    return {
+        "ids": (torch.int64, (bucket.tokens,)),
+        "positions": (torch.int64, (bucket.tokens,)),
+        "cu_q": (torch.int32, bounds),
+        "cu_k": (torch.int32, bounds),
+        "kv_index": (torch.int64, (bucket.keys,)),
+        "last": (torch.int64, (bucket.segments,)),
+        "last_cu_q": (torch.int32, bounds),
+        "last_cu_k": (torch.int32, bounds),
+        "last_kv_index": (torch.int64, (bucket.keys,)),
+        "key_pieces": (torch.int32, pieces),
+        "last_key_pieces": (torch.int32, pieces),
+    }
+
+
+def lay_out(
+    inputs: PackedInputs, bucket: Bucket, layout: _BlockLayout | None = None, pin: bool = False
+) -> BucketInputs:
+    """``inputs`` in ``bucket``'s shapes, written into one block of bytes (page-locked when
+    ``pin``): trailing tokens, segments and pair slots unused.
+
+    Written with numpy into the block's views: one allocation, no torch call per tensor.
+    """
+    layout = layout or _BlockLayout.of(bucket)
+    block = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+    raw = block.numpy()
+    given = {
+        name: None if t is None else t.numpy()
+        for name, t in zip(PackedInputs.TENSORS, inputs.tensors(), strict=True)
+    }
+    tokens, count = len(given["ids"]), len(given["last"])  # type: ignore[arg-type]
+    stream = np.arange(tokens)  # the keys when nothing is gathered
+    fills = {  # segments past the last: empty, so their bounds repeat the last one
+        "cu_q": tokens,
+        "cu_k": given["cu_k"][-1],  # type: ignore[index]
+        "last_cu_q": count,
+        "last_cu_k": given["last_cu_k"][-1],  # type: ignore[index]
+    }
+    for slot in layout.slots:
+        value = given[slot.name]
+        if value is None:
+            value = stream
+        view = raw[slot.offset : slot.offset + slot.nbytes].view(_NUMPY[slot.dtype])
+        view = view.reshape(slot.shape)
+        view[: len(value)] = value
+        view[len(value) :] = fills.get(slot.name, 0)  # unused tokens, slots, empty pieces
+    return BucketInputs(bucket, layout, block, count)
+
+
+_NUMPY = {torch.int32: np.int32, torch.int64: np.int64}
 
 
 class _Graph:
-    """One captured forward and the static tensors it reads and writes."""
+    """One captured forward and the block of device memory its inputs are views of."""
 
-    def __init__(self, bucket: Bucket, forward: Forward, device: str, pool: Any) -> None:
+    def __init__(
+        self, bucket: Bucket, layout: _BlockLayout, forward: Forward, device: str, pool: Any
+    ) -> None:
         self.bucket = bucket
-        self.inputs = lay_out(_sample(bucket), bucket).inputs.with_tensors(lambda t: t.to(device))
+        sample = lay_out(_sample(bucket), bucket, layout)
+        self.block = sample.block.to(device)
+        self.inputs = layout.inputs(self.block, bucket)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compile and autotune for these shapes first
@@ -145,9 +226,7 @@ class _Graph:
             self.output = forward(self.inputs)
 
     def replay(self, batch: BucketInputs) -> torch.Tensor:
-        for static, host in zip(self.inputs.tensors(), batch.inputs.tensors(), strict=True):
-            assert static is not None and host is not None
-            static.copy_(host, non_blocking=True)
+        self.block.copy_(batch.block, non_blocking=True)  # every input in one upload
         self.graph.replay()
         # the output lives in the shared pool: copy it before another graph runs
         return self.output[: batch.count].clone()
@@ -167,6 +246,7 @@ class PackedGraphs:
 
     def __init__(self, buckets: Sequence[Bucket] | None = None) -> None:
         self.buckets = sorted(buckets) if buckets is not None else make_buckets()
+        self._layouts = {bucket: _BlockLayout.of(bucket) for bucket in self.buckets}
         self._graphs: dict[Bucket, _Graph] = {}
 
     def capture(self, forward: Forward, device: str) -> None:
@@ -175,7 +255,7 @@ class PackedGraphs:
         pool = torch.cuda.graph_pool_handle()
         graphs = {}
         for bucket in reversed(self.buckets):
-            graphs[bucket] = _Graph(bucket, forward, device, pool)
+            graphs[bucket] = _Graph(bucket, self._layouts[bucket], forward, device, pool)
         torch.cuda.synchronize()
         self._graphs = graphs
         log.info(
@@ -191,12 +271,13 @@ class PackedGraphs:
         return max((bucket.tokens for bucket in self._graphs), default=0)
 
     def fit(self, inputs: PackedInputs) -> BucketInputs | None:
-        """The batch in the smallest bucket that holds it, or None (run it without a graph)."""
+        """The batch in the smallest bucket that holds it, page-locked for its upload, or
+        None (run it without a graph)."""
         if not self._graphs:
             return None
         for bucket in self.buckets:
             if bucket.fits(inputs):
-                return lay_out(inputs, bucket)
+                return lay_out(inputs, bucket, self._layouts[bucket], pin=True)
         return None
 
     def replay(self, batch: BucketInputs) -> torch.Tensor:

@@ -2,7 +2,9 @@
 prefixes once (a prefix tree cut at each pair's share points), each pair as its tail.
 
 Pure host work (torch CPU tensors, no device): :func:`pack` runs on the engine's batch
-former thread while the GPU runs the previous batch.
+former thread while the GPU runs the previous batch. The tensors are built with numpy
+and wrapped, not copied: a lone request's batch is packed by a thread that has just
+woken on a cold core, where each torch call costs several times what numpy's does.
 """
 
 from __future__ import annotations
@@ -82,12 +84,13 @@ class PackedInputs:
         return self.with_tensors(lambda t: t.to(device, non_blocking=True))
 
 
-def _concat_ranges(starts: list[int], lengths: list[int]) -> torch.Tensor:
+def _concat_ranges(starts: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
     """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop."""
-    lens = torch.tensor(lengths, dtype=torch.long)
-    begin = torch.tensor(starts, dtype=torch.long)
-    offsets = lens.cumsum(0) - lens
-    return torch.arange(int(lens.sum())) + (begin - offsets).repeat_interleave(lens)
+    lens = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lens)
+    total = int(ends[-1]) if len(ends) else 0
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lens), lens)
+    return torch.from_numpy(np.arange(total, dtype=np.int64) + shift)
 
 
 def _long_tensor(values: Iterable[int], count: int) -> torch.Tensor:
@@ -97,7 +100,7 @@ def _long_tensor(values: Iterable[int], count: int) -> torch.Tensor:
 
 
 def _cumulative(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return torch.from_numpy(np.fromiter(itertools.accumulate(lengths, initial=0), np.int32))
 
 
 Prefix = int | Sequence[int]
@@ -180,8 +183,8 @@ def pack(seqs: Sequence[list[int]], prefixes: Sequence[Prefix] | None = None) ->
         cu_q=_cumulative(stream.q_lengths),
         cu_k=_cumulative(k_lengths),
         kv_index=_concat_pieces(k_pieces) if shared else None,
-        last=torch.tensor(last, dtype=torch.long),
-        last_cu_q=torch.arange(len(seqs) + 1, dtype=torch.int32),
+        last=torch.from_numpy(np.asarray(last, dtype=np.int64)),
+        last_cu_q=torch.from_numpy(np.arange(len(seqs) + 1, dtype=np.int32)),
         last_cu_k=_cumulative(_key_counts(pair_keys)),
         last_kv_index=None if in_stream_order else _concat_pieces(last_pieces),
         key_pieces=_pieces_table(stream.segment_keys),
@@ -244,12 +247,12 @@ def _pieces_table(keys: list[list[tuple[int, int]]]) -> torch.Tensor:
     empty = [(0, 0)] * KEY_PIECES
     assert all(len(pieces) <= KEY_PIECES for pieces in keys), "pack keeps this bound"
     flat = [n for pieces in keys for piece in (pieces + empty)[:KEY_PIECES] for n in piece]
-    return torch.tensor(flat, dtype=torch.int32).view(len(keys), KEY_PIECES, 2)
+    return torch.from_numpy(np.asarray(flat, dtype=np.int32).reshape(len(keys), KEY_PIECES, 2))
 
 
 def _concat_pieces(pieces: list[tuple[int, int]]) -> torch.Tensor:
     starts, lengths = zip(*pieces, strict=True)
-    return _concat_ranges(list(starts), list(lengths))
+    return _concat_ranges(starts, lengths)
 
 
 def pinned_inputs(inputs: PackedInputs) -> PackedInputs:
