@@ -420,6 +420,21 @@ class Settings(BaseSettings):
         "Batching and back-pressure",
         ge=0,
     )
+    inflight_target_s: float = _setting(
+        2.5,
+        "The high mark follows the measured rate: the pairs this worker answers in this "
+        "many seconds, at most inflight_high_pairs and at least inflight_min_pairs (the "
+        "low mark keeps its ratio). A slow model or card then queues seconds, not a fixed "
+        "count. 0: the fixed marks.",
+        "Batching and back-pressure",
+        ge=0,
+    )
+    inflight_min_pairs: int = _setting(
+        1024,
+        "The smallest high mark, and the high mark until a rate is measured.",
+        "Batching and back-pressure",
+        gt=0,
+    )
     engine_stall_timeout_s: float = _setting(
         120.0,
         "With work outstanding, the model must finish a batch at least this often; "
@@ -716,6 +731,8 @@ class Settings(BaseSettings):
             security=self.kafka_security(),
             inflight_high_pairs=self.inflight_high_pairs,
             inflight_low_pairs=self.inflight_low_pairs,
+            inflight_target_s=self.inflight_target_s,
+            inflight_min_pairs=self.inflight_min_pairs,
             limits=RequestLimits(
                 max_documents=self.max_documents,
                 max_request_bytes=self.max_request_bytes,

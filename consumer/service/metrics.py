@@ -93,6 +93,11 @@ class Metrics:
         self.in_flight_pairs = Gauge(
             "rerank_in_flight_pairs", "Pairs accepted and not yet answered.", registry=r
         )
+        self.in_flight_window = Gauge(
+            "rerank_in_flight_window_pairs",
+            "The high mark of pairs in flight now (it follows the measured rate).",
+            registry=r,
+        )
         self.paused = Gauge(
             "rerank_consumer_paused", "1 while the consumer's partitions are paused.", registry=r
         )

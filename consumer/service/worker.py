@@ -122,7 +122,12 @@ class Worker:
         self._engine = engine
         self._metrics = metrics if metrics is not None else Metrics()
         self._tracing = WorkerTracing.create(tracer_provider, config.group_id, config.client_id)
-        self._gate = PairGate(config.inflight_high_pairs, config.inflight_low_pairs)
+        self._gate = PairGate(
+            config.inflight_high_pairs,
+            config.inflight_low_pairs,
+            config.inflight_target_s,
+            config.inflight_min_pairs,
+        )
         self._work: dict[TopicPartition, PartitionWork] = {}
         self._tasks: set[asyncio.Task[bool]] = set()
         # partitions whose last owner died on (or left mid-) the record at the committed
@@ -481,7 +486,7 @@ class Worker:
     ) -> None:
         self._tasks.discard(task)
         work.tasks.discard(task)
-        self._gate.remove(weight)
+        self._gate.remove(weight, answered=not task.cancelled())
         if task.cancelled():
             pass  # given up (rebalance, drain timeout): stays uncommitted, redelivered
         elif (exc := task.exception()) is not None:
@@ -529,6 +534,7 @@ class Worker:
         """Pause exactly the partitions that must not be fetched from; resume the rest."""
         gate_change = self._gate.change()
         self._metrics.in_flight_pairs.set(self._gate.pairs)
+        self._metrics.in_flight_window.set(self._gate.high)
         self._metrics.paused.set(1 if self._gate.paused else 0)
         consumer = self._consumer
         if consumer is None:

@@ -84,6 +84,12 @@ class WorkerConfig:
         inflight_high_pairs: pause every assigned partition when the (query, document)
             pairs accepted but not yet answered exceed this; Kafka is the buffer.
         inflight_low_pairs: resume once in-flight pairs fall to this or below.
+        inflight_target_s: the high mark follows the worker's measured rate: the pairs
+            it answers in this many seconds, never above ``inflight_high_pairs`` nor
+            below ``inflight_min_pairs`` (the low mark keeps its ratio to the high one).
+            0: the fixed marks.
+        inflight_min_pairs: the smallest high mark, and the mark before a rate is
+            measured.
         drain_timeout_s: on stop, how long in-flight requests may take to finish and
             be answered before the worker gives up on them (they stay uncommitted and
             are redelivered).
@@ -127,6 +133,8 @@ class WorkerConfig:
     default_max_age_s: float = 0.0
     inflight_high_pairs: int = 4096
     inflight_low_pairs: int = 2048
+    inflight_target_s: float = 2.5
+    inflight_min_pairs: int = 1024
     drain_timeout_s: float = 30.0
     revoke_timeout_s: float = 10.0
     commit_interval_s: float = 0.1
@@ -147,6 +155,10 @@ class WorkerConfig:
             found.append("inflight_high_pairs must be >= 1")
         if not 0 <= self.inflight_low_pairs < self.inflight_high_pairs:
             found.append("inflight_low_pairs must be >= 0 and below inflight_high_pairs")
+        if self.inflight_target_s < 0:
+            found.append("inflight_target_s must be >= 0")
+        if self.inflight_min_pairs < 1:
+            found.append("inflight_min_pairs must be >= 1")
         if self.max_poll_records < 1:
             found.append("max_poll_records must be >= 1")
         if self.max_uncommitted_records < 1:

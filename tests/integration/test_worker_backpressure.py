@@ -24,6 +24,7 @@ from worker_harness import (
     worker_config,
 )
 
+from consumer.engine.api import ScoreRequest, ScoreResult
 from consumer.service.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -145,3 +146,63 @@ async def test_a_busy_engine_does_not_cost_the_group_membership(
     messages = [r.getMessage() for r in caplog.records if r.name == "consumer.service.worker"]
     assert "partitions lost" not in messages and "partitions revoked" not in messages
     assert len(replies.records) == len(requests), "each request answered once"
+
+
+class SteadyEngine(FakeEngine):
+    """Scores one request at a time at ``pairs_per_s``, as a GPU of that speed would."""
+
+    def __init__(self, pairs_per_s: float) -> None:
+        super().__init__()
+        self.pairs_per_s = pairs_per_s
+        self._turn = asyncio.Lock()
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        async with self._turn:
+            await asyncio.sleep(len(request.documents) / self.pairs_per_s)
+            return await super().score(request)
+
+
+async def test_the_in_flight_window_holds_target_seconds_of_work(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """A slow model: the worker keeps about inflight_target_s of work in flight and leaves
+    the rest in Kafka, instead of taking the configured 4,096 pairs (here: all of them)."""
+    topics = await make_topics(new_topic, request_partitions=2)
+    pairs_per_s, target_s, docs = 400.0, 0.5, 4
+    config = worker_config(
+        kafka_bootstrap,
+        topics,
+        new_group(),
+        inflight_high_pairs=4096,
+        inflight_low_pairs=2048,
+        inflight_target_s=target_s,
+        inflight_min_pairs=8,
+    )
+    requests = [
+        request(f"req-{i}", {"query": f"q{i}", "documents": ["a"] * docs}, partition=i % 2)
+        for i in range(500)
+    ]  # 2,000 pairs: 5 s of this engine's work
+    metrics = fresh_metrics()
+    window = int(pairs_per_s * target_s)  # the most: the engine is never faster
+
+    def state(worker: Worker) -> tuple[int, float | None]:
+        shown = metrics.registry.get_sample_value("rerank_in_flight_window_pairs")
+        return worker.in_flight_pairs, shown
+
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, SteadyEngine(pairs_per_s), metrics) as worker,
+        sampling(lambda: state(worker), every_s=0.01) as samples,
+    ):
+        await produce(kafka_bootstrap, topics.requests, requests)
+        await replies.read(len(requests), timeout_s=60)
+
+    assert set(by_correlation_id(replies.records)) == {f"req-{i}" for i in range(len(requests))}
+    assert len(replies.records) == len(requests), "each request answered once"
+    in_flight = [pairs for pairs, _ in samples]
+    shown = [mark for _, mark in samples if mark is not None]
+    # a poll takes what fits below the mark: one poll's worth of overshoot at most
+    assert max(in_flight) <= 2 * window + docs, max(in_flight)
+    assert max(in_flight) >= 8, "the window let work in"
+    assert min(shown) >= 8 and max(shown) <= window, (min(shown), max(shown))
+    assert max(shown) > 8, "a rate was measured and the mark followed it"
