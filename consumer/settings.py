@@ -421,11 +421,12 @@ class Settings(BaseSettings):
         ge=0,
     )
     inflight_target_s: float = _setting(
-        2.5,
-        "The high mark follows the measured rate: the pairs this worker answers in this "
-        "many seconds, at most inflight_high_pairs and at least inflight_min_pairs (the "
-        "low mark keeps its ratio). A slow model or card then queues seconds, not a fixed "
-        "count. 0: the fixed marks.",
+        0.0,
+        "When above 0, the high mark follows the measured rate: the pairs this worker "
+        "answers in this many seconds, at most inflight_high_pairs and at least "
+        "inflight_min_pairs (the low mark keeps its ratio). A slow model then holds seconds "
+        "of work, not a fixed count, but what waits in Kafka is taken partition by "
+        "partition, not oldest first, so the tail grows (docs/worker.md). 0: fixed marks.",
         "Batching and back-pressure",
         ge=0,
     )

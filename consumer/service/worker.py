@@ -26,6 +26,7 @@ after ``run`` returns.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Iterable
@@ -378,9 +379,7 @@ class Worker:
         while not self._stop_requested:
             self._polling = True
             try:
-                batches = await consumer.getmany(
-                    timeout_ms=_POLL_TIMEOUT_MS, max_records=self._poll_size()
-                )
+                batches = await self._poll(consumer)
             except asyncio.CancelledError:
                 if self._stop_requested:
                     return
@@ -415,6 +414,55 @@ class Worker:
                     if not await self._accept(tp, work, record, now):
                         break  # revoked meanwhile: the new owner fetches the rest
             self._apply_flow()
+
+    async def _poll(
+        self, consumer: AIOKafkaConsumer
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """One poll's records.
+
+        aiokafka hands out one fetched partition's records until they run out before the
+        next partition's. When fewer records fit below the high mark than one poll takes,
+        that would serve one partition's backlog ahead of every other's. So the records
+        that fit are shared out by backlog instead: one at a time to the partition with
+        the most records not yet taken, which evens the backlogs out (with requests spread
+        evenly over partitions, the longest backlog holds the oldest request). Otherwise,
+        and when no partition has records ready, it is one plain poll.
+        """
+        size = self._poll_size()
+        if size >= self._config.max_poll_records:
+            return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+        shares = await self._shares_by_backlog(consumer, size)
+        taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+        for tp, share in shares.items():
+            records = (await consumer.getmany(tp, max_records=share)).get(tp)
+            if records:
+                taken[tp] = records
+        if taken:
+            return taken
+        return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+
+    @staticmethod
+    async def _shares_by_backlog(
+        consumer: AIOKafkaConsumer, size: int
+    ) -> dict[TopicPartition, int]:
+        """``size`` records shared out over the fetchable partitions, each next one to the
+        partition with the most records not yet taken (its high watermark, as of its last
+        fetch, less its position)."""
+        backlog: list[tuple[int, TopicPartition]] = []
+        for tp in consumer.assignment() - consumer.paused():
+            end = consumer.highwater(tp)  # None until fetched once (position unknown)
+            if end is not None and (waiting := end - await consumer.position(tp)) > 0:
+                backlog.append((-waiting, tp))
+        heapq.heapify(backlog)
+        shares: dict[TopicPartition, int] = {}
+        for _ in range(size):
+            if not backlog:
+                break
+            waiting, tp = heapq.heappop(backlog)
+            shares[tp] = shares.get(tp, 0) + 1
+            if waiting < -1:
+                heapq.heappush(backlog, (waiting + 1, tp))
+        return shares
 
     def _poll_size(self) -> int:
         """Records to take in one poll: about what fits below the high mark (one at a time

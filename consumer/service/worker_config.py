@@ -87,7 +87,7 @@ class WorkerConfig:
         inflight_target_s: the high mark follows the worker's measured rate: the pairs
             it answers in this many seconds, never above ``inflight_high_pairs`` nor
             below ``inflight_min_pairs`` (the low mark keeps its ratio to the high one).
-            0: the fixed marks.
+            0 (the default): the fixed marks. docs/worker.md has the measured trade-off.
         inflight_min_pairs: the smallest high mark, and the mark before a rate is
             measured.
         drain_timeout_s: on stop, how long in-flight requests may take to finish and
@@ -133,7 +133,7 @@ class WorkerConfig:
     default_max_age_s: float = 0.0
     inflight_high_pairs: int = 4096
     inflight_low_pairs: int = 2048
-    inflight_target_s: float = 2.5
+    inflight_target_s: float = 0.0
     inflight_min_pairs: int = 1024
     drain_timeout_s: float = 30.0
     revoke_timeout_s: float = 10.0
