@@ -4,13 +4,14 @@ Kafka is the buffer: above the high mark the worker pauses its partitions instea
 piling requests up in memory, and resumes once the load has fallen to the low mark.
 The gap between the marks keeps the consumer from flapping on every request.
 
-The marks follow the worker's measured rate. A fixed count of pairs is a different wait
-on every model and card: 4,096 pairs are 2.5 s of work for the 0.6B reranker on an
-H200, and 26 s for the 8B one, longer than a rebalance waits for revoked work
-(``revoke_timeout_s``). So the high mark is the pairs the worker answers in
-``target_s`` at its measured rate, never above the configured high mark nor below
+With ``target_s`` above 0 the marks follow the worker's measured rate. A fixed count of
+pairs is a different wait on every model and card: 4,096 pairs are 2.5 s of work for the
+0.6B reranker on an H200, and 26 s for the 8B one, longer than a rebalance waits for
+revoked work (``revoke_timeout_s``). The high mark is then the pairs the worker answers
+in ``target_s`` at its measured rate, never above the configured high mark nor below
 ``min_pairs``; the low mark keeps the configured ratio to it. Until a rate is measured,
-the window is ``min_pairs``.
+the window is ``min_pairs``. The service leaves it off by default: what the window leaves
+in Kafka is not taken oldest first, and the tail grows (docs/worker.md).
 """
 
 from __future__ import annotations

@@ -206,3 +206,39 @@ async def test_the_in_flight_window_holds_target_seconds_of_work(
     assert max(in_flight) >= 8, "the window let work in"
     assert min(shown) >= 8 and max(shown) <= window, (min(shown), max(shown))
     assert max(shown) > 8, "a rate was measured and the mark followed it"
+
+
+async def test_when_the_room_limits_a_poll_the_longer_backlog_goes_first(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """60 requests wait on partition 0 and 20 on partition 1 when the worker starts, and
+    only 8 pairs fit in flight. aiokafka alone hands out one partition's fetched records
+    until they run out; the worker takes from the longer backlog, so both end together."""
+    topics = await make_topics(new_topic, request_partitions=2)
+    config = worker_config(
+        kafka_bootstrap, topics, new_group(), inflight_high_pairs=8, inflight_low_pairs=4
+    )
+    first = [
+        request(f"a-{i}", {"query": f"a{i}", "documents": ["x"]}, partition=0) for i in range(60)
+    ]
+    second = [
+        request(f"b-{i}", {"query": f"b{i}", "documents": ["x"]}, partition=1) for i in range(20)
+    ]
+    await produce(kafka_bootstrap, topics.requests, first + second)
+    engine = FakeEngine(delay_s=0.005)
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, engine),
+    ):
+        await replies.read(len(first) + len(second), timeout_s=60)
+
+    assert len(replies.records) == 80 and sorted(engine.seen) == sorted(
+        [f"a{i}" for i in range(60)] + [f"b{i}" for i in range(20)]
+    )
+    # Neither partition is drained while the other waits: partition 1 starts before
+    # partition 0's backlog is gone, and its last request comes among partition 0's last.
+    # (aiokafka's own order runs one partition's fetched records out first: all of
+    # partition 1 by the 30th request, or none before the 60th.)
+    first_b = next(i for i, query in enumerate(engine.seen) if query.startswith("b"))
+    assert first_b <= 50 and engine.seen.index("b19") >= 60, engine.seen
+    assert [q for q in engine.seen if q.startswith("a")] == [f"a{i}" for i in range(60)]

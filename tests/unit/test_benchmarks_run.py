@@ -269,3 +269,29 @@ def test_the_handover_tables_come_from_the_committed_runs() -> None:
     assert len(numbers) == 2 * 5 + 2 * 3
     for number in numbers:
         assert number in section, number
+
+
+def test_the_window_tables_come_from_the_committed_runs() -> None:
+    """docs/benchmarks.md's in-flight window section quotes the committed raw output."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = root / "benchmarks" / "results" / "2026-12-04-window"
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    section = docs[docs.index("### The in-flight window") :]
+    section = section[: section.index("\n## ")]
+    numbers = []
+    for path in sorted(runs.glob("call*/e2e-*/results.json")):
+        phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
+        saturated = phases["saturated"]
+        numbers += [f"{saturated['pairs_per_s']:,.1f}", f"{phases['lone']['p50_ms']}"]
+        if "4b" in json.dumps(json.loads(path.read_text())["settings"]):
+            numbers += [f"{saturated[k]:,.0f}" for k in ("p50_ms", "p95_ms", "p99_ms")]
+    bench = (runs / "dev-window-fairness.txt").read_text().splitlines()
+    for variant in ("fixed", "window  ", "window, fair poll"):  # p99 ranges of 3 runs
+        p99 = [int(line.split()[-3]) for line in bench if line.startswith(variant)]
+        assert len(p99) == 3, variant
+        numbers.append(f"{min(p99):,}-{max(p99):,}")
+    assert len(numbers) == 3 * 2 + 2 * 3 + 3  # 3 runs; 4B percentiles; 3 p99 ranges
+    for number in numbers:
+        assert number in section, number
