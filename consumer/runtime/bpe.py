@@ -26,8 +26,29 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-# Threads that help the calling one with a long request (none on a one-core host).
-HELPER_THREADS = max(0, min(3, (os.cpu_count() or 1) - 1))
+
+def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process can keep busy: its affinity mask (a container's cpuset, taskset),
+    cut to its cgroup's CPU quota when it has one (a Kubernetes CPU limit), at least 1.
+
+    ``os.cpu_count()`` counts the host's CPUs whatever the container may use.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this OS
+        cpus = os.cpu_count() or 1
+    try:
+        with open(cgroup_cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))  # rounded up
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, cpus)
+
+
+# Threads that help the calling one with a long request (none with one usable CPU).
+HELPER_THREADS = max(0, min(3, usable_cpus() - 1))
 # Characters of text worth handing to another thread: about 0.3 ms of tiktoken's work,
 # a few times what the hand-over costs.
 MIN_CHARS_PER_THREAD = 2000

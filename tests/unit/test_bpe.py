@@ -238,3 +238,23 @@ def test_concurrent_long_requests_share_the_helpers_and_keep_their_ids(
             pool.map(lambda k: [bpe.encode_many(requests[k % 4]) for _ in range(10)], range(8))
         )
     assert all(got == [expected[k % 4]] * 10 for k, got in enumerate(results))
+
+
+def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's CPU limit, not the host's count, sizes the helper threads."""
+    from consumer.runtime import bpe
+
+    monkeypatch.setattr(bpe.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    limit = tmp_path / "cpu.max"
+    assert bpe.usable_cpus(str(tmp_path / "absent")) == 16  # no cgroup v2 here
+    limit.write_text("max 100000\n")
+    assert bpe.usable_cpus(str(limit)) == 16  # no quota
+    limit.write_text("150000 100000\n")
+    assert bpe.usable_cpus(str(limit)) == 2  # 1.5 CPUs: two threads can share them
+    limit.write_text("50000 100000\n")
+    assert bpe.usable_cpus(str(limit)) == 1
+    monkeypatch.setattr(bpe.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    limit.write_text("max 100000\n")
+    assert bpe.usable_cpus(str(limit)) == 1  # pinned to one CPU
