@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -29,6 +30,7 @@ import string
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -244,31 +246,51 @@ def _print_run(name: str, spec: LoadSpec, report: dict[str, Any]) -> float:
     return rate
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    names = await _create_topics(args.bootstrap, args.partitions)
+@contextlib.asynccontextmanager
+async def worker_on_fresh_topics(
+    bootstrap: str, partitions: int, engine: Any, **settings: Any
+) -> AsyncIterator[tuple[Worker, WorkerConfig]]:
+    """A :class:`Worker` on this event loop over new uuid-named topics, once it is in its
+    group; stopped and the topics deleted afterwards. ``settings``: more WorkerConfig
+    fields."""
+    names = await _create_topics(bootstrap, partitions)
     config = WorkerConfig(
-        bootstrap_servers=args.bootstrap,
+        bootstrap_servers=bootstrap,
         request_topic=names[0],
         reply_topic=names[1],
         dlq_topic=names[2],
         group_id=f"bench-workers-{uuid.uuid4().hex}",
-        client_id="bench-worker",
-        delivery=args.delivery,
-        producer_linger_ms=args.producer_linger_ms,
+        **settings,
     )
-    worker = Worker(config, NoOpEngine(), Metrics())
+    worker = Worker(config, engine, Metrics())
     task = asyncio.create_task(worker.run())
     try:
         while not worker.in_group:
             if task.done():
                 task.result()
             await asyncio.sleep(0.05)
+        yield worker, config
+    finally:
+        worker.request_stop()
+        await task
+        await _delete_topics(bootstrap, names)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    async with worker_on_fresh_topics(
+        args.bootstrap,
+        args.partitions,
+        NoOpEngine(),
+        client_id="bench-worker",
+        delivery=args.delivery,
+        producer_linger_ms=args.producer_linger_ms,
+    ) as (_, config):
 
         def spec(requests: int, rate: float) -> LoadSpec:
             return LoadSpec(
                 bootstrap=args.bootstrap,
-                request_topic=names[0],
-                reply_topic=names[1],
+                request_topic=config.request_topic,
+                reply_topic=config.reply_topic,
                 reply_partitions=args.partitions,
                 requests=requests,
                 documents=args.documents,
@@ -300,10 +322,6 @@ async def main_async(args: argparse.Namespace) -> None:
             rate = args.paced_rate or burst / 2
             paced_spec = spec(max(1000, min(args.requests // 2, int(rate * 5))), rate)
             _print_run("paced", paced_spec, await _load_run(paced_spec))
-    finally:
-        worker.request_stop()
-        await task
-        await _delete_topics(args.bootstrap, names)
 
 
 def _hardware() -> str:

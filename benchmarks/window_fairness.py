@@ -27,14 +27,12 @@ import os
 import platform
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from benchmarks.host import positive_float, positive_int
-from benchmarks.overhead_bench import NoOpEngine, _create_topics, _delete_topics
+from benchmarks.overhead_bench import NoOpEngine, _percentile, worker_on_fresh_topics
 from consumer.engine.api import ScoreRequest, ScoreResult
-from consumer.service.metrics import Metrics
 from consumer.service.worker import _POLL_TIMEOUT_MS, Worker
 from consumer.service.worker_config import WorkerConfig
 from producer_sdk import RerankClient
@@ -60,9 +58,7 @@ async def plain_poll(worker: Worker, consumer: Any) -> Any:
     return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=worker._poll_size())
 
 
-async def closed_loop(
-    bootstrap: str, topics: tuple[str, str, str], args: argparse.Namespace
-) -> list[float]:
+async def closed_loop(config: WorkerConfig, args: argparse.Namespace) -> list[float]:
     """Latencies (s) of the calls that ended in the measured span after the warm-up."""
     latencies: list[float] = []
     docs = [f"document {i} " * 20 for i in range(args.documents)]
@@ -76,60 +72,46 @@ async def closed_loop(
             if started >= measured_from:
                 latencies.append(time.monotonic() - started)
 
-    async with RerankClient(bootstrap, request_topic=topics[0], reply_topic=topics[1]) as client:
+    async with RerankClient(
+        config.bootstrap_servers, request_topic=config.request_topic, reply_topic=config.reply_topic
+    ) as client:
         await asyncio.gather(*(caller(client, n) for n in range(args.clients)))
     return latencies
 
 
 async def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
-    topics = await _create_topics(args.bootstrap, args.partitions)
-    config = WorkerConfig(
-        bootstrap_servers=args.bootstrap,
-        request_topic=topics[0],
-        reply_topic=topics[1],
-        dlq_topic=topics[2],
-        group_id=f"bench-window-{uuid.uuid4().hex}",
+    held = 0
+    async with worker_on_fresh_topics(
+        args.bootstrap,
+        args.partitions,
+        SteadyEngine(args.pairs_per_s),
         inflight_target_s=0.0 if variant == "fixed" else args.target_s,
         inflight_min_pairs=args.documents,
-    )
-    worker = Worker(config, SteadyEngine(args.pairs_per_s), Metrics())
-    if variant == "window":
-        worker._poll = lambda consumer: plain_poll(worker, consumer)  # type: ignore[method-assign]
-    task = asyncio.create_task(worker.run())
-    held = 0
+    ) as (worker, config):
+        if variant == "window":  # no records were polled yet: the callers start below
+            worker._poll = lambda consumer: plain_poll(worker, consumer)  # type: ignore[method-assign]
 
-    async def watch() -> None:
-        nonlocal held
-        while True:
-            held = max(held, worker.in_flight_pairs)
-            await asyncio.sleep(0.01)
+        async def watch() -> None:
+            nonlocal held
+            while True:
+                held = max(held, worker.in_flight_pairs)
+                await asyncio.sleep(0.01)
 
-    watcher = asyncio.create_task(watch())
-    try:
-        while not worker.in_group:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.05)
-        latencies = await closed_loop(args.bootstrap, topics, args)
-    finally:
-        watcher.cancel()
-        worker.request_stop()
-        await task
-        await _delete_topics(args.bootstrap, topics)
-    return summary(latencies, args, held)
+        watcher = asyncio.create_task(watch())
+        try:
+            latencies = await closed_loop(config, args)
+        finally:
+            watcher.cancel()
+    return summary(sorted(latencies), args, held)
 
 
-def summary(latencies: list[float], args: argparse.Namespace, held: int) -> dict[str, float]:
-    ordered = sorted(latencies)
-
-    def at(q: float) -> float:
-        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
+def summary(ordered: list[float], args: argparse.Namespace, held: int) -> dict[str, float]:
+    """The report of one variant from its latencies, sorted."""
     return {
         "pairs_per_s": len(ordered) * args.documents / args.seconds,
         "p50_ms": 1000 * statistics.median(ordered),
-        "p95_ms": at(0.95),
-        "p99_ms": at(0.99),
+        "p95_ms": 1000 * _percentile(ordered, 0.95),
+        "p99_ms": 1000 * _percentile(ordered, 0.99),
         "max_ms": 1000 * ordered[-1],
         "most_pairs_held": float(held),
     }

@@ -126,7 +126,8 @@ class PairGate:
 
     def add(self, pairs: int) -> None:
         """Count ``pairs`` newly accepted."""
-        self._rate.update(self._pairs)
+        if self._target_s > 0:  # the rate is only measured for a window that follows it
+            self._rate.update(self._pairs)
         self._pairs += pairs
 
     def remove(self, pairs: int, answered: bool = True) -> None:
@@ -134,7 +135,8 @@ class PairGate:
         in the rate)."""
         if pairs > self._pairs:
             raise ValueError("more pairs removed than added")
-        self._rate.update(self._pairs, pairs if answered else 0)
+        if self._target_s > 0:
+            self._rate.update(self._pairs, pairs if answered else 0)
         self._pairs -= pairs
 
     def change(self) -> FlowChange | None:

@@ -57,3 +57,16 @@ def test_kafka_hop_bench_times_every_client_pairing(kafka_bootstrap: str) -> Non
         for reader in pairings:
             assert re.search(rf"{sender} -> {reader} .*message read [\d.]+", run.stdout)
     assert re.search(r"aiokafka -> aiokafka .*fetch response read [\d.]+", run.stdout)
+
+
+def test_window_fairness_bench_reports_every_variant(kafka_bootstrap: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.window_fairness", "--bootstrap", kafka_bootstrap,
+         "--seconds", "1", "--warm-s", "0.5", "--clients", "8", "--partitions", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"\d+ cores, Python", run.stdout), run.stdout
+    for variant in ("fixed", "window", "window, fair poll"):
+        row = rf"^{re.escape(variant)}\s+[\d.]+(\s+\d+){{4}}\s+\d+$"
+        assert re.search(row, run.stdout, re.MULTILINE), run.stdout

@@ -24,7 +24,7 @@ from worker_harness import (
     worker_config,
 )
 
-from consumer.engine.api import ScoreRequest, ScoreResult
+from benchmarks.window_fairness import SteadyEngine
 from consumer.service.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -146,20 +146,6 @@ async def test_a_busy_engine_does_not_cost_the_group_membership(
     messages = [r.getMessage() for r in caplog.records if r.name == "consumer.service.worker"]
     assert "partitions lost" not in messages and "partitions revoked" not in messages
     assert len(replies.records) == len(requests), "each request answered once"
-
-
-class SteadyEngine(FakeEngine):
-    """Scores one request at a time at ``pairs_per_s``, as a GPU of that speed would."""
-
-    def __init__(self, pairs_per_s: float) -> None:
-        super().__init__()
-        self.pairs_per_s = pairs_per_s
-        self._turn = asyncio.Lock()
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        async with self._turn:
-            await asyncio.sleep(len(request.documents) / self.pairs_per_s)
-            return await super().score(request)
 
 
 async def test_the_in_flight_window_holds_target_seconds_of_work(

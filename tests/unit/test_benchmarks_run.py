@@ -7,6 +7,7 @@ the end and reports what it promises.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -227,62 +228,66 @@ def test_the_fp8_speed_table_comes_from_the_committed_runs() -> None:
         assert f"{rate:,.1f}" in table, name
 
 
-def test_the_tiktoken_tables_come_from_the_committed_runs() -> None:
-    """Every rate and lone p50 in docs/benchmarks.md's tiktoken tables is in the raw output."""
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
 
-    root = Path(__file__).resolve().parents[2]
-    runs = root / "benchmarks" / "results" / "2026-12-04-tiktoken"
-    docs = (root / "docs" / "benchmarks.md").read_text()
-    section = docs[docs.index("### Tokenizing with tiktoken") :]
-    section = section[: section.index("\n## ")]
-    numbers = []
-    for path in sorted(runs.glob("call*/bench-*.txt")):
-        report = json.loads(path.read_text().strip().splitlines()[-1])
-        numbers.append(f"{report['engine']['load']['pairs_per_s']:,.1f}")
-    for path in sorted(runs.glob("call*/*/results.json")):
-        phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
-        numbers += [f"{phases['lone']['p50_ms']}", f"{phases['saturated']['pairs_per_s']:,.1f}"]
-    assert len(numbers) == 8 + 2 * 9
+
+def docs_section(heading: str) -> str:
+    """docs/benchmarks.md from ``heading`` up to the next ``## `` heading."""
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = docs[docs.index(heading) :]
+    return section[: section.index("\n## ")]
+
+
+def e2e_phases(path: Path) -> dict[str, dict[str, Any]]:
+    """An e2e run's phases (its results.json), by name."""
+    return {p["name"]: p for p in json.loads(path.read_text())["phases"]}
+
+
+def last_json_line(path: Path) -> Any:
+    """The JSON line a benchmark printed last."""
+    return json.loads(path.read_text().strip().splitlines()[-1])
+
+
+def assert_quoted(numbers: list[str], section: str) -> None:
     for number in numbers:
         assert number in section, number
+
+
+def test_the_tiktoken_tables_come_from_the_committed_runs() -> None:
+    """Every rate and lone p50 in docs/benchmarks.md's tiktoken tables is in the raw output."""
+    runs = RESULTS / "2026-12-04-tiktoken"
+    numbers = []
+    for path in sorted(runs.glob("call*/bench-*.txt")):
+        numbers.append(f"{last_json_line(path)['engine']['load']['pairs_per_s']:,.1f}")
+    for path in sorted(runs.glob("call*/*/results.json")):
+        phases = e2e_phases(path)
+        numbers += [f"{phases['lone']['p50_ms']}", f"{phases['saturated']['pairs_per_s']:,.1f}"]
+    assert len(numbers) == 8 + 2 * 9
+    assert_quoted(numbers, docs_section("### Tokenizing with tiktoken"))
 
 
 def test_the_handover_tables_come_from_the_committed_runs() -> None:
     """The lone-request and saturated numbers and the step totals of docs/benchmarks.md's
     hand-over section are in the raw output of the calls it cites."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    runs = root / "benchmarks" / "results" / "2026-12-04-handovers"
-    docs = (root / "docs" / "benchmarks.md").read_text()
-    section = docs[docs.index("### A lone request's hand-overs in the engine") :]
-    section = section[: section.index("\n## ")]
+    runs = RESULTS / "2026-12-04-handovers"
     numbers = []
     for path in sorted(runs.glob("call[34]/e2e-*/results.json")):
-        phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
+        phases = e2e_phases(path)
         numbers += [f"{phases['lone']['p50_ms']}", f"{phases['saturated']['pairs_per_s']:,.1f}"]
     for side in ("old", "new"):
-        text = (runs / "call4" / f"stages-{side}.txt").read_text()
-        steps = json.loads(text.strip().splitlines()[-1])["default"]
+        steps = last_json_line(runs / "call4" / f"stages-{side}.txt")["default"]
         numbers += [f"{steps[name]:.2f}" for name in ("prepare", "total", "  pack")]
     assert len(numbers) == 2 * 5 + 2 * 3
-    for number in numbers:
-        assert number in section, number
+    assert_quoted(numbers, docs_section("### A lone request's hand-overs in the engine"))
 
 
 def test_the_window_tables_come_from_the_committed_runs() -> None:
     """docs/benchmarks.md's in-flight window section quotes the committed raw output."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    runs = root / "benchmarks" / "results" / "2026-12-04-window"
-    docs = (root / "docs" / "benchmarks.md").read_text()
-    section = docs[docs.index("### The in-flight window") :]
-    section = section[: section.index("\n## ")]
+    runs = RESULTS / "2026-12-04-window"
     numbers = []
     for path in sorted(runs.glob("call*/e2e-*/results.json")):
-        phases = {p["name"]: p for p in json.loads(path.read_text())["phases"]}
+        phases = e2e_phases(path)
         saturated = phases["saturated"]
         numbers += [f"{saturated['pairs_per_s']:,.1f}", f"{phases['lone']['p50_ms']}"]
         if "4b" in json.dumps(json.loads(path.read_text())["settings"]):
@@ -293,5 +298,4 @@ def test_the_window_tables_come_from_the_committed_runs() -> None:
         assert len(p99) == 3, variant
         numbers.append(f"{min(p99):,}-{max(p99):,}")
     assert len(numbers) == 3 * 2 + 2 * 3 + 3  # 3 runs; 4B percentiles; 3 p99 ranges
-    for number in numbers:
-        assert number in section, number
+    assert_quoted(numbers, docs_section("### The in-flight window"))
