@@ -175,7 +175,10 @@ async def test_one_call_is_one_trace_from_the_sdk_through_the_worker_and_back(
     }
     # in order in time: sent, processed, replied, received
     assert spans[requests].start_time <= spans[process].start_time  # type: ignore[operator]
-    assert spans[replies].end_time <= spans[receive].end_time  # type: ignore[operator]
+    # The reply's send span ends when the broker acks it, which may come after the client
+    # has already read the reply (it failed once in CI that way), so only its start is
+    # ordered before the receive.
+    assert spans[replies].start_time <= spans[receive].end_time  # type: ignore[operator]
     assert spans[receive].end_time <= spans["rerank"].end_time  # type: ignore[operator]
     attributes = spans[process].attributes
     assert attributes is not None
