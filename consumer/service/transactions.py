@@ -15,12 +15,23 @@ before (``init_transactions`` bumps the epoch and aborts its open transaction). 
 (a worker paused past its session timeout that wakes up) cannot commit anything: its
 first transaction fails as fenced, and a fenced partition is never tried again.
 
-A transaction that fails otherwise (the broker away, a timeout) leaves the producer in
-an unknown state: it is replaced by a fresh one with the same transactional id. Its
-``init_transactions`` returns only once the old producer's transaction is finished, and
-that may have been a commit whose answer was lost. So the group's committed offset is
-read next, and outbox entries below it (already committed and visible) are dropped
-before the rest is committed again: resending them would duplicate replies.
+Every producer's first transaction checks what is committed already. Its
+``init_transactions`` returns only once the last transaction of the same transactional
+id is finished, and that may have been a commit nobody here saw succeed:
+
+- a transaction of this worker that failed otherwise (the broker away, a timeout) leaves
+  the producer in an unknown state; it is replaced by a fresh one, and the failed commit
+  may have gone through with its answer lost;
+- a partition's new owner: its consumer read the committed offset when the partition
+  was assigned (aiokafka fetches it before the assignment callback even runs), and a
+  broker hides offsets of a transaction still being committed from a reader that does
+  not ask for stable offsets, as aiokafka never does (KIP-447's ``require_stable``). The
+  last owner's final commit can thus be missed: the new owner starts below it and
+  answers those records again.
+
+So once the producer has its id, the group's committed offset is read, and outbox
+entries below it (already committed and visible) are dropped before anything is
+committed: resending them would duplicate replies.
 """
 
 from __future__ import annotations
@@ -71,10 +82,13 @@ class PartitionTransactions:
     outbox: dict[int, list[Output]] = field(default_factory=dict)
     fenced: bool = False
     broken: bool = False  # the last transaction failed: a fresh producer first
+    # the committed offset was read after this producer got its id (module docstring)
+    checked: bool = False
     producer: Any = None
 
     async def start(self) -> None:
         """Start a producer: this fences every earlier producer of the partition."""
+        self.checked = False
         self.producer = self.make_producer()
         await bounded(self.producer.start(), TXN_TIMEOUT_S)
 
@@ -93,6 +107,8 @@ class PartitionTransactions:
         try:
             if self.broken:
                 await self._renew()
+            if not self.checked:
+                await self._drop_committed()
             offsets = sorted(o for o in self.outbox if o < upto)
             await bounded(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
         except ProducerFenced:
@@ -140,18 +156,22 @@ class PartitionTransactions:
         await producer.commit_transaction()
 
     async def _renew(self) -> None:
-        """A fresh producer for the same transactional id (the old one is let go), and
-        the outbox trimmed to what the old one's last transaction did not commit."""
+        """A fresh producer for the same transactional id (the old one is let go)."""
         old = self.producer
         asyncio.get_running_loop().create_task(_stop(old))  # it may hang: never wait for it
         await self.start()
-        # The producer id arrives once the old transaction is committed or aborted.
+        self.broken = False
+
+    async def _drop_committed(self) -> None:
+        """Trim the outbox to what no finished transaction of this transactional id
+        committed: those replies are visible already (module docstring)."""
+        # The producer id arrives once the last transaction is committed or aborted.
         await bounded(self.producer._txn_manager.wait_for_pid(), TXN_TIMEOUT_S)
         committed = await bounded(self.read_committed(), TXN_TIMEOUT_S)
         if committed is not None:
             for offset in [o for o in self.outbox if o < committed]:
                 del self.outbox[offset]
-        self.broken = False
+        self.checked = True
 
 
 async def _stop(producer: Any) -> None:
