@@ -29,9 +29,11 @@ id is finished, and that may have been a commit nobody here saw succeed:
   last owner's final commit can thus be missed: the new owner starts below it and
   answers those records again.
 
-So once the producer has its id, the group's committed offset is read, and outbox
-entries below it (already committed and visible) are dropped before anything is
-committed: resending them would duplicate replies.
+So once the producer has its id, the group's committed offset is read, and from then on
+nothing below it is produced or committed: outbox entries below it (answered and visible
+already) are dropped, resending them would duplicate replies, and a commit below it
+would move the group's offset back. A new owner that started below it answers those
+records again and its answers are dropped.
 """
 
 from __future__ import annotations
@@ -82,13 +84,14 @@ class PartitionTransactions:
     outbox: dict[int, list[Output]] = field(default_factory=dict)
     fenced: bool = False
     broken: bool = False  # the last transaction failed: a fresh producer first
-    # the committed offset was read after this producer got its id (module docstring)
-    checked: bool = False
+    # the group's committed offset, read once this producer had its id (module
+    # docstring): nothing below it is produced or committed; None: not read yet
+    floor: int | None = None
     producer: Any = None
 
     async def start(self) -> None:
         """Start a producer: this fences every earlier producer of the partition."""
-        self.checked = False
+        self.floor = None
         self.producer = self.make_producer()
         await bounded(self.producer.start(), TXN_TIMEOUT_S)
 
@@ -107,8 +110,11 @@ class PartitionTransactions:
         try:
             if self.broken:
                 await self._renew()
-            if not self.checked:
-                await self._drop_committed()
+            if self.floor is None:
+                self.floor = await self._read_floor()
+            self._drop_below(self.floor)
+            if upto <= self.floor:
+                return True  # a finished transaction committed past it already
             offsets = sorted(o for o in self.outbox if o < upto)
             await bounded(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
         except ProducerFenced:
@@ -162,16 +168,17 @@ class PartitionTransactions:
         await self.start()
         self.broken = False
 
-    async def _drop_committed(self) -> None:
-        """Trim the outbox to what no finished transaction of this transactional id
-        committed: those replies are visible already (module docstring)."""
+    async def _read_floor(self) -> int:
+        """The group's committed offset once every earlier transaction of this
+        transactional id is finished (0: none committed)."""
         # The producer id arrives once the last transaction is committed or aborted.
         await bounded(self.producer._txn_manager.wait_for_pid(), TXN_TIMEOUT_S)
         committed = await bounded(self.read_committed(), TXN_TIMEOUT_S)
-        if committed is not None:
-            for offset in [o for o in self.outbox if o < committed]:
-                del self.outbox[offset]
-        self.checked = True
+        return committed if committed is not None else 0
+
+    def _drop_below(self, offset: int) -> None:
+        for below in [o for o in self.outbox if o < offset]:
+            del self.outbox[below]
 
 
 async def _stop(producer: Any) -> None:

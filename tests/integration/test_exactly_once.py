@@ -202,9 +202,12 @@ async def test_a_new_owner_sends_nothing_the_last_owner_committed(
             last_owner.put(offset, _reply(topics, offset))
         assert await last_owner.commit(5)
         await new_owner.start()  # fences the last owner
-        for offset in range(10):  # from the stale position 0
-            new_owner.put(offset, _reply(topics, offset))
-        assert await new_owner.commit(10)
+        # from the stale position 0, committing as records finish, every commit interval
+        for start, upto in ((0, 2), (2, 4), (4, 7), (7, 10)):
+            for offset in range(start, upto):
+                new_owner.put(offset, _reply(topics, offset))
+            assert await new_owner.commit(upto)
+            assert await read_committed() == max(5, upto), "the group's offset went back"
     finally:
         await last_owner.stop()
         await new_owner.stop()
