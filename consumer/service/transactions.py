@@ -113,8 +113,11 @@ class PartitionTransactions:
             if self.floor is None:
                 self.floor = await self._read_floor()
             self._drop_below(self.floor)
-            if upto <= self.floor:
-                return True  # a finished transaction committed past it already
+            if upto < self.floor:
+                # a finished transaction committed past it already; committing it would
+                # move the group's offset back (at the floor itself it may carry metadata:
+                # an attempt count, consumer.service.attempts)
+                return True
             offsets = sorted(o for o in self.outbox if o < upto)
             await bounded(self._transaction(offsets, upto, metadata), TXN_TIMEOUT_S)
         except ProducerFenced:
