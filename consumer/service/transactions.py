@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TXN_TIMEOUT_S = 10.0
+# What a transaction or a producer's start may fail with, leaving the producer to be
+# replaced. aiokafka asserts too: a producer started just as the broker comes back, with
+# metadata that lists no broker, fails ``assert node_id is not None, "Did we not perform
+# bootstrap?"`` (seen in the chaos suite after a broker freeze).
+PRODUCER_FAILURES = (KafkaError, TimeoutError, OSError, AssertionError)
 # The producer's max_request_size; a record over it could never be in a transaction.
 MAX_RECORD_BYTES = 1024 * 1024 - 1024
 
@@ -127,7 +132,7 @@ class PartitionTransactions:
                 extra={"partitions": [self._name]},
             )
             return False
-        except (KafkaError, TimeoutError, OSError) as exc:
+        except PRODUCER_FAILURES as exc:
             self.broken = True
             log.warning(
                 "transaction failed; the outbox is committed again with a fresh producer",

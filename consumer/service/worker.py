@@ -65,6 +65,7 @@ from consumer.service.processing import Decoded, RequestProcessor
 from consumer.service.reply_router import ClientTopicLookup, ReplyRouter
 from consumer.service.tracing import WorkerTracing
 from consumer.service.transactions import (
+    PRODUCER_FAILURES,
     PartitionTransactions,
     TransactionalCommitter,
     TransactionalSender,
@@ -689,7 +690,9 @@ class Worker:
             )
             try:
                 await txns.start()
-            except (KafkaError, TimeoutError, OSError) as exc:
+            except PRODUCER_FAILURES as exc:
+                # Raised out of this callback it would leave the partition assigned with no
+                # work set up: its records fetched again and again, never answered.
                 txns.broken = True  # its first transaction starts a fresh producer
                 log.warning(
                     "could not start a transactional producer; retrying at the first commit",
