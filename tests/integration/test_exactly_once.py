@@ -150,9 +150,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_sent_again(
         producers.append(producer)
         return producer
 
-    async def read_committed() -> int | None:
-        offsets = await kafka_admin.list_consumer_group_offsets(group, partitions=[tp])
-        return offsets[tp].offset if tp in offsets and offsets[tp].offset >= 0 else None
+    read_committed = committed_offset_reader(kafka_admin, group, tp)
 
     txns = PartitionTransactions(tp, make_producer, group, read_committed)
     await txns.start()
@@ -166,10 +164,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_sent_again(
     finally:
         for producer in producers:
             await producer.stop()
-    async with reply_reader(kafka_bootstrap, topics, "read_committed") as replies:
-        await replies.read(10)
-        await replies.quiet(1.0)
-    assert sorted(r.correlation_id for r in replies.records) == [f"c-{i}" for i in range(10)]
+    await assert_each_reply_once(kafka_bootstrap, topics, 10)
 
 
 async def test_a_new_owner_sends_nothing_the_last_owner_committed(
@@ -190,9 +185,7 @@ async def test_a_new_owner_sends_nothing_the_last_owner_committed(
     def make_producer() -> AIOKafkaProducer:
         return make_transactional_producer(config, transactional_id(config, tp.topic, 0))
 
-    async def read_committed() -> int | None:
-        offsets = await kafka_admin.list_consumer_group_offsets(group, partitions=[tp])
-        return offsets[tp].offset if tp in offsets and offsets[tp].offset >= 0 else None
+    read_committed = committed_offset_reader(kafka_admin, group, tp)
 
     last_owner = PartitionTransactions(tp, make_producer, group, read_committed)
     new_owner = PartitionTransactions(tp, make_producer, group, read_committed)
@@ -214,10 +207,7 @@ async def test_a_new_owner_sends_nothing_the_last_owner_committed(
     finally:
         await last_owner.stop()
         await new_owner.stop()
-    async with reply_reader(kafka_bootstrap, topics, "read_committed") as replies:
-        await replies.read(10)
-        await replies.quiet(1.0)
-    assert sorted(r.correlation_id for r in replies.records) == [f"c-{i}" for i in range(10)]
+    await assert_each_reply_once(kafka_bootstrap, topics, 10)
 
 
 async def test_the_next_producer_id_comes_after_the_last_commit_is_readable(
@@ -236,6 +226,7 @@ async def test_the_next_producer_id_comes_after_the_last_commit_is_readable(
     config = worker_config(kafka_bootstrap, topics, group, delivery="exactly_once")
     tp = TopicPartition(topics.requests, 0)
     tid = transactional_id(config, tp.topic, 0)
+    read_committed = committed_offset_reader(kafka_admin, group, tp)
     producer = make_transactional_producer(config, tid)
     await producer.start()
     try:
@@ -248,10 +239,30 @@ async def test_the_next_producer_id_comes_after_the_last_commit_is_readable(
             await producer.stop()
             producer = successor
             await producer._txn_manager.wait_for_pid()
-            offsets = await kafka_admin.list_consumer_group_offsets(group, partitions=[tp])
-            assert offsets[tp].offset == upto
+            assert await read_committed() == upto
     finally:
         await producer.stop()
+
+
+def committed_offset_reader(
+    admin: AIOKafkaAdminClient, group: str, tp: TopicPartition
+) -> Callable[[], Awaitable[int | None]]:
+    """Reads ``group``'s committed offset of ``tp`` (None: none committed)."""
+
+    async def read() -> int | None:
+        offsets = await admin.list_consumer_group_offsets(group, partitions=[tp])
+        return offsets[tp].offset if tp in offsets and offsets[tp].offset >= 0 else None
+
+    return read
+
+
+async def assert_each_reply_once(bootstrap: str, topics: Topics, count: int) -> None:
+    """A read_committed reader sees the replies c-0 .. c-<count-1>, each once."""
+    async with reply_reader(bootstrap, topics, "read_committed") as replies:
+        await replies.read(count)
+        await replies.quiet(1.0)
+    expected = sorted(f"c-{i}" for i in range(count))
+    assert sorted(r.correlation_id for r in replies.records) == expected
 
 
 async def wait_until_async(
