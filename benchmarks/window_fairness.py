@@ -12,8 +12,12 @@ fresh topics:
 * ``fixed``: the fixed marks (``inflight_target_s=0``): the worker takes every request;
 * ``window``: the high mark holds ``--target-s`` of work at the measured rate, the rest
   waits in Kafka, and the worker polls one partition's records after another (how aiokafka
-  hands them out; the worker's fair poll is replaced by a plain one for this variant);
-* ``window, fair poll``: the same window, with the worker's even shares per partition.
+  hands them out; the worker's poll is replaced by a plain one for this variant);
+* ``window, backlog``: the same window, each poll's room shared out one record at a time
+  to the partition with the most records not yet taken (the worker's poll before oldest
+  first; kept here to compare);
+* ``window, oldest first``: the same window, with the worker's own poll: oldest first
+  across partitions (:mod:`consumer.service.oldest_first`).
 
 Reported: answered pairs/s, latency percentiles from the call to its result, and the
 most pairs the worker held.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import os
 import platform
 import statistics
@@ -37,7 +42,7 @@ from consumer.service.worker import _POLL_TIMEOUT_MS, Worker
 from consumer.service.worker_config import WorkerConfig
 from producer_sdk import RerankClient
 
-VARIANTS = ("fixed", "window", "window, fair poll")
+VARIANTS = ("fixed", "window", "window, backlog", "window, oldest first")
 
 
 class SteadyEngine(NoOpEngine):
@@ -56,6 +61,37 @@ class SteadyEngine(NoOpEngine):
 async def plain_poll(worker: Worker, consumer: Any) -> Any:
     """The poll before the fair one: aiokafka's own order of partitions."""
     return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=worker._poll_size())
+
+
+async def backlog_poll(worker: Worker, consumer: Any) -> Any:
+    """The poll before oldest first: when the room limits it, records go one at a time to
+    the partition with the most not yet taken (high watermark, as of its last fetch, less
+    position)."""
+    size = worker._poll_size()
+    if size >= worker._config.max_poll_records:
+        return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+    backlog: list[tuple[int, Any]] = []
+    for tp in consumer.assignment() - consumer.paused():
+        end = consumer.highwater(tp)  # None until fetched once
+        if end is not None and (waiting := end - await consumer.position(tp)) > 0:
+            backlog.append((-waiting, tp))
+    heapq.heapify(backlog)
+    shares: dict[Any, int] = {}
+    for _ in range(size):
+        if not backlog:
+            break
+        waiting, tp = heapq.heappop(backlog)
+        shares[tp] = shares.get(tp, 0) + 1
+        if waiting < -1:
+            heapq.heappush(backlog, (waiting + 1, tp))
+    taken = {}
+    for tp, share in shares.items():
+        if records := (await consumer.getmany(tp, max_records=share)).get(tp):
+            taken[tp] = records
+    return taken or await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+
+
+POLLS = {"window": plain_poll, "window, backlog": backlog_poll}
 
 
 async def closed_loop(config: WorkerConfig, args: argparse.Namespace) -> list[float]:
@@ -88,8 +124,9 @@ async def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float
         inflight_target_s=0.0 if variant == "fixed" else args.target_s,
         inflight_min_pairs=args.documents,
     ) as (worker, config):
-        if variant == "window":  # no records were polled yet: the callers start below
-            worker._poll = lambda consumer: plain_poll(worker, consumer)  # type: ignore[method-assign]
+        if variant in POLLS:  # no records were polled yet: the callers start below
+            poll = POLLS[variant]
+            worker._poll = lambda consumer: poll(worker, consumer)  # type: ignore[method-assign]
 
         async def watch() -> None:
             nonlocal held
@@ -141,14 +178,14 @@ def main() -> None:
         f"{args.pairs_per_s:g} pairs/s, {args.partitions} partitions, window "
         f"{args.target_s:g} s of work; {args.seconds:g} s measured after {args.warm_s:g} s"
     )
-    print(f"{'variant':<20}{'pairs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+    print(f"{'variant':<22}{'pairs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
           f"{'max ms':>9}{'held':>7}")  # fmt: skip
     show: Callable[[dict[str, float]], str] = lambda r: (  # noqa: E731
         f"{r['pairs_per_s']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}{r['p99_ms']:>9.0f}"
         f"{r['max_ms']:>9.0f}{r['most_pairs_held']:>7.0f}"
     )
     for variant in args.variants:
-        print(f"{variant:<20}{show(asyncio.run(run_variant(variant, args)))}", flush=True)
+        print(f"{variant:<22}{show(asyncio.run(run_variant(variant, args)))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -425,8 +425,8 @@ class Settings(BaseSettings):
         "When above 0, the high mark follows the measured rate: the pairs this worker "
         "answers in this many seconds, at most inflight_high_pairs and at least "
         "inflight_min_pairs (the low mark keeps its ratio). A slow model then holds seconds "
-        "of work, not a fixed count, but what waits in Kafka is taken partition by "
-        "partition, not oldest first, so the tail grows (docs/worker.md). 0: fixed marks.",
+        "of work, not a fixed count; what waits in Kafka is taken oldest first, and the "
+        "tail under overload still grows a little (docs/worker.md). 0: fixed marks.",
         "Batching and back-pressure",
         ge=0,
     )

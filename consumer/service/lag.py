@@ -21,9 +21,17 @@ _LAG_TIMEOUT_S = 5.0
 class LagReporter:
     """Sets ``rerank_consumer_lag{topic,partition}`` from the broker's end offsets."""
 
-    def __init__(self, consumer: Any, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        consumer: Any,
+        metrics: Metrics,
+        first_waiting: Callable[[TopicPartition], int | None] = lambda tp: None,
+    ) -> None:
+        """``first_waiting``: a partition's first record taken from the consumer but not
+        started (the worker's lookahead), which counts as lag: it waits."""
         self._consumer = consumer
         self._metrics = metrics
+        self._first_waiting = first_waiting
 
     async def run(
         self,
@@ -54,6 +62,9 @@ class LagReporter:
                 position = await self._consumer.position(tp)
             except (KafkaError, AssertionError):  # revoked meanwhile
                 continue
+            waiting = self._first_waiting(tp)
+            if waiting is not None:
+                position = min(position, waiting)
             lag = max(0, ends[tp] - position)
             self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 

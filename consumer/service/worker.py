@@ -26,7 +26,7 @@ after ``run`` returns.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -60,6 +60,7 @@ from consumer.service.kafka_clients import (
 )
 from consumer.service.lag import LagReporter
 from consumer.service.metrics import Metrics
+from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import Hold, PartitionWork
 from consumer.service.processing import Decoded, RequestProcessor
 from consumer.service.reply_router import ClientTopicLookup, ReplyRouter
@@ -131,6 +132,9 @@ class Worker:
             config.inflight_min_pairs,
         )
         self._work: dict[TopicPartition, PartitionWork] = {}
+        # records taken from the consumer, not yet let in: oldest first when room is short
+        self._lookahead = Lookahead()
+        self._resumed = asyncio.Event()  # set when partitions resume or are set up
         self._tasks: set[asyncio.Task[bool]] = set()
         # partitions whose last owner died on (or left mid-) the record at the committed
         # position: while any, one record at a time (consumer.service.attempts)
@@ -305,7 +309,7 @@ class Worker:
             self._committer = Committer(
                 self._consumer, config.commit_interval_s, self._membership_lost
             )
-        self._lag = LagReporter(self._consumer, self._metrics)
+        self._lag = LagReporter(self._consumer, self._metrics, self._lookahead.first_offset)
         await self._check_topics()
         self._consumer.subscribe([config.request_topic], listener=_Listener(self))
         self._started = True
@@ -405,12 +409,12 @@ class Worker:
                 if work is None:
                     if tp in consumer.assignment():
                         # assigned, its set-up still running: fetch these again later
-                        consumer.seek(tp, records[0].offset)
+                        self._lookahead.rewind(consumer, tp, records[0].offset)
                     continue  # else revoked meanwhile: the new owner fetches these
                 for record in records:
                     if self._suspects and self._tasks:
                         # working carefully: one record at a time; the rest is fetched again
-                        consumer.seek(tp, record.offset)
+                        self._lookahead.rewind(consumer, tp, record.offset)
                         break
                     if not await self._accept(tp, work, record, now):
                         break  # revoked meanwhile: the new owner fetches the rest
@@ -419,51 +423,31 @@ class Worker:
     async def _poll(
         self, consumer: AIOKafkaConsumer
     ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
-        """One poll's records.
-
-        aiokafka hands out one fetched partition's records until they run out before the
-        next partition's. When fewer records fit below the high mark than one poll takes,
-        that would serve one partition's backlog ahead of every other's. So the records
-        that fit are shared out by backlog instead: one at a time to the partition with
-        the most records not yet taken, which evens the backlogs out (with requests spread
-        evenly over partitions, the longest backlog holds the oldest request). Otherwise,
-        and when no partition has records ready, it is one plain poll.
-        """
+        """One poll's records: a plain poll while all it takes fits below the high mark,
+        else oldest first across partitions (:mod:`consumer.service.oldest_first`)."""
         size = self._poll_size()
-        if size >= self._config.max_poll_records:
+        if size >= self._config.max_poll_records and not self._lookahead.holding():
             return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
-        shares = await self._shares_by_backlog(consumer, size)
-        taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
-        for tp, share in shares.items():
-            records = (await consumer.getmany(tp, max_records=share)).get(tp)
-            if records:
-                taken[tp] = records
+        self._resumed.clear()
+        await self._lookahead.refill(consumer, self._open_partitions(consumer))
+        taken = self._lookahead.take(size, self._open_partitions(consumer))
         if taken:
             return taken
-        return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+        if self._open_partitions(consumer):
+            fetched = await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+        else:
+            # Every partition is paused and records wait in the lookahead, which a poll of
+            # the consumer would not see come free: wait for a resume instead.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_POLL_TIMEOUT_MS / 1000):
+                    await self._resumed.wait()
+            fetched = await consumer.getmany(max_records=size)  # a poll all the same
+        self._lookahead.add(fetched)
+        return self._lookahead.take(self._poll_size(), self._open_partitions(consumer))
 
-    @staticmethod
-    async def _shares_by_backlog(
-        consumer: AIOKafkaConsumer, size: int
-    ) -> dict[TopicPartition, int]:
-        """``size`` records shared out over the fetchable partitions, each next one to the
-        partition with the most records not yet taken (its high watermark, as of its last
-        fetch, less its position)."""
-        backlog: list[tuple[int, TopicPartition]] = []
-        for tp in consumer.assignment() - consumer.paused():
-            end = consumer.highwater(tp)  # None until fetched once (position unknown)
-            if end is not None and (waiting := end - await consumer.position(tp)) > 0:
-                backlog.append((-waiting, tp))
-        heapq.heapify(backlog)
-        shares: dict[TopicPartition, int] = {}
-        for _ in range(size):
-            if not backlog:
-                break
-            waiting, tp = heapq.heappop(backlog)
-            shares[tp] = shares.get(tp, 0) + 1
-            if waiting < -1:
-                heapq.heappush(backlog, (waiting + 1, tp))
-        return shares
+    def _open_partitions(self, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+        """Partitions whose records may be let in now: set up and not paused."""
+        return (consumer.assignment() - consumer.paused()) & self._work.keys()
 
     def _poll_size(self) -> int:
         """Records to take in one poll: about what fits below the high mark (one at a time
@@ -602,6 +586,7 @@ class Worker:
             consumer.pause(*(wanted - paused))
         if paused - wanted:
             consumer.resume(*(paused - wanted))
+            self._resumed.set()
 
     # --------------------------------------------------------------- commits
 
@@ -619,6 +604,7 @@ class Worker:
             self._work[tp] = PartitionWork(heads.get(tp))
         await self._be_careful_with({tp for tp in assigned if self._work[tp].suspect})
         self._in_group = True
+        self._resumed.set()
         self._apply_flow()
         log.info("partitions assigned", extra={"partitions": names(assigned)})
 
@@ -655,6 +641,7 @@ class Worker:
         if not revoked:  # the first join, or a member that had no partitions
             return
         work = {tp: self._work.pop(tp) for tp in revoked if tp in self._work}
+        self._lookahead.drop(revoked)
         self._suspects -= revoked
         if self._membership_lost():
             # Another member may own these partitions already: committing could move

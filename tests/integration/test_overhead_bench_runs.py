@@ -67,6 +67,6 @@ def test_window_fairness_bench_reports_every_variant(kafka_bootstrap: str) -> No
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"\d+ cores, Python", run.stdout), run.stdout
-    for variant in ("fixed", "window", "window, fair poll"):
+    for variant in ("fixed", "window", "window, backlog", "window, oldest first"):
         row = rf"^{re.escape(variant)}\s+[\d.]+(\s+\d+){{4}}\s+\d+$"
         assert re.search(row, run.stdout, re.MULTILINE), run.stdout

@@ -255,6 +255,7 @@ class Request:
     headers: Headers = field(default_factory=list)
     key: bytes | None = None
     partition: int | None = None
+    timestamp_ms: int | None = None  # None: the producer's clock
 
 
 def request(
@@ -265,6 +266,7 @@ def request(
     reply_partition: int | None = None,
     deadline_ms: int | None = None,
     partition: int | None = None,
+    timestamp_ms: int | None = None,
 ) -> Request:
     """A request record with the contract's headers."""
     headers: Headers = []
@@ -278,7 +280,9 @@ def request(
         headers.append(("deadline-ms", str(deadline_ms).encode()))
     value = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
     key = correlation_id.encode() if correlation_id is not None else None
-    return Request(value=value, headers=headers, key=key, partition=partition)
+    return Request(
+        value=value, headers=headers, key=key, partition=partition, timestamp_ms=timestamp_ms
+    )
 
 
 def _produce_sync(bootstrap: str, topic: str, requests: Sequence[Request]) -> None:
@@ -295,6 +299,8 @@ def _produce_sync(bootstrap: str, topic: str, requests: Sequence[Request]) -> No
         kwargs: dict[str, Any] = {"value": r.value, "key": r.key, "headers": r.headers}
         if r.partition is not None:
             kwargs["partition"] = r.partition
+        if r.timestamp_ms is not None:
+            kwargs["timestamp"] = r.timestamp_ms
         producer.produce(topic, on_delivery=on_delivery, **kwargs)
         producer.poll(0)
     remaining = producer.flush(READ_TIMEOUT_S)

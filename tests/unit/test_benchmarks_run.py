@@ -282,6 +282,22 @@ def test_the_handover_tables_come_from_the_committed_runs() -> None:
     assert_quoted(numbers, docs_section("### A lone request's hand-overs in the engine"))
 
 
+def test_the_oldest_first_table_comes_from_the_committed_runs() -> None:
+    """The oldest-first table quotes each variant's ranges over the three committed runs."""
+    bench = (RESULTS / "2026-12-04-oldest-first" / "dev-window-fairness.txt").read_text()
+    rows = [line.rsplit(maxsplit=6) for line in bench.splitlines() if line[:1].islower()]
+    rows = [row for row in rows if row[0] != "variant"]
+    numbers = []
+    for variant in ("fixed", "window", "window, backlog", "window, oldest first"):
+        runs = [row[1:] for row in rows if row[0] == variant]
+        assert len(runs) == 3, variant
+        for column in range(5):  # pairs/s, p50, p95, p99, max
+            values = sorted(float(run[column]) for run in runs)
+            fmt = "{:,.1f}" if column == 0 else "{:,.0f}"
+            numbers.append(f"{fmt.format(values[0])}-{fmt.format(values[-1])}")
+    assert_quoted(numbers, docs_section("### The in-flight window"))
+
+
 def test_the_window_tables_come_from_the_committed_runs() -> None:
     """docs/benchmarks.md's in-flight window section quotes the committed raw output."""
     runs = RESULTS / "2026-12-04-window"

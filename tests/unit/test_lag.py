@@ -49,3 +49,22 @@ async def test_cancel_arriving_as_an_update_finishes_stops_the_loop() -> None:
     done, _ = await asyncio.wait({loop_task}, timeout=2)
     assert loop_task in done, "the lag loop ran on after being cancelled"
     assert loop_task.cancelled()
+
+
+class _FixedConsumer:
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 10 for tp in partitions}
+
+    async def position(self, tp: TopicPartition) -> int:
+        return 8
+
+
+async def test_records_taken_but_not_started_count_as_lag() -> None:
+    """Records in the worker's lookahead are past the consumer's position but still wait:
+    the lag counts from the first of them."""
+    metrics = Metrics(CollectorRegistry())
+    other = TopicPartition("rerank.requests", 1)
+    waiting = {TP: 5}
+    await LagReporter(_FixedConsumer(), metrics, waiting.get).update([TP, other])
+    assert metrics.consumer_lag.labels(TP.topic, "0")._value.get() == 5
+    assert metrics.consumer_lag.labels(other.topic, "1")._value.get() == 2
