@@ -72,7 +72,10 @@ async def test_the_consumer_pauses_above_the_high_mark_and_resumes(
         for i in range(40)
     ]
     metrics = fresh_metrics()
-    engine = FakeEngine(delay_s=0.02, blocking=True)
+    # The backlog must outlast a fetch long-poll (500 ms): the lag's ListOffsets request
+    # shares the consumer's connection and waits behind a fetch of a paused-out consumer.
+    # At 20 ms a batch the 40 requests were answered before any lag update came back.
+    engine = FakeEngine(delay_s=0.06, blocking=True)
 
     def state(worker: Worker) -> tuple[bool, int, float | None]:
         paused_gauge = metrics.registry.get_sample_value("rerank_consumer_paused")
