@@ -503,8 +503,9 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         )
         lines.append(
             f"{p['name']:12s}  {p['offered_per_s'] or '':>9}  {p['answered']:>6}/{p['sent']:<6}"
-            f"  {p['pairs_per_s'] or 0:>8}  {p['p50_ms']:>7}  {p['p95_ms']:>7}  {p['p99_ms']:>7}"
-            f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}  {worker}"
+            f"  {p['pairs_per_s'] or 0:>8}  "
+            + "  ".join(_ms(p[f"{q}_ms"]) for q in ("p50", "p95", "p99"))
+            + f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}  {worker}"
             f"  {_batches(p.get('batches') or {})}"
         )
     engine = report.get("engine_bench")
@@ -520,6 +521,11 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     if report.get("phases"):
         title = f"{args.gpus} x {hw.get('gpu')}, {args.config}, through Kafka"
         plot(report["phases"], title, out / "latency_vs_load.png")
+
+
+def _ms(value: float | None) -> str:
+    """A latency column; '-' when nothing was answered."""
+    return f"{'-' if value is None else value:>7}"
 
 
 def _batches(batches: dict[str, float]) -> str:
@@ -569,6 +575,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         import torch
 
         args.gpus = torch.cuda.device_count()
+        if args.gpus == 0:
+            p.error("no GPU visible: pass --gpus N (with --device cpu to try the harness out)")
     return args
 
 

@@ -315,3 +315,40 @@ def test_the_window_tables_come_from_the_committed_runs() -> None:
         numbers.append(f"{min(p99):,}-{max(p99):,}")
     assert len(numbers) == 3 * 2 + 2 * 3 + 3  # 3 runs; 4B percentiles; 3 p99 ranges
     assert_quoted(numbers, docs_section("### The in-flight window"))
+
+
+def test_e2e_summary_shows_a_phase_with_nothing_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A phase where every request was lost has no percentiles: the summary says '-'."""
+    from benchmarks import e2e_bench
+
+    monkeypatch.setattr(e2e_bench, "plot", lambda *a: None)
+    args = e2e_bench.parse_args(["--out", str(tmp_path), "--gpus", "1"])
+    phase = {
+        "name": "lone", "offered_per_s": None, "answered": 0, "sent": 5, "pairs_per_s": 0.0,
+        "p50_ms": None, "p95_ms": None, "p99_ms": None, "errors": 0, "lost": 5, "duplicates": 0,
+    }  # fmt: skip
+    report = {
+        "hardware": {"cpu_cores": 2, "cpu": "x", "torch": "t", "transformers": "t", "python": "p"},
+        "settings": {},
+        "phases": [phase],
+        "worker_exit_codes": [0],
+    }
+    e2e_bench._write(report, args, tmp_path)
+    line = (tmp_path / "summary.txt").read_text().splitlines()[3]
+    assert line.startswith("lone") and line.split()[2:6] == ["0", "-", "-", "-"]
+
+
+def test_e2e_bench_without_a_gpu_asks_for_a_worker_count(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from benchmarks import e2e_bench
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        e2e_bench.parse_args(["--out", "x"])
+    assert exit_info.value.code == 2
+    assert "no GPU visible" in capsys.readouterr().err
