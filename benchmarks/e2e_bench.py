@@ -153,7 +153,7 @@ def start_workers(
 ) -> list[subprocess.Popen[bytes]]:
     group = f"e2e-workers-{uuid.uuid4().hex[:8]}"
     workers = []
-    for gpu in range(args.gpus):
+    for gpu in worker_gpus(args):
         command = [sys.executable, "-m", "consumer", "--model", str(model), "--device", args.device]
         command += ["--bootstrap-servers", bootstrap, "--group-id", group]
         command += ["--request-topic", names[0], "--reply-topic", names[1]]
@@ -174,12 +174,17 @@ def start_workers(
     return workers
 
 
-async def wait_ready(workers: list[subprocess.Popen[bytes]]) -> float:
+def worker_gpus(args: argparse.Namespace) -> range:
+    """The GPUs the workers run on, one each (``--first-gpu`` on)."""
+    return range(args.first_gpu, args.first_gpu + args.gpus)
+
+
+async def wait_ready(workers: list[subprocess.Popen[bytes]], gpus: range) -> float:
     import aiohttp
 
     started = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        for gpu, worker in enumerate(workers):
+        for gpu, worker in zip(gpus, workers, strict=True):
             url = f"http://127.0.0.1:{FIRST_HTTP_PORT + gpu}/health/ready"
             while True:
                 if worker.poll() is not None:
@@ -219,14 +224,14 @@ BATCH_SERIES = (
 )
 
 
-async def batch_totals(gpus: int) -> dict[str, float]:
+async def batch_totals(gpus: range) -> dict[str, float]:
     """The workers' batch counters, summed (missing when a worker does not answer)."""
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
     totals = dict.fromkeys(BATCH_SERIES, 0.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        for gpu in range(gpus):
+        for gpu in gpus:
             url = f"http://127.0.0.1:{FIRST_HTTP_PORT + gpu}/metrics"
             try:
                 async with http.get(url) as response:
@@ -355,9 +360,9 @@ async def drive(
     phases: list[Phase] = []
 
     async def run(phase: Any) -> Phase:
-        before = await batch_totals(args.gpus)
+        before = await batch_totals(worker_gpus(args))
         done: Phase = await phase
-        done.batches = batch_summary(before, await batch_totals(args.gpus))
+        done.batches = batch_summary(before, await batch_totals(worker_gpus(args)))
         phases.append(done)
         _say(done, args.docs)
         return done
@@ -398,7 +403,7 @@ def engine_bench(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     command += ["--tokenizer", str(args.tokenizer), "--pairs", str(args.engine_pairs)]
     command += ["--skip-reference"]
     command += ["--json", "--device", args.device]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(args.first_gpu))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     (out / "engine_bench.txt").write_text(done.stdout + done.stderr)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -456,7 +461,7 @@ async def main_async(args: argparse.Namespace) -> None:
         config = json.loads(Path(CONFIGS.get(args.config, args.config)).read_text())
         build_random_model(config, args.tokenizer, model, args.device, args.seed)
         workers = start_workers(args, model, bootstrap, names, out)
-        report["workers_ready_s"] = round(await wait_ready(workers), 1)
+        report["workers_ready_s"] = round(await wait_ready(workers, worker_gpus(args)), 1)
         print(f"{args.gpus} worker(s) ready after {report['workers_ready_s']} s", flush=True)
         phases = await drive(args, bootstrap, names)
         report["phases"] = [p.summary(args.docs) for p in phases]
@@ -470,8 +475,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys: tuple[str, ...] = ("gpus", "device", "config", "partitions", "docs", "concurrency")
-    keys += ("phase_s", "fractions", "rates", "lone", "worker_args", "worker_root")
+    keys: tuple[str, ...] = ("gpus", "first_gpu", "device", "config", "partitions", "docs")
+    keys += ("concurrency", "phase_s", "fractions", "rates", "lone", "worker_args", "worker_root")
     return {k: str(v) if isinstance(v := getattr(args, k), Path) else v for k in keys}
 
 
@@ -511,7 +516,7 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     engine = report.get("engine_bench")
     if engine:
         lines.append(
-            f"engine bench (same call, GPU 0, workers stopped): "
+            f"engine bench (same call, GPU {args.first_gpu}, workers stopped): "
             f"{engine['engine']['load']['pairs_per_s']} pairs/s"
         )
     lines.append(f"worker exit codes after SIGTERM: {report['worker_exit_codes']}")
@@ -541,6 +546,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/rerank-e2e", help="scratch folder")
     p.add_argument("--tokenizer", type=Path, help="default: the bundle's")
     p.add_argument("--gpus", type=int, default=0, help="workers, one per GPU (0: every GPU)")
+    p.add_argument(
+        "--first-gpu",
+        type=int,
+        default=0,
+        help="the first worker's GPU; with --kafka-port and --work, two runs can share a host",
+    )
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try the harness out")
     p.add_argument("--config", default="0.6b", help="0.6b, tiny or a config.json")
     p.add_argument("--partitions", type=int, default=8)
@@ -574,7 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gpus <= 0:
         import torch
 
-        args.gpus = torch.cuda.device_count()
+        args.gpus = torch.cuda.device_count() - args.first_gpu
         if args.gpus == 0:
             p.error("no GPU visible: pass --gpus N (with --device cpu to try the harness out)")
     return args
