@@ -348,8 +348,9 @@ class Load:
 
 
 async def drive(
-    args: argparse.Namespace, bootstrap: str, names: tuple[str, str, str]
-) -> list[Phase]:
+    args: argparse.Namespace, bootstrap: str, names: tuple[str, str, str], phases: list[Phase]
+) -> None:
+    """Run the phases, appending each to ``phases`` as it ends."""
     from producer_sdk import RerankClient
 
     requests = synthetic_requests(args.tokenizer, args.pairs, args.docs, args.seed)
@@ -357,7 +358,6 @@ async def drive(
     gc.collect()
     gc.freeze()
     client = RerankClient(bootstrap, request_topic=names[0], reply_topic=names[1])
-    phases: list[Phase] = []
 
     async def run(phase: Any) -> Phase:
         before = await batch_totals(worker_gpus(args))
@@ -379,7 +379,6 @@ async def drive(
         for name, offered in paced:
             name += f" #{sum(p.name.startswith(name + ' #') for p in phases) + 1}"
             await run(load.open_loop(name, offered, args.phase_s))
-    return phases
 
 
 def _say(phase: Phase, docs: int) -> None:
@@ -442,6 +441,11 @@ def plot(phases: list[dict[str, Any]], title: str, path: Path) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    # SIGTERM (a `timeout` around the run) cancels the run, so the finally below stops the
+    # workers and the broker: a broker left running makes the next run's start fail.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -455,6 +459,8 @@ async def main_async(args: argparse.Namespace) -> None:
     kafka("start", env)
     workers: list[subprocess.Popen[bytes]] = []
     report: dict[str, Any] = {"command": " ".join(sys.argv), "settings": _settings(args)}
+    phases: list[Phase] = []
+    cancelled = False
     try:
         names = await create_topics(bootstrap, args.partitions)
         model = work / "model"
@@ -463,15 +469,20 @@ async def main_async(args: argparse.Namespace) -> None:
         workers = start_workers(args, model, bootstrap, names, out)
         report["workers_ready_s"] = round(await wait_ready(workers, worker_gpus(args)), 1)
         print(f"{args.gpus} worker(s) ready after {report['workers_ready_s']} s", flush=True)
-        phases = await drive(args, bootstrap, names)
-        report["phases"] = [p.summary(args.docs) for p in phases]
-        report["timelines"] = {p.name: p.timeline for p in phases if p.name != "saturated"}
+        await drive(args, bootstrap, names, phases)
+    except asyncio.CancelledError:
+        cancelled = True
     finally:
         report["worker_exit_codes"] = stop_workers(workers)
         kafka("stop", env)
-    report["engine_bench"] = engine_bench(args, out) if args.engine_pairs else None
+    report["phases"] = [p.summary(args.docs) for p in phases]
+    report["timelines"] = {p.name: p.timeline for p in phases if p.name != "saturated"}
+    run_engine_bench = args.engine_pairs and not cancelled
+    report["engine_bench"] = engine_bench(args, out) if run_engine_bench else None
     report["hardware"] = _hardware(args.device)
     _write(report, args, out)
+    if cancelled:
+        raise SystemExit("stopped by SIGTERM: the summary has the phases that ended before it")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,10 +9,12 @@ BUNDLE="${E2E_BUNDLE:-$ROOT/.e2e}"
 SITE="${E2E_SITE:-/tmp/rerank-e2e/site}"
 PY="${PYTHON:-python3}"
 [[ -f $BUNDLE/jre.tar.xz ]] || { echo "no bundle at $BUNDLE: run benchmarks/e2e/pack.sh first" >&2; exit 2; }
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# With $SITE on the path: a second run finds the first run's wheels and installs nothing
+# (reinstalling cost every run seconds, and two runs side by side raced on the folder).
 if ! "$PY" -c 'import aiokafka, orjson, pydantic_settings, opentelemetry.trace, tiktoken' 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$BUNDLE"/wheels/*.whl
 fi
-export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$ROOT"
 exec "$PY" -m benchmarks.e2e_bench --bundle "$BUNDLE" "$@"
