@@ -80,6 +80,7 @@ class Phase:
     timeline: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
     # the workers' batches during the phase: count, mean pairs, mean model ms
     batches: dict[str, float] = field(default_factory=dict)
+    batches_per_gpu: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def summary(self, docs: int) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -224,12 +225,12 @@ BATCH_SERIES = (
 )
 
 
-async def batch_totals(gpus: range) -> dict[str, float]:
-    """The workers' batch counters, summed (missing when a worker does not answer)."""
+async def batch_totals(gpus: range) -> dict[int, dict[str, float]]:
+    """Each worker's batch counters, by GPU (empty when a worker does not answer)."""
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
-    totals = dict.fromkeys(BATCH_SERIES, 0.0)
+    by_gpu: dict[int, dict[str, float]] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
         for gpu in gpus:
             url = f"http://127.0.0.1:{FIRST_HTTP_PORT + gpu}/metrics"
@@ -238,11 +239,19 @@ async def batch_totals(gpus: range) -> dict[str, float]:
                     text = await response.text()
             except aiohttp.ClientError:
                 return {}
+            totals = by_gpu[gpu] = dict.fromkeys(BATCH_SERIES, 0.0)
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
                     if sample.name in totals:
                         totals[sample.name] += sample.value
-    return totals
+    return by_gpu
+
+
+def summed(by_gpu: dict[int, dict[str, float]]) -> dict[str, float]:
+    """All workers' counters added up (empty when any worker's are missing)."""
+    if not by_gpu:
+        return {}
+    return {name: sum(totals[name] for totals in by_gpu.values()) for name in BATCH_SERIES}
 
 
 def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -362,7 +371,12 @@ async def drive(
     async def run(phase: Any) -> Phase:
         before = await batch_totals(worker_gpus(args))
         done: Phase = await phase
-        done.batches = batch_summary(before, await batch_totals(worker_gpus(args)))
+        after = await batch_totals(worker_gpus(args))
+        done.batches = batch_summary(summed(before), summed(after))
+        if len(after) > 1:  # one slow GPU shows here, not in the sum
+            done.batches_per_gpu = {
+                gpu: batch_summary(before.get(gpu, {}), totals) for gpu, totals in after.items()
+            }
         phases.append(done)
         _say(done, args.docs)
         return done
@@ -524,6 +538,8 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
             + f"  {p['errors']:>6} {p['lost']:>4} {p['duplicates']:>3}  {worker}"
             f"  {_batches(p.get('batches') or {})}"
         )
+        for gpu, batches in (p.get("batches_per_gpu") or {}).items():
+            lines.append(f"{'':14s}GPU {gpu}: batches {_batches(batches)}")
     engine = report.get("engine_bench")
     if engine:
         lines.append(
@@ -566,7 +582,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try the harness out")
     p.add_argument("--config", default="0.6b", help="0.6b, tiny or a config.json")
     p.add_argument("--partitions", type=int, default=8)
-    p.add_argument("--kafka-port", type=int, default=KAFKA_PORT, help="the broker it starts")
+    p.add_argument(
+        "--kafka-port",
+        type=int,
+        default=KAFKA_PORT,
+        help="the broker it starts; its controller takes the next port, so two runs side by "
+        "side need ports at least 2 apart",
+    )
     p.add_argument("--docs", type=int, default=8, help="documents per request")
     p.add_argument("--pairs", type=int, default=32768, help="distinct pairs to cycle through")
     p.add_argument("--concurrency", type=int, default=128, help="requests in flight per GPU")

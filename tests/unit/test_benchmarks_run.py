@@ -352,3 +352,24 @@ def test_e2e_bench_without_a_gpu_asks_for_a_worker_count(
         e2e_bench.parse_args(["--out", "x"])
     assert exit_info.value.code == 2
     assert "no GPU visible" in capsys.readouterr().err
+
+
+def test_e2e_batches_are_summed_over_workers_and_kept_per_gpu() -> None:
+    from benchmarks.e2e_bench import batch_summary, summed
+
+    def counters(pairs: float, count: float, seconds: float) -> dict[str, float]:
+        return {
+            "rerank_batch_pairs_sum": pairs,
+            "rerank_batch_pairs_count": count,
+            "rerank_inference_seconds_sum": seconds,
+        }
+
+    before = {0: counters(0, 0, 0), 1: counters(100, 1, 0.1)}
+    after = {0: counters(400, 2, 0.2), 1: counters(700, 3, 0.9)}
+    assert batch_summary(summed(before), summed(after)) == {
+        "count": 4, "mean_pairs": 250.0, "mean_model_ms": 250.0,
+    }  # fmt: skip
+    assert batch_summary(before[1], after[1]) == {
+        "count": 2, "mean_pairs": 300.0, "mean_model_ms": 400.0,
+    }  # fmt: skip
+    assert summed({}) == {}  # a worker that did not answer: no totals at all
