@@ -597,16 +597,40 @@ class Worker:
     # ------------------------------------------------------------- rebalance
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self._set_up(assigned)
+        except Exception:
+            # aiokafka logs a failing listener and carries on: the partitions would stay
+            # assigned with no work set up, their records fetched again and again and
+            # never answered. Work them without the last owner's attempt counts instead.
+            log.exception(
+                "setting up assigned partitions failed; working them without the attempt "
+                "counts of their last owner",
+                extra={"partitions": names(assigned)},
+            )
+            self._set_up_plainly(assigned)
+        self._in_group = True
+        self._resumed.set()
+        self._apply_flow()
+        log.info("partitions assigned", extra={"partitions": names(assigned)})
+
+    async def _set_up(self, assigned: set[TopicPartition]) -> None:
         if self._config.exactly_once:
             await self._start_transactions(assigned)
         heads = await read_heads(self._consumer, assigned)
         for tp in assigned:
             self._work[tp] = PartitionWork(heads.get(tp))
         await self._be_careful_with({tp for tp in assigned if self._work[tp].suspect})
-        self._in_group = True
-        self._resumed.set()
-        self._apply_flow()
-        log.info("partitions assigned", extra={"partitions": names(assigned)})
+
+    def _set_up_plainly(self, assigned: set[TopicPartition]) -> None:
+        """What a failed :meth:`_set_up` left out: work with no head, and in exactly-once
+        mode a producer that starts at the partition's first commit."""
+        for tp in assigned:
+            self._work.setdefault(tp, PartitionWork(None))
+            if self._config.exactly_once and tp not in self._txns:
+                txns = self._new_transactions(tp)
+                txns.broken = True  # its first transaction starts a fresh producer
+                self._txns[tp] = txns
 
     async def _be_careful_with(self, suspects: set[TopicPartition]) -> None:
         """The last owners of ``suspects`` did not finish the record at the committed
@@ -668,13 +692,7 @@ class Worker:
     async def _start_transactions(self, assigned: set[TopicPartition]) -> None:
         """One transactional producer per partition; starting it fences the last owner's."""
         for tp in assigned:
-            tid = transactional_id(self._config, tp.topic, tp.partition)
-            txns = PartitionTransactions(
-                tp,
-                partial(make_transactional_producer, self._config, tid),
-                self._config.group_id,
-                partial(read_committed_offset, self._consumer, tp),
-            )
+            txns = self._new_transactions(tp)
             try:
                 await txns.start()
             except PRODUCER_FAILURES as exc:
@@ -686,6 +704,15 @@ class Worker:
                     extra={"partitions": names([tp]), "error": repr(exc)},
                 )
             self._txns[tp] = txns
+
+    def _new_transactions(self, tp: TopicPartition) -> PartitionTransactions:
+        tid = transactional_id(self._config, tp.topic, tp.partition)
+        return PartitionTransactions(
+            tp,
+            partial(make_transactional_producer, self._config, tid),
+            self._config.group_id,
+            partial(read_committed_offset, self._consumer, tp),
+        )
 
     async def _stop_transactions(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:

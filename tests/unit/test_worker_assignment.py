@@ -1,0 +1,70 @@
+"""An unexpected failure while setting up assigned partitions still sets them up.
+
+aiokafka logs an exception out of ``on_partitions_assigned`` and carries on, so without a
+fallback the partitions stay assigned with no work: every record fetched for them is sought
+back for ever and never answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiokafka.structs import TopicPartition
+
+import consumer.service.worker as worker_module
+from consumer.service.attempts import Head
+from consumer.service.worker import Worker
+from consumer.service.worker_config import WorkerConfig
+
+ASSIGNED = {TopicPartition("rerank.requests", 0), TopicPartition("rerank.requests", 1)}
+
+
+def _worker(delivery: str) -> Worker:
+    return Worker(WorkerConfig("127.0.0.1:9", delivery=delivery), object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_a_failing_head_read_still_sets_every_partition_up(
+    monkeypatch: pytest.MonkeyPatch, delivery: str
+) -> None:
+    async def broken_read(*args: Any) -> None:
+        raise RuntimeError("unexpected")
+
+    async def no_producers(assigned: set[TopicPartition]) -> None:
+        return None  # exactly-once: the producers did not start either
+
+    monkeypatch.setattr(worker_module, "read_heads", broken_read)
+    worker = _worker(delivery)
+    monkeypatch.setattr(worker, "_start_transactions", no_producers)
+    await worker._on_assigned(set(ASSIGNED))
+
+    assert set(worker._work) == ASSIGNED
+    assert all(work.head is None for work in worker._work.values())
+    assert worker._in_group
+    if delivery == "exactly_once":
+        assert set(worker._txns) == ASSIGNED
+        assert all(txns.broken for txns in worker._txns.values()), "fresh at the first commit"
+    else:
+        assert not worker._txns
+
+
+async def test_partitions_set_up_before_the_failure_keep_what_they_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = min(ASSIGNED)
+
+    async def heads(consumer: Any, partitions: Any) -> dict[TopicPartition, Any]:
+        return {first: Head(7, 0)}
+
+    async def careful_fails(self: Worker, suspects: set[TopicPartition]) -> None:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(worker_module, "read_heads", heads)
+    monkeypatch.setattr(Worker, "_be_careful_with", careful_fails)
+    worker = _worker("at_least_once")
+    await worker._on_assigned(set(ASSIGNED))
+
+    assert set(worker._work) == ASSIGNED
+    head = worker._work[first].head
+    assert head is not None and head.offset == 7
