@@ -81,6 +81,9 @@ class Phase:
     # the workers' batches during the phase: count, mean pairs, mean model ms
     batches: dict[str, float] = field(default_factory=dict)
     batches_per_gpu: dict[int, dict[str, float]] = field(default_factory=dict)
+    # when each reply was read (perf_counter), and for a closed loop when sending stopped
+    answered_at: list[float] = field(default_factory=list, repr=False)
+    sending_ended: float | None = None
 
     def summary(self, docs: int) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -88,7 +91,7 @@ class Phase:
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None
 
-        hidden = ("latencies", "worker_ms", "timeline")
+        hidden = ("latencies", "worker_ms", "timeline", "answered_at", "sending_ended")
         out = {k: v for k, v in asdict(self).items() if k not in hidden}
         out |= {
             "requests_per_s": round(self.answered / self.seconds, 1) if self.seconds else None,
@@ -97,6 +100,7 @@ class Phase:
             "p95_ms": pct(0.95),
             "p99_ms": pct(0.99),
             "max_ms": round(lat[-1] * 1000, 1) if lat else None,
+            "steady_pairs_per_s": self.steady_pairs_per_s(docs),
         }
         if self.worker_ms:
             for i, part in enumerate(("queue", "inference", "total")):
@@ -106,6 +110,18 @@ class Phase:
             totals = sorted(t[2] for t in self.worker_ms)
             out["worker_total_p99_ms"] = round(totals[int(0.99 * (len(totals) - 1))], 2)
         return out
+
+    def steady_pairs_per_s(self, docs: int) -> float | None:
+        """A closed loop's rate from its first reply to the end of sending: the pipeline is
+        full then, without the ramp-up before the first reply and the drain after."""
+        if self.sending_ended is None or not self.answered_at:
+            return None
+        first = min(self.answered_at)
+        seconds = self.sending_ended - first
+        if seconds <= 0:
+            return None
+        answered = sum(1 for t in self.answered_at if t <= self.sending_ended)
+        return round(answered * docs / seconds, 1)
 
 
 # -- set-up on the GPU host -----------------------------------------------------------------
@@ -301,7 +317,8 @@ class Load:
         except RerankErrorReply:
             phase.errors += 1
             return
-        phase.latencies.append(time.perf_counter() - started)
+        phase.answered_at.append(time.perf_counter())
+        phase.latencies.append(phase.answered_at[-1] - started)
         phase.answered += 1
         timing = result.timing
         phase.worker_ms.append((timing.queue_ms, timing.inference_ms, timing.total_ms))
@@ -327,6 +344,7 @@ class Load:
         started = time.perf_counter()
         await self._counting(phase, asyncio.gather(*(caller() for _ in range(concurrency))))
         phase.seconds = time.perf_counter() - started
+        phase.sending_ended = end
         return phase
 
     async def open_loop(self, name: str, rate: float, seconds: float) -> Phase:
@@ -398,9 +416,10 @@ async def drive(
 def _say(phase: Phase, docs: int) -> None:
     s = phase.summary(docs)
     offered = f" offered {s['offered_per_s']}/s" if s["offered_per_s"] else ""
+    steady = f" (steady {s['steady_pairs_per_s']})" if s["steady_pairs_per_s"] else ""
     print(
         f"{phase.name:12s}{offered} {s['answered']}/{s['sent']} answered, {s['pairs_per_s']} "
-        f"pairs/s, p50 {s['p50_ms']} ms p95 {s['p95_ms']} ms p99 {s['p99_ms']} ms, "
+        f"pairs/s{steady}, p50 {s['p50_ms']} ms p95 {s['p95_ms']} ms p99 {s['p99_ms']} ms, "
         f"errors {s['errors']} lost {s['lost']} duplicates {s['duplicates']}; worker p50 "
         f"queue {s.get('worker_queue_p50_ms')} inference {s.get('worker_inference_p50_ms')} "
         f"total {s.get('worker_total_p50_ms')} ms",
@@ -540,6 +559,10 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         )
         for gpu, batches in (p.get("batches_per_gpu") or {}).items():
             lines.append(f"{'':14s}GPU {gpu}: batches {_batches(batches)}")
+        if p.get("steady_pairs_per_s"):
+            lines.append(
+                f"{'':14s}steady, first reply to end of sending: {p['steady_pairs_per_s']} pairs/s"
+            )
     engine = report.get("engine_bench")
     if engine:
         lines.append(

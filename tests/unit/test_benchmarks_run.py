@@ -373,3 +373,16 @@ def test_e2e_batches_are_summed_over_workers_and_kept_per_gpu() -> None:
         "count": 2, "mean_pairs": 300.0, "mean_model_ms": 400.0,
     }  # fmt: skip
     assert summed({}) == {}  # a worker that did not answer: no totals at all
+
+
+def test_e2e_steady_rate_leaves_out_the_ramp_up_and_the_drain() -> None:
+    from benchmarks.e2e_bench import Phase
+
+    phase = Phase("saturated", seconds=10.0, answered=8, sent=8)
+    # first reply at 2 s; sending stopped at 6 s; two replies drained after it
+    phase.answered_at = [2.0, 3.0, 4.0, 4.5, 5.0, 6.0, 7.0, 9.0]
+    phase.sending_ended = 6.0
+    summary = phase.summary(docs=8)
+    assert summary["pairs_per_s"] == 6.4  # 64 pairs over the whole 10 s phase
+    assert summary["steady_pairs_per_s"] == 12.0  # 6 replies x 8 pairs over 2 s..6 s
+    assert Phase("lone").summary(docs=8)["steady_pairs_per_s"] is None  # not a closed loop
