@@ -6,7 +6,8 @@ Builds Qwen3ForCausalLM with random weights from the released 0.6B config
 (consumer/data/qwen3-reranker-0.6b.config.json), saves it with the tokenizer into a temp
 folder, loads it through :func:`consumer.runtime.loader.load_model` several ways
 (packed+compiled, packed eager, packed with the fused row kernels (``layers=kernels``),
-padded eager; ``--padded-compiled`` adds the padded path compiled, which takes minutes;
+packed+compiled with CUDA graphs large enough for every batch, padded eager;
+``--padded-compiled`` adds the padded path compiled, which takes minutes;
 packed with FP8 linear layers where the GPU has them is reported but not judged: its
 drift is measured by ``benchmarks.drift``) and scores ~64 mixed pairs (lengths
 from a few to a few thousand tokens, CJK, emoji, truncated documents) in batches of
@@ -48,6 +49,8 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 SCORE_TOL = 0.02
 QUEUED_TOL = 1e-3  # logits launched ahead vs one by one: same kernels, same inputs
 MAX_PAIR_TOKENS = 1024  # small enough that the longest documents below get truncated
+# the variant whose CUDA graphs take every batch of check_batches (sized once the pairs are known)
+LARGE_GRAPHS = 0
 
 
 def emit(**fields: object) -> None:
@@ -113,6 +116,12 @@ def check_batches(pairs: list[EncodedPair]) -> list[list[int]]:
     return [*requests, *(order[lo:hi] for lo, hi in itertools.pairwise(cuts))]
 
 
+def graphs_for_every_batch(pairs: list[EncodedPair]) -> int:
+    """A largest CUDA graph that holds every batch of :func:`check_batches` (1,024-token steps)."""
+    largest = max(sum(pairs[i].tokens for i in batch) for batch in check_batches(pairs))
+    return -(-largest // 1024) * 1024
+
+
 def score_in_batches(loaded: LoadedModel, pairs: list[EncodedPair]) -> tuple[list[float], float]:
     """Scores of every pair, batch after batch (see check_batches)."""
     logits = [0.0] * len(pairs)
@@ -161,28 +170,32 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "qwen3-reranker-0.6b-random"
         build_model(folder, tokenizer_dir, tiny)
-        variants = {  # name: (packed, compile, layers)
-            "packed_compiled": ("on", "on", "auto"),
-            "packed_eager": ("on", "off", "auto"),
-            "packed_kernels": ("on", "auto", "kernels"),
-            "padded_eager": ("off", "off", "auto"),
+        default_graphs = ModelOptions.cuda_graph_max_tokens
+        variants = {  # name: (packed, compile, layers, largest CUDA graph)
+            "packed_compiled": ("on", "on", "auto", default_graphs),
+            "packed_eager": ("on", "off", "auto", default_graphs),
+            "packed_kernels": ("on", "auto", "kernels", default_graphs),
+            # the batch of the longest pairs fits no default graph: here it replays one
+            "packed_large_graphs": ("on", "on", "auto", LARGE_GRAPHS),
+            "padded_eager": ("off", "off", "auto", default_graphs),
         }
         if fp8_supported(DEVICE):
-            variants["packed_fp8"] = ("on", "auto", "fp8")  # reported, not judged
+            variants["packed_fp8"] = ("on", "auto", "fp8", default_graphs)  # reported only
         if padded_compiled:
-            variants["padded_compiled"] = ("off", "on", "auto")
+            variants["padded_compiled"] = ("off", "on", "auto", default_graphs)
         if DEVICE != "cuda":
-            variants = {"padded_eager": ("off", "off", "auto")}
+            variants = {"padded_eager": ("off", "off", "auto", default_graphs)}
         results: dict[str, list[float]] = {}
         worst_queued = 0.0  # launch/collect vs score: the same computation, so ~equal
         pairs: list[EncodedPair] = []
-        for name, (packed, compile_, layers) in variants.items():
+        for name, (packed, compile_, layers, graph_tokens) in variants.items():
             options = ModelOptions(
                 model=str(folder),
                 max_pair_tokens=MAX_PAIR_TOKENS,
                 packed=packed,
                 compile=compile_,
                 layers=layers,
+                cuda_graph_max_tokens=graph_tokens or graphs_for_every_batch(pairs),
             )
             loaded = load_model(options)
             if not pairs:

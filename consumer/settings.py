@@ -338,10 +338,18 @@ class Settings(BaseSettings):
     )
     cuda_graphs: Switch = _setting(
         "auto",
-        "Replay small packed batches (up to 8,192 tokens) from captured CUDA graphs: auto "
-        "or on (whenever the packed path runs), off. Cuts a lone request's latency; "
-        "costs a few seconds at start and some GPU memory.",
+        "Replay small packed batches (up to cuda_graph_max_tokens) from captured CUDA "
+        "graphs: auto or on (whenever the packed path runs), off. Cuts a lone request's "
+        "latency; costs a few seconds at start and some GPU memory.",
         "Model",
+    )
+    cuda_graph_max_tokens: int = _setting(
+        8192,
+        "The largest batch, in stream tokens, replayed from a CUDA graph (buckets of 256-512 "
+        "tokens up to 8,192, then of 1,024). A larger batch issues its layers from Python. "
+        "More graphs cost warm-up time and GPU memory; quick batches are cut to this size.",
+        "Model",
+        ge=512,
     )
     layers: Layers = _setting(
         "auto",
@@ -389,8 +397,8 @@ class Settings(BaseSettings):
     quick_batch_backlog: float = _setting(
         4.0,
         "While fewer than this many quick batches' worth of tokens wait, batches are cut no "
-        "bigger than the largest CUDA graph (8,192 tokens), which is cheap to issue; a larger "
-        "backlog gets max_batch_tokens for throughput. 0: always max_batch_tokens.",
+        "bigger than the largest CUDA graph (cuda_graph_max_tokens), which is cheap to issue; a "
+        "larger backlog gets max_batch_tokens for throughput. 0: always max_batch_tokens.",
         "Batching and back-pressure",
         ge=0,
     )
@@ -691,6 +699,7 @@ class Settings(BaseSettings):
             compile=self.compile,
             packed=self.packed,
             cuda_graphs=self.cuda_graphs,
+            cuda_graph_max_tokens=self.cuda_graph_max_tokens,
             layers=self.layers,
             tokenizer_backend=self.tokenizer_backend,
             default_instruction=self.default_instruction,

@@ -34,7 +34,17 @@ from consumer.runtime.prompt import (
 from consumer.runtime.qwen3.attention import varlen_available
 from consumer.runtime.qwen3.forward import LAYER_PATHS, PackedQwen3, supports_packing
 from consumer.runtime.qwen3.fused_layers import fp8_supported
-from consumer.runtime.qwen3.graphs import PackedGraphs
+from consumer.runtime.qwen3.graphs import (
+    DEFAULT_MAX_TOKENS as DEFAULT_GRAPH_MAX_TOKENS,
+)
+from consumer.runtime.qwen3.graphs import (
+    SMALLEST_MAX_TOKENS as SMALLEST_GRAPH_MAX_TOKENS,
+)
+from consumer.runtime.qwen3.graphs import (
+    PackedGraphs,
+    make_buckets,
+    token_sizes_up_to,
+)
 from consumer.runtime.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,7 @@ class _Resolved:
     packed: str  # "on" | "off" | "auto" (decided per kind)
     cuda_graphs: bool
     layers: str  # one of LAYER_PATHS
+    graph_max_tokens: int = DEFAULT_GRAPH_MAX_TOKENS
 
 
 def load_model(options: ModelOptions) -> LoadedModel:
@@ -185,9 +196,16 @@ def resolve_options(options: ModelOptions) -> _Resolved:
     )
     attn = "sdpa" if options.attn_implementation == "auto" else options.attn_implementation
     graphs_on = options.cuda_graphs != "off" and device.startswith("cuda")
+    if options.cuda_graph_max_tokens < SMALLEST_GRAPH_MAX_TOKENS:
+        raise ModelLoadError(
+            f"cuda_graph_max_tokens must be at least {SMALLEST_GRAPH_MAX_TOKENS}, "
+            f"not {options.cuda_graph_max_tokens}"
+        )
     layers = _layer_path(options.layers, device)
     packed = "on" if layers != "compiled" else options.packed
-    return _Resolved(device, dtype, attn, compile_on, packed, graphs_on, layers)
+    return _Resolved(
+        device, dtype, attn, compile_on, packed, graphs_on, layers, options.cuda_graph_max_tokens
+    )
 
 
 def _layer_path(layers: str, device: str) -> str:
@@ -234,7 +252,11 @@ def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
         )
     if run.packed == "off" or not possible:
         return None
-    graphs = PackedGraphs() if run.cuda_graphs else None
+    graphs = (
+        PackedGraphs(make_buckets(token_sizes_up_to(run.graph_max_tokens)))
+        if run.cuda_graphs
+        else None
+    )
     return PackedQwen3(base, run.device, graphs=graphs, layer_path=run.layers)
 
 

@@ -17,6 +17,7 @@ class ModelOptions:
     packed -> the padding-free varlen path when on cuda and
     FlashAttention's varlen op exists (Qwen3 models only), else padded batches;
     cuda_graphs -> small packed batches replayed from CUDA graphs when packed is on;
+    cuda_graph_max_tokens -> the largest batch (stream tokens) a graph is captured for;
     layers -> how the packed path runs each decoder layer: "compiled" (torch.compile
     regions), "kernels" (fused row kernels around model-dtype GEMMs) or "fp8" (the same
     with FP8 linear layers; Hopper or newer); auto -> compiled;
@@ -33,6 +34,7 @@ class ModelOptions:
     compile: str = "auto"
     packed: str = "auto"
     cuda_graphs: str = "auto"
+    cuda_graph_max_tokens: int = 8192
     layers: str = "auto"
     tokenizer_backend: str = "auto"
     default_instruction: str = DEFAULT_INSTRUCTION

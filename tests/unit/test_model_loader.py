@@ -159,6 +159,7 @@ def test_hub_id_without_network_says_so(tmp_path: Path, monkeypatch: pytest.Monk
         ("layers", "fast", "layers must be auto, compiled, kernels, fp8, fp8-normed, not 'fast'"),
         ("layers", "fp8", "layers=fp8 needs a CUDA GPU with FP8 matrix multiplies"),
         ("layers", "kernels", r"layers=kernels \(packed\) needs a CUDA device"),
+        ("cuda_graph_max_tokens", 256, "cuda_graph_max_tokens must be at least 512, not 256"),
     ],
 )
 def test_bad_options_are_refused(
@@ -194,6 +195,8 @@ def test_auto_options_follow_the_machine(
     assert (run.device, run.dtype, run.compile) == expected
     assert run.attn_implementation == "sdpa"
     assert resolve_options(ModelOptions(compile="off")).compile is False
+    assert run.graph_max_tokens == 8192
+    assert resolve_options(ModelOptions(cuda_graph_max_tokens=16384)).graph_max_tokens == 16384
 
 
 def test_encoder_throughput_counts_what_it_encoded(tiny_causal_dir: Path) -> None:

@@ -18,7 +18,13 @@ from consumer.runtime.loader import LoadedModel, load_model
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import EncodedPair
 from consumer.runtime.qwen3.forward import PackedQwen3
-from consumer.runtime.qwen3.graphs import PackedGraphs, lay_out, make_buckets
+from consumer.runtime.qwen3.graphs import (
+    DEFAULT_TOKENS,
+    PackedGraphs,
+    lay_out,
+    make_buckets,
+    token_sizes_up_to,
+)
 from consumer.runtime.qwen3.layout import PackedInputs, pack
 
 TOL = 1e-5
@@ -291,6 +297,18 @@ def test_buckets_come_smallest_first_with_two_segment_lengths() -> None:
     assert shapes == [(512, 512), (1024, 512), (1024, 1024)]
     long_pair = pack([[1] * 700, [2] * 100])  # one segment longer than 512
     assert next(b for b in buckets if b.fits(long_pair)).max_segment == 1024
+
+
+def test_graph_sizes_follow_the_largest_asked_for() -> None:
+    assert token_sizes_up_to(8192) == DEFAULT_TOKENS
+    larger = token_sizes_up_to(16384)
+    assert larger[: len(DEFAULT_TOKENS)] == DEFAULT_TOKENS
+    assert larger[len(DEFAULT_TOKENS) :] == tuple(range(9216, 16384 + 1, 1024))
+    assert token_sizes_up_to(10000)[-2:] == (9216, 10000)  # the largest is always a bucket
+    assert token_sizes_up_to(4000)[-2:] == (3840, 4000)
+    assert token_sizes_up_to(512) == (512,)
+    with pytest.raises(ValueError, match="at least 512"):
+        token_sizes_up_to(511)
 
 
 def test_pack_refuses_an_empty_sequence() -> None:

@@ -359,6 +359,20 @@ def test_layer_path_reaches_the_model_options(monkeypatch: pytest.MonkeyPatch) -
         load_settings(["--layers", "int4"])
 
 
+def test_graph_size_reaches_the_model_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (
+        load_settings(["--cuda-graph-max-tokens", "16384"]).model_options().cuda_graph_max_tokens
+        == 16384
+    )
+    monkeypatch.setenv("RERANK_CUDA_GRAPH_MAX_TOKENS", "12288")
+    assert load_settings([]).model_options().cuda_graph_max_tokens == 12288
+    with pytest.raises(
+        SettingsError,
+        match=r"cuda-graph-max-tokens\): input should be greater than or equal to 512",
+    ):
+        load_settings(["--cuda-graph-max-tokens", "100"])
+
+
 def test_layer_setting_offers_exactly_the_packed_paths_layer_paths() -> None:
     from typing import get_args
 
@@ -394,6 +408,7 @@ def test_model_options_and_engine_settings_carry_the_settings() -> None:
                 "max_pair_tokens",
                 "compile",
                 "packed",
+                "cuda_graph_max_tokens",
                 "layers",
                 "default_instruction",
             ],

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # 256-token steps up to 4,096 (a lone request's size), then 512: a batch pays at most
 # one step of unused tokens
 DEFAULT_TOKENS = (*range(512, 4096 + 1, 256), *range(4608, 8192 + 1, 512))
+DEFAULT_MAX_TOKENS = DEFAULT_TOKENS[-1]
+# Past the default sizes, buckets grow in coarser steps: a bigger batch pays a smaller
+# share for its unused tokens, and each bucket costs warm-up time.
+LARGE_TOKEN_STEP = 1024
+SMALLEST_MAX_TOKENS = DEFAULT_TOKENS[0]
 # Longest segment a bucket takes, and how many tokens it counts per segment: together they
 # size FlashAttention's grid (blocks of 128 query rows x segments x heads). Blocks of
 # unused segments exit at once but are not free, so a bucket is no wider than needed.
@@ -67,6 +72,17 @@ class Bucket:
             and inputs.max_q <= self.max_segment
             and inputs.max_k <= 2 * self.max_segment
         )
+
+
+def token_sizes_up_to(max_tokens: int) -> tuple[int, ...]:
+    """The buckets' token sizes for graphs of at most ``max_tokens`` stream tokens: the
+    default sizes up to it, then steps of 1,024, and ``max_tokens`` itself."""
+    if max_tokens < SMALLEST_MAX_TOKENS:
+        raise ValueError(f"graphs need at least {SMALLEST_MAX_TOKENS} tokens, not {max_tokens}")
+    sizes = {t for t in DEFAULT_TOKENS if t <= max_tokens}
+    sizes.update(range(DEFAULT_MAX_TOKENS + LARGE_TOKEN_STEP, max_tokens + 1, LARGE_TOKEN_STEP))
+    sizes.add(max_tokens)
+    return tuple(sorted(sizes))
 
 
 def make_buckets(
