@@ -267,7 +267,7 @@ class PackedGraphs:
 
     def capture(self, forward: Forward, device: str) -> None:
         """Capture every bucket (call on the thread that will replay them)."""
-        t0 = time.perf_counter()
+        t0, reserved = time.perf_counter(), torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
         graphs = {}
         for bucket in reversed(self.buckets):
@@ -275,10 +275,12 @@ class PackedGraphs:
         torch.cuda.synchronize()
         self._graphs = graphs
         log.info(
-            "captured CUDA graphs for batches up to %d tokens (%d buckets) in %.1f s",
+            "captured CUDA graphs for batches up to %d tokens (%d buckets) in %.1f s; "
+            "GPU memory reserved grew by %.2f GiB",
             max(b.tokens for b in graphs),
             len(graphs),
             time.perf_counter() - t0,
+            (torch.cuda.memory_reserved(device) - reserved) / 2**30,
         )
 
     @property
