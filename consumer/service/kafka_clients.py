@@ -1,4 +1,4 @@
-"""The worker's two Kafka clients, configured from its :class:`WorkerConfig`."""
+"""The worker's Kafka clients, configured from its :class:`WorkerConfig`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def make_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
         max_poll_interval_ms=config.max_poll_interval_ms,
         # How long the group waits for members to finish their revoke handlers.
         rebalance_timeout_ms=config.rebalance_timeout_ms,
+        **config.security.aiokafka_kwargs(),
+    )
+
+
+def make_offsets_reader(config: WorkerConfig) -> AIOKafkaConsumer:
+    """A client that only asks partitions' end offsets, for the lag metric.
+
+    Not the request consumer: the broker answers one request per connection at a time, so
+    on the consumer's connection a ListOffsets request waits behind the fetch long-poll (up
+    to fetch_max_wait_ms) while nothing new arrives, which is when a backlog already
+    fetched into the worker shows as lag.
+    """
+    return AIOKafkaConsumer(
+        bootstrap_servers=config.bootstrap_servers,
+        client_id=f"{config.client_id}-offsets",
+        enable_auto_commit=False,
+        # the same end as the request consumer's: the last stable offset
+        isolation_level="read_committed",
         **config.security.aiokafka_kwargs(),
     )
 

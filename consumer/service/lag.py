@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -18,6 +18,39 @@ log = logging.getLogger(__name__)
 _LAG_TIMEOUT_S = 5.0
 
 
+EndOffsetsFn = Callable[[list[TopicPartition]], Awaitable[Mapping[TopicPartition, int]]]
+
+
+class EndOffsets:
+    """Partitions' end offsets from a client of their own, started at first use.
+
+    ``make_client()`` returns an unstarted aiokafka consumer (no group). A start that
+    fails is tried again at the next call.
+    """
+
+    def __init__(self, make_client: Callable[[], Any]) -> None:
+        self._make_client = make_client
+        self._client: Any = None
+
+    async def __call__(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int]:
+        if self._client is None:
+            client = self._make_client()
+            try:
+                await client.start()
+            except BaseException:
+                await client.stop()
+                raise
+            self._client = client
+        ends: Mapping[TopicPartition, int] = await self._client.end_offsets(partitions)
+        return ends
+
+    async def close(self) -> None:
+        """Stop the client, if it started."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+
+
 class LagReporter:
     """Sets ``rerank_consumer_lag{topic,partition}`` from the broker's end offsets."""
 
@@ -26,12 +59,16 @@ class LagReporter:
         consumer: Any,
         metrics: Metrics,
         first_waiting: Callable[[TopicPartition], int | None] = lambda tp: None,
+        end_offsets: EndOffsetsFn | None = None,
     ) -> None:
         """``first_waiting``: a partition's first record taken from the consumer but not
-        started (the worker's lookahead), which counts as lag: it waits."""
+        started (the worker's lookahead), which counts as lag: it waits. ``end_offsets``:
+        where the ends come from (default: ``consumer.end_offsets``; the worker passes an
+        :class:`EndOffsets`, whose connection no fetch long-poll holds up)."""
         self._consumer = consumer
         self._metrics = metrics
         self._first_waiting = first_waiting
+        self._end_offsets: EndOffsetsFn = end_offsets or consumer.end_offsets
 
     async def run(
         self,
@@ -56,7 +93,7 @@ class LagReporter:
         if not partitions:
             return
         # end_offsets asks the broker: a paused partition's fetch highwater would be stale.
-        ends = await self._consumer.end_offsets(list(partitions))
+        ends = await self._end_offsets(list(partitions))
         for tp in partitions:
             try:
                 position = await self._consumer.position(tp)

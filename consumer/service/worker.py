@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -54,11 +54,12 @@ from consumer.service.connection import ConnectPolicy, KafkaConnector
 from consumer.service.delivery import AckedSender, Delivery, RetryPolicy, Sender
 from consumer.service.kafka_clients import (
     make_consumer,
+    make_offsets_reader,
     make_producer,
     make_transactional_producer,
     transactional_id,
 )
-from consumer.service.lag import LagReporter
+from consumer.service.lag import EndOffsets, LagReporter
 from consumer.service.metrics import Metrics
 from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import Hold, PartitionWork
@@ -152,6 +153,7 @@ class Worker:
         # exactly-once mode: each assigned partition's transactional producer and outbox
         self._txns: dict[TopicPartition, PartitionTransactions] = {}
         self._lag: LagReporter | None = None
+        self._end_offsets = EndOffsets(lambda: make_offsets_reader(config))
         self._processor: RequestProcessor | None = None
         self._fetch_task: asyncio.Task[None] | None = None
         self._connect_task: asyncio.Task[tuple[Any, Any]] | None = None
@@ -309,7 +311,9 @@ class Worker:
             self._committer = Committer(
                 self._consumer, config.commit_interval_s, self._membership_lost
             )
-        self._lag = LagReporter(self._consumer, self._metrics, self._lookahead.first_offset)
+        self._lag = LagReporter(
+            self._consumer, self._metrics, self._lookahead.first_offset, self._end_offsets
+        )
         await self._check_topics()
         self._consumer.subscribe([config.request_topic], listener=_Listener(self))
         self._started = True
@@ -360,12 +364,16 @@ class Worker:
         self._in_group = False
         await _cancel_all(set(self._tasks))
         # The consumer leaves the group (unless it is a static member).
-        for name, client in (("consumer", self._consumer), ("producer", self._producer)):
-            if client is None:
-                continue
+        stops: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if self._consumer is not None:
+            stops.append(("consumer", self._consumer.stop))
+        if self._producer is not None:
+            stops.append(("producer", self._producer.stop))
+        stops.append(("offsets reader", self._end_offsets.close))
+        for name, stop in stops:
             try:
                 async with asyncio.timeout(_CLIENT_STOP_TIMEOUT_S):
-                    await client.stop()
+                    await stop()
             except TimeoutError:
                 log.error("stopping the Kafka %s timed out; going on without it", name)
             except Exception:

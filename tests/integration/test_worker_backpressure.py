@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from worker_harness import (
     FakeEngine,
     TopicFactory,
@@ -26,7 +27,10 @@ from worker_harness import (
 )
 
 from benchmarks.window_fairness import SteadyEngine
+from consumer.service import worker as worker_module
+from consumer.service.kafka_clients import make_consumer
 from consumer.service.worker import Worker
+from consumer.service.worker_config import WorkerConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,9 +76,9 @@ async def test_the_consumer_pauses_above_the_high_mark_and_resumes(
         for i in range(40)
     ]
     metrics = fresh_metrics()
-    # The backlog must outlast a fetch long-poll (500 ms): the lag's ListOffsets request
-    # shares the consumer's connection and waits behind a fetch of a paused-out consumer.
-    # At 20 ms a batch the 40 requests were answered before any lag update came back.
+    # The backlog must outlast a lag round trip or two. (At 20 ms a batch the 40 requests
+    # were once answered before any lag update came back, when the lag's ListOffsets
+    # shared the consumer's connection and waited behind its fetch long-poll.)
     engine = FakeEngine(delay_s=0.06, blocking=True)
 
     def state(worker: Worker) -> tuple[bool, int, float | None]:
@@ -113,6 +117,56 @@ async def test_the_consumer_pauses_above_the_high_mark_and_resumes(
     assert peak <= 2 * high + docs_per_request
     assert engine.max_in_flight_pairs <= peak
     assert max(lags) > 0, "the backlog behind the paused partitions showed as lag"
+
+
+async def test_the_lag_follows_the_backlog_while_the_consumer_long_polls(
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every record is fetched into the worker's lookahead at once; each resume then sends
+    a fetch that long-polls for more, with nothing new to come. A lag update on the
+    consumer's own connection waited behind that poll (the broker answers a connection's
+    requests one at a time), so the lag stayed stale for up to fetch_max_wait_ms. Here the
+    poll lasts 10 s; the lag must still follow the backlog down to 0 within 3 s of the
+    last reply (without the fix it stayed at 2)."""
+    long_poll_ms = 10_000
+
+    def long_polling_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
+        consumer = make_consumer(config)
+        consumer._fetch_max_wait_ms = long_poll_ms  # read when the consumer starts
+        return consumer
+
+    monkeypatch.setattr(worker_module, "make_consumer", long_polling_consumer)
+    topics = await make_topics(new_topic)
+    config = worker_config(
+        kafka_bootstrap,
+        topics,
+        new_group(),
+        inflight_high_pairs=2,
+        inflight_low_pairs=1,
+        lag_interval_s=0.1,
+    )
+    requests = [request(f"req-{i}", {"query": "q", "documents": ["a"]}) for i in range(24)]
+    metrics = fresh_metrics()
+
+    def lag() -> float:
+        sample = metrics.registry.get_sample_value(
+            "rerank_consumer_lag", {"topic": topics.requests, "partition": "0"}
+        )
+        return sample or 0.0
+
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        running_worker(config, FakeEngine(delay_s=0.25, blocking=True), metrics),
+    ):
+        await asyncio.sleep(1.0)  # the consumer is long-polling an empty partition
+        async with sampling(lag, every_s=0.02) as lags:
+            await produce(kafka_bootstrap, topics.requests, requests)
+            await replies.read(len(requests), timeout_s=30)
+        assert max(lags) > 0, "the backlog in the worker showed as lag"
+        await wait_until(lambda: lag() == 0, 3, "the lag to follow the answered backlog to 0")
 
 
 async def test_a_busy_engine_does_not_cost_the_group_membership(

@@ -1,4 +1,5 @@
-"""The lag loop stops when cancelled, even when a lag update finishes at that moment.
+"""The lag metric: its loop stops when cancelled, even when a lag update finishes at
+that moment; its end offsets come from a client of their own.
 
 Python 3.11's ``asyncio.wait_for`` returns the inner result instead of raising when the
 outer task is cancelled in the same loop turn as the inner work completes; a loop built
@@ -13,7 +14,7 @@ import asyncio
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumer.service.lag import LagReporter
+from consumer.service.lag import EndOffsets, LagReporter
 from consumer.service.metrics import Metrics
 
 TP = TopicPartition("rerank.requests", 0)
@@ -68,3 +69,60 @@ async def test_records_taken_but_not_started_count_as_lag() -> None:
     await LagReporter(_FixedConsumer(), metrics, waiting.get).update([TP, other])
     assert metrics.consumer_lag.labels(TP.topic, "0")._value.get() == 5
     assert metrics.consumer_lag.labels(other.topic, "1")._value.get() == 2
+
+
+class _SideClient:
+    """An offsets reader that fails to start the first ``failures`` times."""
+
+    def __init__(self, failures: int, log: list[str]) -> None:
+        self._failures = failures
+        self._log = log
+
+    async def start(self) -> None:
+        self._log.append("start")
+        if len(self._log) <= self._failures * 2:
+            raise ConnectionError("broker down")
+
+    async def stop(self) -> None:
+        self._log.append("stop")
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self._log.append("ends")
+        return {tp: 7 for tp in partitions}
+
+
+async def test_end_offsets_start_their_client_once_and_retry_a_failed_start() -> None:
+    log: list[str] = []
+    made: list[_SideClient] = []
+
+    def make() -> _SideClient:
+        made.append(_SideClient(failures=1, log=log))
+        return made[-1]
+
+    ends = EndOffsets(make)
+    try:
+        await ends([TP])
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the failed start should raise")
+    assert log == ["start", "stop"]  # the failed client is stopped, not kept
+    assert await ends([TP]) == {TP: 7}
+    assert await ends([TP]) == {TP: 7}
+    assert log == ["start", "stop", "start", "ends", "ends"] and len(made) == 2
+    await ends.close()
+    await ends.close()  # a second close does nothing
+    assert log[-1] == "stop" and log.count("stop") == 2
+
+
+async def test_the_reporter_asks_the_given_end_offsets_not_the_consumer() -> None:
+    metrics = Metrics(CollectorRegistry())
+    asked: list[list[TopicPartition]] = []
+
+    async def side(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        asked.append(partitions)
+        return {tp: 20 for tp in partitions}
+
+    await LagReporter(_FixedConsumer(), metrics, end_offsets=side).update([TP])
+    assert asked == [[TP]]
+    assert metrics.consumer_lag.labels(TP.topic, "0")._value.get() == 12
