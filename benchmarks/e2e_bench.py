@@ -84,6 +84,9 @@ class Phase:
     # when each reply was read (perf_counter), and for a closed loop when sending stopped
     answered_at: list[float] = field(default_factory=list, repr=False)
     sending_ended: float | None = None
+    # the load generator's CPU time over the phase's wall time (1.0 = one core busy): near
+    # or above 1 its own event loop, not the workers, may set the pace
+    generator_cpu: float | None = None
 
     def summary(self, docs: int) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -369,7 +372,10 @@ class Load:
 
     async def _counting(self, phase: Phase, work: Any) -> None:
         before = self._client.stats.duplicates_dropped
+        cpu, wall = time.process_time(), time.perf_counter()
         await work
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        phase.generator_cpu = round(cpu / wall, 2) if wall > 0 else None
         await asyncio.sleep(1.0)  # late repeats of this phase's replies
         phase.duplicates = self._client.stats.duplicates_dropped - before
 
@@ -563,6 +569,8 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
             lines.append(
                 f"{'':14s}steady, first reply to end of sending: {p['steady_pairs_per_s']} pairs/s"
             )
+        if p.get("generator_cpu") is not None:
+            lines.append(f"{'':14s}load generator CPU: {p['generator_cpu']} of one core")
     engine = report.get("engine_bench")
     if engine:
         lines.append(

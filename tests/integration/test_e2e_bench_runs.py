@@ -46,6 +46,9 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
         assert phase["batches"]["count"] >= 1, phase
         assert phase["batches"]["mean_pairs"] >= 1, phase
         assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0), phase
+        if phase["name"] != "lone":  # the load generator's own CPU share while it sent
+            assert 0 < phase["generator_cpu"] < 4, phase
     assert report["worker_exit_codes"] == [0]
     assert report["engine_bench"]["engine"]["load"]["pairs_per_s"] > 0
-    assert "CPU cores" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "CPU cores" in summary and "load generator CPU:" in summary
