@@ -12,8 +12,11 @@ Anything else is a :class:`ModelLoadError`; nothing falls back silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,16 +225,26 @@ def _layer_path(layers: str, device: str) -> str:
     return layers
 
 
+@contextlib.contextmanager
+def _timed(step: str) -> Iterator[None]:
+    """Log how long one step of loading took (a worker's start is the sum of them)."""
+    started = time.perf_counter()
+    yield
+    log.info("model load: %s took %.2f s", step, time.perf_counter() - started)
+
+
 def _load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    with _timed("the tokenizer"):
+        return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _from_pretrained(auto_cls: Any, folder: Path, run: _Resolved) -> Any:
-    model = auto_cls.from_pretrained(
-        str(folder), dtype=DTYPES[run.dtype], attn_implementation=run.attn_implementation
-    )
+    with _timed("the weights (transformers)"):
+        model = auto_cls.from_pretrained(
+            str(folder), dtype=DTYPES[run.dtype], attn_implementation=run.attn_implementation
+        )
     return model.eval()
 
 
@@ -271,23 +284,26 @@ def _last_token_model(
     run: _Resolved,
 ) -> LoadedModel:
     """Qwen3 causal-lm and seq-cls share everything but where the head vector comes from."""
-    base = base.to(run.device)
+    with _timed(f"moving the weights to {run.device}"):
+        base = base.to(run.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scorer = LastTokenScorer(
-        kind,
-        base,
-        head,
-        bias,
-        pad_id,
-        run.device,
-        run.dtype,
-        packed=_packed_for(base, run),
-        compile_model=run.compile,
-    )
+    with _timed("the scorer (and the packed path)"):
+        scorer = LastTokenScorer(
+            kind,
+            base,
+            head,
+            bias,
+            pad_id,
+            run.device,
+            run.dtype,
+            packed=_packed_for(base, run),
+            compile_model=run.compile,
+        )
     # positions past the model's table are garbage to it (and to the packed path's kernel)
     positions = getattr(base.config, "max_position_embeddings", None)
     limit = _max_positions({"max_position_embeddings": positions}, options.max_pair_tokens)
-    encoder = _qwen3_encoder(tokenizer, limit, options)
+    with _timed("the prompt encoder"):
+        encoder = _qwen3_encoder(tokenizer, limit, options)
     return LoadedModel(name, kind, encoder, scorer, run.device, run.dtype)
 
 

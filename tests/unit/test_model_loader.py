@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from dataclasses import replace
@@ -205,3 +206,21 @@ def test_encoder_throughput_counts_what_it_encoded(tiny_causal_dir: Path) -> Non
     assert result.pairs == 12
     assert result.tokens > result.pairs
     assert result.tokens_per_s > 0 and result.pairs_per_s > 0
+
+
+def test_loading_logs_how_long_each_step_took(
+    tiny_causal_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's start is mostly loading; the log says which step took the time."""
+    caplog.set_level(logging.INFO, logger="consumer.runtime.loader")
+    load_model(ModelOptions(model=str(tiny_causal_dir)))
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model load: ")]
+    expected = [
+        "the tokenizer",
+        "the weights (transformers)",
+        "moving the weights to cpu",
+        "the scorer (and the packed path)",
+        "the prompt encoder",
+    ]
+    assert [m.removeprefix("model load: ").rsplit(" took ", 1)[0] for m in steps] == expected
+    assert all(m.endswith(" s") for m in steps)
