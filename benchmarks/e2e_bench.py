@@ -537,7 +537,20 @@ def _hardware(device: str) -> dict[str, Any]:
 
     info = hardware(device)
     info["gpus_visible"] = torch.cuda.device_count()
+    info["topology"] = _gpu_topology()
     return info
+
+
+def _gpu_topology() -> str | None:
+    """``nvidia-smi topo -m``: how the GPUs connect to each other and which CPU cores and
+    NUMA node each is near (two workers may land on cores far from their GPU)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
@@ -580,6 +593,8 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
     lines.append(f"worker exit codes after SIGTERM: {report['worker_exit_codes']}")
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")
+    if hw.get("topology"):
+        (out / "gpu_topology.txt").write_text(hw["topology"])
     print(text)
     if report.get("phases"):
         title = f"{args.gpus} x {hw.get('gpu')}, {args.config}, through Kafka"

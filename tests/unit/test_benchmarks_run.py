@@ -386,3 +386,24 @@ def test_e2e_steady_rate_leaves_out_the_ramp_up_and_the_drain() -> None:
     assert summary["pairs_per_s"] == 6.4  # 64 pairs over the whole 10 s phase
     assert summary["steady_pairs_per_s"] == 12.0  # 6 replies x 8 pairs over 2 s..6 s
     assert Phase("lone").summary(docs=8)["steady_pairs_per_s"] is None  # not a closed loop
+
+
+def test_e2e_saves_the_gpu_topology_when_nvidia_smi_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    from benchmarks import e2e_bench
+
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert e2e_bench._gpu_topology() is None  # a host without the NVIDIA tools
+
+    def answers(command: list[str], **kwargs: Any) -> Any:
+        assert command == ["nvidia-smi", "topo", "-m"]
+        return subprocess.CompletedProcess(command, 0, "GPU0\tX\tNV18\n", "")
+
+    monkeypatch.setattr(subprocess, "run", answers)
+    assert e2e_bench._gpu_topology() == "GPU0\tX\tNV18\n"
