@@ -20,7 +20,10 @@ Each phase also reads the workers' ``/metrics`` before and after it: how many ba
 their mean pairs and mean model time. ``--worker-root`` runs the workers from another
 checkout (an earlier commit), with this harness, in the same call.
 
-Latency is from the SDK call (produce) to its reply read. Each phase counts answered,
+The load comes from one process per GPU (``--generators``), each with its own SDK client,
+so that a two-GPU run is not paced by one Python process; each phase reports the busiest
+generator's CPU time over the phase's wall time. Latency is from the SDK call (produce) to
+its reply read. Each phase counts answered,
 error, lost (no reply in time) and duplicate replies. Then, with the workers stopped, the
 engine bench runs in the same call, so ratios to it hold. Output: ``summary.txt``,
 ``results.json`` and ``latency_vs_load.png`` in ``--out``.
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
+import multiprocessing
 import os
 import shlex
 import signal
@@ -41,6 +46,7 @@ import sys
 import tarfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,10 +301,10 @@ def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str
 class Load:
     """Sends the synthetic requests round-robin through one SDK client."""
 
-    def __init__(self, client: Any, requests: list[tuple[str, list[str]]]) -> None:
+    def __init__(self, client: Any, requests: list[tuple[str, list[str]]], first: int = 0) -> None:
         self._client = client
         self._requests = requests
-        self._next = 0
+        self._next = first
 
     def _take(self) -> tuple[str, list[str]]:
         request = self._requests[self._next % len(self._requests)]
@@ -350,13 +356,16 @@ class Load:
         phase.sending_ended = end
         return phase
 
-    async def open_loop(self, name: str, rate: float, seconds: float) -> Phase:
+    async def open_loop(
+        self, name: str, rate: float, seconds: float, start_after_s: float = 0.0
+    ) -> Phase:
+        """Requests at steady intervals; ``start_after_s`` interleaves several generators."""
         phase = Phase(name, offered_per_s=round(rate, 1))
         count = max(1, int(rate * seconds))
 
         async def paced() -> None:
             tasks = []
-            started = time.perf_counter()
+            started = time.perf_counter() + start_after_s
             for i in range(count):
                 delay = started + i / rate - time.perf_counter()
                 if delay > 0:
@@ -380,17 +389,150 @@ class Load:
         phase.duplicates = self._client.stats.duplicates_dropped - before
 
 
+def merge_phases(parts: list[Phase]) -> Phase:
+    """One phase from the same phase of several load generators, run side by side."""
+    first = parts[0]
+    merged = Phase(first.name, seconds=max(p.seconds for p in parts))
+    rates = [p.offered_per_s for p in parts if p.offered_per_s is not None]
+    merged.offered_per_s = round(sum(rates), 1) if rates else None
+    for part in parts:
+        merged.sent += part.sent
+        merged.answered += part.answered
+        merged.errors += part.errors
+        merged.lost += part.lost
+        merged.duplicates += part.duplicates
+        merged.latencies += part.latencies
+        merged.worker_ms += part.worker_ms
+        merged.timeline += part.timeline
+        merged.answered_at += part.answered_at  # perf_counter: one clock for the host
+    merged.timeline.sort()
+    ended = [p.sending_ended for p in parts if p.sending_ended is not None]
+    merged.sending_ended = max(ended) if ended else None
+    # the busiest generator: near one core, it may be what sets the pace
+    shares = [p.generator_cpu for p in parts if p.generator_cpu is not None]
+    merged.generator_cpu = max(shares) if shares else None
+    return merged
+
+
+def _shares(total: int, count: int) -> list[int]:
+    """``total`` split over ``count`` as evenly as whole numbers go."""
+    return [total // count + (i < total % count) for i in range(count)]
+
+
+class SplitLoad:
+    """The phases of :class:`Load` from several processes, each with its own SDK client
+    (one Python process drives a few thousand requests/s at most)."""
+
+    def __init__(self, connections: list[Any]) -> None:
+        self._connections = connections
+
+    async def _run(self, calls: list[tuple[Any, str, tuple[Any, ...]]]) -> Phase:
+        for connection, method, arguments in calls:
+            connection.send((method, arguments))
+        parts = [Phase(**await asyncio.to_thread(c.recv)) for c, _, _ in calls]
+        return merge_phases(parts)
+
+    async def lone(self, name: str, count: int) -> Phase:
+        return await self._run([(self._connections[0], "lone", (name, count))])
+
+    async def closed_loop(self, name: str, concurrency: int, seconds: float) -> Phase:
+        shares = _shares(concurrency, len(self._connections))
+        return await self._run(
+            [
+                (c, "closed_loop", (name, n, seconds))
+                for c, n in zip(self._connections, shares, strict=True)
+                if n > 0
+            ]
+        )
+
+    async def open_loop(self, name: str, rate: float, seconds: float) -> Phase:
+        count = len(self._connections)
+        return await self._run(
+            [
+                (c, "open_loop", (name, rate / count, seconds, i / rate))
+                for i, c in enumerate(self._connections)
+            ]
+        )
+
+
+def _generator_process(connection: Any, settings: dict[str, Any], index: int) -> None:
+    """A load generator's process: runs the phases the parent sends, returns each Phase."""
+    asyncio.run(_serve_phases(connection, settings, index))
+
+
+async def _serve_phases(connection: Any, settings: dict[str, Any], index: int) -> None:
+    async with _load(settings, first=index * 7919) as load:
+        connection.send("ready")
+        while (call := await asyncio.to_thread(connection.recv)) is not None:
+            method, arguments = call
+            phase = await getattr(load, method)(*arguments)
+            # plain data: this module is the parent's __main__, so its classes pickle by a
+            # module name the other side may not have
+            connection.send(asdict(phase))
+
+
+@contextlib.asynccontextmanager
+async def _load(settings: dict[str, Any], first: int = 0) -> AsyncIterator[Load]:
+    """A :class:`Load` with its SDK client, the synthetic requests built."""
+    from producer_sdk import RerankClient
+
+    requests = synthetic_requests(
+        Path(settings["tokenizer"]), settings["pairs"], settings["docs"], settings["seed"]
+    )
+    # The load generator's own full collections must not show up as service latency.
+    gc.collect()
+    gc.freeze()
+    client = RerankClient(
+        settings["bootstrap"], request_topic=settings["requests"], reply_topic=settings["replies"]
+    )
+    async with client:
+        yield Load(client, requests, first)
+
+
+@contextlib.asynccontextmanager
+async def load_generators(settings: dict[str, Any], count: int) -> AsyncIterator[Load | SplitLoad]:
+    """One load generator in this process, or ``count`` in processes of their own."""
+    if count <= 1:
+        async with _load(settings) as load:
+            yield load
+        return
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe() for _ in range(count)]
+    processes = [
+        context.Process(target=_generator_process, args=(child, settings, i), daemon=True)
+        for i, (_, child) in enumerate(pipes)
+    ]
+    for process in processes:
+        process.start()
+    connections = [parent for parent, _ in pipes]
+    try:
+        for connection in connections:
+            if await asyncio.to_thread(connection.recv) != "ready":
+                raise RuntimeError("a load generator did not start")
+        yield SplitLoad(connections)
+    finally:
+        for connection, process in zip(connections, processes, strict=True):
+            with contextlib.suppress(OSError):
+                connection.send(None)
+            await asyncio.to_thread(process.join, 30)
+            if process.is_alive():
+                process.kill()
+
+
 async def drive(
     args: argparse.Namespace, bootstrap: str, names: tuple[str, str, str], phases: list[Phase]
 ) -> None:
     """Run the phases, appending each to ``phases`` as it ends."""
-    from producer_sdk import RerankClient
-
-    requests = synthetic_requests(args.tokenizer, args.pairs, args.docs, args.seed)
-    # The load generator's own full collections must not show up as service latency.
-    gc.collect()
-    gc.freeze()
-    client = RerankClient(bootstrap, request_topic=names[0], reply_topic=names[1])
+    settings = {
+        "tokenizer": str(args.tokenizer),
+        "pairs": args.pairs,
+        "docs": args.docs,
+        "seed": args.seed,
+        "bootstrap": bootstrap,
+        "requests": names[0],
+        "replies": names[1],
+    }
+    generators = args.generators or args.gpus
 
     async def run(phase: Any) -> Phase:
         before = await batch_totals(worker_gpus(args))
@@ -405,8 +547,7 @@ async def drive(
         _say(done, args.docs)
         return done
 
-    async with client:
-        load = Load(client, requests)
+    async with load_generators(settings, generators) as load:
         in_flight = args.concurrency * args.gpus
         await load.closed_loop("warm-up", in_flight, args.warm_s)
         saturated = await run(load.closed_loop("saturated", in_flight, args.phase_s))
@@ -526,7 +667,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys: tuple[str, ...] = ("gpus", "first_gpu", "device", "config", "partitions", "docs")
-    keys += ("concurrency", "phase_s", "fractions", "rates", "lone", "worker_args", "worker_root")
+    keys += ("concurrency", "generators", "phase_s", "fractions", "rates", "lone")
+    keys += ("worker_args", "worker_root")
     return {k: str(v) if isinstance(v := getattr(args, k), Path) else v for k in keys}
 
 
@@ -583,7 +725,9 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
                 f"{'':14s}steady, first reply to end of sending: {p['steady_pairs_per_s']} pairs/s"
             )
         if p.get("generator_cpu") is not None:
-            lines.append(f"{'':14s}load generator CPU: {p['generator_cpu']} of one core")
+            lines.append(
+                f"{'':14s}load generator CPU (the busiest): {p['generator_cpu']} of one core"
+            )
     engine = report.get("engine_bench")
     if engine:
         lines.append(
@@ -638,6 +782,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=8, help="documents per request")
     p.add_argument("--pairs", type=int, default=32768, help="distinct pairs to cycle through")
     p.add_argument("--concurrency", type=int, default=128, help="requests in flight per GPU")
+    p.add_argument(
+        "--generators",
+        type=int,
+        default=0,
+        help="load-generating processes, each with its own SDK client (0: one per GPU; "
+        "1: in this process)",
+    )
     p.add_argument("--warm-s", type=float, default=10.0)
     p.add_argument("--phase-s", type=float, default=20.0)
     p.add_argument("--lone", type=int, default=100)

@@ -21,14 +21,15 @@ REPO = Path(__file__).resolve().parents[2]
 PORT = 39592  # a broker of its own, away from the test broker
 
 
-def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("generators", [1, 2], ids=["one-generator", "two-generator-processes"])
+def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) -> None:
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
          "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
          "--config", "tiny", "--kafka-port", str(PORT), "--phase-s", "2", "--warm-s", "1",
          "--lone", "3", "--concurrency", "4", "--pairs", "256", "--engine-pairs", "128",
-         "--rates", "5"],
+         "--rates", "5", "--generators", str(generators)],
         cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -51,4 +52,7 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path) -> None:
     assert report["worker_exit_codes"] == [0]
     assert report["engine_bench"]["engine"]["load"]["pairs_per_s"] > 0
     summary = (out / "summary.txt").read_text()
-    assert "CPU cores" in summary and "load generator CPU:" in summary
+    assert "CPU cores" in summary and "load generator CPU (the busiest):" in summary
+    assert report["settings"]["generators"] == generators
+    paced = next(p for p in report["phases"] if p["name"] == "paced 5/s #1")
+    assert paced["offered_per_s"] == 5.0  # split over the generators, summed back

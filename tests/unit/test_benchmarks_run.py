@@ -407,3 +407,21 @@ def test_e2e_saves_the_gpu_topology_when_nvidia_smi_answers(
 
     monkeypatch.setattr(subprocess, "run", answers)
     assert e2e_bench._gpu_topology() == "GPU0\tX\tNV18\n"
+
+
+def test_e2e_phases_of_several_generators_merge_into_one() -> None:
+    from benchmarks.e2e_bench import Phase, _shares, merge_phases
+
+    a = Phase("paced 5/s #1", offered_per_s=2.5, seconds=10.0, sent=25, answered=24, lost=1)
+    a.latencies, a.answered_at, a.timeline = [0.01] * 24, [1.0] * 24, [(2.0, 10.0, 8.0)]
+    a.sending_ended, a.generator_cpu = 11.0, 0.4
+    b = Phase("paced 5/s #1", offered_per_s=2.5, seconds=10.2, sent=25, answered=25, errors=0)
+    b.latencies, b.answered_at, b.timeline = [0.02] * 25, [1.5] * 25, [(1.0, 20.0, 9.0)]
+    b.sending_ended, b.generator_cpu, b.duplicates = 11.5, 0.9, 1
+    merged = merge_phases([a, b])
+    assert (merged.name, merged.offered_per_s, merged.seconds) == ("paced 5/s #1", 5.0, 10.2)
+    assert (merged.sent, merged.answered, merged.lost, merged.duplicates) == (50, 49, 1, 1)
+    assert len(merged.latencies) == len(merged.answered_at) == 49
+    assert merged.timeline == [(1.0, 20.0, 9.0), (2.0, 10.0, 8.0)]  # in sending order
+    assert (merged.sending_ended, merged.generator_cpu) == (11.5, 0.9)  # the busiest
+    assert _shares(512, 2) == [256, 256] and _shares(5, 3) == [2, 2, 1] and sum(_shares(1, 2)) == 1
