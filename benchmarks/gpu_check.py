@@ -1,9 +1,10 @@
 """GPU parity check: packed vs padded vs model-card reference on a random 0.6B-shaped model.
 
-    python -m benchmarks.gpu_check TOKENIZER_DIR [N_PAIRS] [--tiny] [--padded-compiled]
+    python -m benchmarks.gpu_check TOKENIZER_DIR [N_PAIRS] [--config 0.6b|4b|8b|tiny]
+        [--tiny] [--padded-compiled]
 
-Builds Qwen3ForCausalLM with random weights from the released 0.6B config
-(consumer/data/qwen3-reranker-0.6b.config.json), saves it with the tokenizer into a temp
+Builds Qwen3ForCausalLM with random weights from a released config (``--config``, default
+the 0.6B; benchmarks/configs/), saves it with the tokenizer into a temp
 folder, loads it through :func:`consumer.runtime.loader.load_model` several ways
 (packed+compiled, packed eager, packed with the fused row kernels (``layers=kernels``),
 packed+compiled with CUDA graphs large enough for every batch, padded eager;
@@ -24,6 +25,7 @@ eager path on CPU in float32 (a smoke test of the script itself).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import random
@@ -62,11 +64,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> None:
-    """Random-weight Qwen3-Reranker-0.6B checkpoint (seeded) plus the real tokenizer."""
-    config = json.loads(CONFIGS["tiny" if tiny else "0.6b"].read_text())
+def build_model(folder: Path, tokenizer_dir: Path, config_name: str) -> None:
+    """A random-weight checkpoint of a released shape (seeded) plus the real tokenizer."""
+    config = json.loads(CONFIGS[config_name].read_text())
     # spread the random yes/no logits a little
-    config["initializer_range"] = 0.1 if tiny else 0.05
+    config["initializer_range"] = 0.1 if config_name == "tiny" else 0.05
     build_random_model(config, tokenizer_dir, folder, DEVICE, seed=0)
 
 
@@ -156,20 +158,30 @@ def max_diff(a: list[float], b: list[float], calibrate: bool) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` without the program's name."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("tokenizer_dir", type=Path)
+    p.add_argument("n_pairs", type=int, nargs="?", default=64)
+    p.add_argument("--config", default="0.6b", choices=sorted(CONFIGS), help="model shape")
+    p.add_argument("--tiny", action="store_true", help="the same as --config tiny")
+    p.add_argument("--padded-compiled", action="store_true", help="also the padded path compiled")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.config = "tiny"
+    return args
+
+
 def main(argv: list[str]) -> int:
-    tiny = "--tiny" in argv
-    padded_compiled = "--padded-compiled" in argv
-    args = [a for a in argv if not a.startswith("--")]
-    if len(args) < 2:
-        print(__doc__)
-        return 2
-    tokenizer_dir = Path(args[1])
-    n_pairs = int(args[2]) if len(args) > 2 else 64
+    args = parse_args(argv[1:])
+    tokenizer_dir, n_pairs, padded_compiled = args.tokenizer_dir, args.n_pairs, args.padded_compiled
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else None
-    emit(torch=torch.__version__, device=DEVICE, gpu=gpu, cuda=torch.version.cuda, tiny=tiny)
+    emit(
+        torch=torch.__version__, device=DEVICE, gpu=gpu, cuda=torch.version.cuda, config=args.config
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "qwen3-reranker-0.6b-random"
-        build_model(folder, tokenizer_dir, tiny)
+        folder = Path(tmp) / f"qwen3-reranker-{args.config}-random"
+        build_model(folder, tokenizer_dir, args.config)
         default_graphs = ModelOptions.cuda_graph_max_tokens
         variants = {  # name: (packed, compile, layers, largest CUDA graph)
             "packed_compiled": ("on", "on", "auto", default_graphs),

@@ -425,3 +425,12 @@ def test_e2e_phases_of_several_generators_merge_into_one() -> None:
     assert merged.timeline == [(1.0, 20.0, 9.0), (2.0, 10.0, 8.0)]  # in sending order
     assert (merged.sending_ended, merged.generator_cpu) == (11.5, 0.9)  # the busiest
     assert _shares(512, 2) == [256, 256] and _shares(5, 3) == [2, 2, 1] and sum(_shares(1, 2)) == 1
+
+
+def test_gpu_check_takes_every_released_shape() -> None:
+    assert gpu_check.parse_args(["tok"]).config == "0.6b"
+    args = gpu_check.parse_args(["tok", "32", "--config", "4b"])
+    assert (args.config, args.n_pairs, str(args.tokenizer_dir)) == ("4b", 32, "tok")
+    assert gpu_check.parse_args(["tok", "--config", "8b", "--tiny"]).config == "tiny"
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["tok", "--config", "70b"])
