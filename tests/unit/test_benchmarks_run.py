@@ -317,6 +317,27 @@ def test_the_window_tables_come_from_the_committed_runs() -> None:
     assert_quoted(numbers, docs_section("### The in-flight window"))
 
 
+def test_the_graph_size_tables_come_from_the_committed_runs() -> None:
+    """docs/benchmarks.md's larger-graphs and 4B-window tables quote calls 21-23."""
+    runs = RESULTS / "2026-12-04-graph-sizes"
+    numbers = []
+    for path in sorted(runs.glob("call2[123]/g*/results.json")):
+        phases = e2e_phases(path)
+        numbers += [
+            f"{phases['saturated']['steady_pairs_per_s']:,.1f}",
+            f"{phases['paced 163/s #1']['p99_ms']:,.1f}",
+            f"{phases['paced 183/s #1']['p99_ms']:,.1f}",
+            f"{phases['lone']['p50_ms']}",
+        ]
+    for side in ("window", "fixed"):
+        saturated = e2e_phases(runs / "call23" / side / "results.json")["saturated"]
+        numbers.append(f"{saturated['steady_pairs_per_s']:,.1f}")
+        numbers += [f"{saturated[k]:,.0f}" for k in ("p50_ms", "p95_ms", "p99_ms")]
+    assert len(numbers) == 10 * 4 + 2 * 4
+    section = docs_section("**Oldest first on a GPU**") + docs_section("### Larger CUDA graphs")
+    assert_quoted(numbers, section)
+
+
 def test_e2e_summary_shows_a_phase_with_nothing_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
