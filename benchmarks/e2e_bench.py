@@ -461,6 +461,7 @@ def _generator_process(connection: Any, settings: dict[str, Any], index: int) ->
 
 
 async def _serve_phases(connection: Any, settings: dict[str, Any], index: int) -> None:
+    # each generator starts at another place in the requests, so none repeats another's
     async with _load(settings, first=index * 7919) as load:
         connection.send("ready")
         while (call := await asyncio.to_thread(connection.recv)) is not None:

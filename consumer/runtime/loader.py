@@ -37,17 +37,7 @@ from consumer.runtime.prompt import (
 from consumer.runtime.qwen3.attention import varlen_available
 from consumer.runtime.qwen3.forward import LAYER_PATHS, PackedQwen3, supports_packing
 from consumer.runtime.qwen3.fused_layers import fp8_supported
-from consumer.runtime.qwen3.graphs import (
-    DEFAULT_MAX_TOKENS as DEFAULT_GRAPH_MAX_TOKENS,
-)
-from consumer.runtime.qwen3.graphs import (
-    SMALLEST_MAX_TOKENS as SMALLEST_GRAPH_MAX_TOKENS,
-)
-from consumer.runtime.qwen3.graphs import (
-    PackedGraphs,
-    make_buckets,
-    token_sizes_up_to,
-)
+from consumer.runtime.qwen3.graphs import PackedGraphs, make_buckets, token_sizes_up_to
 from consumer.runtime.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -86,7 +76,7 @@ class _Resolved:
     packed: str  # "on" | "off" | "auto" (decided per kind)
     cuda_graphs: bool
     layers: str  # one of LAYER_PATHS
-    graph_max_tokens: int = DEFAULT_GRAPH_MAX_TOKENS
+    graph_max_tokens: int
 
 
 def load_model(options: ModelOptions) -> LoadedModel:
@@ -199,11 +189,10 @@ def resolve_options(options: ModelOptions) -> _Resolved:
     )
     attn = "sdpa" if options.attn_implementation == "auto" else options.attn_implementation
     graphs_on = options.cuda_graphs != "off" and device.startswith("cuda")
-    if options.cuda_graph_max_tokens < SMALLEST_GRAPH_MAX_TOKENS:
-        raise ModelLoadError(
-            f"cuda_graph_max_tokens must be at least {SMALLEST_GRAPH_MAX_TOKENS}, "
-            f"not {options.cuda_graph_max_tokens}"
-        )
+    try:
+        token_sizes_up_to(options.cuda_graph_max_tokens)  # refused here, not at warm-up
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     layers = _layer_path(options.layers, device)
     packed = "on" if layers != "compiled" else options.packed
     return _Resolved(

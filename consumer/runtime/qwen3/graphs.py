@@ -78,7 +78,9 @@ def token_sizes_up_to(max_tokens: int) -> tuple[int, ...]:
     """The buckets' token sizes for graphs of at most ``max_tokens`` stream tokens: the
     default sizes up to it, then steps of 1,024, and ``max_tokens`` itself."""
     if max_tokens < SMALLEST_MAX_TOKENS:
-        raise ValueError(f"graphs need at least {SMALLEST_MAX_TOKENS} tokens, not {max_tokens}")
+        raise ValueError(
+            f"cuda_graph_max_tokens must be at least {SMALLEST_MAX_TOKENS}, not {max_tokens}"
+        )
     sizes = {t for t in DEFAULT_TOKENS if t <= max_tokens}
     sizes.update(range(DEFAULT_MAX_TOKENS + LARGE_TOKEN_STEP, max_tokens + 1, LARGE_TOKEN_STEP))
     sizes.add(max_tokens)
