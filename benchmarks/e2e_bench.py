@@ -813,6 +813,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.generators < 0:
+        p.error("--generators must be 0 (one per GPU) or more")
     if args.gpus <= 0:
         import torch
 

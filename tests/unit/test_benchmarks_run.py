@@ -142,6 +142,7 @@ def test_bench_arguments_out_of_range_are_usage_errors(
 
     for run, argv in (
         (e2e_bench.parse_args, ["--out", "x", "--gpus", "1", "--rates", "0"]),
+        (e2e_bench.parse_args, ["--out", "x", "--gpus", "1", "--generators", "-1"]),
         (strong_reference.main, ["--pairs", "0"]),
     ):
         with pytest.raises(SystemExit) as exit_info:
