@@ -384,7 +384,7 @@ class Load:
         cpu, wall = time.process_time(), time.perf_counter()
         await work
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        phase.generator_cpu = round(cpu / wall, 2) if wall > 0 else None
+        phase.generator_cpu = round(cpu / wall, 3) if wall > 0 else None
         await asyncio.sleep(1.0)  # late repeats of this phase's replies
         phase.duplicates = self._client.stats.duplicates_dropped - before
 

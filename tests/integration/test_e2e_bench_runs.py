@@ -48,7 +48,9 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) 
         assert phase["batches"]["mean_pairs"] >= 1, phase
         assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0), phase
         if phase["name"] != "lone":  # the load generator's own CPU share while it sent
-            assert 0 < phase["generator_cpu"] < 4, phase
+            assert 0 <= phase["generator_cpu"] < 4, phase
+    # a few requests a second cost a generator next to nothing; the closed loop does not
+    assert report["phases"][0]["generator_cpu"] > 0
     assert report["worker_exit_codes"] == [0]
     assert report["engine_bench"]["engine"]["load"]["pairs_per_s"] > 0
     summary = (out / "summary.txt").read_text()
