@@ -45,7 +45,8 @@ def make_consumer(config: WorkerConfig) -> AIOKafkaConsumer:
 
 
 def make_offsets_reader(config: WorkerConfig) -> AIOKafkaConsumer:
-    """A client that only asks partitions' end offsets, for the lag metric.
+    """A client that only asks partitions' end offsets: for the lag metric, and for how
+    far a partition whose last owner died mid-record is worked carefully.
 
     Not the request consumer: the broker answers one request per connection at a time, so
     on the consumer's connection a ListOffsets request waits behind the fetch long-poll (up

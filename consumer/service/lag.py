@@ -31,18 +31,25 @@ class EndOffsets:
     def __init__(self, make_client: Callable[[], Any]) -> None:
         self._make_client = make_client
         self._client: Any = None
+        # the lag loop and a rebalance may both be first: one client, started once
+        self._starting = asyncio.Lock()
 
     async def __call__(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int]:
-        if self._client is None:
-            client = self._make_client()
-            try:
-                await client.start()
-            except BaseException:
-                await client.stop()
-                raise
-            self._client = client
-        ends: Mapping[TopicPartition, int] = await self._client.end_offsets(partitions)
+        client = await self._started_client()
+        ends: Mapping[TopicPartition, int] = await client.end_offsets(partitions)
         return ends
+
+    async def _started_client(self) -> Any:
+        async with self._starting:
+            if self._client is None:
+                client = self._make_client()
+                try:
+                    await client.start()
+                except BaseException:
+                    await client.stop()
+                    raise
+                self._client = client
+            return self._client
 
     async def close(self) -> None:
         """Stop the client, if it started."""

@@ -626,9 +626,13 @@ class Worker:
         if self._config.exactly_once:
             await self._start_transactions(assigned)
         heads = await read_heads(self._consumer, assigned)
-        for tp in assigned:
-            self._work[tp] = PartitionWork(heads.get(tp))
-        await self._be_careful_with({tp for tp in assigned if self._work[tp].suspect})
+        work = {tp: PartitionWork(heads.get(tp)) for tp in assigned}
+        try:
+            await self._be_careful_with({tp: w for tp, w in work.items() if w.suspect})
+        finally:
+            # Published only now: the fetch loop works a partition's records once it is
+            # in _work, and a suspect one must be worked carefully from its first record.
+            self._work.update(work)
 
     def _set_up_plainly(self, assigned: set[TopicPartition]) -> None:
         """What a failed :meth:`_set_up` left out: work with no head, and in exactly-once
@@ -640,20 +644,21 @@ class Worker:
                 txns.broken = True  # its first transaction starts a fresh producer
                 self._txns[tp] = txns
 
-    async def _be_careful_with(self, suspects: set[TopicPartition]) -> None:
+    async def _be_careful_with(self, suspects: dict[TopicPartition, PartitionWork]) -> None:
         """The last owners of ``suspects`` did not finish the record at the committed
         position: one record at a time, across all partitions, until past every record
         they may have had in flight (what existed then, at most a full in-flight window)."""
-        if not suspects or self._consumer is None:
+        if not suspects:
             return
         try:
             async with asyncio.timeout(10):
-                ends = await self._consumer.end_offsets(list(suspects))
+                # not the consumer's connection: a fetch long-poll of the partitions held
+                # before this rebalance may still be waiting there
+                ends = await self._end_offsets(list(suspects))
         except (KafkaError, TimeoutError):
             ends = {}
         window = self._config.inflight_high_pairs + self._config.max_poll_records
-        for tp in suspects:
-            work = self._work[tp]
+        for tp, work in suspects.items():
             assert work.head is not None
             work.careful_until = min(ends.get(tp, work.head.offset + 1), work.head.offset + window)
             self._suspects.add(tp)

@@ -126,3 +126,29 @@ async def test_the_reporter_asks_the_given_end_offsets_not_the_consumer() -> Non
     await LagReporter(_FixedConsumer(), metrics, end_offsets=side).update([TP])
     assert asked == [[TP]]
     assert metrics.consumer_lag.labels(TP.topic, "0")._value.get() == 12
+
+
+class _SlowStartClient(_SideClient):
+    """Its start takes a few loop turns, as a real connection does."""
+
+    async def start(self) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await super().start()
+
+
+async def test_two_first_calls_at_once_start_one_client() -> None:
+    # the lag loop and a rebalance's careful start may both be the first caller
+    log: list[str] = []
+    made: list[_SideClient] = []
+
+    def make() -> _SideClient:
+        made.append(_SlowStartClient(failures=0, log=log))
+        return made[-1]
+
+    ends = EndOffsets(make)
+    both = await asyncio.gather(ends([TP]), ends([TP]))
+    assert both == [{TP: 7}, {TP: 7}]
+    assert len(made) == 1 and log.count("start") == 1
+    await ends.close()
+    assert log.count("stop") == 1  # no second client left running

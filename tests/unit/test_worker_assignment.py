@@ -7,6 +7,7 @@ back for ever and never answered.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -57,7 +58,7 @@ async def test_partitions_set_up_before_the_failure_keep_what_they_read(
     async def heads(consumer: Any, partitions: Any) -> dict[TopicPartition, Any]:
         return {first: Head(7, 0)}
 
-    async def careful_fails(self: Worker, suspects: set[TopicPartition]) -> None:
+    async def careful_fails(self: Worker, suspects: Any) -> None:
         raise RuntimeError("unexpected")
 
     monkeypatch.setattr(worker_module, "read_heads", heads)
@@ -68,3 +69,37 @@ async def test_partitions_set_up_before_the_failure_keep_what_they_read(
     assert set(worker._work) == ASSIGNED
     head = worker._work[first].head
     assert head is not None and head.offset == 7
+
+
+async def test_a_careful_start_reads_end_offsets_off_the_consumers_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The consumer's connection may still hold a fetch long-poll for the partitions held
+    # before the rebalance, and the broker answers one request per connection at a time:
+    # the end offsets come from the worker's offsets reader instead.
+    suspect = min(ASSIGNED)
+
+    class LongPollingConsumer:
+        async def end_offsets(self, partitions: Any) -> dict[TopicPartition, int]:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    async def heads(consumer: Any, partitions: Any) -> dict[TopicPartition, Any]:
+        return {suspect: Head(7, 1)}  # its last owner did not finish offset 7
+
+    async def reader(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        # While this waits the fetch loop runs: a partition it can see must already be
+        # worked carefully, or it would score the records the last owner died on at once.
+        assert suspect not in worker._work or suspect in worker._suspects
+        await asyncio.sleep(0.01)
+        return {tp: 9 for tp in partitions}
+
+    monkeypatch.setattr(worker_module, "read_heads", heads)
+    worker = _worker("at_least_once")
+    worker._consumer = LongPollingConsumer()  # type: ignore[assignment]
+    worker._end_offsets = reader  # type: ignore[assignment]
+    async with asyncio.timeout(1):
+        await worker._set_up(set(ASSIGNED))
+
+    assert worker._work[suspect].careful_until == 9
+    assert worker._suspects == {suspect}
