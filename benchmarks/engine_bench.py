@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
@@ -50,6 +51,7 @@ from consumer.engine.api import ScoreRequest
 from consumer.engine.engine import Engine
 from consumer.engine.metrics import BatchReport, NoMetrics
 from consumer.engine.settings import EngineSettings
+from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import TOKENIZER_BACKENDS, EncodedPair
 from consumer.runtime.qwen3.forward import LAYER_PATHS
 from consumer.runtime.scorer import Scorer
@@ -222,7 +224,6 @@ async def run_engine(
     args: argparse.Namespace, folder: Path, requests: list[tuple[str, list[str]]], shape: ModelShape
 ) -> dict[str, Any]:
     from consumer.runtime.loader import load_model
-    from consumer.runtime.options import ModelOptions
 
     options = ModelOptions(
         model=str(folder),
@@ -232,6 +233,7 @@ async def run_engine(
         packed=args.packed,
         layers=args.layers,
         tokenizer_backend=args.tokenizer_backend,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
     )
     t0 = time.perf_counter()
     model = await asyncio.to_thread(load_model, options)
@@ -418,6 +420,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="how prompts are tokenized (auto: tiktoken when it reproduces the tokenizer)",
     )
+    p.add_argument(
+        "--cuda-graph-max-tokens",
+        type=positive_int,
+        default=ModelOptions.cuda_graph_max_tokens,
+        help="the largest batch (tokens) a CUDA graph is captured for; the capture log line "
+        "gives the graphs' GPU memory",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=65536)
     p.add_argument("--max-batch-pairs", type=int, default=512)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -601,6 +610,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    # the loader's step times and the CUDA graphs' capture line (time, GPU memory) on stderr
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("consumer.runtime").setLevel(logging.INFO)
     if args.switch_interval_ms is not None:
         # how long the inference thread may wait for the GIL while tokenizer threads hold it
         sys.setswitchinterval(args.switch_interval_ms / 1000.0)

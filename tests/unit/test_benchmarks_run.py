@@ -138,11 +138,12 @@ def test_strong_reference_batches_sorted_pairs_within_the_budget() -> None:
 def test_bench_arguments_out_of_range_are_usage_errors(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from benchmarks import e2e_bench, strong_reference
+    from benchmarks import e2e_bench, engine_bench, strong_reference
 
     for run, argv in (
         (e2e_bench.parse_args, ["--out", "x", "--gpus", "1", "--rates", "0"]),
         (e2e_bench.parse_args, ["--out", "x", "--gpus", "1", "--generators", "-1"]),
+        (engine_bench.parse_args, ["--cuda-graph-max-tokens", "0"]),
         (strong_reference.main, ["--pairs", "0"]),
     ):
         with pytest.raises(SystemExit) as exit_info:
