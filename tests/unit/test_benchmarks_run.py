@@ -457,3 +457,20 @@ def test_gpu_check_takes_every_released_shape() -> None:
     assert gpu_check.parse_args(["tok", "--config", "8b", "--tiny"]).config == "tiny"
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["tok", "--config", "70b"])
+
+
+def test_the_fp8_emulation_table_comes_from_the_committed_runs() -> None:
+    """Every variant's max and mean score drift in the emulated-FP8 table is in the raw
+    output, and every variant run is in the table."""
+    section = docs_section("### FP8 scale granularity and bf16 layers, emulated")
+    table = section[: section.index("What this shows")]
+    drifts = [
+        json.loads(line)
+        for path in sorted((RESULTS / "2026-12-04-fp8-emulation").glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+        if '"vs": "card_fp32"' in line
+    ]
+    assert len(drifts) == 4 + 3 + 3 + 3  # four runs: the card's bf16 and 3, 2, 2, 2 variants
+    for drift in drifts:
+        row = f"| {drift['max_abs_score_diff']:.3f} | {drift['mean_abs_score_diff']:.3f} |"
+        assert row in table, drift["variant"]
