@@ -355,6 +355,16 @@ class TrafficReport:
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
+    # (sent, answered) of each answered call, time.monotonic()
+    answered: list[tuple[float, float]] = field(default_factory=list)
+
+    def first_answer_after(self, moment: float) -> float | None:
+        """When the first call was answered after ``moment`` (None: none was)."""
+        return min((done for _, done in self.answered if done > moment), default=None)
+
+    def last_answer_of_calls_sent_before(self, moment: float) -> float | None:
+        """When the last call sent before ``moment`` was answered (None: none was)."""
+        return max((done for sent, done in self.answered if sent < moment), default=None)
 
 
 class Traffic:
@@ -413,8 +423,10 @@ class Traffic:
         except RerankError as exc:
             self.report.errors[type(exc).__name__] += 1
             return
+        answered = time.monotonic()
         self.report.ok += 1
-        self.report.latencies_s.append(time.monotonic() - started)
+        self.report.latencies_s.append(answered - started)
+        self.report.answered.append((started, answered))
 
 
 async def produce_raw(

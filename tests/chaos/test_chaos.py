@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,11 @@ class Run:
 
     broker: ChaosBroker
     pools: list[WorkerPool]  # one per delivery mode, run side by side
+    # moments of the fault (time.monotonic()) that the report times recovery from
+    timeline: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, moment: str) -> None:
+        self.timeline[moment] = time.monotonic()
 
     @property
     def topics(self) -> list[ChaosTopics]:
@@ -103,7 +108,8 @@ async def run_scenario(
             for pool, mode in zip(pools, MODES, strict=True)
         ]
         started = time.monotonic()
-        injected = await inject(Run(broker, pools))
+        run = Run(broker, pools)
+        injected = await inject(run)
         await asyncio.sleep(max(0.0, SECONDS - (time.monotonic() - started)))
         await asyncio.gather(*(t.stop() for t in traffic))
         ledgers = await asyncio.gather(
@@ -113,7 +119,7 @@ async def run_scenario(
             )
         )
     for mode, ledger, stream, pool in zip(MODES, ledgers, traffic, pools, strict=True):
-        report(name, mode, injected, ledger, stream, pool)
+        report(name, mode, injected, ledger, stream, pool, recovery(run, stream, started))
     for mode, ledger, pool in zip(MODES, ledgers, pools, strict=True):
         assert not ledger.lost, f"{mode}: {len(ledger.lost)} requests lost\n{pool.logs()}"
         if mode == "exactly_once":
@@ -121,8 +127,30 @@ async def run_scenario(
     return dict(zip(MODES, ledgers, strict=True))
 
 
+def recovery(run: Run, traffic: Traffic, started: float) -> dict[str, Any]:
+    """Seconds from the start of traffic to each moment the fault marked, and from the
+    last mark to the first answer after it and to the last answer of a call sent before
+    it: what a long reply delay is made of."""
+    if not run.timeline:
+        return {}
+    last = max(run.timeline.values())
+    first = traffic.report.first_answer_after(last)
+    backlog = traffic.report.last_answer_of_calls_sent_before(last)
+    return {
+        "timeline_s": {k: round(v - started, 2) for k, v in run.timeline.items()},
+        "first_answer_after_last_mark_s": None if first is None else round(first - last, 2),
+        "backlog_answered_after_last_mark_s": None if backlog is None else round(backlog - last, 2),
+    }
+
+
 def report(
-    name: str, mode: str, injected: str, ledger: Ledger, traffic: Traffic, pool: WorkerPool
+    name: str,
+    mode: str,
+    injected: str,
+    ledger: Ledger,
+    traffic: Traffic,
+    pool: WorkerPool,
+    recovered: dict[str, Any],
 ) -> None:
     row = {
         "scenario": name,
@@ -138,6 +166,7 @@ def report(
         "sdk_errors": dict(traffic.report.errors),
         "max_reply_delay_s": round(max(traffic.report.latencies_s, default=0.0), 2),
         "worker_crashes": pool.crashes(),
+        **recovered,
     }
     print(json.dumps(row))
     if REPORT:
@@ -180,9 +209,13 @@ async def test_sigterm_rolling_restart(
 async def test_broker_stop_and_start(chaos_broker: ChaosBroker, worker_logs: Path) -> None:
     async def inject(run: Run) -> str:
         await asyncio.sleep(SECONDS / 4)
+        run.mark("stopping")
         await asyncio.to_thread(run.broker.stop)
+        run.mark("stopped")
         await asyncio.sleep(3.0)
+        run.mark("starting")
         await asyncio.to_thread(run.broker.start)
+        run.mark("started")
         return "broker stopped (SIGTERM), 3 s down, started again with its data"
 
     await run_scenario(chaos_broker, worker_logs, "broker stop and start", inject)
