@@ -32,8 +32,10 @@ id is finished, and that may have been a commit nobody here saw succeed:
 So once the producer has its id, the group's committed offset is read, and from then on
 nothing below it is produced or committed: outbox entries below it (answered and visible
 already) are dropped, resending them would duplicate replies, and a commit below it
-would move the group's offset back. A new owner that started below it answers those
-records again and its answers are dropped.
+would move the group's offset back. The worker also reads each new partition's
+committed offset once its producer has its id, and its consumer fetches from there
+(``Worker._start_at``), so a new owner does not score those records again; should it
+start below the offset all the same (the read failed), its answers to them are dropped.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -47,7 +47,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from opentelemetry.trace import TracerProvider
 
 from consumer.engine.api import RerankEngine
-from consumer.service.attempts import read_committed_offset, read_heads
+from consumer.service.attempts import Head, read_committed_offset, read_heads
 from consumer.service.backpressure import PairGate
 from consumer.service.committer import Committer, names
 from consumer.service.connection import ConnectPolicy, KafkaConnector
@@ -626,6 +626,8 @@ class Worker:
         if self._config.exactly_once:
             await self._start_transactions(assigned)
         heads = await read_heads(self._consumer, assigned)
+        if self._config.exactly_once:
+            self._start_at(heads)
         work = {tp: PartitionWork(heads.get(tp)) for tp in assigned}
         try:
             await self._be_careful_with({tp: w for tp, w in work.items() if w.suspect})
@@ -633,6 +635,18 @@ class Worker:
             # Published only now: the fetch loop works a partition's records once it is
             # in _work, and a suspect one must be worked carefully from its first record.
             self._work.update(work)
+
+    def _start_at(self, heads: Mapping[TopicPartition, Head]) -> None:
+        """Fetch each partition from its head, read once its producer had its id.
+
+        The consumer's own start may be older: it read the committed offset before the
+        last owner's final transaction was finished (consumer.service.transactions). From
+        there the records up to the head would be scored again only for their answers to
+        be dropped, and the record at the head would not count as its attempt.
+        """
+        assert self._consumer is not None
+        for tp, head in heads.items():
+            self._consumer.seek(tp, head.offset)
 
     def _set_up_plainly(self, assigned: set[TopicPartition]) -> None:
         """What a failed :meth:`_set_up` left out: work with no head, and in exactly-once

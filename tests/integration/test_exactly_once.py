@@ -30,6 +30,7 @@ from worker_harness import (
 
 from consumer.service.kafka_clients import make_transactional_producer, transactional_id
 from consumer.service.transactions import Output, PartitionTransactions
+from consumer.service.worker import Worker
 from producer_sdk import RerankClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -277,3 +278,50 @@ async def wait_until_async(
 def _reply(topics: Topics, offset: int) -> Output:
     correlation_id = f"c-{offset}".encode()
     return Output(topics.replies, 0, correlation_id, b"{}", [("correlation-id", correlation_id)])
+
+
+async def test_a_new_owner_fetches_from_the_last_owners_final_commit(
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The new owner's consumer read its start before the last owner's final transaction
+    (offset 6) was finished. Once its own producer has its id, it fetches from 6: the
+    records before it are neither scored again nor answered twice."""
+    topics = await make_topics(new_topic)
+    group = new_group()
+    config = worker_config(kafka_bootstrap, topics, group, delivery="exactly_once")
+    tp = TopicPartition(topics.requests, 0)
+    requests = [request(f"c-{i}", {"query": f"q{i}", "documents": ["a", "b"]}) for i in range(10)]
+    starts: list[int] = []
+    set_up_producers = Worker._start_transactions
+
+    async def last_owner_commits_meanwhile(worker: Worker, assigned: set[TopicPartition]) -> None:
+        if not starts:
+            assert worker._consumer is not None
+            async with asyncio.timeout(10):
+                starts.append(await worker._consumer.position(tp))  # read before the commit
+            last_owner = make_transactional_producer(config, transactional_id(config, tp.topic, 0))
+            await last_owner.start()
+            try:
+                await last_owner.begin_transaction()
+                await last_owner.send_offsets_to_transaction({tp: 6}, group)
+                await last_owner.commit_transaction()
+            finally:
+                await last_owner.stop()
+        await set_up_producers(worker, assigned)
+
+    monkeypatch.setattr(Worker, "_start_transactions", last_owner_commits_meanwhile)
+    engine = FakeEngine()
+    await produce(kafka_bootstrap, topics.requests, requests)
+    async with (
+        reply_reader(kafka_bootstrap, topics, "read_committed") as replies,
+        running_worker(config, engine),
+    ):
+        await replies.read(4)
+        await replies.quiet(1.0)
+    assert starts == [0]  # the consumer's own start was the older one
+    assert sorted(engine.seen) == [f"q{i}" for i in range(6, 10)]
+    answers = by_correlation_id(replies.records)
+    assert {cid: len(rs) for cid, rs in answers.items()} == {f"c-{i}": 1 for i in range(6, 10)}

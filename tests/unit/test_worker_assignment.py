@@ -103,3 +103,39 @@ async def test_a_careful_start_reads_end_offsets_off_the_consumers_connection(
 
     assert worker._work[suspect].careful_until == 9
     assert worker._suspects == {suspect}
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_exactly_once_fetches_from_the_head_read_after_the_producer_started(
+    monkeypatch: pytest.MonkeyPatch, delivery: str
+) -> None:
+    # The consumer read its start before the last owner's final transaction finished; the
+    # head read once this worker's producer had its id is past it. Fetching from the
+    # older start would score those records again only to drop their answers.
+    order: list[str] = []
+    seeks: dict[TopicPartition, int] = {}
+    first = min(ASSIGNED)
+
+    class Consumer:
+        def seek(self, tp: TopicPartition, offset: int) -> None:
+            seeks[tp] = offset
+
+    async def producers_started(assigned: set[TopicPartition]) -> None:
+        order.append("producers")
+
+    async def heads(consumer: Any, partitions: Any) -> dict[TopicPartition, Any]:
+        order.append("heads")
+        return {first: Head(12, 0)}  # the other partition has no committed offset yet
+
+    monkeypatch.setattr(worker_module, "read_heads", heads)
+    worker = _worker(delivery)
+    worker._consumer = Consumer()  # type: ignore[assignment]
+    monkeypatch.setattr(worker, "_start_transactions", producers_started)
+    await worker._set_up(set(ASSIGNED))
+
+    if delivery == "exactly_once":
+        assert order == ["producers", "heads"]
+        assert seeks == {first: 12}
+    else:  # its committed offsets are never read too early: no seek
+        assert seeks == {}
+    assert worker._work[first].head == Head(12, 0)
