@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from benchmarks.gpu_check import reference_logits
+from benchmarks.host import positive_int
 from benchmarks.workload import (
     CONFIGS,
     build_random_model,
@@ -126,14 +127,27 @@ def engine_logits(loaded: LoadedModel, pairs: list[EncodedPair]) -> tuple[list[f
     return logits, warm
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_workload_arguments(parser: argparse.ArgumentParser, pairs: int) -> None:
+    """The random model and its requests: --tokenizer, --config, --pairs (default
+    ``pairs``), --init-range and --seed."""
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--config", default="0.6b", help="one of " + ", ".join(CONFIGS))
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--layers", default="compiled,kernels,fp8")
+    parser.add_argument("--pairs", type=positive_int, default=pairs)
     parser.add_argument("--init-range", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def random_model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config``'s shape, initialised with ``--init-range`` so that scores spread."""
+    config: dict[str, Any] = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
+    config["initializer_range"] = args.init_range
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_workload_arguments(parser, pairs=512)
+    parser.add_argument("--layers", default="compiled,kernels,fp8")
     parser.add_argument(
         "--model", type=Path, default=None, help="a checkpoint folder instead of random weights"
     )
@@ -143,8 +157,7 @@ def main() -> None:
     emit(gpu=torch.cuda.get_device_name(), torch=torch.__version__, config=args.config)
     emit(**check_fp8_rounding())
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
-    config = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
-    config["initializer_range"] = args.init_range
+    config = random_model_config(args)
     raw = synthetic_requests(tokenizer_dir, args.pairs, DOCS, args.seed)
     logits: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,6 @@ measures the rounding of FP8's inputs alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -43,10 +42,16 @@ from typing import Any, cast
 
 import torch
 
-from benchmarks.drift import DOCS, agreement, emit
+from benchmarks.drift import (
+    DOCS,
+    add_workload_arguments,
+    agreement,
+    emit,
+    random_model_config,
+)
+from benchmarks.gpu_check import card_recipe_logits, yes_no_ids
 from benchmarks.host import cpu_model
 from benchmarks.workload import (
-    CONFIGS,
     build_random_model,
     default_tokenizer_dir,
     synthetic_requests,
@@ -136,25 +141,10 @@ def apply_variant(model: Any, variant: str) -> None:
                     module.forward = rounded_linear(module, granularity)
 
 
-def card_logits(model: Any, yes_no: tuple[int, int], payloads: list[list[int]]) -> list[float]:
-    """The model card's recipe: one pair at a time, the yes and no logits at the last token."""
-    yes, no = yes_no
-    out = []
-    with torch.inference_mode():
-        for payload in payloads:
-            logits = model(input_ids=torch.tensor([payload])).logits[0, -1].float()
-            out.append(float(logits[yes] - logits[no]))
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokenizer", type=Path, default=None)
-    parser.add_argument("--config", default="0.6b", help="one of " + ", ".join(CONFIGS))
-    parser.add_argument("--pairs", type=int, default=64)
+    add_workload_arguments(parser, pairs=64)
     parser.add_argument("--variants", default="row,block128,tensor")
-    parser.add_argument("--init-range", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     for variant in variants:
@@ -172,13 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         torch=torch.__version__,
         config=args.config,
     )
-    config = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
-    config["initializer_range"] = args.init_range
+    config = random_model_config(args)
     raw = synthetic_requests(tokenizer_dir, args.pairs, DOCS, args.seed)
     with tempfile.TemporaryDirectory() as folder:
         build_random_model(config, tokenizer_dir, Path(folder), "cpu", args.seed)
-        tok: Any = AutoTokenizer.from_pretrained(folder)
-        yes_no = (tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no"))
+        yes_no = yes_no_ids(Path(folder))
+        tok = AutoTokenizer.from_pretrained(folder)
         encoder = Qwen3RerankerEncoder(tok, 8192, DEFAULT_INSTRUCTION, "huggingface")
         payloads: list[list[int]] = [
             cast(list[int], p.payload) for q, docs in raw for p in encoder.encode(q, docs, None)
@@ -187,9 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         def run(dtype: torch.dtype, variant: str | None) -> list[float]:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
             if variant is not None:
-                apply_variant(model, variant)
+                try:
+                    apply_variant(model, variant)
+                except ValueError as exc:  # block scales on a shape they do not divide
+                    raise SystemExit(f"variant {variant}: {exc}") from None
             t0 = time.perf_counter()
-            logits = card_logits(model, yes_no, payloads)
+            logits = card_recipe_logits(model, yes_no, payloads, "cpu")
             emit(
                 variant=variant or f"card_{str(dtype).removeprefix('torch.')}",
                 seconds=time.perf_counter() - t0,

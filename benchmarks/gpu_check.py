@@ -32,8 +32,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -89,23 +90,38 @@ def mixed_requests(tokenizer: object, n_pairs: int) -> list[tuple[str, list[str]
     return requests
 
 
+def yes_no_ids(folder: Path) -> tuple[int, int]:
+    """The token ids of "yes" and "no" in the tokenizer saved in ``folder``."""
+    from transformers import AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(str(folder))
+    return tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+
+
 @torch.inference_mode()
+def card_recipe_logits(
+    model: Any, yes_no: tuple[int, int], payloads: Sequence[Sequence[int]], device: str = DEVICE
+) -> list[float]:
+    """The model card's recipe on a loaded causal LM: one pair at a time, the yes minus
+    the no logit of the full-vocabulary logits at the last token."""
+    yes, no = yes_no
+    out = []
+    for payload in payloads:
+        ids = torch.tensor([list(payload)], device=device)
+        logits = model(input_ids=ids).logits[0, -1].float()
+        out.append(float(logits[yes] - logits[no]))
+    return out
+
+
 def reference_logits(
     folder: Path, pairs: list[EncodedPair], dtype: torch.dtype = DTYPE
 ) -> list[float]:
     """Model card: HF causal LM, one pair at a time, full-vocabulary logits at the last token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model = model.to(DEVICE).eval()
-    out = []
-    for pair in pairs:
-        ids = torch.tensor([pair.payload], device=DEVICE)
-        logits = model(input_ids=ids).logits[0, -1].float()
-        out.append(float(logits[yes] - logits[no]))
-    return out
+    payloads = [cast(list[int], pair.payload) for pair in pairs]
+    return card_recipe_logits(model.to(DEVICE).eval(), yes_no_ids(folder), payloads)
 
 
 def check_batches(pairs: list[EncodedPair]) -> list[list[int]]:

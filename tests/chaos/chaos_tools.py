@@ -354,9 +354,13 @@ class TrafficReport:
     sent: int = 0
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    latencies_s: list[float] = field(default_factory=list)
     # (sent, answered) of each answered call, time.monotonic()
     answered: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def latencies_s(self) -> list[float]:
+        """Each answered call's time from sending to its answer."""
+        return [done - sent for sent, done in self.answered]
 
     def first_answer_after(self, moment: float) -> float | None:
         """When the first call was answered after ``moment`` (None: none was)."""
@@ -423,10 +427,8 @@ class Traffic:
         except RerankError as exc:
             self.report.errors[type(exc).__name__] += 1
             return
-        answered = time.monotonic()
         self.report.ok += 1
-        self.report.latencies_s.append(answered - started)
-        self.report.answered.append((started, answered))
+        self.report.answered.append((started, time.monotonic()))
 
 
 async def produce_raw(
