@@ -73,7 +73,7 @@ def otlp_exporter() -> SpanExporter:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment, unused-ignore]
                 OTLPSpanExporter,
             )
     except ImportError as exc:

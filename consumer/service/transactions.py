@@ -29,6 +29,15 @@ id is finished, and that may have been a commit nobody here saw succeed:
   last owner's final commit can thus be missed: the new owner starts below it and
   answers those records again.
 
+A fresh producer fences too, so a worker starts one for a partition it has had for a
+while (after a transaction failed otherwise) only once the group coordinator confirms
+that it is still a member with that partition (``confirm_membership``,
+:mod:`consumer.service.membership`). A zombie's local state says it still is: without
+asking, its fresh producer would fence the partition's real owner, whose transactions
+would then fail until the next rebalance, and the zombie's own transaction could commit
+the group's offset (a transaction's offset commit is not checked against the group's
+generation).
+
 So once the producer has its id, the group's committed offset is read, and from then on
 nothing below it is produced or committed: outbox entries below it (answered and visible
 already) are dropped, resending them would duplicate replies, and a commit below it
@@ -87,6 +96,9 @@ class PartitionTransactions:
     group_id: str
     # the group's committed offset of this partition (None: nothing committed yet)
     read_committed: Callable[[], Awaitable[int | None]]
+    # asks the group coordinator whether this worker still has the partition
+    # (consumer.service.membership.confirm_membership); False: not now
+    confirm_membership: Callable[[], Awaitable[bool]]
     # source offset -> what answering it produced (a reply or a dead-letter record)
     outbox: dict[int, list[Output]] = field(default_factory=dict)
     fenced: bool = False
@@ -115,6 +127,8 @@ class PartitionTransactions:
         if self.fenced:
             return False
         try:
+            if self.broken and not await self._still_the_owner():
+                return False
             if self.broken:
                 await self._renew()
             if self.floor is None:
@@ -170,6 +184,16 @@ class PartitionTransactions:
         await asyncio.gather(*acks)
         await producer.send_offsets_to_transaction({self.tp: (upto, metadata)}, self.group_id)
         await producer.commit_transaction()
+
+    async def _still_the_owner(self) -> bool:
+        if await bounded(self.confirm_membership(), TXN_TIMEOUT_S):
+            return True
+        log.warning(
+            "not starting a fresh transactional producer: the group coordinator did not "
+            "confirm that this worker still has the partition",
+            extra={"partitions": [self._name]},
+        )
+        return False
 
     async def _renew(self) -> None:
         """A fresh producer for the same transactional id (the old one is let go)."""

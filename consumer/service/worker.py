@@ -60,6 +60,7 @@ from consumer.service.kafka_clients import (
     transactional_id,
 )
 from consumer.service.lag import EndOffsets, LagReporter
+from consumer.service.membership import confirm_membership, membership_lost
 from consumer.service.metrics import Metrics
 from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import Hold, PartitionWork
@@ -739,6 +740,7 @@ class Worker:
             partial(make_transactional_producer, self._config, tid),
             self._config.group_id,
             partial(read_committed_offset, self._consumer, tp),
+            partial(confirm_membership, self._consumer, tp),
         )
 
     async def _stop_transactions(self, partitions: set[TopicPartition]) -> None:
@@ -748,14 +750,8 @@ class Worker:
                 await txns.stop()
 
     def _membership_lost(self) -> bool:
-        """True when the group no longer knows this member (session or poll timeout).
-
-        aiokafka has no on_partitions_lost; it resets the member's generation before
-        calling on_partitions_revoked in that case, which is what this reads.
-        """
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        generation = getattr(coordinator, "generation", None)
-        return isinstance(generation, int) and generation < 0
+        """True when the group no longer knows this member (session or poll timeout)."""
+        return membership_lost(self._consumer)
 
     def _forget_lag(self, partitions: Iterable[TopicPartition]) -> None:
         if self._lag is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -25,10 +26,16 @@ from worker_harness import (
     running_worker,
     start_worker_process,
     wait_ready,
+    wait_until,
     worker_config,
 )
 
-from consumer.service.kafka_clients import make_transactional_producer, transactional_id
+from consumer.service.kafka_clients import (
+    make_consumer,
+    make_transactional_producer,
+    transactional_id,
+)
+from consumer.service.membership import confirm_membership
 from consumer.service.transactions import Output, PartitionTransactions
 from consumer.service.worker import Worker
 from producer_sdk import RerankClient
@@ -153,7 +160,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_sent_again(
 
     read_committed = committed_offset_reader(kafka_admin, group, tp)
 
-    txns = PartitionTransactions(tp, make_producer, group, read_committed)
+    txns = PartitionTransactions(tp, make_producer, group, read_committed, still_owner)
     await txns.start()
     try:
         for offset in range(5):
@@ -188,8 +195,8 @@ async def test_a_new_owner_sends_nothing_the_last_owner_committed(
 
     read_committed = committed_offset_reader(kafka_admin, group, tp)
 
-    last_owner = PartitionTransactions(tp, make_producer, group, read_committed)
-    new_owner = PartitionTransactions(tp, make_producer, group, read_committed)
+    last_owner = PartitionTransactions(tp, make_producer, group, read_committed, still_owner)
+    new_owner = PartitionTransactions(tp, make_producer, group, read_committed, still_owner)
     await last_owner.start()
     try:
         for offset in range(5):
@@ -243,6 +250,67 @@ async def test_the_next_producer_id_comes_after_the_last_commit_is_readable(
             assert await read_committed() == upto
     finally:
         await producer.stop()
+
+
+async def still_owner() -> bool:
+    """These tests' producers are the partition's owner: no group to ask."""
+    return True
+
+
+async def test_a_zombie_whose_transaction_failed_does_not_fence_the_new_owner(
+    kafka_bootstrap: str,
+    kafka_admin: AIOKafkaAdminClient,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+) -> None:
+    """A worker paused past its session timeout wakes up with a partition whose last
+    transaction failed (not as fenced), and commits. A fresh producer would fence the
+    partition's new owner, and its transaction could commit the group's offset. Before
+    starting one it asks the coordinator, which says it is no longer a member: nothing is
+    fenced, and the new owner goes on answering."""
+    topics = await make_topics(new_topic)
+    group = new_group()
+    config = worker_config(kafka_bootstrap, topics, group, delivery="exactly_once")
+    tp = TopicPartition(topics.requests, 0)
+    zombie = make_consumer(config)
+    await zombie.start()
+    try:
+        zombie.subscribe([topics.requests])
+        async with asyncio.timeout(30):
+            while tp not in zombie.assignment():
+                await zombie.getmany(timeout_ms=200)
+        # paused: the process sends no heartbeat (nor anything else) from here on
+        await zombie._coordinator._stop_heartbeat_task()
+        engine = FakeEngine()
+        async with (
+            reply_reader(kafka_bootstrap, topics, "read_committed") as replies,
+            running_worker(config, engine) as owner,
+        ):
+            await wait_until(lambda: tp in owner._txns, 30, "the new owner has the partition")
+            # the zombie wakes: its transaction had failed, so its next commit would
+            # start a fresh producer for the partition
+            zombies_txns = PartitionTransactions(
+                tp,
+                partial(make_transactional_producer, config, transactional_id(config, tp.topic, 0)),
+                group,
+                committed_offset_reader(kafka_admin, group, tp),
+                partial(confirm_membership, zombie, tp),
+            )
+            zombies_txns.broken = True
+            zombies_txns.put(0, _reply(topics, 99))
+            try:
+                assert not await zombies_txns.commit(1)
+            finally:
+                await zombies_txns.stop()
+            await zombie.stop()  # it rejoins otherwise, and may take the partition back
+            requests = [request(f"c-{i}", {"query": f"q{i}", "documents": ["a"]}) for i in range(3)]
+            await produce(kafka_bootstrap, topics.requests, requests)
+            await replies.read(3)
+            await replies.quiet(1.0)
+    finally:
+        await zombie.stop()
+    answers = by_correlation_id(replies.records)
+    assert {cid: len(rs) for cid, rs in answers.items()} == {f"c-{i}": 1 for i in range(3)}
 
 
 def committed_offset_reader(

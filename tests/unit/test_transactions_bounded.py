@@ -77,7 +77,7 @@ async def test_a_stuck_commit_marks_the_producer_broken_in_time(
     async def nothing_committed() -> None:
         return None
 
-    txns = PartitionTransactions(TP, lambda: producer, "group", nothing_committed)
+    txns = PartitionTransactions(TP, lambda: producer, "group", nothing_committed, still_owner)
     txns.producer = producer
     txns.floor = 0  # the committed offset was read: straight to the transaction
     started = time.monotonic()
@@ -120,7 +120,37 @@ async def test_a_fresh_producer_that_asserts_fails_only_its_commit() -> None:
     async def nothing_committed() -> None:
         return None
 
-    txns = PartitionTransactions(TP, _AssertingProducer, "group", nothing_committed)
+    txns = PartitionTransactions(TP, _AssertingProducer, "group", nothing_committed, still_owner)
     txns.broken = True
     assert await txns.commit(upto=5) is False
     assert txns.broken, "tried again with a fresh producer at the next commit"
+
+
+async def still_owner() -> bool:
+    return True
+
+
+async def test_a_broken_partition_starts_no_producer_unless_the_group_confirms_it() -> None:
+    """A zombie (paused past its session) whose transaction failed otherwise than fenced:
+    a fresh producer would fence the partition's real owner. It is started only once
+    the coordinator confirms that this worker still has the partition."""
+    started: list[object] = []
+    answers = [False, True]
+
+    async def nothing_committed() -> None:
+        return None
+
+    async def coordinator_says() -> bool:
+        return answers.pop(0)
+
+    def make_producer() -> _AssertingProducer:
+        started.append(object())
+        return _AssertingProducer()
+
+    txns = PartitionTransactions(TP, make_producer, "group", nothing_committed, coordinator_says)
+    txns.broken = True
+    assert await txns.commit(upto=5) is False
+    assert started == [], "no producer while membership is not confirmed"
+    assert txns.broken and not txns.fenced, "asked again at the next commit"
+    assert await txns.commit(upto=5) is False  # confirmed: a producer starts (and asserts)
+    assert len(started) == 1
