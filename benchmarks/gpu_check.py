@@ -1,7 +1,7 @@
 """GPU parity check: packed vs padded vs model-card reference on a random 0.6B-shaped model.
 
     python -m benchmarks.gpu_check TOKENIZER_DIR [N_PAIRS] [--config 0.6b|4b|8b|tiny]
-        [--tiny] [--padded-compiled]
+        [--tiny] [--padded-compiled] [--variants packed_compiled,padded_eager,...]
 
 Builds Qwen3ForCausalLM with random weights from a released config (``--config``, default
 the 0.6B; benchmarks/configs/), saves it with the tokenizer into a temp
@@ -52,8 +52,6 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 SCORE_TOL = 0.02
 QUEUED_TOL = 1e-3  # logits launched ahead vs one by one: same kernels, same inputs
 MAX_PAIR_TOKENS = 1024  # small enough that the longest documents below get truncated
-# the variant whose CUDA graphs take every batch of check_batches (sized once the pairs are known)
-LARGE_GRAPHS = 0
 
 
 def emit(**fields: object) -> None:
@@ -174,6 +172,52 @@ def max_diff(a: list[float], b: list[float], calibrate: bool) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+# name: (packed, compile, layers, whether CUDA graphs take every batch of check_batches,
+# sized once the pairs are known; else the default largest graph)
+Variant = tuple[str, str, str, bool]
+VARIANTS: dict[str, Variant] = {
+    "packed_compiled": ("on", "on", "auto", False),
+    "packed_eager": ("on", "off", "auto", False),
+    "packed_kernels": ("on", "auto", "kernels", False),
+    # the batch of the longest pairs fits no default graph: here it replays one (its
+    # capture takes a graph per 1,024 tokens up to that batch: minutes at 8B, 256 pairs)
+    "packed_large_graphs": ("on", "on", "auto", True),
+    "padded_eager": ("off", "off", "auto", False),
+    "packed_fp8": ("on", "auto", "fp8", False),  # reported only (benchmarks.drift judges it)
+    "padded_compiled": ("off", "on", "auto", False),  # minutes: only when asked
+}
+
+
+def select_variants(padded_compiled: bool, names: list[str] | None) -> dict[str, Variant]:
+    """The ways to run, by name: ``names`` if given, else every way this device has
+    (``padded_compiled`` only when asked); on a CPU only the padded eager path."""
+    if DEVICE != "cuda":
+        return {"padded_eager": VARIANTS["padded_eager"]}
+    if names is None:
+        names = [n for n in VARIANTS if n != "padded_compiled" or padded_compiled]
+    if "packed_fp8" in names and not fp8_supported(DEVICE):
+        names = [n for n in names if n != "packed_fp8"]
+    return {name: VARIANTS[name] for name in names}
+
+
+def variant_names(text: str) -> list[str]:
+    """``--variants``: comma-separated names of :data:`VARIANTS`."""
+    given = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(given - set(VARIANTS))
+    if unknown or not given:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from "
+            + ", ".join(VARIANTS)
+        )
+    names = [n for n in VARIANTS if n in given]  # in the order they run
+    if names[0] == "packed_large_graphs":
+        raise argparse.ArgumentTypeError(
+            "packed_large_graphs sizes its graphs from the pairs another way encodes first: "
+            "name one more (packed_compiled)"
+        )
+    return names
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """``argv`` without the program's name."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -182,6 +226,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", default="0.6b", choices=sorted(CONFIGS), help="model shape")
     p.add_argument("--tiny", action="store_true", help="the same as --config tiny")
     p.add_argument("--padded-compiled", action="store_true", help="also the padded path compiled")
+    p.add_argument(
+        "--variants",
+        type=variant_names,
+        default=None,
+        help="only these ways (comma-separated; the model card's bf16 and fp32 runs always "
+        "run): " + ", ".join(VARIANTS),
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.config = "tiny"
@@ -198,32 +249,21 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"qwen3-reranker-{args.config}-random"
         build_model(folder, tokenizer_dir, args.config)
+        variants = select_variants(padded_compiled, args.variants)
         default_graphs = ModelOptions.cuda_graph_max_tokens
-        variants = {  # name: (packed, compile, layers, largest CUDA graph)
-            "packed_compiled": ("on", "on", "auto", default_graphs),
-            "packed_eager": ("on", "off", "auto", default_graphs),
-            "packed_kernels": ("on", "auto", "kernels", default_graphs),
-            # the batch of the longest pairs fits no default graph: here it replays one
-            "packed_large_graphs": ("on", "on", "auto", LARGE_GRAPHS),
-            "padded_eager": ("off", "off", "auto", default_graphs),
-        }
-        if fp8_supported(DEVICE):
-            variants["packed_fp8"] = ("on", "auto", "fp8", default_graphs)  # reported only
-        if padded_compiled:
-            variants["padded_compiled"] = ("off", "on", "auto", default_graphs)
-        if DEVICE != "cuda":
-            variants = {"padded_eager": ("off", "off", "auto", default_graphs)}
         results: dict[str, list[float]] = {}
         worst_queued = 0.0  # launch/collect vs score: the same computation, so ~equal
         pairs: list[EncodedPair] = []
-        for name, (packed, compile_, layers, graph_tokens) in variants.items():
+        for name, (packed, compile_, layers, large_graphs) in variants.items():
             options = ModelOptions(
                 model=str(folder),
                 max_pair_tokens=MAX_PAIR_TOKENS,
                 packed=packed,
                 compile=compile_,
                 layers=layers,
-                cuda_graph_max_tokens=graph_tokens or graphs_for_every_batch(pairs),
+                cuda_graph_max_tokens=(
+                    graphs_for_every_batch(pairs) if large_graphs else default_graphs
+                ),
             )
             loaded = load_model(options)
             if not pairs:
@@ -277,7 +317,7 @@ def main(argv: list[str]) -> int:
     for name, error in errors.items():
         emit(compare=f"{name} vs reference_fp32", max_abs_score_diff=round(error, 5))
     # FP8 drifts by design; benchmarks.drift measures how far (docs/benchmarks.md)
-    worst = max(error for name, error in errors.items() if name != "packed_fp8")
+    worst = max((error for name, error in errors.items() if name != "packed_fp8"), default=0.0)
     queued_ok = worst_queued <= QUEUED_TOL
     spread = max(truth) - min(truth)
     emit(

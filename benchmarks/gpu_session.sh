@@ -3,10 +3,11 @@
 # parity at the full 0.6B shape, the packed forward's variants, then the engine against
 # the reference recipe. Run from the repository root on the device machine:
 #   OUT=/tmp/out TOK=.devcache/qwen3_tok bash benchmarks/gpu_session.sh [steps...]
-# Steps: check attention variants profile bench layers large drift
+# Steps: check check-large attention variants profile bench layers large drift
 # (default: check variants bench). layers: the engine bench once per layer path (bf16
 # compiled, bf16 fused kernels, FP8, FP8 for the normed GEMMs only); large: the 4B and 8B
-# shapes, bf16 against FP8; drift: scores of each path against the model card in fp32.
+# shapes, bf16 against FP8; check-large: the parity check at 4B and 8B (2-3 min each);
+# drift: scores of each path against the model card in fp32.
 set -u
 OUT=${OUT:?set OUT to a folder for the outputs}
 TOK=${TOK:-.devcache/qwen3_tok}
@@ -19,6 +20,9 @@ for step in "${steps[@]}"; do
   start=$(date +%s)
   case $step in
     check) timeout 240 python -m benchmarks.gpu_check "$TOK" 64 ;;
+    check-large) for config in 4b 8b; do
+        timeout 300 python -m benchmarks.gpu_check "$TOK" 64 --config $config
+      done ;;
     attention) timeout 120 python -m benchmarks.attention_kernels ;;
     variants) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants default,graphs,torch-qk,no-share ;;
     profile) timeout 300 python -m benchmarks.forward_only --tokenizer "$TOK" --variants fp8,default,kernels --rounds 2 --profile ;;

@@ -7,6 +7,7 @@ the end and reports what it promises.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -450,6 +451,17 @@ def test_e2e_phases_of_several_generators_merge_into_one() -> None:
     assert _shares(512, 2) == [256, 256] and _shares(5, 3) == [2, 2, 1] and sum(_shares(1, 2)) == 1
 
 
+def test_gpu_check_runs_the_ways_it_is_asked_for_in_their_order() -> None:
+    args = gpu_check.parse_args(["tok", "--variants", "padded_eager, packed_compiled"])
+    assert args.variants == ["packed_compiled", "padded_eager"]
+    assert gpu_check.parse_args(["tok"]).variants is None
+    for wrong in ("packed_magic", "", "packed_large_graphs"):  # the last needs pairs first
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(["tok", "--variants", wrong])
+    both = "packed_compiled,packed_large_graphs"
+    assert gpu_check.parse_args(["tok", "--variants", both]).variants == both.split(",")
+
+
 def test_gpu_check_takes_every_released_shape() -> None:
     assert gpu_check.parse_args(["tok"]).config == "0.6b"
     args = gpu_check.parse_args(["tok", "32", "--config", "4b"])
@@ -474,3 +486,30 @@ def test_the_fp8_emulation_table_comes_from_the_committed_runs() -> None:
     for drift in drifts:
         row = f"| {drift['max_abs_score_diff']:.3f} | {drift['mean_abs_score_diff']:.3f} |"
         assert row in table, drift["variant"]
+
+
+def test_the_large_shape_tables_come_from_the_committed_runs() -> None:
+    """docs/benchmarks.md's 4B/8B parity and graph-size tables quote 2026-12-05-large-shapes."""
+    runs = RESULTS / "2026-12-05-large-shapes"
+    numbers = []
+    for call, config in (("call1", "4b"), ("call2", "8b")):
+        lines = [
+            json.loads(x) for x in (runs / call / f"check-{config}.txt").read_text().splitlines()
+        ]
+        numbers += [
+            str(x["max_abs_score_diff"])
+            for x in lines
+            if "vs reference_fp32" in x.get("compare", "")
+        ]
+        numbers += [str(x["allowed"]) for x in lines if "allowed" in x]
+        for graphs in (8192, 16384):
+            report = last_json_line(runs / call / f"bench-{config}-g{graphs}.txt")
+            numbers.append(f"{report['engine']['load']['pairs_per_s']:,.1f}")
+            idle = report["engine"]["idle"]
+            numbers.append(f"{idle['p50_ms']:.1f} ms ({idle['p50_inference_ms']:.1f})")
+    for path in sorted((runs / "call3").glob("mem-*.err")):
+        held = re.search(r"they hold (\d+\.\d+) GiB", path.read_text())
+        assert held is not None, path
+        numbers.append(f"{held.group(1)} GiB")
+    assert len(numbers) == 2 * (7 + 1 + 4) + 4
+    assert_quoted(numbers, docs_section("### The 4B and 8B shapes"))
