@@ -507,9 +507,14 @@ def test_the_large_shape_tables_come_from_the_committed_runs() -> None:
             numbers.append(f"{report['engine']['load']['pairs_per_s']:,.1f}")
             idle = report["engine"]["idle"]
             numbers.append(f"{idle['p50_ms']:.1f} ms ({idle['p50_inference_ms']:.1f})")
+    rerun = [json.loads(x) for x in (runs / "call4" / "check-8b-128.txt").read_text().splitlines()]
+    numbers += [
+        str(x["max_abs_score_diff"]) for x in rerun if "vs reference_fp32" in x.get("compare", "")
+    ]
+    numbers += [str(x["allowed"]) for x in rerun if "allowed" in x]
     for path in sorted((runs / "call3").glob("mem-*.err")):
         held = re.search(r"they hold (\d+\.\d+) GiB", path.read_text())
         assert held is not None, path
         numbers.append(f"{held.group(1)} GiB")
-    assert len(numbers) == 2 * (7 + 1 + 4) + 4
+    assert len(numbers) == 2 * (7 + 1 + 4) + 3 + 1 + 4
     assert_quoted(numbers, docs_section("### The 4B and 8B shapes"))
