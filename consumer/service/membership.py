@@ -14,12 +14,9 @@ it has had for a while, it asks the coordinator (:func:`confirm_membership`).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from aiokafka.structs import TopicPartition
-
-log = logging.getLogger(__name__)
 
 
 def membership_lost(consumer: Any) -> bool:
@@ -49,6 +46,4 @@ async def confirm_membership(consumer: Any, tp: TopicPartition) -> bool:
     # aiokafka's own heartbeat: it handles every answer (rebalance, unknown member, a
     # coordinator moved) as the heartbeat routine does, and returns whether it was ok.
     answered_ok = bool(await coordinator._do_heartbeat())
-    if not answered_ok:
-        log.debug("membership not confirmed", extra={"partitions": [f"{tp.topic}-{tp.partition}"]})
     return answered_ok and not membership_lost(consumer) and tp in consumer.assignment()

@@ -127,9 +127,9 @@ class PartitionTransactions:
         if self.fenced:
             return False
         try:
-            if self.broken and not await self._still_the_owner():
-                return False
             if self.broken:
+                if not await self._still_the_owner():
+                    return False
                 await self._renew()
             if self.floor is None:
                 self.floor = await self._read_floor()
