@@ -24,6 +24,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY consumer ./consumer
 COPY producer_sdk ./producer_sdk
+COPY kafka_common ./kafka_common
 COPY schemas ./schemas
 COPY gateway ./gateway
 # tracing: RERANK_TRACING=otlp works in the image as documented (docs/operations.md)

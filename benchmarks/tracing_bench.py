@@ -48,13 +48,14 @@ from prometheus_client import CollectorRegistry
 from benchmarks.host import cpu_model
 from consumer.engine.api import ScoreRequest, ScoreResult
 from consumer.service.codec import ReplyRoute, RequestLimits
-from consumer.service.delivery import Delivery
 from consumer.service.metrics import Metrics
 from consumer.service.processing import RequestProcessor
 from consumer.service.reply_router import Destination
-from consumer.service.tracing import WorkerTracing
+from consumer.service.responder import Responder
+from consumer.service.tracing import worker_tracing
+from kafka_common.tracing import extract, inject
 from producer_sdk.client import RerankClient
-from producer_sdk.tracing import ClientTracing, extract, inject
+from producer_sdk.tracing import ClientTracing
 
 REQUESTS = "rerank.requests"
 REPLIES = "rerank.replies"
@@ -213,13 +214,16 @@ def worker_step(
     provider: TracerProvider | None, documents: list[str]
 ) -> Callable[[], Awaitable[object]]:
     """One request through the worker's per-record path, traced as the worker would."""
-    tracing = WorkerTracing.create(provider, "rerank-workers", "bench")
-    engine: Any = ConstantEngine()
-    sender: Any = DiscardingSender()
-    if tracing is not None:
-        engine, sender = tracing.engine(engine), tracing.sender(sender, DLQ)
-    delivery = Delivery(sender, FixedRouter(), DLQ, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
-    processor = RequestProcessor(engine, delivery, RequestLimits())
+    tracing = worker_tracing(provider, "rerank-workers", "bench")
+    engine: Any = tracing.engine(ConstantEngine())
+    responder = Responder(
+        tracing.sender(DiscardingSender()),
+        FixedRouter(),  # type: ignore[arg-type]
+        engine.model_name,
+        DLQ,
+        Metrics(CollectorRegistry()),
+    )
+    processor = tracing.processor(RequestProcessor(engine, responder, RequestLimits()))
     headers = [
         ("correlation-id", b"0f8fad5bd9cb469fa16570867728950e"),
         ("reply-topic", REPLIES.encode()),
@@ -234,10 +238,7 @@ def worker_step(
     )
 
     async def step() -> object:
-        if tracing is None:
-            return await processor.process(record, processor.decode(record), 0.0)
-        _, work = tracing.request(record, processor, 0.0)
-        return await work
+        return await processor.start(record, 0.0).run
 
     return step
 

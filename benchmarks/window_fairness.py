@@ -38,7 +38,7 @@ from typing import Any
 from benchmarks.host import positive_float, positive_int
 from benchmarks.overhead_bench import NoOpEngine, _percentile, worker_on_fresh_topics
 from consumer.engine.api import ScoreRequest, ScoreResult
-from consumer.service.worker import _POLL_TIMEOUT_MS, Worker
+from consumer.service.fetching import POLL_TIMEOUT_MS, FetchLoop
 from consumer.service.worker_config import WorkerConfig
 from producer_sdk import RerankClient
 
@@ -58,18 +58,19 @@ class SteadyEngine(NoOpEngine):
         return await super().score(request)
 
 
-async def plain_poll(worker: Worker, consumer: Any) -> Any:
+async def plain_poll(fetch: FetchLoop, consumer: Any) -> Any:
     """The poll before the fair one: aiokafka's own order of partitions."""
-    return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=worker._poll_size())
+    size = fetch._intake.poll_size()
+    return await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=size)
 
 
-async def backlog_poll(worker: Worker, consumer: Any) -> Any:
+async def backlog_poll(fetch: FetchLoop, consumer: Any) -> Any:
     """The poll before oldest first: when the room limits it, records go one at a time to
     the partition with the most not yet taken (high watermark, as of its last fetch, less
     position)."""
-    size = worker._poll_size()
-    if size >= worker._config.max_poll_records:
-        return await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+    size = fetch._intake.poll_size()
+    if size >= fetch._max_poll_records:
+        return await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=size)
     backlog: list[tuple[int, Any]] = []
     for tp in consumer.assignment() - consumer.paused():
         end = consumer.highwater(tp)  # None until fetched once
@@ -88,7 +89,7 @@ async def backlog_poll(worker: Worker, consumer: Any) -> Any:
     for tp, share in shares.items():
         if records := (await consumer.getmany(tp, max_records=share)).get(tp):
             taken[tp] = records
-    return taken or await consumer.getmany(timeout_ms=_POLL_TIMEOUT_MS, max_records=size)
+    return taken or await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=size)
 
 
 POLLS = {"window": plain_poll, "window, backlog": backlog_poll}
@@ -126,7 +127,9 @@ async def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float
     ) as (worker, config):
         if variant in POLLS:  # no records were polled yet: the callers start below
             poll = POLLS[variant]
-            worker._poll = lambda consumer: poll(worker, consumer)  # type: ignore[method-assign]
+            assert worker._running is not None
+            fetch = worker._running.fetch
+            fetch._poll = lambda: poll(fetch, fetch._consumer)  # type: ignore[method-assign]
 
         async def watch() -> None:
             nonlocal held

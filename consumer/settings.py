@@ -13,24 +13,22 @@ never show them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from consumer.runtime.options import DEFAULT_INSTRUCTION
-from producer_sdk.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
-
-if TYPE_CHECKING:
-    from consumer.engine.settings import EngineSettings
-    from consumer.runtime.options import ModelOptions
-    from consumer.service.worker_config import WorkerConfig
+from consumer.engine.settings import EngineSettings
+from consumer.runtime.options import ModelOptions
+from consumer.service.codec import RequestLimits
+from consumer.service.worker_config import Problem, WorkerConfig, cross_field_problems
+from kafka_common.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
 
 ENV_PREFIX = "RERANK_"
 
@@ -61,11 +59,25 @@ GROUPS = (
 
 
 def _setting(default: Any, description: str, group: str, **constraints: Any) -> Any:
-    """A settings field with its description and its --help/docs group."""
+    """A field of the settings surface alone (the process's own: HTTP, logs, tracing)."""
     assert group in GROUPS, group
     return Field(
         default, description=description, json_schema_extra={"group": group}, **constraints
     )
+
+
+def _layer_setting(layer: type, name: str, description: str, group: str) -> Any:
+    """A setting that ``layer``'s field ``name`` declares: its default comes from there,
+    and so do its checks (they run when the settings build the layer objects)."""
+    return _setting(_default_of(layer, name), description, group)
+
+
+def _default_of(layer: type, name: str) -> Any:
+    pydantic_fields = getattr(layer, "__pydantic_fields__", None)
+    if pydantic_fields is not None:
+        return pydantic_fields[name].get_default(call_default_factory=True)
+    (field,) = (f for f in dataclasses.fields(layer) if f.name == name)
+    return field.default
 
 
 _SECURITY_FIELDS = (
@@ -78,8 +90,6 @@ _SECURITY_FIELDS = (
     "ssl_keyfile",
     "ssl_password",
 )
-# Fields whose own validation failed, while settings_from looks for the other problems.
-_SKIP_CHECKS_OF: ContextVar[frozenset[str]] = ContextVar("skip_checks_of", default=frozenset())
 
 
 class SettingsError(Exception):
@@ -93,8 +103,8 @@ class SettingsError(Exception):
 class _CrossFieldProblems(ValueError):
     """Raised by the model validator; carries its problems through pydantic."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(problem.text(_env) for problem in problems))
         self.problems = problems
 
 
@@ -121,238 +131,287 @@ class Settings(BaseSettings):
     )
 
     # Kafka
-    bootstrap_servers: str = _setting(
-        "127.0.0.1:9092",
+    bootstrap_servers: str = _layer_setting(
+        WorkerConfig,
+        "bootstrap_servers",
         "Kafka bootstrap servers, comma separated host:port.",
         "Kafka",
-        min_length=1,
     )
-    request_topic: str = _setting(
-        "rerank.requests",
+    request_topic: str = _layer_setting(
+        WorkerConfig,
+        "request_topic",
         "Topic the worker consumes rerank requests from.",
         "Kafka",
-        min_length=1,
     )
-    reply_topic: str = _setting(
-        "rerank.replies",
+    reply_topic: str = _layer_setting(
+        WorkerConfig,
+        "reply_topic",
         "Default reply topic (when a request has no reply-topic header).",
         "Kafka",
-        min_length=1,
     )
-    dlq_topic: str = _setting(
-        "rerank.requests.dlq",
+    dlq_topic: str = _layer_setting(
+        WorkerConfig,
+        "dlq_topic",
         "Dead-letter topic for records that cannot be answered.",
         "Kafka",
-        min_length=1,
     )
-    group_id: str = _setting(
-        "rerank-workers", "Consumer group shared by all workers.", "Kafka", min_length=1
+    group_id: str = _layer_setting(
+        WorkerConfig,
+        "group_id",
+        "Consumer group shared by all workers.",
+        "Kafka",
     )
     client_id: str | None = _setting(
         None, "Kafka client id; unset means rerank-worker-HOSTNAME.", "Kafka"
     )
-    allowed_reply_topics: str | None = _setting(
-        None,
+    allowed_reply_topics: str | None = _layer_setting(
+        WorkerConfig,
+        "allowed_reply_topics",
         "Regular expression (full match) of the reply topics a request may name; unset "
         "means the reply topic and every topic named REPLY_TOPIC.SUFFIX "
         "(rerank.replies.team-a). Other reply topics get a dead-letter record.",
         "Kafka",
     )
-    reply_topic_wait_s: float = _setting(
-        5.0,
+    reply_topic_wait_s: float = _layer_setting(
+        WorkerConfig,
+        "reply_topic_wait_s",
         "Longest wait for a requested reply topic's metadata; a lookup that fails or "
         "times out is no verdict and is tried again.",
         "Kafka",
-        gt=0,
     )
-    delivery: Delivery = _setting(
-        "at_least_once",
+    delivery: Delivery = _layer_setting(
+        WorkerConfig,
+        "delivery",
         "at_least_once: replies are produced as requests are answered; a crash can repeat "
         "some (the SDK drops duplicates). exactly_once: each partition's replies and "
         "offsets commit in one Kafka transaction; read_committed readers see each reply "
         "once, up to commit_interval_s later.",
         "Kafka",
     )
-    transactional_id_prefix: str = _setting(
-        "rerank",
+    transactional_id_prefix: str = _layer_setting(
+        WorkerConfig,
+        "transactional_id_prefix",
         "exactly_once: the start of each partition's transactional id (one per deployment "
         "sharing a Kafka cluster).",
         "Kafka",
-        min_length=1,
     )
-    reply_timeout_s: float = _setting(
-        30.0,
+    reply_timeout_s: float = _layer_setting(
+        WorkerConfig,
+        "reply_timeout_s",
         "A reply that keeps failing (broker away, topic lookups timing out) is retried "
         "this long, or until the request's deadline, then the request is dead-lettered.",
         "Kafka",
-        gt=0,
     )
-    group_instance_id: str | None = _setting(
-        None,
+    group_instance_id: str | None = _layer_setting(
+        WorkerConfig,
+        "group_instance_id",
         "Static group membership: a stable id per worker (the GPU index, a StatefulSet "
         "pod name). A worker back under the same id within the session timeout keeps its "
         "partitions: a rolling restart moves none. Unset: dynamic membership.",
         "Kafka",
     )
-    connect_timeout_s: float = _setting(
-        300.0,
+    connect_timeout_s: float = _layer_setting(
+        WorkerConfig,
+        "connect_timeout_s",
         "At start, how long to keep trying to reach the brokers (not ready meanwhile); "
         "0 keeps trying for as long as the worker runs. A refused login fails at once.",
         "Kafka",
-        ge=0,
     )
 
     # Kafka tuning
-    session_timeout_ms: int = _setting(
-        10_000, "Consumer group session timeout.", "Kafka tuning", gt=0
+    session_timeout_ms: int = _layer_setting(
+        WorkerConfig,
+        "session_timeout_ms",
+        "Consumer group session timeout.",
+        "Kafka tuning",
     )
-    heartbeat_interval_ms: int = _setting(
-        3_000, "Consumer group heartbeat interval.", "Kafka tuning", gt=0
+    heartbeat_interval_ms: int = _layer_setting(
+        WorkerConfig,
+        "heartbeat_interval_ms",
+        "Consumer group heartbeat interval.",
+        "Kafka tuning",
     )
-    max_poll_interval_ms: int = _setting(
-        300_000,
+    max_poll_interval_ms: int = _layer_setting(
+        WorkerConfig,
+        "max_poll_interval_ms",
         "Longest time between polls before the group evicts the worker.",
         "Kafka tuning",
-        gt=0,
     )
-    rebalance_timeout_ms: int = _setting(
-        60_000,
+    rebalance_timeout_ms: int = _layer_setting(
+        WorkerConfig,
+        "rebalance_timeout_ms",
         "How long the group waits for members to finish their revoke handlers; must "
         "cover revoke_timeout_s plus the commit after it.",
         "Kafka tuning",
-        gt=0,
     )
-    max_poll_records: int = _setting(
-        500, "Most records taken from the consumer per poll.", "Kafka tuning", gt=0
+    max_poll_records: int = _layer_setting(
+        WorkerConfig,
+        "max_poll_records",
+        "Most records taken from the consumer per poll.",
+        "Kafka tuning",
     )
-    producer_linger_ms: int = _setting(
-        0,
+    producer_linger_ms: int = _layer_setting(
+        WorkerConfig,
+        "producer_linger_ms",
         "How long the producer waits to batch replies (0: at once; replies still batch "
         "while a send is in flight).",
         "Kafka tuning",
-        ge=0,
     )
-    commit_interval_s: float = _setting(
-        0.1,
+    commit_interval_s: float = _layer_setting(
+        WorkerConfig,
+        "commit_interval_s",
         "A finished request's offset is committed within this long (never more often): "
         "few answered requests are left uncommitted when a worker is killed.",
         "Kafka tuning",
-        gt=0,
     )
-    max_uncommitted_records: int = _setting(
-        10_000,
+    max_uncommitted_records: int = _layer_setting(
+        WorkerConfig,
+        "max_uncommitted_records",
         "A partition with this many records waiting behind an unfinished one stops "
         "fetching until it clears (bounded memory).",
         "Kafka tuning",
-        gt=0,
     )
-    max_record_attempts: int = _setting(
-        3,
+    max_record_attempts: int = _layer_setting(
+        WorkerConfig,
+        "max_record_attempts",
         "A record started this many times without being finished (its worker died or "
         "left mid-record each time) is dead-lettered as poison_record, not processed again.",
         "Kafka tuning",
-        gt=0,
     )
-    revoke_timeout_s: float = _setting(
-        10.0,
+    revoke_timeout_s: float = _layer_setting(
+        WorkerConfig,
+        "revoke_timeout_s",
         "On a rebalance, how long revoked partitions' in-flight requests may take to finish "
         "before the partitions are let go (the rest is redelivered).",
         "Kafka tuning",
-        gt=0,
     )
-    missing_topic_ttl_s: float = _setting(
-        10.0, "How long a missing reply topic is remembered as missing.", "Kafka tuning", gt=0
+    missing_topic_ttl_s: float = _layer_setting(
+        WorkerConfig,
+        "missing_topic_ttl_s",
+        "How long a missing reply topic is remembered as missing.",
+        "Kafka tuning",
     )
-    lag_interval_s: float = _setting(
-        5.0, "How often the consumer-lag metric is refreshed.", "Kafka tuning", gt=0
+    lag_interval_s: float = _layer_setting(
+        WorkerConfig,
+        "lag_interval_s",
+        "How often the consumer-lag metric is refreshed.",
+        "Kafka tuning",
     )
 
     # Kafka security
-    security_protocol: SecurityProtocol = _setting(
-        "PLAINTEXT", f"Kafka security protocol: {', '.join(PROTOCOLS)}.", "Kafka security"
+    security_protocol: SecurityProtocol = _layer_setting(
+        KafkaSecurity,
+        "protocol",
+        f"Kafka security protocol: {', '.join(PROTOCOLS)}.",
+        "Kafka security",
     )
-    sasl_mechanism: SaslMechanism | None = _setting(
-        None,
+    sasl_mechanism: SaslMechanism | None = _layer_setting(
+        KafkaSecurity,
+        "sasl_mechanism",
         f"SASL mechanism ({', '.join(SASL_MECHANISMS)}); needed with SASL_* protocols.",
         "Kafka security",
     )
-    sasl_username: str | None = _setting(None, "SASL user name.", "Kafka security")
-    sasl_password: SecretStr | None = _setting(
-        None,
+    sasl_username: str | None = _layer_setting(
+        KafkaSecurity,
+        "sasl_username",
+        "SASL user name.",
+        "Kafka security",
+    )
+    sasl_password: SecretStr | None = _layer_setting(
+        KafkaSecurity,
+        "sasl_password",
         "SASL password (secret; prefer the environment variable, flags show in ps).",
         "Kafka security",
     )
-    ssl_cafile: str | None = _setting(
-        None,
+    ssl_cafile: str | None = _layer_setting(
+        KafkaSecurity,
+        "ssl_cafile",
         "CA bundle (PEM) to verify the brokers; unset means the system CAs.",
         "Kafka security",
     )
-    ssl_certfile: str | None = _setting(
-        None, "Client certificate (PEM) for mutual TLS.", "Kafka security"
+    ssl_certfile: str | None = _layer_setting(
+        KafkaSecurity,
+        "ssl_certfile",
+        "Client certificate (PEM) for mutual TLS.",
+        "Kafka security",
     )
-    ssl_keyfile: str | None = _setting(
-        None, "Client private key (PEM) for mutual TLS.", "Kafka security"
+    ssl_keyfile: str | None = _layer_setting(
+        KafkaSecurity,
+        "ssl_keyfile",
+        "Client private key (PEM) for mutual TLS.",
+        "Kafka security",
     )
-    ssl_password: SecretStr | None = _setting(
-        None,
+    ssl_password: SecretStr | None = _layer_setting(
+        KafkaSecurity,
+        "ssl_password",
         "Password of the client private key (secret; prefer the environment variable).",
         "Kafka security",
     )
 
     # Model
-    model: str = _setting(
-        "Qwen/Qwen3-Reranker-0.6B",
+    model: str = _layer_setting(
+        ModelOptions,
+        "model",
         "Model: a local folder or a Hugging Face model id.",
         "Model",
-        min_length=1,
     )
-    device: str = _setting(
-        "auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.", "Model"
+    device: str = _layer_setting(
+        ModelOptions,
+        "device",
+        "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.",
+        "Model",
     )
-    dtype: str = _setting(
-        "auto",
+    dtype: str = _layer_setting(
+        ModelOptions,
+        "dtype",
         f"Weights dtype: {', '.join(_DTYPES)} (auto: bfloat16 on cuda, float32 on cpu).",
         "Model",
     )
-    attn_implementation: str = _setting(
-        "auto",
+    attn_implementation: str = _layer_setting(
+        ModelOptions,
+        "attn_implementation",
         "Attention implementation passed to transformers (auto: sdpa).",
         "Model",
-        min_length=1,
     )
-    max_pair_tokens: int = _setting(
-        8192,
+    max_pair_tokens: int = _layer_setting(
+        ModelOptions,
+        "max_pair_tokens",
         "Most tokens of one (query, document) prompt; longer documents are truncated. "
         "Capped by the model's max_position_embeddings.",
         "Model",
-        gt=0,
     )
-    compile: Switch = _setting(
-        "auto", "torch.compile the model: auto (on for cuda), on, off.", "Model"
+    compile: Switch = _layer_setting(
+        ModelOptions,
+        "compile",
+        "torch.compile the model: auto (on for cuda), on, off.",
+        "Model",
     )
-    packed: Switch = _setting(
-        "auto",
+    packed: Switch = _layer_setting(
+        ModelOptions,
+        "packed",
         "Padding-free packed batches with varlen attention: auto (on for cuda when "
         "available), on, off.",
         "Model",
     )
-    cuda_graphs: Switch = _setting(
-        "auto",
+    cuda_graphs: Switch = _layer_setting(
+        ModelOptions,
+        "cuda_graphs",
         "Replay small packed batches (up to cuda_graph_max_tokens) from captured CUDA "
         "graphs: auto or on (whenever the packed path runs), off. Cuts a lone request's "
         "latency; costs a few seconds at start and some GPU memory.",
         "Model",
     )
-    cuda_graph_max_tokens: int = _setting(
-        8192,
+    cuda_graph_max_tokens: int = _layer_setting(
+        ModelOptions,
+        "cuda_graph_max_tokens",
         "The largest batch, in stream tokens, replayed from a CUDA graph (buckets of 256-512 "
         "tokens up to 8,192, then of 1,024). A larger batch issues its layers from Python. "
         "More graphs cost warm-up time and GPU memory; quick batches are cut to this size.",
         "Model",
-        ge=512,
     )
-    layers: Layers = _setting(
-        "auto",
+    layers: Layers = _layer_setting(
+        ModelOptions,
+        "layers",
         "How the packed path runs each decoder layer: auto or compiled (torch.compile "
         "regions), kernels (fused Triton row kernels around bf16 GEMMs), fp8 (the same "
         "with FP8 linear layers; compute capability 8.9 or newer; 1.3-1.6x faster on an "
@@ -361,8 +420,9 @@ class Settings(BaseSettings):
         "and compiled turn the packed path on.",
         "Model",
     )
-    tokenizer_backend: TokenizerBackend = _setting(
-        "auto",
+    tokenizer_backend: TokenizerBackend = _layer_setting(
+        ModelOptions,
+        "tokenizer_backend",
         "How Qwen3 prompts are tokenized: auto (tiktoken when it gives the model "
         "tokenizer's exact ids, checked at start, else the model's own tokenizer), "
         "tiktoken (refuse to start otherwise), huggingface (the model's own Rust "
@@ -370,120 +430,137 @@ class Settings(BaseSettings):
         "1.1 ms against 2.6 on a 16-core host (docs/benchmarks.md).",
         "Model",
     )
-    default_instruction: str = _setting(
-        DEFAULT_INSTRUCTION,
+    default_instruction: str = _layer_setting(
+        ModelOptions,
+        "default_instruction",
         "Instruction used when a request gives none.",
         "Model",
-        min_length=1,
     )
 
     # Batching and back-pressure
-    max_batch_tokens: int = _setting(
-        65536,
+    max_batch_tokens: int = _layer_setting(
+        EngineSettings,
+        "max_batch_tokens",
         "Token budget of one batch (padded cost: longest pair x pairs).",
         "Batching and back-pressure",
-        gt=0,
     )
-    max_batch_pairs: int = _setting(
-        512, "Most pairs in one batch.", "Batching and back-pressure", gt=0
+    max_batch_pairs: int = _layer_setting(
+        EngineSettings,
+        "max_batch_pairs",
+        "Most pairs in one batch.",
+        "Batching and back-pressure",
     )
-    max_wait_ms: float = _setting(
-        2.0,
+    max_wait_ms: float = _layer_setting(
+        EngineSettings,
+        "max_wait_ms",
         "How long an idle device waits for requests still being tokenized before running "
         "a small batch (a lone request does not wait).",
         "Batching and back-pressure",
-        ge=0,
     )
-    quick_batch_backlog: float = _setting(
-        4.0,
+    quick_batch_backlog: float = _layer_setting(
+        EngineSettings,
+        "quick_batch_backlog",
         "While fewer than this many quick batches' worth of tokens wait, batches are cut no "
         "bigger than the largest CUDA graph (cuda_graph_max_tokens), which is cheap to issue; a "
         "larger backlog gets max_batch_tokens for throughput. 0: always max_batch_tokens.",
         "Batching and back-pressure",
-        ge=0,
     )
-    min_batch_tokens: int = _setting(
-        4096,
+    min_batch_tokens: int = _layer_setting(
+        EngineSettings,
+        "min_batch_tokens",
         "After running out of device memory the token budget shrinks, never below this.",
         "Batching and back-pressure",
-        gt=0,
     )
-    tokenizer_threads: int = _setting(
-        4,
+    tokenizer_threads: int = _layer_setting(
+        EngineSettings,
+        "tokenizer_threads",
         "Threads that tokenize requests (the Rust tokenizer releases the GIL; "
         "docs/benchmarks.md shows how many keep one GPU fed).",
         "Batching and back-pressure",
-        gt=0,
     )
-    inflight_high_pairs: int = _setting(
-        4096,
+    inflight_high_pairs: int = _layer_setting(
+        WorkerConfig,
+        "inflight_high_pairs",
         "Pause every assigned partition when more (query, document) pairs than this are "
         "accepted and not yet answered (Kafka is the buffer).",
         "Batching and back-pressure",
-        gt=0,
     )
-    inflight_low_pairs: int = _setting(
-        2048,
+    inflight_low_pairs: int = _layer_setting(
+        WorkerConfig,
+        "inflight_low_pairs",
         "Resume the partitions once in-flight pairs fall to this or below.",
         "Batching and back-pressure",
-        ge=0,
     )
-    inflight_target_s: float = _setting(
-        0.0,
+    inflight_target_s: float = _layer_setting(
+        WorkerConfig,
+        "inflight_target_s",
         "When above 0, the high mark follows the measured rate: the pairs this worker "
         "answers in this many seconds, at most inflight_high_pairs and at least "
         "inflight_min_pairs (the low mark keeps its ratio). A slow model then holds seconds "
         "of work, not a fixed count; what waits in Kafka is taken oldest first, and the "
         "tail under overload still grows a little (docs/worker.md). 0: fixed marks.",
         "Batching and back-pressure",
-        ge=0,
     )
-    inflight_min_pairs: int = _setting(
-        1024,
+    inflight_min_pairs: int = _layer_setting(
+        WorkerConfig,
+        "inflight_min_pairs",
         "The smallest high mark, and the high mark until a rate is measured.",
         "Batching and back-pressure",
-        gt=0,
     )
-    engine_stall_timeout_s: float = _setting(
-        120.0,
+    engine_stall_timeout_s: float = _layer_setting(
+        EngineSettings,
+        "engine_stall_timeout_s",
         "With work outstanding, the model must finish a batch at least this often; "
         "otherwise the engine has failed and the worker steps aside (exit 1).",
         "Batching and back-pressure",
-        gt=0,
     )
 
     # Request limits
-    max_documents: int = _setting(1000, "Most documents in one request.", "Request limits", gt=0)
-    max_request_bytes: int = _setting(
-        4_000_000, "Largest request record value, in bytes.", "Request limits", gt=0
+    max_documents: int = _layer_setting(
+        RequestLimits,
+        "max_documents",
+        "Most documents in one request.",
+        "Request limits",
     )
-    max_query_chars: int = _setting(
-        10_000, "Longest query, in characters; 0 means no limit.", "Request limits", ge=0
+    max_request_bytes: int = _layer_setting(
+        RequestLimits,
+        "max_request_bytes",
+        "Largest request record value, in bytes.",
+        "Request limits",
     )
-    max_instruction_chars: int = _setting(
-        10_000, "Longest instruction, in characters; 0 means no limit.", "Request limits", ge=0
+    max_query_chars: int | None = _layer_setting(
+        RequestLimits,
+        "max_query_chars",
+        "Longest query, in characters; 0 means no limit.",
+        "Request limits",
     )
-    max_document_chars: int = _setting(
-        0,
+    max_instruction_chars: int | None = _layer_setting(
+        RequestLimits,
+        "max_instruction_chars",
+        "Longest instruction, in characters; 0 means no limit.",
+        "Request limits",
+    )
+    max_document_chars: int | None = _layer_setting(
+        RequestLimits,
+        "max_document_chars",
         "Longest document, in characters; 0 means no limit (long documents are truncated "
         "to max_pair_tokens anyway).",
         "Request limits",
-        ge=0,
     )
-    default_max_age_s: float = _setting(
-        0.0,
+    default_max_age_s: float = _layer_setting(
+        WorkerConfig,
+        "default_max_age_s",
         "A request without a deadline-ms header expires this long after its record "
         "timestamp; 0 means never (producer clocks set CreateTime and may be skewed).",
         "Request limits",
-        ge=0,
     )
 
     # Service
-    drain_timeout_s: float = _setting(
-        30.0,
+    drain_timeout_s: float = _layer_setting(
+        WorkerConfig,
+        "drain_timeout_s",
         "On SIGTERM, how long to finish in-flight requests before leaving the group.",
         "Service",
-        gt=0,
     )
     http_host: str = _setting(
         "0.0.0.0",
@@ -538,6 +615,11 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("max_query_chars", "max_instruction_chars", "max_document_chars")
+    @classmethod
+    def _zero_is_no_limit(cls, limit: int | None) -> int | None:
+        return None if limit == 0 else limit
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -554,98 +636,36 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        problems = self._cross_field_problems()
+        problems = self._problems()
         if problems:
             raise _CrossFieldProblems(problems)
         return self
 
-    def _cross_field_problems(self) -> list[str]:
-        # Checks that involve a field which failed its own validation are skipped: that
-        # field holds a stand-in default here (see settings_from), not the user's value.
-        skip = _SKIP_CHECKS_OF.get()
-        checks: list[tuple[tuple[str, ...], Callable[[], list[str]]]] = [
-            (("inflight_low_pairs", "inflight_high_pairs"), self._inflight_problems),
-            (("heartbeat_interval_ms", "session_timeout_ms"), self._heartbeat_problems),
-            (("revoke_timeout_s", "rebalance_timeout_ms"), self._rebalance_problems),
-            (("allowed_reply_topics", "reply_topic"), self._reply_pattern_problems),
-            (("request_topic", "reply_topic", "dlq_topic"), self._shared_topics),
-            (_SECURITY_FIELDS, self._security_problems),
+    def _problems(self) -> list[Problem]:
+        """What the layer objects refuse in these settings, and the security settings'
+        problems: the checks live there, each once."""
+        values = dict(self)
+        found: list[Problem] = []
+        limits = _built(RequestLimits, values, found) or RequestLimits()
+        _built(EngineSettings, values, found)
+        _built(ModelOptions, values, found)
+        worker = {"limits": limits, "client_id": self.effective_client_id}
+        _built(WorkerConfig, values | worker, found)
+        found.extend(cross_field_problems(values))
+        return found + self._security_problems()
+
+    def _security_problems(self) -> list[Problem]:
+        found = [
+            Problem(_SECURITY_FIELDS, "Kafka security: " + _escaped(problem))
+            for problem in self._unchecked_security().problems()
         ]
-        found: list[str] = []
-        for fields, check in checks:
-            if skip.isdisjoint(fields):
-                found.extend(check())
-        return found
-
-    def _inflight_problems(self) -> list[str]:
-        if self.inflight_low_pairs < self.inflight_high_pairs:
-            return []
-        return [
-            f"{_env('inflight_low_pairs')} ({self.inflight_low_pairs}) must be below "
-            f"{_env('inflight_high_pairs')} ({self.inflight_high_pairs})"
-        ]
-
-    def _heartbeat_problems(self) -> list[str]:
-        if self.heartbeat_interval_ms < self.session_timeout_ms:
-            return []
-        return [
-            f"{_env('heartbeat_interval_ms')} ({self.heartbeat_interval_ms}) must be below "
-            f"{_env('session_timeout_ms')} ({self.session_timeout_ms})"
-        ]
-
-    def _rebalance_problems(self) -> list[str]:
-        from consumer.service.worker_config import rebalance_time_needed_ms
-
-        needed = rebalance_time_needed_ms(self.revoke_timeout_s)
-        if self.rebalance_timeout_ms >= needed:
-            return []
-        return [
-            f"{_env('rebalance_timeout_ms')} ({self.rebalance_timeout_ms}) must be at least "
-            f"{needed}: {_env('revoke_timeout_s')} plus the commit after it and a margin"
-        ]
-
-    def _security_problems(self) -> list[str]:
-        found = [f"Kafka security: {p}" for p in self._unchecked_security().problems()]
         return found + self._missing_files()
 
-    def _reply_pattern_problems(self) -> list[str]:
-        if self.allowed_reply_topics is None:
-            return []
-        try:
-            pattern = re.compile(self.allowed_reply_topics)
-        except re.error as exc:
-            return [
-                f"{_env('allowed_reply_topics')}: not a valid regular expression ({exc}): "
-                f"{self.allowed_reply_topics!r}"
-            ]
-        if not pattern.fullmatch(self.reply_topic):
-            return [
-                f"{_env('allowed_reply_topics')} {self.allowed_reply_topics!r} does not allow "
-                f"the reply topic {self.reply_topic!r}"
-            ]
-        return []
-
-    def _shared_topics(self) -> list[str]:
-        # A worker that replies into (or dead-letters into) its own request topic would
-        # consume its own output forever.
-        roles = {
-            "request": self.request_topic,
-            "reply": self.reply_topic,
-            "dead-letter": self.dlq_topic,
-        }
-        names = list(roles)
-        return [
-            f"the {a} topic and the {b} topic are both {roles[a]!r}"
-            for i, a in enumerate(names)
-            for b in names[i + 1 :]
-            if roles[a] == roles[b]
-        ]
-
-    def _missing_files(self) -> list[str]:
+    def _missing_files(self) -> list[Problem]:
         if self.security_protocol not in ("SSL", "SASL_SSL"):
             return []
         return [
-            f"{_env(name)}: no such file: {path}"
+            Problem((name,), "{}: no such file: " + _escaped(path))
             for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
             if (path := getattr(self, name)) is not None and not os.path.isfile(path)
         ]
@@ -687,84 +707,43 @@ class Settings(BaseSettings):
     # --- the other modules' option objects ------------------------------------------------
 
     def model_options(self) -> ModelOptions:
-        """Options for :func:`consumer.runtime.loader.load_model`."""
-        from consumer.runtime.options import ModelOptions
-
-        return ModelOptions(
-            model=self.model,
-            device=self.device,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            max_pair_tokens=self.max_pair_tokens,
-            compile=self.compile,
-            packed=self.packed,
-            cuda_graphs=self.cuda_graphs,
-            cuda_graph_max_tokens=self.cuda_graph_max_tokens,
-            layers=self.layers,
-            tokenizer_backend=self.tokenizer_backend,
-            default_instruction=self.default_instruction,
-        )
+        return ModelOptions(**_fields_of(ModelOptions, dict(self)))
 
     def engine_settings(self) -> EngineSettings:
-        """Settings of :class:`consumer.engine.engine.Engine`."""
-        from consumer.engine.settings import EngineSettings
-
-        return EngineSettings(
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_pairs=self.max_batch_pairs,
-            max_wait_ms=self.max_wait_ms,
-            quick_backlog=self.quick_batch_backlog,
-            min_batch_tokens=self.min_batch_tokens,
-            tokenizer_threads=self.tokenizer_threads,
-            stall_timeout_s=self.engine_stall_timeout_s,
-        )
+        return EngineSettings(**_fields_of(EngineSettings, dict(self)))
 
     def worker_config(self) -> WorkerConfig:
-        """Configuration of :class:`consumer.service.worker.Worker`."""
-        from consumer.service.codec import RequestLimits
-        from consumer.service.worker_config import WorkerConfig
+        values = dict(self) | {
+            "client_id": self.effective_client_id,
+            "security": self.kafka_security(),
+            "limits": RequestLimits(**_fields_of(RequestLimits, dict(self))),
+        }
+        return WorkerConfig(**_fields_of(WorkerConfig, values))
 
-        return WorkerConfig(
-            bootstrap_servers=self.bootstrap_servers,
-            request_topic=self.request_topic,
-            reply_topic=self.reply_topic,
-            dlq_topic=self.dlq_topic,
-            group_id=self.group_id,
-            client_id=self.effective_client_id,
-            allowed_reply_topics=self.allowed_reply_topics,
-            reply_topic_wait_s=self.reply_topic_wait_s,
-            reply_timeout_s=self.reply_timeout_s,
-            delivery=self.delivery,
-            transactional_id_prefix=self.transactional_id_prefix,
-            group_instance_id=self.group_instance_id,
-            connect_timeout_s=self.connect_timeout_s,
-            security=self.kafka_security(),
-            inflight_high_pairs=self.inflight_high_pairs,
-            inflight_low_pairs=self.inflight_low_pairs,
-            inflight_target_s=self.inflight_target_s,
-            inflight_min_pairs=self.inflight_min_pairs,
-            limits=RequestLimits(
-                max_documents=self.max_documents,
-                max_request_bytes=self.max_request_bytes,
-                max_query_chars=self.max_query_chars or None,
-                max_instruction_chars=self.max_instruction_chars or None,
-                max_document_chars=self.max_document_chars or None,
-            ),
-            default_max_age_s=self.default_max_age_s,
-            drain_timeout_s=self.drain_timeout_s,
-            session_timeout_ms=self.session_timeout_ms,
-            heartbeat_interval_ms=self.heartbeat_interval_ms,
-            max_poll_interval_ms=self.max_poll_interval_ms,
-            rebalance_timeout_ms=self.rebalance_timeout_ms,
-            max_poll_records=self.max_poll_records,
-            producer_linger_ms=self.producer_linger_ms,
-            commit_interval_s=self.commit_interval_s,
-            max_uncommitted_records=self.max_uncommitted_records,
-            max_record_attempts=self.max_record_attempts,
-            revoke_timeout_s=self.revoke_timeout_s,
-            missing_topic_ttl_s=self.missing_topic_ttl_s,
-            lag_interval_s=self.lag_interval_s,
+
+def _fields_of(layer: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``layer``'s fields, copied by name (the layer's defaults fill the
+    rest)."""
+    return {f.name: values[f.name] for f in dataclasses.fields(layer) if f.name in values}
+
+
+def _built(layer: type, values: Mapping[str, Any], found: list[Problem]) -> Any:
+    """``layer`` built from ``values``, or None with its field problems added to ``found``
+    (its problems between fields are :func:`cross_field_problems`' to report)."""
+    try:
+        return layer(**_fields_of(layer, values))
+    except ValidationError as exc:
+        found.extend(
+            Problem((str(error["loc"][0]),), "{}: " + _escaped(_field_message(error)))
+            for error in exc.errors()
+            if error.get("loc")  # an error of no field: between fields, reported once
         )
+        return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` for a :class:`Problem` template (whose ``{}`` are the setting names)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 # --- environment variable / flag names ----------------------------------------------------
@@ -862,59 +841,71 @@ def settings_from(values: Mapping[str, Any]) -> Settings:
     """Build :class:`Settings` from explicit values (over env and defaults).
 
     Raises :class:`SettingsError` with every problem: the fields that fail on their own
-    and, among the others, every inconsistency.
+    and, among the others, every problem the layer objects find.
     """
     try:
         return Settings(**values)
     except ValidationError as exc:
-        problems = _problem_lines(exc)
-        failed = frozenset(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
+        problems, failed = _problem_lines(exc)
         if failed:
-            problems.extend(_cross_field_problems_without(values, failed))
+            problems.extend(_layer_problems_without(values, failed))
         raise SettingsError(problems) from None
 
 
-def _cross_field_problems_without(values: Mapping[str, Any], failed: frozenset[str]) -> list[str]:
-    """The cross-field problems of ``values`` with the ``failed`` fields left out."""
+def _layer_problems_without(values: Mapping[str, Any], failed: frozenset[str]) -> list[str]:
+    """The layer objects' problems with the ``failed`` fields at their defaults, but for
+    those that involve a failed field (they would be about the stand-in, not the user's
+    value)."""
     stand_ins = {name: Settings.model_fields[name].default for name in failed}
-    token = _SKIP_CHECKS_OF.set(failed)
     try:
         Settings(**{**values, **stand_ins})
     except ValidationError as exc:
         return [
-            line
+            problem.text(_env)
             for error in exc.errors()
             if isinstance(cause := error.get("ctx", {}).get("error"), _CrossFieldProblems)
-            for line in cause.problems
+            for problem in cause.problems
+            if failed.isdisjoint(problem.fields)
         ]
-    finally:
-        _SKIP_CHECKS_OF.reset(token)
     return []
 
 
-def _problem_lines(exc: ValidationError) -> list[str]:
+def _problem_lines(exc: ValidationError) -> tuple[list[str], frozenset[str]]:
+    """One line per problem, and the fields that failed their own parsing."""
     lines: list[str] = []
+    failed: set[str] = set()
     for error in exc.errors():
         cause = error.get("ctx", {}).get("error")
         if isinstance(cause, _CrossFieldProblems):
-            lines.extend(cause.problems)
+            lines.extend(problem.text(_env) for problem in cause.problems)
             continue
         lines.append(_field_problem(error))
-    return lines
+        if error.get("loc"):
+            failed.add(str(error["loc"][0]))
+    return lines, frozenset(failed)
 
 
 def _field_problem(error: Any) -> str:
     loc = error.get("loc", ())
     field = str(loc[0]) if loc else ""
+    info = Settings.model_fields.get(field)
+    message = _field_message(error)
+    if info is None:
+        return f"unknown setting {field!r}: {message}" if field else message
+    return f"{_env(field)}: {message}"
+
+
+def _field_message(error: Any) -> str:
+    """A field error's message, with the value it refused unless that is a secret."""
+    field = str(error["loc"][0]) if error.get("loc") else ""
     message = str(error.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     message = message[:1].lower() + message[1:]
     info = Settings.model_fields.get(field)
     if info is None:
-        return f"unknown setting {field!r}: {message}" if field else message
-    where = _env(field)
+        return message
     if error.get("type") == "literal_error" and (allowed := choices(info)) is not None:
         message = f"must be one of {', '.join(allowed)}"
     if is_secret(info):
-        return f"{where}: {message}"
-    return f"{where}: {message} (got {error.get('input')!r})"
+        return message
+    return f"{message} (got {error.get('input')!r})"

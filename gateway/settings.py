@@ -11,9 +11,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from producer_sdk.cli_args import add_security_arguments, security_from_args
+from kafka_common.cli_args import add_security_arguments, security_from_args
+from kafka_common.security import KafkaSecurity
 from producer_sdk.client import DEFAULT_REPLY_TOPIC, DEFAULT_REQUEST_TOPIC
-from producer_sdk.security import KafkaSecurity
 
 PROG = "rerank-gateway"
 

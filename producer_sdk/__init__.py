@@ -10,6 +10,7 @@
             print(item.index, item.score)
 """
 
+from kafka_common.security import KafkaSecurity
 from producer_sdk.client import ClientStats, RerankClient
 from producer_sdk.errors import (
     ClientClosed,
@@ -23,7 +24,6 @@ from producer_sdk.errors import (
 )
 from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
 from producer_sdk.retry import NO_RETRY, RetryPolicy
-from producer_sdk.security import KafkaSecurity
 from producer_sdk.sync_client import SyncRerankClient
 
 __all__ = [

@@ -23,13 +23,13 @@ from typing import Any, TextIO
 
 import orjson
 
-from producer_sdk.cli_args import add_security_arguments, security_from_args
+from kafka_common.cli_args import add_security_arguments, security_from_args
+from kafka_common.security import KafkaSecurity
 from producer_sdk.client import DEFAULT_REPLY_TOPIC, DEFAULT_REQUEST_TOPIC, RerankClient
 from producer_sdk.errors import InvalidArgument, RerankError, RerankErrorReply
 from producer_sdk.request import build_request_body, check_timeout
 from producer_sdk.result import RerankResult
 from producer_sdk.retry import DEFAULT_RETRY, RetryPolicy
-from producer_sdk.security import KafkaSecurity
 
 PROG = "rerank-client"
 EXIT_OK = 0

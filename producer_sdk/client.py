@@ -22,14 +22,16 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 from opentelemetry.trace import Span, TracerProvider
 
-from producer_sdk.connect_check import bootstrap_failure
+from kafka_common.connect_check import bootstrap_failure
+from kafka_common.security import KafkaSecurity
+from kafka_common.tracing import now_ns, pass_on_current
 from producer_sdk.errors import (
     ClientClosed,
     ClientStartError,
@@ -38,11 +40,10 @@ from producer_sdk.errors import (
     MalformedReply,
     RerankError,
 )
-from producer_sdk.request import build_request_body, check_timeout
+from producer_sdk.request import RerankOptions, build_request_body, check_timeout
 from producer_sdk.result import RerankResult, parse_reply
 from producer_sdk.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries, check_retry
-from producer_sdk.security import KafkaSecurity
-from producer_sdk.tracing import ClientTracing, now_ns, pass_on_current
+from producer_sdk.tracing import ClientTracing
 from schemas.models import (
     HEADER_CORRELATION_ID,
     HEADER_DEADLINE_MS,
@@ -246,15 +247,14 @@ class RerankClient:
         query: str,
         documents: Sequence[str],
         *,
-        instruction: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        raw_scores: bool = False,
         timeout: float | None = None,
-        truncate: bool = True,
         retry: RetryPolicy | None = None,
+        **options: Unpack[RerankOptions],
     ) -> RerankResult:
         """Score ``documents`` against ``query``; results come sorted, best first.
+
+        ``options`` are the request's other fields (:class:`RerankOptions`):
+        ``instruction``, ``top_n``, ``return_documents``, ``raw_scores``, ``truncate``.
 
         ``timeout`` (seconds, default: the client's ``default_timeout``) covers sending
         and waiting; the service is told the same deadline and skips work that
@@ -270,21 +270,13 @@ class RerankClient:
         :class:`RerankErrorReply`, :class:`ClientClosed`, :class:`DeliveryError` or
         :class:`MalformedReply`; all are :class:`RerankError`.
         """
-        body = build_request_body(
-            query,
-            documents,
-            instruction=instruction,
-            top_n=top_n,
-            return_documents=return_documents,
-            raw_scores=raw_scores,
-            truncate=truncate,
-        )
+        body = build_request_body(query, documents, **options)
         seconds = self._default_timeout if timeout is None else check_timeout(timeout)
         policy = self._retry if retry is None else check_retry(retry)
         self._check_open()
         if self._tracing is None:
             return await self._call(body, len(documents), seconds, None, policy)
-        with self._tracing.call(len(documents), top_n) as span:
+        with self._tracing.call(len(documents), options.get("top_n")) as span:
             return await self._call(body, len(documents), seconds, span, policy)
 
     # -- internals -------------------------------------------------------------------

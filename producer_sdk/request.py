@@ -7,59 +7,73 @@ and never reaches the service.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Union, Unpack, get_args, get_origin, get_type_hints
 
 from producer_sdk.errors import InvalidArgument
+from schemas.models import RerankRequest
+
+
+class RerankOptions(TypedDict, total=False):
+    """What a request may ask beyond its query and documents (wire contract v1; each
+    field's meaning and default is :class:`schemas.models.RerankRequest`'s).
+
+    A new request field is one line here: its type is checked from its annotation, and
+    it is sent only when it differs from the contract's default.
+    """
+
+    instruction: str | None
+    top_n: int | None
+    return_documents: bool
+    raw_scores: bool
+    truncate: bool
+
+
+_OPTION_TYPES = get_type_hints(RerankOptions)
+_WIRE_DEFAULTS = {name: RerankRequest.model_fields[name].default for name in _OPTION_TYPES}
 
 
 def build_request_body(
-    query: str,
-    documents: Sequence[str],
-    *,
-    instruction: str | None = None,
-    top_n: int | None = None,
-    return_documents: bool = False,
-    raw_scores: bool = False,
-    truncate: bool = True,
+    query: str, documents: Sequence[str], **options: Unpack[RerankOptions]
 ) -> dict[str, Any]:
     """The request record's value, or :class:`InvalidArgument` naming what is wrong.
 
-    ``truncate`` is sent only when false: a worker older than the option answers a
-    request that has it ``invalid_request`` (unknown field) rather than cutting silently.
+    An option is sent only when it differs from the contract's default: a worker older
+    than an option (``truncate``, say) answers a request that has it ``invalid_request``
+    (unknown field) rather than ignoring it silently.
     """
     if not isinstance(query, str):
         raise InvalidArgument(f"query must be a str, not {type(query).__name__}")
     if not query.strip():
         raise InvalidArgument("query is empty")
     _check_documents(documents)
-    if instruction is not None and not isinstance(instruction, str):
-        raise InvalidArgument(f"instruction must be a str, not {type(instruction).__name__}")
-    if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, int):
-            raise InvalidArgument(f"top_n must be an int, not {type(top_n).__name__}")
-        if top_n < 1:
-            raise InvalidArgument(f"top_n must be at least 1, not {top_n}")
-    for name, flag in (
-        ("return_documents", return_documents),
-        ("raw_scores", raw_scores),
-        ("truncate", truncate),
-    ):
-        if not isinstance(flag, bool):
-            raise InvalidArgument(f"{name} must be a bool, not {type(flag).__name__}")
-
     body: dict[str, Any] = {"query": query, "documents": list(documents)}
-    if instruction is not None:
-        body["instruction"] = instruction
-    if top_n is not None:
-        body["top_n"] = top_n
-    if return_documents:
-        body["return_documents"] = True
-    if raw_scores:
-        body["raw_scores"] = True
-    if not truncate:
-        body["truncate"] = False
+    for name, value in options.items():
+        _check_option(name, value)
+        if value != _WIRE_DEFAULTS[name]:
+            body[name] = value
     return body
+
+
+def _check_option(name: str, value: Any) -> None:
+    expected = _OPTION_TYPES.get(name)
+    if expected is None:
+        raise InvalidArgument(f"unknown option {name!r} (known: {', '.join(_OPTION_TYPES)})")
+    allowed = (
+        get_args(expected) if get_origin(expected) in (Union, types.UnionType) else (expected,)
+    )
+    if value is None and type(None) in allowed:
+        return
+    kind = next(t for t in allowed if t is not type(None))
+    # a bool is an int to isinstance, and an int is never a bool here
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise InvalidArgument(
+            f"{name} must be {article} {kind.__name__}, not {type(value).__name__}"
+        )
+    if name == "top_n" and value < 1:
+        raise InvalidArgument(f"top_n must be at least 1, not {value}")
 
 
 def check_timeout(timeout: float) -> float:

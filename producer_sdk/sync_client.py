@@ -11,10 +11,11 @@ import concurrent.futures
 import threading
 from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from producer_sdk.client import RerankClient
 from producer_sdk.errors import ClientClosed
+from producer_sdk.request import RerankOptions
 from producer_sdk.result import RerankResult
 from producer_sdk.retry import RetryPolicy
 from producer_sdk.tracing import in_callers_context
@@ -72,25 +73,17 @@ class SyncRerankClient:
         query: str,
         documents: Sequence[str],
         *,
-        instruction: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        raw_scores: bool = False,
         timeout: float | None = None,
-        truncate: bool = True,
         retry: RetryPolicy | None = None,
+        **options: Unpack[RerankOptions],
     ) -> RerankResult:
         """Blocks until the ranking comes; arguments and errors as :meth:`RerankClient.rerank`."""
         return self.submit(
             query,
             documents,
-            instruction=instruction,
-            top_n=top_n,
-            return_documents=return_documents,
-            raw_scores=raw_scores,
             timeout=timeout,
-            truncate=truncate,
             retry=retry,
+            **options,
         ).result()
 
     def submit(
@@ -98,13 +91,9 @@ class SyncRerankClient:
         query: str,
         documents: Sequence[str],
         *,
-        instruction: str | None = None,
-        top_n: int | None = None,
-        return_documents: bool = False,
-        raw_scores: bool = False,
         timeout: float | None = None,
-        truncate: bool = True,
         retry: RetryPolicy | None = None,
+        **options: Unpack[RerankOptions],
     ) -> concurrent.futures.Future[RerankResult]:
         """Starts a call and returns at once; the future holds the result or the error.
 
@@ -118,13 +107,9 @@ class SyncRerankClient:
                     self._client.rerank(
                         query,
                         documents,
-                        instruction=instruction,
-                        top_n=top_n,
-                        return_documents=return_documents,
-                        raw_scores=raw_scores,
                         timeout=timeout,
-                        truncate=truncate,
                         retry=retry,
+                        **options,
                     )
                 ),
                 self._loop,

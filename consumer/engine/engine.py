@@ -16,7 +16,7 @@ Data flow of one request (:meth:`Engine.score`)::
   happens to its batch; ``close()`` fails everything pending with :class:`EngineClosed`.
 * Expired pairs are dropped before they reach the model.
 * An engine whose model is broken (it fails its check batch, a worker thread dies, or
-  it has work but finishes no batch for ``stall_timeout_s``) fails for good: every
+  it has work but finishes no batch for ``engine_stall_timeout_s``) fails for good: every
   pending and later request gets :class:`EngineFailed`, and :attr:`Engine.failure`
   says why, so the service can step aside.
 
@@ -91,7 +91,7 @@ class Engine:
             window_pairs=self.settings.window_pairs,
             # packed batches cost no padding: keep each request's pairs together instead
             by_length=not scorer.traits.packed,
-            quick_backlog=self.settings.quick_backlog,
+            quick_backlog=self.settings.quick_batch_backlog,
         )
         self._queue = BatchQueue(batcher, self.settings.max_wait_ms / 1000.0)
         self._requests = RequestTable(self._queue)
@@ -103,10 +103,9 @@ class Engine:
             self._metrics,
             self.stats,
             self._post,
-            self._stop_after_crash,
             self._fail_from_thread,
         )
-        self._former = BatchFormer(self._queue, scorer, self._post, self._stop_after_crash)
+        self._former = BatchFormer(self._queue, scorer, self._post, self._fail_from_thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
@@ -342,12 +341,9 @@ class Engine:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             log.debug("event loop closed; dropped the results of %d pairs", len(outcome.tickets))
 
-    def _stop_after_crash(self, reason: str) -> None:
-        """A worker thread died: nothing would score what is queued any more."""
-        self._fail_from_thread(reason)
-
     def _fail_from_thread(self, reason: str) -> None:
-        """Fail the engine for good (from a worker thread)."""
+        """Fail the engine for good (from a worker thread: also when one died, as nothing
+        would score what is queued any more)."""
         loop = self._loop
         if loop is None:
             return
@@ -371,7 +367,7 @@ class Engine:
 
     async def _watch_for_stalls(self) -> None:
         """Fail the engine when the model has work but finishes no batch for too long."""
-        limit = self.settings.stall_timeout_s
+        limit = self.settings.engine_stall_timeout_s
         while self._failure is None:
             await asyncio.sleep(min(1.0, limit / 4))
             stalled = self._inference.stalled_for()

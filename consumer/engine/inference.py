@@ -81,7 +81,6 @@ class InferenceLoop:
         metrics: EngineMetrics,
         stats: EngineStats,
         post: Post,
-        on_crash: Callable[[str], None],
         on_failed: Callable[[str], None],
     ) -> None:
         self._queue = queue
@@ -91,7 +90,6 @@ class InferenceLoop:
         self._metrics = metrics
         self._stats = stats
         self._post = post
-        self._on_crash = on_crash
         self._on_failed = on_failed
         self._budget = TokenBudget(queue, settings, metrics)
         self._pipelined = scorer.traits.pipelined
@@ -347,4 +345,4 @@ class InferenceLoop:
         log.exception("inference thread failed")
         lost = (batch.tickets if batch else []) + (in_flight.tickets if in_flight else [])
         self._post(failure(lost, EngineError, f"inference failed: {type(exc).__name__}"))
-        self._on_crash("the inference thread failed")
+        self._on_failed("the inference thread failed")

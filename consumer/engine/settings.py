@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import Field
+from pydantic.dataclasses import dataclass as checked_dataclass
 
 
-@dataclass(frozen=True)
+@checked_dataclass(frozen=True)
 class EngineSettings:
     """Batching and threading knobs of the engine.
 
@@ -15,41 +16,25 @@ class EngineSettings:
     ``max_batch_tokens``) after ``oom_recovery_batches`` successful batches in a row, so
     a passing memory shortage does not cost throughput for the rest of the process.
 
-    ``quick_backlog``: while fewer than this many quick batches' worth of tokens wait,
+    ``quick_batch_backlog``: while fewer than this many quick batches' worth of tokens wait,
     batches are cut no bigger than the scorer's quick size (its largest CUDA graph), so a
     moderate load runs in batches that are cheap to issue; 0 always cuts the full budget
     (:mod:`consumer.engine.batcher`).
 
-    ``stall_timeout_s``: with work outstanding, the model must finish a batch at least
+    ``engine_stall_timeout_s``: with work outstanding, the model must finish a batch at least
     this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
     every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
     """
 
-    max_batch_tokens: int = 65536
-    max_batch_pairs: int = 512
-    max_wait_ms: float = 2.0
-    tokenizer_threads: int = 4
+    max_batch_tokens: int = Field(default=65536, gt=0)
+    max_batch_pairs: int = Field(default=512, gt=0)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    tokenizer_threads: int = Field(default=4, gt=0)
     warmup: bool = True
-    window_pairs: int = 4096
-    quick_backlog: float = 4.0
-    min_batch_tokens: int = 4096
-    oom_budget_factor: float = 0.75
-    oom_recovery_batches: int = 200
-    close_timeout_s: float = 30.0
-    stall_timeout_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_batch_pairs < 1:
-            raise ValueError("max_batch_tokens and max_batch_pairs must be at least 1")
-        if self.tokenizer_threads < 1:
-            raise ValueError("tokenizer_threads must be at least 1")
-        if self.quick_backlog < 0:
-            raise ValueError("quick_backlog must not be negative")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must not be negative")
-        if not 0 < self.oom_budget_factor < 1:
-            raise ValueError("oom_budget_factor must be between 0 and 1")
-        if self.oom_recovery_batches < 1:
-            raise ValueError("oom_recovery_batches must be at least 1")
-        if self.stall_timeout_s <= 0:
-            raise ValueError("stall_timeout_s must be positive")
+    window_pairs: int = Field(default=4096, gt=0)
+    quick_batch_backlog: float = Field(default=4.0, ge=0)
+    min_batch_tokens: int = Field(default=4096, gt=0)
+    oom_budget_factor: float = Field(default=0.75, gt=0, lt=1)
+    oom_recovery_batches: int = Field(default=200, ge=1)
+    close_timeout_s: float = Field(default=30.0, gt=0)
+    engine_stall_timeout_s: float = Field(default=120.0, gt=0)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import Field
+from pydantic.dataclasses import dataclass as checked_dataclass
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
-@dataclass(frozen=True)
+@checked_dataclass(frozen=True)
 class ModelOptions:
     """How to load and run the scoring model.
 
@@ -26,15 +27,15 @@ class ModelOptions:
     :mod:`consumer.runtime.bpe`).
     """
 
-    model: str = "Qwen/Qwen3-Reranker-0.6B"
+    model: str = Field(default="Qwen/Qwen3-Reranker-0.6B", min_length=1)
     device: str = "auto"
     dtype: str = "auto"
-    attn_implementation: str = "auto"
-    max_pair_tokens: int = 8192
+    attn_implementation: str = Field(default="auto", min_length=1)
+    max_pair_tokens: int = Field(default=8192, gt=0)
     compile: str = "auto"
     packed: str = "auto"
     cuda_graphs: str = "auto"
-    cuda_graph_max_tokens: int = 8192
+    cuda_graph_max_tokens: int = Field(default=8192, ge=512)
     layers: str = "auto"
     tokenizer_backend: str = "auto"
-    default_instruction: str = DEFAULT_INSTRUCTION
+    default_instruction: str = Field(default=DEFAULT_INSTRUCTION, min_length=1)

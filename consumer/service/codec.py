@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic.dataclasses import dataclass as checked_dataclass
 
 from consumer.engine.api import ScoreResult
 from schemas.models import (
@@ -72,30 +73,18 @@ POISON_RECORD = "poison_record"
 DEAD_LETTER_CODES = frozenset({*(c.value for c in ErrorCode), POISON_RECORD})
 
 
-@dataclass(frozen=True)
+@checked_dataclass(frozen=True)
 class RequestLimits:
     """Size limits of one request; exceeding any of them is ``payload_too_large``.
 
-    ``None`` disables a limit.
+    ``None`` disables a character limit.
     """
 
-    def __post_init__(self) -> None:
-        for name in (
-            "max_documents",
-            "max_request_bytes",
-            "max_query_chars",
-            "max_instruction_chars",
-            "max_document_chars",
-        ):
-            limit = getattr(self, name)
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {limit}")
-
-    max_documents: int = 1000
-    max_request_bytes: int = 4_000_000
-    max_query_chars: int | None = 10_000
-    max_instruction_chars: int | None = 10_000
-    max_document_chars: int | None = None
+    max_documents: int = Field(default=1000, gt=0)
+    max_request_bytes: int = Field(default=4_000_000, gt=0)
+    max_query_chars: int | None = Field(default=10_000, gt=0)
+    max_instruction_chars: int | None = Field(default=10_000, gt=0)
+    max_document_chars: int | None = Field(default=None, gt=0)
 
 
 @dataclass(frozen=True)

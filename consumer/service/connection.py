@@ -17,8 +17,8 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 
-from producer_sdk.connect_check import diagnose_bootstrap
-from producer_sdk.security import KafkaSecurity
+from kafka_common.connect_check import diagnose_bootstrap
+from kafka_common.security import KafkaSecurity
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,10 @@ does a rejected request (at ``rerank decode``) and an engine error (at ``rerank 
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import context as otel_context
@@ -45,7 +46,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, Trac
 
 from consumer.engine.api import RerankEngine, ScoreRequest, ScoreResult
 from consumer.service.codec import Rejection
-from producer_sdk.tracing import (
+from consumer.service.outputs import OutputRecord, Sender
+from consumer.service.processing import Job, Processor
+from kafka_common.tracing import (
     KAFKA,
     MESSAGING_BODY_SIZE,
     MESSAGING_CLIENT_ID,
@@ -63,46 +66,77 @@ from producer_sdk.tracing import (
     inject,
     set_error,
 )
-from schemas.models import DLQ_HEADER_ERROR_CODE
-
-if TYPE_CHECKING:
-    from consumer.service.delivery import Sender
-    from consumer.service.processing import Decoded, RequestProcessor
 
 _MS = 1_000_000  # nanoseconds
 
 
+class Tracing(Protocol):
+    """Wraps the worker's parts so that each request is traced (or leaves them be)."""
+
+    def engine(self, engine: RerankEngine) -> RerankEngine:
+        """``engine`` with its ``score`` calls traced."""
+        ...
+
+    def sender(self, sender: Sender) -> Sender:
+        """``sender`` with each output traced, and the reply's trace context in its headers."""
+        ...
+
+    def processor(self, processor: Processor) -> Processor:
+        """``processor`` with each request's decoding and answering in its spans."""
+        ...
+
+
+class NoTracing:
+    """Tracing off: every part as given, so the per-record path is the one it has
+    without tracing."""
+
+    def engine(self, engine: RerankEngine) -> RerankEngine:
+        return engine
+
+    def sender(self, sender: Sender) -> Sender:
+        return sender
+
+    def processor(self, processor: Processor) -> Processor:
+        return processor
+
+
+def worker_tracing(provider: TracerProvider | None, group_id: str, client_id: str) -> Tracing:
+    """The worker's tracing over ``provider`` (default: the global one); decided once."""
+    tracer = enabled_tracer(provider)
+    if tracer is None:
+        return NoTracing()
+    return WorkerTracing(tracer, group_id, client_id)
+
+
 class WorkerTracing:
-    """The worker's spans; exists only while tracing is on (see :meth:`create`)."""
+    """The worker's spans (see the module docstring); only while tracing is on."""
 
     def __init__(self, tracer: Tracer, group_id: str, client_id: str) -> None:
         self._tracer = tracer
         self._group_id = group_id
         self._client_id = client_id
 
-    @classmethod
-    def create(
-        cls, provider: TracerProvider | None, group_id: str, client_id: str
-    ) -> WorkerTracing | None:
-        """The worker's tracing over ``provider`` (default: the global one); None when off."""
-        tracer = enabled_tracer(provider)
-        if tracer is None:
-            return None
-        return cls(tracer, group_id, client_id)
-
     def engine(self, engine: RerankEngine) -> RerankEngine:
-        """``engine`` with its ``score`` calls traced."""
         return TracedEngine(engine, self._tracer)
 
-    def sender(self, sender: Sender, dlq_topic: str) -> Sender:
-        """``sender`` with each output traced, and the reply's trace context in its headers."""
-        return TracedSender(sender, self._tracer, dlq_topic, self._client_id)
+    def sender(self, sender: Sender) -> Sender:
+        return TracedSender(sender, self._tracer, self._client_id)
 
-    def request(
-        self, record: ConsumerRecord[Any, Any], processor: RequestProcessor, received: float
-    ) -> tuple[Decoded, Coroutine[Any, Any, bool]]:
-        """Decode ``record`` inside its ``process`` span; the request's work to run, in
-        that span (ended when the work ends)."""
+    def processor(self, processor: Processor) -> Processor:
+        return TracedProcessor(processor, self._tracer, self._group_id, self._client_id)
+
+
+class TracedProcessor:
+    """A :class:`Processor` whose requests each run in their ``process`` span, with
+    decoding in its ``rerank decode`` child."""
+
+    def __init__(self, processor: Processor, tracer: Tracer, group_id: str, client_id: str) -> None:
+        self._processor = processor
+        self._tracer = tracer
+        self._group_id = group_id
+        self._client_id = client_id
+
+    def start(self, record: ConsumerRecord[Any, Any], received: float) -> Job:
         parent = extract(record.headers or ())
         span = self._tracer.start_span(
             f"process {record.topic}",
@@ -121,21 +155,25 @@ class WorkerTracing:
         )
         context = trace.set_span_in_context(span, parent)
         if not span.is_recording():  # not sampled: the context goes on, no span is made
-            decoded = processor.decode(record)
-            return decoded, _in_span(span, context, processor.process(record, decoded, received))
+            job = self._processor.start(record, received)
+            return Job(job.context, _in_span(span, context, job.run))
         decoding = self._tracer.start_span("rerank decode", context=context)
-        decoded = processor.decode(record)
+        job = self._processor.start(record, received)
+        decoded = job.context.decoded
         if isinstance(decoded, Rejection):
             for failed in (decoding, span):
                 failed.set_status(Status(StatusCode.ERROR, decoded.message))
                 failed.set_attribute("rerank.error.code", decoded.code.value)
             if decoded.correlation_id is not None:
                 span.set_attribute(MESSAGING_CONVERSATION_ID, decoded.correlation_id)
-        else:
+        elif decoded is not None:
             span.set_attribute(MESSAGING_CONVERSATION_ID, decoded.correlation_id)
             span.set_attribute("rerank.documents", len(decoded.request.documents))
         decoding.end()
-        return decoded, _in_span(span, context, processor.process(record, decoded, received))
+        return Job(job.context, _in_span(span, context, job.run))
+
+    def give_up(self, record: ConsumerRecord[Any, Any], attempts: int, received: float) -> Job:
+        return self._processor.give_up(record, attempts, received)
 
 
 async def _in_span(span: Span, context: otel_context.Context, work: Awaitable[bool]) -> bool:
@@ -253,74 +291,56 @@ class TracedEngine:
 class TracedSender:
     """A :class:`Sender` whose outputs become PRODUCER spans; a reply carries its span's
     context in ``traceparent``. A dead-letter record keeps the request's headers as they
-    came (the contract says unchanged), and marks the request's span failed."""
+    came (the contract says unchanged). An error reply or a dead-letter record marks the
+    request's span failed, whether or not a step of the request failed first."""
 
-    def __init__(self, sender: Sender, tracer: Tracer, dlq_topic: str, client_id: str) -> None:
+    def __init__(self, sender: Sender, tracer: Tracer, client_id: str) -> None:
         self._sender = sender
         self._tracer = tracer
-        self._dlq_topic = dlq_topic
         self._client_id = client_id
 
-    async def send(
-        self,
-        source: ConsumerRecord[Any, Any],
-        topic: str,
-        partition: int | None,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
-    ) -> None:
+    async def send(self, source: ConsumerRecord[Any, Any], output: OutputRecord) -> None:
         request = trace.get_current_span()
         if not request.is_recording():  # not sampled (or outside a request)
-            await self._sender.send(source, topic, partition, key, value, headers)
+            await self._sender.send(source, output)
             return
-        attributes: dict[str, Any] = {
-            MESSAGING_SYSTEM: KAFKA,
-            MESSAGING_OPERATION_TYPE: "send",
-            MESSAGING_OPERATION_NAME: "send",
-            MESSAGING_DESTINATION_NAME: topic,
-            MESSAGING_BODY_SIZE: len(value or b""),
-            MESSAGING_CLIENT_ID: self._client_id,
-        }
-        if partition is not None:
-            attributes[MESSAGING_DESTINATION_PARTITION_ID] = str(partition)
-        if key is not None:
-            attributes[MESSAGING_KAFKA_MESSAGE_KEY] = key.decode("utf-8", "replace")
         span = self._tracer.start_span(
-            f"send {topic}", kind=SpanKind.PRODUCER, attributes=attributes
+            f"send {output.topic}", kind=SpanKind.PRODUCER, attributes=self._attributes(output)
         )
-        dead_letter = topic == self._dlq_topic
-        if dead_letter:
-            code = _header(headers, DLQ_HEADER_ERROR_CODE)
+        code = output.error_code
+        if output.dead_letter:
             for failed in (span, request):
                 failed.set_attribute("rerank.dead_letter", True)
-                failed.set_attribute("rerank.error.code", code)
+                failed.set_attribute("rerank.error.code", code or "")
             request.set_status(Status(StatusCode.ERROR, f"dead-lettered: {code}"))
         else:
-            headers = list(headers)
+            if code is not None:
+                request.set_attribute("rerank.error.code", code)
+                request.set_status(
+                    Status(StatusCode.ERROR, f"answered with an error reply: {code}")
+                )
+            headers = list(output.headers)
             inject(headers, span)
+            output = dataclasses.replace(output, headers=headers)
         try:
-            await self._sender.send(source, topic, partition, key, value, headers)
+            await self._sender.send(source, output)
         except BaseException as exc:
             set_error(span, exc)
             raise
         finally:
             span.end()
 
-
-def mark_failed(code: str, message: str) -> None:
-    """Fail the current request's span (a no-op when it is not traced or not sampled):
-    every error reply does (:meth:`consumer.service.delivery.Delivery.reply`), whether or
-    not a step of the request failed first."""
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attribute("rerank.error.code", code)
-        span.set_status(Status(StatusCode.ERROR, message))
-
-
-def _header(headers: list[tuple[str, bytes]], name: str) -> str:
-    """The last ``name`` header (the dead-letter headers come after the request's own)."""
-    for key, value in reversed(headers):
-        if key == name:
-            return value.decode("utf-8", "replace")
-    return ""
+    def _attributes(self, output: OutputRecord) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            MESSAGING_SYSTEM: KAFKA,
+            MESSAGING_OPERATION_TYPE: "send",
+            MESSAGING_OPERATION_NAME: "send",
+            MESSAGING_DESTINATION_NAME: output.topic,
+            MESSAGING_BODY_SIZE: len(output.value or b""),
+            MESSAGING_CLIENT_ID: self._client_id,
+        }
+        if output.partition is not None:
+            attributes[MESSAGING_DESTINATION_PARTITION_ID] = str(output.partition)
+        if output.key is not None:
+            attributes[MESSAGING_KAFKA_MESSAGE_KEY] = output.key.decode("utf-8", "replace")
+        return attributes

@@ -43,25 +43,23 @@ nothing below it is produced or committed: outbox entries below it (answered and
 already) are dropped, resending them would duplicate replies, and a commit below it
 would move the group's offset back. The worker also reads each new partition's
 committed offset once its producer has its id, and its consumer fetches from there
-(``Worker._start_at``), so a new owner does not score those records again; should it
-start below the offset all the same (the read failed), its answers to them are dropped.
+(:meth:`consumer.service.exactly_once.ExactlyOnce.set_up`), so a new owner does not
+score those records again; should it start below the offset all the same (the read
+failed), its answers to them are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import TopicPartition
 
-from consumer.service.attempts import encode_attempts
-from consumer.service.committer import Work, commit_after_progress
-from consumer.service.metrics import Metrics
-from consumer.service.partitions import PartitionWork
+from consumer.service.outputs import OutputRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,19 +70,6 @@ TXN_TIMEOUT_S = 10.0
 # metadata that lists no broker, fails ``assert node_id is not None, "Did we not perform
 # bootstrap?"`` (seen in the chaos suite after a broker freeze).
 PRODUCER_FAILURES = (KafkaError, TimeoutError, OSError, AssertionError)
-# The producer's max_request_size; a record over it could never be in a transaction.
-MAX_RECORD_BYTES = 1024 * 1024 - 1024
-
-
-@dataclass
-class Output:
-    """One record to produce in a partition's next transaction."""
-
-    topic: str
-    partition: int | None
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
 
 
 @dataclass
@@ -100,7 +85,7 @@ class PartitionTransactions:
     # (consumer.service.membership.confirm_membership); False: not now
     confirm_membership: Callable[[], Awaitable[bool]]
     # source offset -> what answering it produced (a reply or a dead-letter record)
-    outbox: dict[int, list[Output]] = field(default_factory=dict)
+    outbox: dict[int, list[OutputRecord]] = field(default_factory=dict)
     fenced: bool = False
     broken: bool = False  # the last transaction failed: a fresh producer first
     # the group's committed offset, read once this producer had its id (module
@@ -117,7 +102,7 @@ class PartitionTransactions:
     async def stop(self) -> None:
         await _stop(self.producer)
 
-    def put(self, offset: int, output: Output) -> None:
+    def put(self, offset: int, output: OutputRecord) -> None:
         """Keep what answering the record at ``offset`` produced, for its transaction."""
         self.outbox.setdefault(offset, []).append(output)
 
@@ -249,94 +234,3 @@ async def bounded(work: Awaitable[T], seconds: float) -> T:
 def _forget(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a late failure of abandoned work is not news
-
-
-class TransactionalSender:
-    """What :class:`consumer.service.delivery.Delivery` sends through in exactly-once mode:
-    outputs go to the source record's partition outbox, not to the broker."""
-
-    def __init__(self, partitions: Mapping[TopicPartition, PartitionTransactions]) -> None:
-        self._partitions = partitions
-
-    async def send(
-        self,
-        source: ConsumerRecord[Any, Any],
-        topic: str,
-        partition: int | None,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
-    ) -> None:
-        """Keep the output for the source partition's next transaction."""
-        size = len(key or b"") + len(value or b"") + sum(len(n) + len(v) for n, v in headers)
-        if size > MAX_RECORD_BYTES:
-            raise MessageSizeTooLargeError(f"{size} bytes is over {MAX_RECORD_BYTES}")
-        txns = self._partitions.get(TopicPartition(source.topic, source.partition))
-        if txns is None:
-            # Revoked meanwhile: give the request up as a cancelled one is given up; it
-            # stays uncommitted and the partition's new owner answers it.
-            raise asyncio.CancelledError
-
-        txns.put(source.offset, Output(topic, partition, key, value, headers))
-
-
-class TransactionalCommitter:
-    """Commits every finished prefix as a transaction per partition (same interface as
-    :class:`consumer.service.committer.Committer`)."""
-
-    def __init__(
-        self,
-        partitions: Mapping[TopicPartition, PartitionTransactions],
-        interval_s: float,
-        membership_lost: Callable[[], bool],
-        metrics: Metrics,
-    ) -> None:
-        self._partitions = partitions
-        self._interval_s = interval_s
-        self._membership_lost = membership_lost
-        self._metrics = metrics
-        self._progress = asyncio.Event()
-        self._lock = asyncio.Lock()
-
-    def progress(self) -> None:
-        """A record finished: a transaction follows within ``interval_s``."""
-        self._progress.set()
-
-    async def run(self, work: Work) -> None:
-        """Commit after progress, at most every ``interval_s``, until cancelled (a failed
-        transaction is tried again without waiting for more progress)."""
-        await commit_after_progress(self._progress, self.commit, work, self._interval_s)
-
-    async def commit(self, work: Mapping[TopicPartition, PartitionWork]) -> bool:
-        """One transaction per partition with a finished prefix; True if all committed."""
-        if self._membership_lost():
-            return False
-        async with self._lock:
-            pending = {
-                tp: (w, offset)
-                for tp, w in work.items()
-                if (offset := w.offsets.uncommitted) is not None and tp in self._partitions
-            }
-            results = await asyncio.gather(
-                *(self._partitions[tp].commit(offset) for tp, (_, offset) in pending.items())
-            )
-        for (w, offset), ok in zip(pending.values(), results, strict=True):
-            outcome = "committed" if ok else "failed"
-            self._metrics.transactions.labels(outcome=outcome).inc()
-            if ok:
-                w.offsets.mark_committed(offset)
-        return all(results)
-
-    async def commit_attempt(
-        self, tp: TopicPartition, work: PartitionWork, offset: int, attempts: int
-    ) -> bool:
-        """Commit ``offset`` with ``attempts`` in its metadata, as a transaction of its
-        own (:mod:`consumer.service.attempts`)."""
-        txns = self._partitions.get(tp)
-        if txns is None or self._membership_lost():
-            return False
-        async with self._lock:
-            ok = await txns.commit(offset, encode_attempts(attempts))
-        if ok:
-            work.offsets.mark_committed(offset)
-        return ok

@@ -7,18 +7,23 @@ never reads the environment itself, so tests build one directly.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as checked_dataclass
 
 from consumer.service.codec import RequestLimits
-from consumer.service.committer import COMMIT_TIMEOUT_S
-from producer_sdk.security import KafkaSecurity
+from consumer.service.commit_policy import COMMIT_TIMEOUT_S
+from kafka_common.security import KafkaSecurity
 
 DELIVERY_MODES = ("at_least_once", "exactly_once")
 # Time the revoke handler needs beyond its wait and its commit (the last poll, callbacks).
 REBALANCE_MARGIN_S = 5.0
 
 
-@dataclass(frozen=True)
+@checked_dataclass(frozen=True, config=ConfigDict(arbitrary_types_allowed=True))
 class WorkerConfig:
     """Configuration of one :class:`consumer.service.worker.Worker`.
 
@@ -108,104 +113,44 @@ class WorkerConfig:
         lag_interval_s: how often the consumer-lag metric is refreshed.
     """
 
-    bootstrap_servers: str
-    security: KafkaSecurity = field(default_factory=KafkaSecurity)
-    request_topic: str = "rerank.requests"
-    reply_topic: str = "rerank.replies"
-    dlq_topic: str = "rerank.requests.dlq"
-    group_id: str = "rerank-workers"
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", min_length=1)
+    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+    request_topic: str = Field(default="rerank.requests", min_length=1)
+    reply_topic: str = Field(default="rerank.replies", min_length=1)
+    dlq_topic: str = Field(default="rerank.requests.dlq", min_length=1)
+    group_id: str = Field(default="rerank-workers", min_length=1)
     client_id: str = "rerank-worker"
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 3_000
-    max_poll_interval_ms: int = 300_000
-    rebalance_timeout_ms: int = 60_000
+    session_timeout_ms: int = Field(default=10_000, gt=0)
+    heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    rebalance_timeout_ms: int = Field(default=60_000, gt=0)
     group_instance_id: str | None = None
-    connect_timeout_s: float = 300.0
-    producer_linger_ms: int = 0
-    max_poll_records: int = 500
+    connect_timeout_s: float = Field(default=300.0, ge=0)
+    producer_linger_ms: int = Field(default=0, ge=0)
+    max_poll_records: int = Field(default=500, gt=0)
     allowed_reply_topics: str | None = None
     delivery: str = "at_least_once"
-    transactional_id_prefix: str = "rerank"
-    reply_topic_wait_s: float = 5.0
-    reply_timeout_s: float = 30.0
-    missing_topic_ttl_s: float = 10.0
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    default_max_age_s: float = 0.0
-    inflight_high_pairs: int = 4096
-    inflight_low_pairs: int = 2048
-    inflight_target_s: float = 0.0
-    inflight_min_pairs: int = 1024
-    drain_timeout_s: float = 30.0
-    revoke_timeout_s: float = 10.0
-    commit_interval_s: float = 0.1
-    max_uncommitted_records: int = 10_000
-    max_record_attempts: int = 3
-    lag_interval_s: float = 5.0
+    transactional_id_prefix: str = Field(default="rerank", min_length=1)
+    reply_topic_wait_s: float = Field(default=5.0, gt=0)
+    reply_timeout_s: float = Field(default=30.0, gt=0)
+    missing_topic_ttl_s: float = Field(default=10.0, gt=0)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    default_max_age_s: float = Field(default=0.0, ge=0)
+    inflight_high_pairs: int = Field(default=4096, gt=0)
+    inflight_low_pairs: int = Field(default=2048, ge=0)
+    inflight_target_s: float = Field(default=0.0, ge=0)
+    inflight_min_pairs: int = Field(default=1024, gt=0)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    revoke_timeout_s: float = Field(default=10.0, gt=0)
+    commit_interval_s: float = Field(default=0.1, gt=0)
+    max_uncommitted_records: int = Field(default=10_000, gt=0)
+    max_record_attempts: int = Field(default=3, gt=0)
+    lag_interval_s: float = Field(default=5.0, gt=0)
 
     def __post_init__(self) -> None:
-        for problem in self.problems():
-            raise ValueError(problem)
-
-    def problems(self) -> list[str]:
-        """Every reason this configuration cannot work, one line each."""
-        found: list[str] = []
-        if not self.bootstrap_servers.strip():
-            found.append("bootstrap_servers is empty")
-        if self.inflight_high_pairs < 1:
-            found.append("inflight_high_pairs must be >= 1")
-        if not 0 <= self.inflight_low_pairs < self.inflight_high_pairs:
-            found.append("inflight_low_pairs must be >= 0 and below inflight_high_pairs")
-        if self.inflight_target_s < 0:
-            found.append("inflight_target_s must be >= 0")
-        if self.inflight_min_pairs < 1:
-            found.append("inflight_min_pairs must be >= 1")
-        if self.max_poll_records < 1:
-            found.append("max_poll_records must be >= 1")
-        if self.max_uncommitted_records < 1:
-            found.append("max_uncommitted_records must be >= 1")
-        if self.max_record_attempts < 1:
-            found.append("max_record_attempts must be >= 1")
-        if self.delivery not in DELIVERY_MODES:
-            found.append(f"delivery must be one of {', '.join(DELIVERY_MODES)}")
-        if self.connect_timeout_s < 0:
-            found.append("connect_timeout_s must be >= 0 (0: no limit)")
-        if self.group_instance_id is not None and not self.group_instance_id.strip():
-            found.append("group_instance_id must not be blank")
-        found.extend(self._rebalance_problems())
-        for name in (
-            "reply_topic_wait_s",
-            "reply_timeout_s",
-            "missing_topic_ttl_s",
-            "drain_timeout_s",
-            "revoke_timeout_s",
-            "commit_interval_s",
-            "lag_interval_s",
-        ):
-            if getattr(self, name) <= 0:
-                found.append(f"{name} must be > 0")
-        if self.default_max_age_s < 0:
-            found.append("default_max_age_s must be >= 0 (0 turns it off)")
-        try:
-            pattern = self.allowed_reply_pattern
-        except re.error as exc:
-            found.append(f"allowed_reply_topics is not a valid regular expression: {exc}")
-        else:
-            if not pattern.fullmatch(self.reply_topic):
-                found.append(
-                    f"allowed_reply_topics {self.allowed_reply_topics!r} does not allow the "
-                    f"default reply topic {self.reply_topic!r}"
-                )
-        return found
-
-    def _rebalance_problems(self) -> list[str]:
-        needed = rebalance_time_needed_ms(self.revoke_timeout_s)
-        if self.rebalance_timeout_ms >= needed:
-            return []
-        return [
-            f"rebalance_timeout_ms ({self.rebalance_timeout_ms}) must be at least {needed}: "
-            f"revoke_timeout_s ({self.revoke_timeout_s:g} s) + the {COMMIT_TIMEOUT_S:g} s "
-            f"commit timeout + a {REBALANCE_MARGIN_S:g} s margin"
-        ]
+        problems = cross_field_problems(self.__dict__)
+        if problems:
+            raise ValueError("; ".join(problem.text() for problem in problems))
 
     @property
     def exactly_once(self) -> bool:
@@ -215,9 +160,135 @@ class WorkerConfig:
     @property
     def allowed_reply_pattern(self) -> re.Pattern[str]:
         """The compiled reply-topic allow pattern (see ``allowed_reply_topics``)."""
-        if self.allowed_reply_topics is not None:
-            return re.compile(self.allowed_reply_topics)
-        return re.compile(re.escape(self.reply_topic) + r"(\..+)?")
+        return allowed_reply_pattern(self.allowed_reply_topics, self.reply_topic)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A reason the settings cannot work, about the settings it names.
+
+    ``template`` has one ``{}`` per name in ``fields``: :meth:`text` fills them with the
+    field names, or with what ``name`` makes of them (the worker's settings show their
+    environment variables and flags).
+    """
+
+    fields: tuple[str, ...]
+    template: str
+
+    def text(self, name: Callable[[str], str] = str) -> str:
+        return self.template.format(*(name(field) for field in self.fields))
+
+
+def cross_field_problems(values: Mapping[str, Any]) -> list[Problem]:
+    """Every problem between settings of a worker, one each: ``values`` are its fields
+    (those missing are not checked)."""
+    checks = (
+        _inflight_problems,
+        _heartbeat_problems,
+        _rebalance_problems,
+        _reply_pattern_problems,
+        _shared_topic_problems,
+        _other_problems,
+    )
+    found: list[Problem] = []
+    for check in checks:
+        try:
+            found.extend(check(values))
+        except (KeyError, TypeError):  # a field left out, or not of its type: not checked
+            continue
+    return found
+
+
+def _inflight_problems(values: Mapping[str, Any]) -> list[Problem]:
+    low, high = values["inflight_low_pairs"], values["inflight_high_pairs"]
+    if low < high:
+        return []
+    return [
+        Problem(
+            ("inflight_low_pairs", "inflight_high_pairs"),
+            f"{{}} ({low}) must be below {{}} ({high})",
+        )
+    ]
+
+
+def _heartbeat_problems(values: Mapping[str, Any]) -> list[Problem]:
+    heartbeat, session = values["heartbeat_interval_ms"], values["session_timeout_ms"]
+    if heartbeat < session:
+        return []
+    return [
+        Problem(
+            ("heartbeat_interval_ms", "session_timeout_ms"),
+            f"{{}} ({heartbeat}) must be below {{}} ({session})",
+        )
+    ]
+
+
+def _rebalance_problems(values: Mapping[str, Any]) -> list[Problem]:
+    revoke_s, rebalance_ms = values["revoke_timeout_s"], values["rebalance_timeout_ms"]
+    needed = rebalance_time_needed_ms(revoke_s)
+    if rebalance_ms >= needed:
+        return []
+    return [
+        Problem(
+            ("rebalance_timeout_ms", "revoke_timeout_s"),
+            f"{{}} ({rebalance_ms}) must be at least {needed}: {{}} ({revoke_s:g} s) + the "
+            f"{COMMIT_TIMEOUT_S:g} s commit timeout + a {REBALANCE_MARGIN_S:g} s margin",
+        )
+    ]
+
+
+def _reply_pattern_problems(values: Mapping[str, Any]) -> list[Problem]:
+    pattern, reply_topic = values["allowed_reply_topics"], values["reply_topic"]
+    names = ("allowed_reply_topics", "reply_topic")
+    try:
+        compiled = allowed_reply_pattern(pattern, reply_topic)
+    except re.error as exc:
+        return [Problem(names[:1], f"{{}} is not a valid regular expression ({exc}): {pattern!r}")]
+    if compiled.fullmatch(reply_topic):
+        return []
+    return [
+        Problem(
+            names, f"{{}} {pattern!r} does not allow the default reply topic {{}} {reply_topic!r}"
+        )
+    ]
+
+
+def _shared_topic_problems(values: Mapping[str, Any]) -> list[Problem]:
+    # A worker that replies into (or dead-letters into) its own request topic would
+    # consume its own output forever.
+    roles = {"request": "request_topic", "reply": "reply_topic", "dead-letter": "dlq_topic"}
+    found = []
+    named = list(roles.items())
+    for i, (role_a, field_a) in enumerate(named):
+        for role_b, field_b in named[i + 1 :]:
+            if values[field_a] == values[field_b]:
+                found.append(
+                    Problem(
+                        (field_a, field_b),
+                        f"the {role_a} topic and the {role_b} topic are both "
+                        f"{values[field_a]!r} ({{}}, {{}})",
+                    )
+                )
+    return found
+
+
+def _other_problems(values: Mapping[str, Any]) -> list[Problem]:
+    found = []
+    if not values["bootstrap_servers"].strip():
+        found.append(Problem(("bootstrap_servers",), "{} is empty"))
+    if values["delivery"] not in DELIVERY_MODES:
+        found.append(Problem(("delivery",), f"{{}} must be one of {', '.join(DELIVERY_MODES)}"))
+    instance = values["group_instance_id"]
+    if instance is not None and not instance.strip():
+        found.append(Problem(("group_instance_id",), "{} must not be blank"))
+    return found
+
+
+def allowed_reply_pattern(allowed_reply_topics: str | None, reply_topic: str) -> re.Pattern[str]:
+    """The compiled reply-topic allow pattern (see ``WorkerConfig.allowed_reply_topics``)."""
+    if allowed_reply_topics is not None:
+        return re.compile(allowed_reply_topics)
+    return re.compile(re.escape(reply_topic) + r"(\..+)?")
 
 
 def rebalance_time_needed_ms(revoke_timeout_s: float) -> int:

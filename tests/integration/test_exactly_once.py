@@ -30,13 +30,15 @@ from worker_harness import (
     worker_config,
 )
 
+from consumer.service.exactly_once import ExactlyOnce
 from consumer.service.kafka_clients import (
     make_consumer,
     make_transactional_producer,
     transactional_id,
 )
 from consumer.service.membership import confirm_membership
-from consumer.service.transactions import Output, PartitionTransactions
+from consumer.service.outputs import OutputRecord
+from consumer.service.transactions import PartitionTransactions
 from consumer.service.worker import Worker
 from producer_sdk import RerankClient
 
@@ -286,7 +288,9 @@ async def test_a_zombie_whose_transaction_failed_does_not_fence_the_new_owner(
             reply_reader(kafka_bootstrap, topics, "read_committed") as replies,
             running_worker(config, engine) as owner,
         ):
-            await wait_until(lambda: tp in owner._txns, 30, "the new owner has the partition")
+            await wait_until(
+                lambda: tp in owner_transactions(owner), 30, "the new owner has the partition"
+            )
             # the zombie wakes: its transaction had failed, so its next commit would
             # start a fresh producer for the partition
             zombies_txns = PartitionTransactions(
@@ -343,9 +347,16 @@ async def wait_until_async(
         await asyncio.sleep(0.05)
 
 
-def _reply(topics: Topics, offset: int) -> Output:
+def owner_transactions(worker: Worker) -> dict[TopicPartition, PartitionTransactions]:
+    """The exactly-once worker's partitions with a transactional producer."""
+    running = worker._running
+    return running.mode.transactions if running and isinstance(running.mode, ExactlyOnce) else {}
+
+
+def _reply(topics: Topics, offset: int) -> OutputRecord:
     correlation_id = f"c-{offset}".encode()
-    return Output(topics.replies, 0, correlation_id, b"{}", [("correlation-id", correlation_id)])
+    headers = [("correlation-id", correlation_id)]
+    return OutputRecord(topics.replies, 0, correlation_id, b"{}", headers)
 
 
 async def test_a_new_owner_fetches_from_the_last_owners_final_commit(
@@ -363,13 +374,14 @@ async def test_a_new_owner_fetches_from_the_last_owners_final_commit(
     tp = TopicPartition(topics.requests, 0)
     requests = [request(f"c-{i}", {"query": f"q{i}", "documents": ["a", "b"]}) for i in range(10)]
     starts: list[int] = []
-    set_up_producers = Worker._start_transactions
+    set_up_producers = ExactlyOnce._start
 
-    async def last_owner_commits_meanwhile(worker: Worker, assigned: set[TopicPartition]) -> None:
+    async def last_owner_commits_meanwhile(
+        mode: ExactlyOnce, assigned: set[TopicPartition]
+    ) -> None:
         if not starts:
-            assert worker._consumer is not None
             async with asyncio.timeout(10):
-                starts.append(await worker._consumer.position(tp))  # read before the commit
+                starts.append(await mode._consumer.position(tp))  # read before the commit
             last_owner = make_transactional_producer(config, transactional_id(config, tp.topic, 0))
             await last_owner.start()
             try:
@@ -378,9 +390,9 @@ async def test_a_new_owner_fetches_from_the_last_owners_final_commit(
                 await last_owner.commit_transaction()
             finally:
                 await last_owner.stop()
-        await set_up_producers(worker, assigned)
+        await set_up_producers(mode, assigned)
 
-    monkeypatch.setattr(Worker, "_start_transactions", last_owner_commits_meanwhile)
+    monkeypatch.setattr(ExactlyOnce, "_start", last_owner_commits_meanwhile)
     engine = FakeEngine()
     await produce(kafka_bootstrap, topics.requests, requests)
     async with (

@@ -31,6 +31,7 @@ from worker_harness import (
 )
 
 from consumer.engine.api import BatchTiming, ScoreRequest, ScoreResult
+from consumer.service.tracing import NoTracing
 from producer_sdk import RerankClient, RerankErrorReply
 
 DOCUMENTS = ["a distributed event log", "a novelist", "a streaming platform"]
@@ -214,7 +215,7 @@ async def test_with_tracing_off_no_trace_header_is_added(
             kafka_bootstrap, request_topic=topics.requests, reply_topic=topics.replies
         ) as client,
     ):
-        assert worker._tracing is None and client._tracing is None
+        assert isinstance(worker._tracing, NoTracing) and client._tracing is None
         result = await client.rerank("what is kafka?", DOCUMENTS)
     assert len(result) == len(DOCUMENTS)
 

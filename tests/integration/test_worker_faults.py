@@ -167,7 +167,7 @@ async def test_a_record_the_dead_letter_topic_refuses_holds_its_partition_uncomm
             await asyncio.sleep(2)  # commits would have happened by now
             assert await committed_offset(kafka_bootstrap, config.group_id, tp, 1, 1) == 1
             assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 1
-            assert tp in worker._consumer.paused()  # type: ignore[union-attr]
+            assert tp in worker._running.consumer.paused()  # type: ignore[union-attr]
 
             await kafka_admin.alter_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, dlq, {"max.message.bytes": "1048588"})]
@@ -217,7 +217,7 @@ async def test_records_waiting_behind_an_unfinished_one_stop_fetching_at_the_cap
         await produce(kafka_bootstrap, topics.requests, later)
         await asyncio.sleep(1.5)
         assert engine.seen == ["q"] * len(wave)  # (the held one is not in it yet): none later
-        assert tp in worker._consumer.paused()  # type: ignore[union-attr]
+        assert tp in worker._running.consumer.paused()  # type: ignore[union-attr]
         engine.release.set()
         await replies.read(1 + len(wave) + len(later))
         total = 1 + len(wave) + len(later)

@@ -182,8 +182,8 @@ async def test_lost_membership_commits_nothing_and_every_request_is_still_answer
 
 def spy_on_commits(worker: Worker) -> list[float]:
     """Times (``time.time()``) of every commit the worker's Kafka consumer sends."""
-    consumer = worker._consumer
-    assert consumer is not None
+    assert worker._running is not None
+    consumer = worker._running.consumer
     times: list[float] = []
     commit = consumer.commit
 

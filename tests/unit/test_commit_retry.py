@@ -17,10 +17,10 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumer.service.committer import Committer
+from consumer.service.commit_policy import OffsetCommitter
+from consumer.service.exactly_once import TransactionalCommitter
 from consumer.service.metrics import Metrics
 from consumer.service.partitions import PartitionWork
-from consumer.service.transactions import TransactionalCommitter
 
 TP = TopicPartition("rerank.requests", 0)
 INTERVAL_S = 0.01
@@ -79,7 +79,7 @@ async def run_once_and_wait(
 async def test_a_failed_offset_commit_is_retried_without_more_progress() -> None:
     consumer = FlakyConsumer(failures=2)
     work = finished_work(5)
-    committer = Committer(consumer, INTERVAL_S, membership_lost=lambda: False)
+    committer = OffsetCommitter(consumer, INTERVAL_S, membership_lost=lambda: False)
     await run_once_and_wait(
         lambda: committer.run(lambda: work),
         committer.progress,
@@ -108,7 +108,7 @@ async def test_a_failed_transaction_is_retried_without_more_progress() -> None:
 async def test_nothing_is_retried_once_everything_is_committed() -> None:
     consumer = FlakyConsumer(failures=0)
     work = finished_work(3)
-    committer = Committer(consumer, INTERVAL_S, membership_lost=lambda: False)
+    committer = OffsetCommitter(consumer, INTERVAL_S, membership_lost=lambda: False)
     await run_once_and_wait(
         lambda: committer.run(lambda: work),
         committer.progress,

@@ -1,4 +1,4 @@
-"""Delivery under failures: bounded reply retries, dead-letter records never dropped.
+"""The responder under failures: bounded reply retries, dead-letter records never dropped.
 
 The producer and the router are fakes of our own interfaces; what Kafka itself does
 with these records is tested against a real broker in tests/integration.
@@ -7,6 +7,7 @@ with these records is tested against a real broker in tests/integration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -15,15 +16,18 @@ from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError, TopicAuthori
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumer.service.codec import ReplyRoute
-from consumer.service.delivery import AckedSender, Delivery, RetryPolicy
+from consumer.engine.api import ScoreResult
+from consumer.service.at_least_once import AckedSender
+from consumer.service.codec import ReplyRoute, RequestLimits
+from consumer.service.context import DeadLetter, RequestContext, Scored, decode_context
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import Destination, Unresolved, Unroutable
+from consumer.service.responder import ReplyRetry, Responder
 from schemas.models import ErrorCode
 
 DLQ = "rerank.requests.dlq"
 REPLIES = "rerank.replies"
-FAST = RetryPolicy(
+FAST = ReplyRetry(
     reply_timeout_s=0.3, first_backoff_s=0.01, max_backoff_s=0.05, dead_letter_max_backoff_s=0.05
 )
 
@@ -84,17 +88,33 @@ def request_record(offset: int = 5) -> ConsumerRecord[Any, Any]:
 
 def delivery_with(
     producer: FakeProducer, router: ScriptedRouter, blocked: list[tuple[TopicPartition, bool]]
-) -> tuple[Delivery, Metrics]:
+) -> tuple[Responder, Metrics]:
     metrics = Metrics(CollectorRegistry())
-    delivery = Delivery(
+    delivery = Responder(
         AckedSender(producer),
         router,  # type: ignore[arg-type]
+        "model",
         DLQ,
         metrics,
         FAST,
         on_dead_letter_blocked=lambda tp, b: blocked.append((tp, b)),
     )
     return delivery, metrics
+
+
+DEFAULT_ROUTE = ReplyRoute()
+
+
+def request_context(
+    route: ReplyRoute = DEFAULT_ROUTE, deadline: float | None = None
+) -> RequestContext:
+    """The context of ``request_record()``, with its route and deadline replaced."""
+    context = decode_context(request_record(), time.monotonic(), RequestLimits())
+    return dataclasses.replace(context, route=route, deadline=deadline)
+
+
+SCORED = Scored(ScoreResult((0.0,), (0.5,), 1, (False,), 0.0, 0.0))
+NO_CORRELATION_ID = DeadLetter(ErrorCode.INVALID_REQUEST, "no correlation id")
 
 
 def header(headers: list[tuple[str, bytes]], name: str) -> str:
@@ -106,7 +126,7 @@ async def test_a_reply_retried_through_passing_failures_is_delivered_once() -> N
     producer.failures[REPLIES] = [KafkaTimeoutError(), KafkaTimeoutError()]
     router = ScriptedRouter(Destination(REPLIES, None))
     delivery, _ = delivery_with(producer, router, [])
-    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok")
+    await delivery.deliver(request_context(), SCORED)
     assert [topic for topic, _, _ in producer.sent] == [REPLIES]
     assert router.calls == 3  # the route is looked up again before every attempt
 
@@ -116,7 +136,7 @@ async def test_a_reply_that_keeps_failing_is_dead_lettered_after_the_reply_timeo
     producer.refuse[REPLIES] = KafkaTimeoutError()
     delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
     started = time.monotonic()
-    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok")
+    await delivery.deliver(request_context(), SCORED)
     assert time.monotonic() - started < 2.0  # bounded: not retried forever
     ((topic, value, headers),) = producer.sent
     assert topic == DLQ and value == request_record().value
@@ -130,7 +150,7 @@ async def test_a_reply_whose_deadline_passes_while_retrying_is_dead_lettered_as_
     producer.refuse[REPLIES] = KafkaTimeoutError()
     delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
     deadline = time.time() + 0.1
-    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok", deadline)
+    await delivery.deliver(request_context(deadline=deadline), SCORED)
     ((topic, _, headers),) = producer.sent
     assert topic == DLQ and header(headers, "error-code") == "deadline_exceeded"
 
@@ -140,7 +160,7 @@ async def test_an_unresolved_route_is_no_verdict_and_is_tried_again() -> None:
     producer = FakeProducer()
     router = ScriptedRouter(Unresolved("lookup timed out"), Destination("rerank.replies.a", 0))
     delivery, _ = delivery_with(producer, router, [])
-    await delivery.reply(request_record(), ReplyRoute("rerank.replies.a", 0), "c-1", b"{}", "ok")
+    await delivery.deliver(request_context(ReplyRoute("rerank.replies.a", 0)), SCORED)
     assert [topic for topic, _, _ in producer.sent] == ["rerank.replies.a"]
 
 
@@ -158,9 +178,7 @@ async def test_a_dead_letter_record_refused_for_good_waits_until_it_is_taken(
     producer.refuse[DLQ] = refusal
     blocked: list[tuple[TopicPartition, bool]] = []
     delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), blocked)
-    sending = asyncio.create_task(
-        delivery.dead_letter(request_record(), ErrorCode.INVALID_REQUEST, "no correlation id")
-    )
+    sending = asyncio.create_task(delivery.deliver(request_context(), NO_CORRELATION_ID))
     await asyncio.sleep(0.3)
     assert not sending.done() and producer.attempts[DLQ] > 3
     assert blocked == [(TopicPartition("rerank.requests", 2), True)]
@@ -181,9 +199,7 @@ async def test_stopping_while_a_dead_letter_record_is_blocked_releases_the_hold(
     producer.refuse[DLQ] = TopicAuthorizationFailedError()
     blocked: list[tuple[TopicPartition, bool]] = []
     delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), blocked)
-    sending = asyncio.create_task(
-        delivery.dead_letter(request_record(), ErrorCode.INVALID_REQUEST, "no correlation id")
-    )
+    sending = asyncio.create_task(delivery.deliver(request_context(), NO_CORRELATION_ID))
     await asyncio.sleep(0.1)
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -316,7 +316,7 @@ def test_topics_job_creates_the_topics_the_workers_use() -> None:
 
 
 def test_create_topics_script_is_valid_bash() -> None:
-    script = COMPOSE_DIR / "kafka" / "create-topics.sh"
+    script = REPO / "deploy" / "helm" / "kafka-rerank" / "files" / "create-topics.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

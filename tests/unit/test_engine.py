@@ -470,7 +470,7 @@ async def test_a_model_that_scores_its_check_batch_wrongly_fails_the_engine() ->
 async def test_a_stalled_model_fails_the_engine_instead_of_waiting_forever() -> None:
     """A hung device: the request has no deadline, yet it is answered (EngineFailed)."""
     scorer = FakeScorer()
-    engine = await started_engine(scorer, stall_timeout_s=0.5)
+    engine = await started_engine(scorer, engine_stall_timeout_s=0.5)
     scorer.gate.clear()  # the model never finishes this batch
     started = time.monotonic()
     with pytest.raises(EngineFailed):
@@ -961,7 +961,9 @@ class QuickScorer(FakeScorer):
 async def backlog_batch_costs(backlog_requests: int, quick_backlog: float) -> list[int]:
     """Costs of the batches that serve a backlog of 100-token pairs (10 a request)."""
     scorer = QuickScorer(quick=1000)
-    engine = await started_engine(scorer, max_batch_tokens=10_000, quick_backlog=quick_backlog)
+    engine = await started_engine(
+        scorer, max_batch_tokens=10_000, quick_batch_backlog=quick_backlog
+    )
     scorer.gate.clear()
     # one request on the model and one in the batch cut ahead: the backlog then builds
     # in the queue and is cut only once the model is free

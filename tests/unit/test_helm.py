@@ -44,7 +44,8 @@ EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.yaml"))
 CRD_DIR = REPO / "deploy" / "helm" / "crd-schemas"
 HELM_SCRIPT = REPO / "deploy" / "local" / "helm"
 COMPOSE_ALERTS = REPO / "deploy" / "compose" / "prometheus" / "alerts.yml"
-COMPOSE_TOPICS_SCRIPT = REPO / "deploy" / "compose" / "kafka" / "create-topics.sh"
+TOPICS_SCRIPT = CHART / "files" / "create-topics.sh"
+COMPOSE_FILE = REPO / "deploy" / "compose" / "compose.yml"
 E2E_H200 = REPO / "benchmarks" / "results" / "2026-12-04-e2e-h200" / "run1" / "results.json"
 
 # The oldest Kubernetes the chart is checked against and a current release (schemas of
@@ -652,13 +653,13 @@ def test_mutual_tls_mounts_the_client_certificate() -> None:
 # --- topics ---------------------------------------------------------------------------------
 
 
-def test_the_chart_runs_the_compose_topic_script() -> None:
-    chart_copy = CHART / "files" / "create-topics.sh"
-    assert chart_copy.read_bytes() == COMPOSE_TOPICS_SCRIPT.read_bytes(), (
-        f"cp {COMPOSE_TOPICS_SCRIPT.relative_to(REPO)} {chart_copy.relative_to(REPO)}"
-    )
+def test_the_chart_and_the_compose_stack_run_one_topic_script() -> None:
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    (mount,) = compose["services"]["topics"]["volumes"]
+    source = mount.split(":")[0]
+    assert (COMPOSE_FILE.parent / source).resolve() == TOPICS_SCRIPT.resolve()
     job = one(render(), "Job", "topics")
-    assert literal_env(job)["CREATE_TOPICS_SH"] == COMPOSE_TOPICS_SCRIPT.read_text()
+    assert literal_env(job)["CREATE_TOPICS_SH"] == TOPICS_SCRIPT.read_text()
 
 
 def test_topics_job_is_a_hook_that_makes_the_workers_topics() -> None:

@@ -9,7 +9,7 @@ from aiokafka.protocol.admin import SaslAuthenticateRequest_v1
 from aiokafka.protocol.metadata import MetadataRequest_v0
 from pydantic import SecretStr
 
-from producer_sdk.security import KafkaSecurity
+from kafka_common.security import KafkaSecurity
 
 PASSWORD = "never-log-this-password"
 

@@ -1,4 +1,5 @@
-"""The package layout holds: imports go service -> engine -> runtime, never back.
+"""The package layout holds: imports go service -> engine -> runtime, never back; no module
+imports one that imports it back; the architecture map names every module.
 
 Read from the source with ``ast`` (every import, also those inside functions and
 ``TYPE_CHECKING`` blocks), so a lazy import cannot hide a cycle.
@@ -118,3 +119,119 @@ def test_test_modules_have_unique_names() -> None:
     """The test folders are not packages: pytest cannot collect two files of one name."""
     names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+PACKAGES = ("consumer", "producer_sdk", "kafka_common", "gateway", "schemas", "benchmarks")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {
+        module_name(path): path
+        for package in PACKAGES
+        for path in (REPO / package).rglob("*.py")
+        if "results" not in path.relative_to(REPO).parts
+    }
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each project module -> the project modules it imports (any import, anywhere)."""
+    modules = project_modules()
+    return {
+        name: {imported for imported in imported_modules(path) if imported in modules} - {name}
+        for name, path in modules.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as the modules along it, or None."""
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str) -> list[str] | None:
+        if name in visiting:
+            return [*visiting[visiting.index(name) :], name]
+        if name in done:
+            return None
+        visiting.append(name)
+        for imported in sorted(graph.get(name, ())):
+            if (cycle := visit(imported)) is not None:
+                return cycle
+        visiting.pop()
+        done.add(name)
+        return None
+
+    for name in sorted(graph):
+        if (cycle := visit(name)) is not None:
+            return cycle
+    return None
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    """The check itself, on the cycle the service once had."""
+    graph = {"delivery": {"tracing"}, "tracing": {"processing", "delivery"}, "processing": set()}
+    assert find_cycle(graph) == ["delivery", "tracing", "delivery"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_worker_never_imports_the_client_sdk() -> None:
+    """Shared Kafka plumbing lives in kafka_common; the SDK is for callers."""
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in CONSUMER.rglob("*.py")
+        for name in imported_modules(path)
+        if starts_with_any(name, ("producer_sdk",))
+    }
+    assert not wrong, sorted(wrong)
+
+
+# The parts of the SDK a caller uses: the client, a call's options, its results and errors.
+GATEWAY_MAY_IMPORT = ("client", "request", "result", "errors")
+
+
+def test_the_gateway_uses_the_sdk_only_as_a_client() -> None:
+    allowed = tuple(f"producer_sdk.{module}" for module in GATEWAY_MAY_IMPORT)
+    wrong = {
+        f"{path.relative_to(REPO)} imports {name}"
+        for path in (REPO / "gateway").rglob("*.py")
+        for name in imported_modules(path)
+        if starts_with_any(name, ("producer_sdk",))
+        and not starts_with_any(name, allowed)
+        and name != "producer_sdk"
+    }
+    assert not wrong, sorted(wrong)
+
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+MAPPED = ("consumer", "producer_sdk", "kafka_common", "gateway")
+
+
+def architecture_map() -> str:
+    """The first code block of docs/architecture.md, which must open the page."""
+    lines = ARCHITECTURE.read_text(encoding="utf-8").splitlines()
+    opening = lines.index("```")
+    assert opening < 10, "the map is the first screen of docs/architecture.md"
+    closing = lines.index("```", opening + 1)
+    return "\n".join(lines[opening + 1 : closing])
+
+
+def test_the_architecture_map_names_every_module() -> None:
+    words = set(architecture_map().replace("/", " ").split())
+    missing = sorted(
+        module_name(path)
+        for package in MAPPED
+        for path in (REPO / package).rglob("*.py")
+        if path.stem not in words and path.stem != "__init__"
+    )
+    assert not missing, f"docs/architecture.md's map does not name: {missing}"
+    folders = {p.name for p in (REPO / "deploy").iterdir() if p.is_dir()}
+    assert folders <= words, "the map describes every folder of deploy/"

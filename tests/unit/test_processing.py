@@ -8,6 +8,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.engine.api import EngineFailed, ScoreRequest, ScoreResult
 from consumer.service.codec import RequestLimits
+from consumer.service.context import Answer, DeadLetter, RequestContext
 from consumer.service.processing import RequestProcessor
 from schemas.models import ErrorCode
 
@@ -16,18 +17,18 @@ class BrokenDelivery:
     """Replies fail with a bug; dead-letter records are remembered."""
 
     def __init__(self) -> None:
-        self.dead: list[tuple[int, ErrorCode, str, str | None]] = []
+        self.dead: list[tuple[int, ErrorCode | str, str, str | None]] = []
 
-    async def reply(self, *args: Any, **kwargs: Any) -> None:
+    async def deliver(self, context: RequestContext, answer: Answer) -> None:
+        if not isinstance(answer, DeadLetter):
+            await self.reply(answer)
+            return
+        self.dead.append(
+            (context.record.offset, answer.code, answer.message, context.correlation_id)
+        )
+
+    async def reply(self, answer: Answer) -> None:
         raise RuntimeError("a bug in reply delivery")
-
-    async def reply_error(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("a bug in reply delivery")
-
-    async def dead_letter(
-        self, record: Any, code: ErrorCode, message: str, correlation_id: str | None = None
-    ) -> None:
-        self.dead.append((record.offset, code, message, correlation_id))
 
 
 class ConstantEngine:
@@ -62,7 +63,7 @@ async def test_a_bug_while_answering_dead_letters_the_record() -> None:
     good = record(7, b'{"query": "q", "documents": ["a", "b"]}', "c-1")
     bad = record(8, b"not json", "c-2")
     for rec in (good, bad):
-        await processor.process(rec, processor.decode(rec), received=0.0)
+        await processor.start(rec, received=0.0).run
     assert [(offset, code, cid) for offset, code, _, cid in delivery.dead] == [
         (7, ErrorCode.INTERNAL, "c-1"),
         (8, ErrorCode.INTERNAL, "c-2"),
@@ -80,13 +81,10 @@ class FailedEngine(ConstantEngine):
 class RecordingDelivery(BrokenDelivery):
     def __init__(self) -> None:
         super().__init__()
-        self.replies: list[Any] = []
+        self.replies: list[Answer] = []
 
-    async def reply(self, *args: Any, **kwargs: Any) -> None:
-        self.replies.append(args)
-
-    async def reply_error(self, *args: Any, **kwargs: Any) -> None:
-        self.replies.append(args)
+    async def reply(self, answer: Answer) -> None:
+        self.replies.append(answer)
 
 
 async def test_a_request_the_failed_engine_could_not_score_is_left_unanswered() -> None:
@@ -95,10 +93,14 @@ async def test_a_request_the_failed_engine_could_not_score_is_left_unanswered() 
     delivery = RecordingDelivery()
     processor = RequestProcessor(FailedEngine(), delivery, RequestLimits())  # type: ignore[arg-type]
     rec = record(3, b'{"query": "q", "documents": ["a"]}', "c-3")
-    answered = await processor.process(rec, processor.decode(rec), received=0.0)
+    answered = await processor.start(rec, received=0.0).run
     assert answered is False
     assert delivery.replies == [] and delivery.dead == []
-    ok = await RequestProcessor(ConstantEngine(), delivery, RequestLimits()).process(  # type: ignore[arg-type]
-        rec, processor.decode(rec), received=0.0
+    ok = (
+        await RequestProcessor(ConstantEngine(), delivery, RequestLimits())
+        .start(  # type: ignore[arg-type]
+            rec, received=0.0
+        )
+        .run
     )
     assert ok is True and len(delivery.replies) == 1

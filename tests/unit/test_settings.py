@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -12,9 +11,6 @@ import pytest
 from pydantic import SecretStr
 
 from consumer import settings_doc
-from consumer.engine.settings import EngineSettings
-from consumer.runtime.options import ModelOptions
-from consumer.service.codec import RequestLimits
 from consumer.service.worker_config import WorkerConfig
 from consumer.settings import (
     Settings,
@@ -25,7 +21,7 @@ from consumer.settings import (
     load_settings,
     settings_from,
 )
-from producer_sdk.security import KafkaSecurity
+from kafka_common.security import KafkaSecurity
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-do-not-print"
@@ -393,52 +389,6 @@ def test_model_options_and_engine_settings_carry_the_settings() -> None:
     assert (options.model, options.device, options.dtype) == ("/models/x", "cpu", "float32")
     assert engine.max_batch_pairs == 9
     assert engine.max_batch_tokens == settings.max_batch_tokens
-
-
-@pytest.mark.parametrize(
-    ("options_class", "names"),
-    [
-        (
-            ModelOptions,
-            [
-                "model",
-                "device",
-                "dtype",
-                "attn_implementation",
-                "max_pair_tokens",
-                "compile",
-                "packed",
-                "cuda_graph_max_tokens",
-                "layers",
-                "default_instruction",
-            ],
-        ),
-        (
-            EngineSettings,
-            [
-                "max_batch_tokens",
-                "max_batch_pairs",
-                "max_wait_ms",
-                "min_batch_tokens",
-                "tokenizer_threads",
-            ],
-        ),
-        (RequestLimits, ["max_documents", "max_request_bytes"]),
-    ],
-)
-def test_defaults_agree_with_the_option_objects(options_class: type, names: list[str]) -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(options_class)}
-    for name in names:
-        assert Settings.model_fields[name].default == defaults[name], name
-
-
-def test_worker_defaults_agree_with_worker_config() -> None:
-    built = load_settings([]).worker_config()
-    reference = WorkerConfig(bootstrap_servers="127.0.0.1:9092")
-    for field in dataclasses.fields(WorkerConfig):
-        if field.name in ("client_id",):
-            continue
-        assert getattr(built, field.name) == getattr(reference, field.name), field.name
 
 
 # --- the command line and the docs -------------------------------------------------------

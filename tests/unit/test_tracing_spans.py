@@ -34,23 +34,23 @@ from consumer.engine.settings import EngineSettings
 from consumer.runtime.prompt import EncodedPair
 from consumer.runtime.scorer import OneCallScorer, ScorerTraits
 from consumer.service.codec import ReplyRoute, RequestLimits
-from consumer.service.delivery import Delivery
 from consumer.service.metrics import Metrics
+from consumer.service.outputs import OutputRecord
 from consumer.service.processing import RequestProcessor
 from consumer.service.reply_router import Destination
-from consumer.service.tracing import TracedEngine, WorkerTracing
-from producer_sdk.errors import RerankErrorReply
-from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
-from producer_sdk.tracing import (
+from consumer.service.responder import Responder
+from consumer.service.tracing import NoTracing, TracedEngine, WorkerTracing, worker_tracing
+from kafka_common.tracing import (
     HEADER_GETTER,
-    ClientTracing,
     HeaderSetter,
     enabled_tracer,
     extract,
-    in_callers_context,
     inject,
     pass_on_current,
 )
+from producer_sdk.errors import RerankErrorReply
+from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
+from producer_sdk.tracing import ClientTracing, in_callers_context
 
 REQUESTS = "rerank.requests"
 REPLIES = "rerank.replies"
@@ -94,7 +94,7 @@ def test_tracing_is_off_with_the_apis_own_providers(provider: TracerProvider) ->
     assert enabled_tracer() is None  # nothing installed: the global proxy
     assert enabled_tracer(NoOpTracerProvider()) is None
     assert enabled_tracer(provider) is not None
-    assert WorkerTracing.create(None, "group", "client") is None
+    assert isinstance(worker_tracing(None, "group", "client"), NoTracing)
     assert ClientTracing.create(None, REQUESTS, REPLIES, "client") is None
 
 
@@ -278,16 +278,8 @@ class RecordingSender:
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[tuple[str, bytes]]]] = []
 
-    async def send(
-        self,
-        source: Any,
-        topic: str,
-        partition: int | None,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]],
-    ) -> None:
-        self.sent.append((topic, headers))
+    async def send(self, source: Any, output: OutputRecord) -> None:
+        self.sent.append((output.topic, output.headers))
 
 
 class FixedRouter:
@@ -368,19 +360,21 @@ def request_record(
 async def process_traced(
     provider: TracerProvider, engine: Any, record: ConsumerRecord[Any, Any]
 ) -> RecordingSender:
-    """One record through the worker's traced path, as Worker._accept runs it."""
-    tracing = WorkerTracing.create(provider, "rerank-workers", "worker-1")
-    assert tracing is not None
+    """One record through the worker's traced path, as the worker's intake runs it."""
+    tracing = worker_tracing(provider, "rerank-workers", "worker-1")
+    assert isinstance(tracing, WorkerTracing)
     sender = RecordingSender()
-    delivery = Delivery(
-        tracing.sender(sender, DLQ),
+    traced_engine = tracing.engine(engine)
+    delivery = Responder(
+        tracing.sender(sender),
         FixedRouter(),  # type: ignore[arg-type]
+        traced_engine.model_name,
         DLQ,
         Metrics(CollectorRegistry()),
     )
-    processor = RequestProcessor(tracing.engine(engine), delivery, RequestLimits())
-    _, work = tracing.request(record, processor, received=0.0)
-    assert await asyncio.create_task(work) is True
+    processor = tracing.processor(RequestProcessor(traced_engine, delivery, RequestLimits()))
+    job = processor.start(record, received=0.0)
+    assert await asyncio.create_task(job.run) is True
     return sender
 
 
@@ -511,20 +505,21 @@ async def test_a_dead_letter_record_keeps_the_requests_headers(
 
 async def test_tracing_off_wraps_nothing_and_adds_no_header() -> None:
     """The worker without a provider: no tracing object, the engine and sender as given."""
-    from consumer.service.worker import Worker
-    from consumer.service.worker_config import WorkerConfig
-
-    worker = Worker(WorkerConfig("127.0.0.1:9"), TimedEngine(), Metrics(CollectorRegistry()))
-    assert worker._tracing is None
+    tracing = worker_tracing(None, "rerank-workers", "worker-1")
+    assert isinstance(tracing, NoTracing)
+    engine, sender = TimedEngine(), RecordingSender()
+    assert tracing.engine(engine) is engine  # type: ignore[arg-type]
+    assert tracing.sender(sender) is sender
     # what the untraced path sends: the reply headers of the contract, nothing more
-    sender = RecordingSender()
-    delivery = Delivery(sender, FixedRouter(), DLQ, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
-    processor = RequestProcessor(TimedEngine(), delivery, RequestLimits())  # type: ignore[arg-type]
+    delivery = Responder(sender, FixedRouter(), "timed", DLQ, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    plain = RequestProcessor(TimedEngine(), delivery, RequestLimits())  # type: ignore[arg-type]
+    processor = tracing.processor(plain)
+    assert processor is plain
     record = request_record(BODY, [("correlation-id", b"c-1")])
-    assert await processor.process(record, processor.decode(record), 0.0)
+    assert await processor.start(record, 0.0).run
     ((_, sent_headers),) = sender.sent
     assert [name for name, _ in sent_headers] == ["correlation-id"]
-    assert TracedEngine is not type(processor._engine)
+    assert TracedEngine is not type(plain.engine)
 
 
 # ------------------------------------------------------------------ the real engine

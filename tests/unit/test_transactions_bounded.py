@@ -104,16 +104,19 @@ async def test_a_producer_start_that_asserts_still_sets_the_partition_up(
     """An exception out of the assignment callback left the partition assigned with no
     work set up: its records were fetched again and again and never answered (chaos
     "broker SIGSTOP", exactly-once: 156 of 351 requests lost)."""
-    import consumer.service.worker as worker_module
-    from consumer.service.worker import Worker
+    from prometheus_client import CollectorRegistry
+
+    import consumer.service.exactly_once as exactly_once
+    from consumer.service.metrics import Metrics
     from consumer.service.worker_config import WorkerConfig
 
     monkeypatch.setattr(
-        worker_module, "make_transactional_producer", lambda *a: _AssertingProducer()
+        exactly_once, "make_transactional_producer", lambda *a: _AssertingProducer()
     )
-    worker = Worker(WorkerConfig("127.0.0.1:9", delivery="exactly_once"), object())  # type: ignore[arg-type]
-    await worker._start_transactions({TP})
-    assert worker._txns[TP].broken, "its first commit starts a fresh producer"
+    config = WorkerConfig("127.0.0.1:9", delivery="exactly_once")
+    mode = exactly_once.ExactlyOnce(config, None, Metrics(CollectorRegistry()), lambda: False)
+    await mode._start({TP})
+    assert mode.transactions[TP].broken, "its first commit starts a fresh producer"
 
 
 async def test_a_fresh_producer_that_asserts_fails_only_its_commit() -> None:

@@ -12,17 +12,57 @@ from typing import Any
 
 import pytest
 from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
 
-import consumer.service.worker as worker_module
+import consumer.service.at_least_once as at_least_once
+import consumer.service.exactly_once as exactly_once
 from consumer.service.attempts import Head
-from consumer.service.worker import Worker
+from consumer.service.careful import CarefulStart
+from consumer.service.delivery_mode import DeliveryMode, delivery_mode
+from consumer.service.exactly_once import ExactlyOnce
+from consumer.service.intake import Intake
+from consumer.service.metrics import Metrics
+from consumer.service.oldest_first import Lookahead
+from consumer.service.partitions import PartitionWork
+from consumer.service.rebalance import Rebalance
 from consumer.service.worker_config import WorkerConfig
 
 ASSIGNED = {TopicPartition("rerank.requests", 0), TopicPartition("rerank.requests", 1)}
 
 
-def _worker(delivery: str) -> Worker:
-    return Worker(WorkerConfig("127.0.0.1:9", delivery=delivery), object())  # type: ignore[arg-type]
+async def _no_end_offsets(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    return {}
+
+
+class Parts:
+    """A rebalance listener with the worker's parts around it (no Kafka client)."""
+
+    def __init__(self, delivery: str, consumer: Any = None, end_offsets: Any = None) -> None:
+        config = WorkerConfig("127.0.0.1:9", delivery=delivery)
+        metrics = Metrics(CollectorRegistry())
+        self.partitions: dict[TopicPartition, PartitionWork] = {}
+        self.careful = CarefulStart(3, 100, end_offsets or _no_end_offsets)
+        intake = Intake(config, self.partitions, self.careful, metrics)
+        self.mode: DeliveryMode = delivery_mode(config, consumer, None, metrics, lambda: False)
+        self.rebalance = Rebalance(
+            self.mode,
+            self.partitions,
+            intake,
+            self.careful,
+            Lookahead(),
+            lambda partitions: None,
+            lambda: False,
+            config.revoke_timeout_s,
+        )
+
+    @property
+    def transactions(self) -> dict[TopicPartition, Any]:
+        return self.mode.transactions if isinstance(self.mode, ExactlyOnce) else {}
+
+
+def _patch_heads(monkeypatch: pytest.MonkeyPatch, read: Any) -> None:
+    for module in (at_least_once, exactly_once):
+        monkeypatch.setattr(module, "read_heads", read)
 
 
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
@@ -32,22 +72,22 @@ async def test_a_failing_head_read_still_sets_every_partition_up(
     async def broken_read(*args: Any) -> None:
         raise RuntimeError("unexpected")
 
-    async def no_producers(assigned: set[TopicPartition]) -> None:
+    async def no_producers(self: Any, assigned: set[TopicPartition]) -> None:
         return None  # exactly-once: the producers did not start either
 
-    monkeypatch.setattr(worker_module, "read_heads", broken_read)
-    worker = _worker(delivery)
-    monkeypatch.setattr(worker, "_start_transactions", no_producers)
-    await worker._on_assigned(set(ASSIGNED))
+    _patch_heads(monkeypatch, broken_read)
+    monkeypatch.setattr(ExactlyOnce, "_start", no_producers)
+    parts = Parts(delivery)
+    await parts.rebalance.on_partitions_assigned(set(ASSIGNED))
 
-    assert set(worker._work) == ASSIGNED
-    assert all(work.head is None for work in worker._work.values())
-    assert worker._in_group
+    assert set(parts.partitions) == ASSIGNED
+    assert all(work.head is None for work in parts.partitions.values())
+    assert parts.rebalance.in_group
     if delivery == "exactly_once":
-        assert set(worker._txns) == ASSIGNED
-        assert all(txns.broken for txns in worker._txns.values()), "fresh at the first commit"
+        assert set(parts.transactions) == ASSIGNED
+        assert all(txns.broken for txns in parts.transactions.values()), "fresh at first commit"
     else:
-        assert not worker._txns
+        assert not parts.transactions
 
 
 async def test_partitions_set_up_before_the_failure_keep_what_they_read(
@@ -58,16 +98,16 @@ async def test_partitions_set_up_before_the_failure_keep_what_they_read(
     async def heads(consumer: Any, partitions: Any) -> dict[TopicPartition, Any]:
         return {first: Head(7, 0)}
 
-    async def careful_fails(self: Worker, suspects: Any) -> None:
+    async def careful_fails(self: CarefulStart, suspects: Any) -> None:
         raise RuntimeError("unexpected")
 
-    monkeypatch.setattr(worker_module, "read_heads", heads)
-    monkeypatch.setattr(Worker, "_be_careful_with", careful_fails)
-    worker = _worker("at_least_once")
-    await worker._on_assigned(set(ASSIGNED))
+    _patch_heads(monkeypatch, heads)
+    monkeypatch.setattr(CarefulStart, "begin", careful_fails)
+    parts = Parts("at_least_once")
+    await parts.rebalance.on_partitions_assigned(set(ASSIGNED))
 
-    assert set(worker._work) == ASSIGNED
-    head = worker._work[first].head
+    assert set(parts.partitions) == ASSIGNED
+    head = parts.partitions[first].head
     assert head is not None and head.offset == 7
 
 
@@ -90,19 +130,17 @@ async def test_a_careful_start_reads_end_offsets_off_the_consumers_connection(
     async def reader(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         # While this waits the fetch loop runs: a partition it can see must already be
         # worked carefully, or it would score the records the last owner died on at once.
-        assert suspect not in worker._work or suspect in worker._suspects
+        assert suspect not in parts.partitions or suspect in parts.careful.suspects
         await asyncio.sleep(0.01)
         return {tp: 9 for tp in partitions}
 
-    monkeypatch.setattr(worker_module, "read_heads", heads)
-    worker = _worker("at_least_once")
-    worker._consumer = LongPollingConsumer()  # type: ignore[assignment]
-    worker._end_offsets = reader  # type: ignore[assignment]
+    _patch_heads(monkeypatch, heads)
+    parts = Parts("at_least_once", consumer=LongPollingConsumer(), end_offsets=reader)
     async with asyncio.timeout(1):
-        await worker._set_up(set(ASSIGNED))
+        await parts.rebalance.set_up(set(ASSIGNED))
 
-    assert worker._work[suspect].careful_until == 9
-    assert worker._suspects == {suspect}
+    assert parts.partitions[suspect].careful_until == 9
+    assert parts.careful.suspects == {suspect}
 
 
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
@@ -120,22 +158,21 @@ async def test_exactly_once_fetches_from_the_head_read_after_the_producer_starte
         def seek(self, tp: TopicPartition, offset: int) -> None:
             seeks[tp] = offset
 
-    async def producers_started(assigned: set[TopicPartition]) -> None:
+    async def producers_started(self: Any, assigned: set[TopicPartition]) -> None:
         order.append("producers")
 
     async def heads(consumer: Any, partitions: Any) -> dict[TopicPartition, Any]:
         order.append("heads")
         return {first: Head(12, 0)}  # the other partition has no committed offset yet
 
-    monkeypatch.setattr(worker_module, "read_heads", heads)
-    worker = _worker(delivery)
-    worker._consumer = Consumer()  # type: ignore[assignment]
-    monkeypatch.setattr(worker, "_start_transactions", producers_started)
-    await worker._set_up(set(ASSIGNED))
+    _patch_heads(monkeypatch, heads)
+    monkeypatch.setattr(ExactlyOnce, "_start", producers_started)
+    parts = Parts(delivery, consumer=Consumer())
+    await parts.rebalance.set_up(set(ASSIGNED))
 
     if delivery == "exactly_once":
         assert order == ["producers", "heads"]
         assert seeks == {first: 12}
     else:  # its committed offsets are never read too early: no seek
         assert seeks == {}
-    assert worker._work[first].head == Head(12, 0)
+    assert parts.partitions[first].head == Head(12, 0)

@@ -1,5 +1,5 @@
 # The topic Job's command (bash -c): writes the Kafka client properties for SSL/SASL, then
-# runs create-topics.sh (the copy of deploy/compose/kafka/create-topics.sh in $CREATE_TOPICS_SH).
+# runs create-topics.sh (the chart's files/create-topics.sh, in $CREATE_TOPICS_SH).
 # Environment: SECURITY_PROTOCOL, SASL_MECHANISM, SASL_USERNAME, SASL_PASSWORD,
 # SSL_KEY_PASSWORD, TLS_DIR (ca.crt, client.crt, client.key when mounted), and what
 # create-topics.sh reads.

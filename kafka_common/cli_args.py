@@ -9,7 +9,7 @@ import os
 
 from pydantic import SecretStr
 
-from producer_sdk.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
+from kafka_common.security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
 
 SSL_FILE_SETTINGS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
 

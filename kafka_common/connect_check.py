@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from producer_sdk.security import KafkaSecurity
+from kafka_common.security import KafkaSecurity
 
 # Asking costs one connection per server, on a path that already failed: a few will do.
 _MOST_SERVERS_ASKED = 3
