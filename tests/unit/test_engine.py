@@ -906,7 +906,7 @@ async def test_a_batch_being_prepared_when_the_engine_stops_is_answered() -> Non
     engine = await started_engine(scorer, max_batch_pairs=1, max_wait_ms=0)
     held = asyncio.create_task(engine.score(ScoreRequest("q", ("hold",))))
     await asyncio.to_thread(preparing.wait, 5)
-    engine._stop_after_crash("simulated death of the inference thread")
+    engine._fail_from_thread("simulated death of the inference thread")
     release.set()
     with pytest.raises(EngineFailed):
         await asyncio.wait_for(held, 10)
