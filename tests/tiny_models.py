@@ -98,6 +98,26 @@ def build_tiny_qwen3_reranker(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def build_broken_qwen3_reranker(path: str | Path) -> Path:
+    """The tiny reranker with every weight NaN: it loads and runs, and returns garbage
+    without raising (a checkpoint corrupted on its way, a GPU that went bad)."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    path = Path(path)
+    if _built(path):
+        return path
+    model = Qwen3ForCausalLM.from_pretrained(
+        build_tiny_qwen3_reranker(path.with_name(path.name + "-ok"))
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    model.save_pretrained(path)
+    copy_tokenizer(path)
+    return path
+
+
 def build_tiny_seqcls_from(causal_path: str | Path, path: str | Path) -> Path:
     """The causal reranker at ``causal_path`` converted to Qwen3ForSequenceClassification.
 

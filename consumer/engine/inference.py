@@ -6,13 +6,15 @@ the next. A scorer that is not pipelined computes in ``launch``; its batch is co
 at once.
 
 Failures: a batch that runs out of device memory is split in halves and retried, and
-the token budget is lowered (:mod:`consumer.engine.budget`). Any other failure first
-runs the *check batch* (one known pair, scored at warm-up): if the model fails that too,
-or scores it differently, the model is broken and the engine fails (``on_failed``);
-every request is left for another worker. Otherwise the failure is the batch's own:
-it is split in halves by request and each half retried, so one poisoned request fails
-alone and its neighbours are scored. Every ticket taken from the queue is answered
-exactly once.
+the token budget is lowered (:mod:`consumer.engine.budget`). Any other failure, a batch
+whose logits are not all finite among them (a GPU or checkpoint that returns garbage
+without raising), first runs the *check batch* (one known pair, scored at warm-up): if
+the model fails that too, or scores it differently, the model is broken and the engine
+fails (``on_failed``); every request is left for another worker. Otherwise the failure
+is the batch's own: it is split in halves by request and each half retried, so one
+poisoned request fails alone and its neighbours are scored. Every ticket taken from the
+queue is answered exactly once. The warm-up itself fails when the check pair's logit is
+not finite: such a model never becomes ready.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 # The check batch's logit must come back within this of the warm-up's (same pair,
 # same shapes: only a broken model moves it).
 CHECK_TOLERANCE = 0.05
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model gave NaN or infinite logits: a batch failure like an exception."""
 
 
 @dataclass(eq=False)
@@ -141,7 +147,13 @@ class InferenceLoop:
                 self._scorer.warmup(self._encoder)
                 self._stats.warmup_s = time.perf_counter() - started
             pairs = self._encoder.encode("check query", ["check document"], None)
-            self._check = _CheckBatch(pairs, list(self._scorer.score(pairs)))
+            logits = list(self._scorer.score(pairs))
+            if not all(math.isfinite(logit) for logit in logits):
+                raise NonFiniteLogits(
+                    f"the model gave its check pair the logit {logits} at warm-up: "
+                    "the checkpoint or the device is broken"
+                )
+            self._check = _CheckBatch(pairs, logits)
             # known once the warm-up has captured what it can replay
             self._queue.quick_batch_cost = self._scorer.traits.quick_batch_cost
         except BaseException as exc:
@@ -296,6 +308,9 @@ class InferenceLoop:
     def _checked_scores(self, tickets: list[Ticket], logits: list[float]) -> list[float]:
         if len(logits) != len(tickets):
             raise RuntimeError(f"scorer gave {len(logits)} logits for {len(tickets)} pairs")
+        bad = sum(not math.isfinite(logit) for logit in logits)
+        if bad:
+            raise NonFiniteLogits(f"{bad} of {len(logits)} logits are not finite")
         return list(self._scorer.calibrate(logits))
 
     def _post_failure(self, tickets: list[Ticket], exc: Exception) -> None:

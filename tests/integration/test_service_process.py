@@ -26,7 +26,8 @@ import aiohttp
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_models import build_tiny_qwen3_reranker
+from tiny_models import build_broken_qwen3_reranker, build_tiny_qwen3_reranker
+from worker_harness import FakeEngine, Topics, running_worker, worker_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "do-not-print-this-secret"
@@ -379,3 +380,43 @@ async def test_sigterm_during_model_load_exits_0_at_once(
     assert "model loading" in body["reasons"]
     assert code == 0, output
     assert "SIGTERM while starting" in output
+
+
+async def test_a_model_that_gives_nan_never_becomes_ready_and_its_partner_answers_all(
+    kafka_bootstrap: str, new_topic: Any, tmp_path: Path, http
+) -> None:
+    """A checkpoint whose every weight is NaN loads and runs without raising. It used to
+    become ready and answer every request it was assigned with a committed ``internal``
+    error (half of them, next to a healthy partner). Now its warm-up refuses: the process
+    exits 1 with one line, never joins, and the healthy worker answers everything."""
+    broken_model = build_broken_qwen3_reranker(tmp_path / "nan-qwen3")
+    requests, replies, dlq = await new_topic(partitions=2), await new_topic(), await new_topic()
+    group = f"service-{uuid.uuid4().hex}"
+    port = free_port()
+    env = worker_env(
+        bootstrap_servers=kafka_bootstrap,
+        request_topic=requests,
+        reply_topic=replies,
+        dlq_topic=dlq,
+        group_id=group,
+        model=str(broken_model),
+        device="cpu",
+        http_host="127.0.0.1",
+        http_port=str(port),
+        log_format="json",
+    )
+    topics = Topics(requests, replies, dlq)
+    config = worker_config(kafka_bootstrap, topics, group)
+    async with running_worker(config, FakeEngine()):
+        with start_worker(tmp_path, env, port) as broken:
+            exit_code = await asyncio.to_thread(broken.process.wait, READY_TIMEOUT_S)
+            output = broken.output()
+            ids = [f"c-{i}-{uuid.uuid4().hex}" for i in range(20)]
+            body = json.dumps({"query": "q", "documents": ["a", "b"]}).encode()
+            for correlation_id in ids:
+                await asyncio.to_thread(produce, kafka_bootstrap, requests, correlation_id, body)
+            got = await asyncio.to_thread(read_replies, kafka_bootstrap, replies, set(ids))
+    assert exit_code == 1, output
+    assert "check pair" in output and "partitions assigned" not in output, output
+    assert set(got) == set(ids)
+    assert all("results" in reply for reply in got.values()), got

@@ -467,6 +467,58 @@ async def test_a_model_that_scores_its_check_batch_wrongly_fails_the_engine() ->
     await engine.close()
 
 
+class NanScorer(FakeScorer):
+    """Returns NaN logits (without raising) for the pairs ``nan_for`` picks."""
+
+    def __init__(self, nan_for: object) -> None:
+        super().__init__()
+        self.nan_for = nan_for
+
+    def compute_logits(self, pairs: Sequence[EncodedPair]) -> list[float]:
+        logits = super().compute_logits(pairs)
+        return [
+            float("nan") if self.nan_for(str(p.payload)) else x  # type: ignore[operator]
+            for p, x in zip(pairs, logits, strict=True)
+        ]
+
+
+async def test_a_model_that_turns_to_nan_fails_the_engine_like_one_that_raises() -> None:
+    """NaN scores were answered as internal errors while the worker stayed ready: a broken
+    GPU or checkpoint that does not raise must make the worker step aside all the same."""
+    turned = threading.Event()
+    scorer = NanScorer(lambda payload: turned.is_set())
+    engine = await started_engine(scorer)
+    assert (await engine.score(ScoreRequest("q", ("d",)))).logits
+    turned.set()
+    outcomes = await asyncio.gather(
+        *(engine.score(ScoreRequest(f"q{i}", ("a", "b"))) for i in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, EngineFailed) for o in outcomes), outcomes
+    assert engine.failure is not None and "check batch" in engine.failure
+    assert not engine.ready
+    await engine.close()
+
+
+async def test_nan_for_one_request_on_a_working_model_fails_that_request_alone() -> None:
+    scorer = NanScorer(lambda payload: "overflow" in payload)
+    engine = await started_engine(scorer, max_wait_ms=50)
+    requests = [ScoreRequest("q", ("overflow",)), ScoreRequest("r", ("fine", "also fine"))]
+    bad, good = await asyncio.gather(*(engine.score(r) for r in requests), return_exceptions=True)
+    assert type(bad) is EngineError and "not finite" in str(bad)
+    assert not isinstance(good, BaseException) and good.logits == expected_logits(requests[1])
+    assert engine.failure is None and engine.ready
+    await engine.close()
+
+
+async def test_a_model_whose_check_pair_is_nan_at_warm_up_never_becomes_ready() -> None:
+    scorer = NanScorer(lambda payload: True)
+    engine = Engine(encoder=FakeEncoder(), scorer=scorer, name="nan", settings=EngineSettings())
+    with pytest.raises(EngineError, match="check pair"):
+        await engine.start()
+    assert not engine.ready
+
+
 async def test_a_stalled_model_fails_the_engine_instead_of_waiting_forever() -> None:
     """A hung device: the request has no deadline, yet it is answered (EngineFailed)."""
     scorer = FakeScorer()
