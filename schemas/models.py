@@ -33,6 +33,18 @@ DLQ_HEADER_ERROR_MESSAGE: Final = "error-message"
 DLQ_HEADER_SOURCE_TOPIC: Final = "source-topic"
 DLQ_HEADER_SOURCE_PARTITION: Final = "source-partition"
 DLQ_HEADER_SOURCE_OFFSET: Final = "source-offset"
+# Only on a dead-letter record that could not hold the original whole: the original's
+# size in bytes (key, value and headers); its value is left out (and, if need be, its key
+# and headers): read it at source-topic / source-partition / source-offset.
+DLQ_HEADER_SOURCE_SIZE: Final = "source-size"
+DLQ_HEADERS: Final = (
+    DLQ_HEADER_ERROR_CODE,
+    DLQ_HEADER_ERROR_MESSAGE,
+    DLQ_HEADER_SOURCE_TOPIC,
+    DLQ_HEADER_SOURCE_PARTITION,
+    DLQ_HEADER_SOURCE_OFFSET,
+    DLQ_HEADER_SOURCE_SIZE,
+)
 
 MAX_ID_CHARS: Final = 256
 # "Contains a character that is not whitespace"; searched, not anchored, both by

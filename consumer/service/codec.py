@@ -42,7 +42,9 @@ from schemas.models import (
     DLQ_HEADER_ERROR_MESSAGE,
     DLQ_HEADER_SOURCE_OFFSET,
     DLQ_HEADER_SOURCE_PARTITION,
+    DLQ_HEADER_SOURCE_SIZE,
     DLQ_HEADER_SOURCE_TOPIC,
+    DLQ_HEADERS,
     HEADER_CORRELATION_ID,
     HEADER_DEADLINE_MS,
     HEADER_REPLY_PARTITION,
@@ -549,12 +551,18 @@ def reply_headers(correlation_id: str) -> list[tuple[str, bytes]]:
 
 
 def dlq_headers(
-    code: ErrorCode | str, message: str, source_topic: str, partition: int, offset: int
+    code: ErrorCode | str,
+    message: str,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    source_size: int | None = None,
 ) -> list[tuple[str, bytes]]:
-    """Headers added to a record copied unchanged to the dead-letter topic.
+    """Headers a dead-letter record starts with (the request's own follow).
 
     ``code`` is an :class:`ErrorCode` or one of the dead-letter-only codes
-    (:data:`POISON_RECORD`).
+    (:data:`POISON_RECORD`). ``source_size``: set on a record that leaves the original's
+    value out (it was too large to copy): the original's size in bytes.
     """
     text = code.value if isinstance(code, ErrorCode) else str(code)
     if text not in DEAD_LETTER_CODES:
@@ -565,4 +573,11 @@ def dlq_headers(
         (DLQ_HEADER_SOURCE_TOPIC, source_topic.encode("utf-8")),
         (DLQ_HEADER_SOURCE_PARTITION, str(int(partition)).encode("ascii")),
         (DLQ_HEADER_SOURCE_OFFSET, str(int(offset)).encode("ascii")),
-    ]
+    ] + ([(DLQ_HEADER_SOURCE_SIZE, str(int(source_size)).encode("ascii"))] if source_size else [])
+
+
+def without_dlq_headers(headers: Iterable[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:
+    """A request's headers without any named like the dead-letter headers: a producer
+    must not be able to forge the error code or the source coordinates a dead-letter
+    reader trusts."""
+    return [(name, value or b"") for name, value in headers if name not in DLQ_HEADERS]

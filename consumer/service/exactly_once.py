@@ -31,20 +31,25 @@ from consumer.service.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
-# The producer's max_request_size; a record over it could never be in a transaction.
-MAX_RECORD_BYTES = 1024 * 1024 - 1024
+# What a record takes in a request beyond its key, value and headers.
+RECORD_OVERHEAD_BYTES = 1024
 
 
 class TransactionalSender:
     """Outputs go to the source record's partition outbox, not to the broker."""
 
-    def __init__(self, partitions: Mapping[TopicPartition, PartitionTransactions]) -> None:
+    def __init__(
+        self, partitions: Mapping[TopicPartition, PartitionTransactions], max_record_bytes: int
+    ) -> None:
+        """``max_record_bytes``: the transactional producers' largest record."""
         self._partitions = partitions
+        self._max_bytes = max_record_bytes - RECORD_OVERHEAD_BYTES
 
     async def send(self, source: ConsumerRecord[Any, Any], output: OutputRecord) -> None:
-        """Keep ``output`` for the source partition's next transaction."""
-        if output.size > MAX_RECORD_BYTES:
-            raise MessageSizeTooLargeError(f"{output.size} bytes is over {MAX_RECORD_BYTES}")
+        """Keep ``output`` for the source partition's next transaction (a record the
+        producer would refuse is refused here, so that its sender sends a smaller one)."""
+        if output.size > self._max_bytes:
+            raise MessageSizeTooLargeError(f"{output.size} bytes is over {self._max_bytes}")
         txns = self._partitions.get(TopicPartition(source.topic, source.partition))
         if txns is None:
             # Revoked meanwhile: give the request up as a cancelled one is given up; it
@@ -96,7 +101,7 @@ class ExactlyOnce:
         self._consumer = consumer
         # each assigned partition's transactional producer and outbox
         self.transactions: dict[TopicPartition, PartitionTransactions] = {}
-        self._sender = TransactionalSender(self.transactions)
+        self._sender = TransactionalSender(self.transactions, config.max_record_bytes)
         self._committer = TransactionalCommitter(
             self.transactions, config.commit_interval_s, membership_lost, metrics
         )

@@ -18,6 +18,7 @@ def make_producer(config: WorkerConfig) -> AIOKafkaProducer:
         enable_idempotence=True,
         linger_ms=config.producer_linger_ms,
         max_batch_size=PRODUCER_BATCH_BYTES,
+        max_request_size=config.max_record_bytes,
         **config.security.aiokafka_kwargs(),
     )
 
@@ -73,6 +74,7 @@ def make_transactional_producer(config: WorkerConfig, transactional_id: str) -> 
         transactional_id=transactional_id,
         linger_ms=config.producer_linger_ms,
         max_batch_size=PRODUCER_BATCH_BYTES,
+        max_request_size=config.max_record_bytes,
         **config.security.aiokafka_kwargs(),
     )
 

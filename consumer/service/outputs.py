@@ -23,6 +23,9 @@ class OutputRecord:
     ``error_code`` is the error the record carries (an error reply's code, or a
     dead-letter record's), None for a success reply; ``dead_letter`` says which topic
     role it has. Both only describe the record (metrics, tracing); they are not sent.
+    ``smaller``: what goes instead when Kafka refuses this record as too large (a
+    success reply: a ``payload_too_large`` error reply; a dead-letter copy: one without
+    the value), for senders that learn of the refusal only later (a transaction).
     """
 
     topic: str
@@ -32,6 +35,7 @@ class OutputRecord:
     headers: Headers
     error_code: str | None = None
     dead_letter: bool = False
+    smaller: OutputRecord | None = None
 
     @property
     def size(self) -> int:

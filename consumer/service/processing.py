@@ -31,7 +31,7 @@ from consumer.service.context import (
     headers_only_context,
     rejection_answer,
 )
-from consumer.service.responder import Responder
+from consumer.service.responder import Responder, Unwritable
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -143,12 +143,17 @@ class RequestProcessor:
             return False
         try:
             await self._responder.deliver(context, answer)
+        except Unwritable:
+            return False  # the worker is stopping; the request stays for another
         except Exception as exc:
             log.exception(
                 "answering a request failed; dead-lettering it", extra=context.log_fields()
             )
             fallback = DeadLetter(ErrorCode.INTERNAL, f"processing failed: {type(exc).__name__}")
-            await self._responder.deliver(context, fallback)
+            try:
+                await self._responder.deliver(context, fallback)
+            except Unwritable:
+                return False
         return True
 
 

@@ -17,11 +17,17 @@ Failures, in order of fallback:
   route is looked up again and the reply sent again with backoff, for at most
   ``reply_timeout_s`` and never past the request's deadline; then a dead-letter record.
   So one stuck reply holds its partition's commits for a bounded time;
-* the dead-letter record itself cannot be written -> it is tried again with backoff for
-  as long as the worker runs, and never committed meanwhile: the record's partition is
-  held (paused, through ``on_dead_letter_blocked``), ``rerank_dead_letter_blocked``
-  counts the records waiting, and the log says so. A worker that stops leaves the
-  record uncommitted, so it is redelivered. Nothing is dropped.
+* a dead-letter copy too large for Kafka (the record was near a size limit, and the
+  copy adds headers) -> a dead-letter record without the value, then without the key and
+  the request's headers too, with ``source-size`` and the source coordinates: a pointer;
+* the dead-letter record cannot be written for a reason that may pass -> it is tried
+  again with backoff for as long as the worker runs, and never committed meanwhile: the
+  record's partition is held (paused, through ``on_dead_letter_blocked``),
+  ``rerank_dead_letter_blocked`` counts the records waiting, and the log says so. A worker
+  that stops leaves the record uncommitted, so it is redelivered. Nothing is dropped;
+* the broker refuses the dead-letter record for good otherwise (the worker may not
+  write to the topic) -> ``on_fatal``: only an operator can fix that, so the worker
+  stops with one clear line instead of retrying forever; the record stays uncommitted.
 
 Logging: a dead-letter record is one warning line (nobody else hears of it); an error
 reply is one debug line (its client is told). Both carry the record's topic, partition,
@@ -50,6 +56,7 @@ from consumer.service.codec import (
     encode_error,
     encode_result,
     reply_headers,
+    without_dlq_headers,
 )
 from consumer.service.context import (
     Answer,
@@ -60,7 +67,7 @@ from consumer.service.context import (
 )
 from consumer.service.metrics import Metrics
 from consumer.service.outputs import OutputRecord, Sender
-from consumer.service.reply_router import ReplyRouter, Unresolved, Unroutable
+from consumer.service.reply_router import Destination, ReplyRouter, Unresolved, Unroutable
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,13 @@ _BLOCKED_LOG_EVERY_S = 60.0
 # Called with (partition, True) when a record of that partition cannot be dead-lettered
 # (hold the partition) and (partition, False) once it could.
 DeadLetterBlocked = Callable[[TopicPartition, bool], None]
+# Called when nothing but an operator can make an answer writable (stop the worker).
+Fatal = Callable[[Exception], None]
+
+
+class Unwritable(KafkaError):
+    """The broker refuses a dead-letter record for good; the worker is stopping
+    (``on_fatal``) and the request stays uncommitted."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ class Responder:
         metrics: Metrics,
         retry: ReplyRetry | None = None,
         on_dead_letter_blocked: DeadLetterBlocked | None = None,
+        on_fatal: Fatal | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``sender``: the delivery mode's (:mod:`consumer.service.delivery_mode`)."""
@@ -128,6 +143,7 @@ class Responder:
         self._metrics = metrics
         self._retry = retry or ReplyRetry()
         self._on_blocked = on_dead_letter_blocked or (lambda tp, blocked: None)
+        self._on_fatal = on_fatal or (lambda exc: None)
         self._clock = clock
         self._requests_ok = metrics.requests.labels(outcome=OUTCOME_OK)  # the hot path's child
 
@@ -231,6 +247,34 @@ class Responder:
             return
         self._count_reply(context, reply.outcome)
 
+    def _reply_record(
+        self, context: RequestContext, destination: Destination, reply: _Reply
+    ) -> OutputRecord:
+        """The reply record; a success reply carries what replaces it when too large."""
+        assert context.correlation_id is not None
+        smaller = None
+        if reply.outcome == OUTCOME_OK:
+            smaller = self._reply_record(context, destination, self._too_large(context, reply))
+        else:
+            message = f"the {reply.outcome} reply was too large for Kafka"
+            smaller = self._dead_letter_record(context, ErrorCode.INTERNAL.value, message)
+        return OutputRecord(
+            destination.topic,
+            destination.partition,
+            context.correlation_id.encode("utf-8"),
+            reply.value,
+            reply_headers(context.correlation_id),
+            error_code=None if reply.outcome == OUTCOME_OK else reply.outcome,
+            smaller=smaller,
+        )
+
+    def _too_large(self, context: RequestContext, reply: _Reply) -> _Reply:
+        message = (
+            f"the reply is too large for Kafka ({len(reply.value)} bytes); "
+            "ask for fewer results (top_n) or without return_documents"
+        )
+        return self._error(context, ErrorCode.PAYLOAD_TOO_LARGE, message)
+
     def _give_up_time(self, deadline: float | None) -> tuple[float, bool]:
         """When (on ``clock``) to stop retrying a reply, and whether that is the deadline."""
         now = self._clock()
@@ -279,24 +323,15 @@ class Responder:
     async def _dead_letter(
         self, context: RequestContext, code: ErrorCode | str, message: str
     ) -> None:
-        """Copy the record unchanged (key, value, headers) to the dead-letter topic.
+        """Copy the record to the dead-letter topic; returns once the sender has it.
 
-        One exception: a record with neither key nor value gets an empty value, as the
-        producer cannot send one without both. Returns only once the sender has it.
+        The copy keeps the key, the value and the request's headers after the dead-letter
+        headers (a header of the request named like one of those is left out: it would
+        be a forgery). A copy too large for Kafka goes as a pointer instead
+        (:meth:`_dead_letter_record`).
         """
-        record = context.record
         code_text = code.value if isinstance(code, ErrorCode) else code
-        headers = list(record.headers or ()) + dlq_headers(
-            code, message, record.topic, record.partition, record.offset
-        )
-        value = record.value
-        if value is None and record.key is None:
-            # aiokafka refuses a record with neither key nor value (a tombstone without a
-            # key); an empty value stands for it, and error-message says it had none.
-            value = b""
-        output = OutputRecord(
-            self._dlq_topic, None, record.key, value, headers, code_text, dead_letter=True
-        )
+        output = self._dead_letter_record(context, code_text, message)
         await self._send_until_accepted(context, output)
         self._metrics.dlq_records.labels(code=code_text).inc()
         self._metrics.errors.labels(code=code_text).inc()
@@ -305,52 +340,146 @@ class Responder:
             extra=context.log_fields() | {"error_code": code_text, "error": message},
         )
 
+    def _dead_letter_record(self, context: RequestContext, code: str, message: str) -> OutputRecord:
+        """The whole copy, then (``smaller``) the copy without the value, then one without
+        the key and the request's headers: the last always fits."""
+        record = context.record
+        own = without_dlq_headers(record.headers or ())
+        size = (
+            len(record.key or b"")
+            + len(record.value or b"")
+            + sum(len(name) + len(value) for name, value in own)
+        )
+
+        def headers(note: str = "", source_size: int | None = None) -> list[tuple[str, bytes]]:
+            return dlq_headers(
+                code, message + note, record.topic, record.partition, record.offset, source_size
+            )
+
+        omitted = (
+            f" (the record, {size} bytes, was too large to copy: its value is left out; "
+            "read it at its source offset)"
+        )
+        bare = OutputRecord(
+            self._dlq_topic, None, None, b"", headers(omitted, size), code, dead_letter=True
+        )
+        pointer = OutputRecord(
+            self._dlq_topic,
+            None,
+            record.key,
+            b"",
+            headers(omitted, size) + own,
+            code,
+            dead_letter=True,
+            smaller=bare,
+        )
+        # aiokafka refuses a record with neither key nor value (a tombstone without a
+        # key); an empty value stands for it, and error-message says it had none.
+        value = record.value if record.value is not None or record.key is not None else b""
+        return OutputRecord(
+            self._dlq_topic,
+            None,
+            record.key,
+            value,
+            headers() + own,
+            code,
+            dead_letter=True,
+            smaller=pointer,
+        )
+
     async def _send_until_accepted(self, context: RequestContext, output: OutputRecord) -> None:
-        """Send until the broker takes it, whatever the error: a dead-letter record is
-        the last place a request can go, so it is never given up (nor committed)."""
-        backoff = self._retry.first_backoff_s
-        blocked_since: float | None = None
-        last_log = 0.0
-        accepted = False
-        tp = context.partition
+        """Send until the broker takes it: a dead-letter record is the last place a
+        request can go, so a failure that may pass is retried for as long as the worker
+        runs (its partition held, never committed meanwhile)."""
+        hold = _Hold(self, context)
         try:
             while True:
                 try:
                     await self._sender.send(context.record, output)
-                    accepted = True
+                    hold.accepted = True
                     return
-                except Exception as exc:
-                    now = self._clock()
-                    if blocked_since is None:
-                        blocked_since = now
-                        self._metrics.dead_letter_blocked.inc()
-                        self._on_blocked(tp, True)
-                    self._metrics.errors.labels(code="dlq_failed").inc()
-                    if now - last_log >= _BLOCKED_LOG_EVERY_S:
-                        last_log = now
-                        log.error(
-                            "dead-letter record refused; its partition is held and the "
-                            "request stays uncommitted until the dead-letter topic takes it",
-                            extra=context.log_fields()
-                            | {
-                                "dlq_topic": output.topic,
-                                "error": repr(exc),
-                                "blocked_s": round(now - blocked_since, 1),
-                            },
-                        )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._retry.dead_letter_max_backoff_s)
+                except _TOO_LARGE as exc:
+                    if output.smaller is None:
+                        raise
+                    log.warning(
+                        "dead-letter record too large for Kafka; sending a smaller one",
+                        extra=context.log_fields() | {"error": repr(exc), "bytes": output.size},
+                    )
+                    output = output.smaller
+                    continue
+                except KafkaError as exc:
+                    if not _transient(exc):
+                        self._refused_for_good(output, exc)
+                    hold.failed(output, exc)
+                except Exception as exc:  # a producer bug: retried all the same
+                    hold.failed(output, exc)
+                await asyncio.sleep(hold.backoff())
         finally:
-            if blocked_since is not None:
-                self._metrics.dead_letter_blocked.dec()
-                self._on_blocked(tp, False)
-                log.warning(
-                    "dead-letter topic takes records again"
-                    if accepted
-                    else "stopped dead-lettering a record; it stays uncommitted",
-                    extra=context.log_fields()
-                    | {"blocked_s": round(self._clock() - blocked_since, 1)},
-                )
+            hold.release()
+
+    def _refused_for_good(self, output: OutputRecord, exc: KafkaError) -> None:
+        """The broker will not take the dead-letter record whatever is retried (the
+        worker may not write to the topic): stop the worker, keep the request."""
+        self._metrics.errors.labels(code="dlq_failed").inc()
+        error = Unwritable(
+            f"the dead-letter topic {output.topic!r} refuses records for good "
+            f"({type(exc).__name__}: {exc}); this worker's principal needs WRITE and "
+            "DESCRIBE on it (docs/operations.md, Kafka ACLs)"
+        )
+        self._on_fatal(error)
+        raise error from exc
+
+
+class _Hold:
+    """A dead-letter record that keeps failing: its partition held, its backoff, its
+    log lines (one now and then)."""
+
+    def __init__(self, responder: Responder, context: RequestContext) -> None:
+        self._responder = responder
+        self._context = context
+        self._backoff = responder._retry.first_backoff_s
+        self._since: float | None = None
+        self._last_log = 0.0
+        self.accepted = False
+
+    def failed(self, output: OutputRecord, exc: Exception) -> None:
+        responder, now = self._responder, self._responder._clock()
+        if self._since is None:
+            self._since = now
+            responder._metrics.dead_letter_blocked.inc()
+            responder._on_blocked(self._context.partition, True)
+        responder._metrics.errors.labels(code="dlq_failed").inc()
+        if now - self._last_log >= _BLOCKED_LOG_EVERY_S:
+            self._last_log = now
+            log.error(
+                "dead-letter record refused; its partition is held and the request stays "
+                "uncommitted until the dead-letter topic takes it",
+                extra=self._context.log_fields()
+                | {
+                    "dlq_topic": output.topic,
+                    "error": repr(exc),
+                    "blocked_s": round(now - self._since, 1),
+                },
+            )
+
+    def backoff(self) -> float:
+        backoff = self._backoff
+        self._backoff = min(backoff * 2, self._responder._retry.dead_letter_max_backoff_s)
+        return backoff
+
+    def release(self) -> None:
+        if self._since is None:
+            return
+        responder = self._responder
+        responder._metrics.dead_letter_blocked.dec()
+        responder._on_blocked(self._context.partition, False)
+        log.warning(
+            "dead-letter topic takes records again"
+            if self.accepted
+            else "stopped dead-lettering a record; it stays uncommitted",
+            extra=self._context.log_fields()
+            | {"blocked_s": round(responder._clock() - self._since, 1)},
+        )
 
 
 def _transient(exc: KafkaError) -> bool:

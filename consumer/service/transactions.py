@@ -56,7 +56,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordTooLargeError,
+)
 from aiokafka.structs import TopicPartition
 
 from consumer.service.outputs import OutputRecord
@@ -154,21 +159,33 @@ class PartitionTransactions:
         # producer of this transactional id, which aborts it
         producer = self.producer
         await producer.begin_transaction()
-        acks = []
-        for offset in offsets:
-            for out in self.outbox[offset]:
-                acks.append(
-                    await producer.send(
-                        out.topic,
-                        value=out.value,
-                        key=out.key,
-                        partition=out.partition,
-                        headers=out.headers,
-                    )
-                )
-        await asyncio.gather(*acks)
+        sent: list[tuple[list[OutputRecord], int, Awaitable[Any]]] = []
+        for offset in offsets:  # enqueued in order; acknowledged together
+            outputs = self.outbox[offset]
+            for index, out in enumerate(outputs):
+                sent.append((outputs, index, await _send(producer, out)))
+        results = await asyncio.gather(*(ack for _, _, ack in sent), return_exceptions=True)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        for (outputs, index, _), result in zip(sent, results, strict=True):
+            if isinstance(result, _TOO_LARGE):
+                self._make_smaller(outputs, index, result)
+        if failures:
+            raise failures[0]
         await producer.send_offsets_to_transaction({self.tp: (upto, metadata)}, self.group_id)
         await producer.commit_transaction()
+
+    def _make_smaller(self, outputs: list[OutputRecord], index: int, error: Exception) -> None:
+        """The broker refused ``outputs[index]`` as too large: its smaller stand-in goes
+        in the next transaction (this one fails: a transaction commits all or nothing)."""
+        out = outputs[index]
+        if out.smaller is None:
+            return  # a pointer that does not fit: the next transaction fails the same way
+        log.warning(
+            "a record of the transaction was too large for Kafka; the next one sends a "
+            "smaller stand-in",
+            extra={"partitions": [self._name], "error": repr(error), "bytes": out.size},
+        )
+        outputs[index] = out.smaller
 
     async def _still_the_owner(self) -> bool:
         if await bounded(self.confirm_membership(), TXN_TIMEOUT_S):
@@ -198,6 +215,22 @@ class PartitionTransactions:
     def _drop_below(self, offset: int) -> None:
         for below in [o for o in self.outbox if o < offset]:
             del self.outbox[below]
+
+
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+async def _send(producer: Any, out: OutputRecord) -> Awaitable[Any]:
+    """Enqueue ``out`` in the open transaction; its ack, which raises a too-large refusal
+    whether the producer (at once) or the broker (later) makes it."""
+    try:
+        return await producer.send(
+            out.topic, value=out.value, key=out.key, partition=out.partition, headers=out.headers
+        )
+    except _TOO_LARGE as exc:
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.set_exception(exc)
+        return refused
 
 
 async def _stop(producer: Any) -> None:

@@ -111,6 +111,8 @@ class Worker:
         self._stop_requested = False
         self._stopped = False
         self._missing_topics: list[str] = []
+        # what stopped the worker that only an operator can fix (run() raises it)
+        self._fatal: Exception | None = None
 
     # ------------------------------------------------------------------ health
 
@@ -124,7 +126,9 @@ class Worker:
         """Why the worker cannot take requests now; empty when it can."""
         reasons: list[str] = []
         running = self._running
-        if self._stop_requested or self._stopped:
+        if self._fatal is not None:
+            reasons.append(f"failed: {self._fatal}")
+        elif self._stop_requested or self._stopped:
             reasons.append("stopping")
         elif self._connector.waiting_reason is not None:
             reasons.append(self._connector.waiting_reason)
@@ -189,8 +193,15 @@ class Worker:
         if self._connect_task is not None:
             self._connect_task.cancel()
 
+    def fail(self, error: Exception) -> None:
+        """Stop because of ``error``, which only an operator can fix: :meth:`run` drains
+        like a stop, then raises it."""
+        if self._fatal is None:
+            self._fatal = error
+        self.request_stop()
+
     async def run(self) -> None:
-        """Consume and answer requests until :meth:`request_stop`."""
+        """Consume and answer requests until :meth:`request_stop` (or :meth:`fail`)."""
         background: list[asyncio.Task[None]] = []
         try:
             clients = await self._connect()
@@ -209,6 +220,8 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._close()
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _connect(self) -> tuple[Any, Any] | None:
         """Started (producer, consumer), waiting for the broker; None when stopped meanwhile."""
@@ -247,6 +260,7 @@ class Worker:
             self._metrics,
             ReplyRetry(reply_timeout_s=config.reply_timeout_s),
             on_dead_letter_blocked=self._intake.on_dead_letter_blocked,
+            on_fatal=self.fail,
         )
         processor = RequestProcessor(
             tracing.engine(self._engine), responder, config.limits, config.default_max_age_s

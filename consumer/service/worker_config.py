@@ -19,6 +19,11 @@ from consumer.service.commit_policy import COMMIT_TIMEOUT_S
 from kafka_common.security import KafkaSecurity
 
 DELIVERY_MODES = ("at_least_once", "exactly_once")
+# The producer's own default largest request, and what a record adds to a request's value
+# at most: its key, its headers, the dead-letter headers (a message of up to 1,000
+# characters), batch overhead.
+KAFKA_DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+RECORD_HEADROOM = 64 * 1024
 # Time the revoke handler needs beyond its wait and its commit (the last poll, callbacks).
 REBALANCE_MARGIN_S = 5.0
 
@@ -151,6 +156,12 @@ class WorkerConfig:
         problems = cross_field_problems(self.__dict__)
         if problems:
             raise ValueError("; ".join(problem.text() for problem in problems))
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The producers' largest record: what the worker accepts as a request, plus room
+        for a dead-letter copy's headers or a reply's (never below Kafka's 1 MiB)."""
+        return max(KAFKA_DEFAULT_MAX_REQUEST_BYTES, self.limits.max_request_bytes + RECORD_HEADROOM)
 
     @property
     def exactly_once(self) -> bool:

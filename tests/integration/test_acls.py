@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import pytest
 from confluent_kafka.admin import (
     AclBinding,
+    AclBindingFilter,
     AclOperation,
     AclPermissionType,
     AdminClient,
@@ -155,6 +157,30 @@ def _create(admin: AdminClient, topics: list[str], acls: list[AclBinding]) -> No
         future.result(30)
     for future in admin.create_acls(acls).values():
         future.result(30)
+    _wait_until_the_authorizer_has(admin, acls)
+
+
+def _wait_until_the_authorizer_has(admin: AdminClient, acls: list[AclBinding]) -> None:
+    """ACLs reach the broker's authorizer through the metadata log, a moment after
+    create_acls returns; a client that logs in meanwhile is refused (an idempotent
+    producer's start fails with ClusterAuthorizationFailed, seen in the suite)."""
+    wanted = {(a.restype, a.name, a.principal, a.operation) for a in acls}
+    everything = AclBindingFilter(
+        ResourceType.ANY,
+        None,
+        ResourcePatternType.ANY,
+        None,
+        None,
+        AclOperation.ANY,
+        AclPermissionType.ANY,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen = admin.describe_acls(everything).result(30)
+        if wanted <= {(a.restype, a.name, a.principal, a.operation) for a in seen}:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the broker never showed the ACLs just created")
 
 
 @pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])

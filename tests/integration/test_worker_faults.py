@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from test_local_kafka import SMALL_HEAP, START_TIMEOUT_S, free_port_pair, kafka
@@ -138,20 +137,21 @@ async def small_dlq_topic(kafka_admin: AIOKafkaAdminClient, max_bytes: int) -> A
             await kafka_admin.delete_topics([name])
 
 
-async def test_a_record_the_dead_letter_topic_refuses_holds_its_partition_uncommitted(
+async def test_a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_as_a_pointer(
     kafka_bootstrap: str,
     kafka_admin: AIOKafkaAdminClient,
     new_topic: TopicFactory,
     new_group: Callable[[], str],
 ) -> None:
     """No correlation id anywhere: the record must go to the dead-letter topic, which is
-    too small for it (refused for good). It is never dropped nor committed: the partition
-    is held until an operator fixes the topic, then the record lands and is committed."""
+    too small for a copy. It was retried for ever, its partition held and its offset
+    never committed, so the good request behind it was never answered. Now a pointer
+    goes instead: the source coordinates and size, the request's headers, no value."""
     async with small_dlq_topic(kafka_admin, max_bytes=1024) as dlq:
         topics = Topics(await new_topic(), await new_topic(partitions=2), dlq)
         config = worker_config(kafka_bootstrap, topics, new_group())
         metrics = fresh_metrics()
-        big_unanswerable = Request(value=b"x" * 4000)  # no correlation id: dead-letter it
+        big_unanswerable = Request(value=b"x" * 4000, headers=[("trace", b"t-1")])
         tp = TopicPartition(topics.requests, 0)
         async with (
             reply_reader(kafka_bootstrap, topics) as replies,
@@ -159,25 +159,19 @@ async def test_a_record_the_dead_letter_topic_refuses_holds_its_partition_uncomm
             running_worker(config, FakeEngine(), metrics) as worker,
         ):
             await produce(kafka_bootstrap, topics.requests, [_one("c-0"), big_unanswerable])
-            await replies.read(1)
-            await wait_until(
-                lambda: Hold.DEAD_LETTER_BLOCKED in worker.holds(tp), 20, "the partition held"
-            )
             await produce(kafka_bootstrap, topics.requests, [_one("c-2")])
-            await asyncio.sleep(2)  # commits would have happened by now
-            assert await committed_offset(kafka_bootstrap, config.group_id, tp, 1, 1) == 1
-            assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 1
-            assert tp in worker._running.consumer.paused()  # type: ignore[union-attr]
-
-            await kafka_admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, dlq, {"max.message.bytes": "1048588"})]
-            )
-            (record,) = await dead.read(1, timeout_s=60)
-            assert record.value == big_unanswerable.value
-            await replies.read(1)  # c-2, fetched once the partition was no longer held
+            (record,) = await dead.read(1, timeout_s=30)
+            await replies.read(2)  # c-0, and c-2 behind the record
             assert await committed_offset(kafka_bootstrap, config.group_id, tp, 3, 20) == 3
             assert not worker.holds(tp)
-            assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
+    headers = dict(record.headers)
+    assert record.value == b""
+    assert headers["error-code"] == b"invalid_request"
+    assert (headers["source-topic"], headers["source-offset"]) == (topics.requests.encode(), b"1")
+    assert int(headers["source-size"]) >= 4000
+    assert headers["trace"] == b"t-1"  # the request's own headers come along
+    assert b"too large to copy" in headers["error-message"]
+    assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
 
 
 # ------------------------------------------------------------- the uncommitted backlog
