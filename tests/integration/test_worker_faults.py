@@ -31,6 +31,7 @@ from worker_harness import (
     FakeEngine,
     Request,
     TopicFactory,
+    TopicReader,
     Topics,
     by_correlation_id,
     committed_offset,
@@ -125,8 +126,8 @@ def _one(correlation_id: str, **body: Any) -> Request:
 
 
 @contextlib.asynccontextmanager
-async def small_dlq_topic(kafka_admin: AIOKafkaAdminClient, max_bytes: int) -> AsyncIterator[str]:
-    """A dead-letter topic whose records may not exceed ``max_bytes``."""
+async def sized_topic(kafka_admin: AIOKafkaAdminClient, max_bytes: int) -> AsyncIterator[str]:
+    """A topic whose records may not exceed ``max_bytes``."""
     name = f"test-{uuid.uuid4().hex}"
     configs = {"max.message.bytes": str(max_bytes)}
     await kafka_admin.create_topics([NewTopic(name, 1, 1, topic_configs=configs)])
@@ -147,7 +148,7 @@ async def test_a_record_too_large_for_the_dead_letter_topic_is_dead_lettered_as_
     too small for a copy. It was retried for ever, its partition held and its offset
     never committed, so the good request behind it was never answered. Now a pointer
     goes instead: the source coordinates and size, the request's headers, no value."""
-    async with small_dlq_topic(kafka_admin, max_bytes=1024) as dlq:
+    async with sized_topic(kafka_admin, max_bytes=1024) as dlq:
         topics = Topics(await new_topic(), await new_topic(partitions=2), dlq)
         config = worker_config(kafka_bootstrap, topics, new_group())
         metrics = fresh_metrics()
@@ -351,3 +352,39 @@ def _exit_or_none(proc: subprocess.Popen[str], seconds: float) -> int | None:
         return proc.wait(seconds)
     except subprocess.TimeoutExpired:
         return None
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_a_large_record_the_topics_allow_is_dead_lettered_whole(
+    kafka_bootstrap: str,
+    kafka_admin: AIOKafkaAdminClient,
+    new_group: Callable[[], str],
+    delivery: str,
+) -> None:
+    """Request and dead-letter topics raised to 4 MiB, a 2 MB record that can only be
+    dead-lettered (no correlation id): the worker accepts requests up to 4,000,000 bytes,
+    but its producers kept Kafka's 1 MiB default (exactly-once: a fixed 1 MiB - 1 KiB), so
+    the copy was refused and retried for ever, and the request behind it never answered.
+    The producers' limit now follows the request limit."""
+    four_mib = str(4 * 1024 * 1024)
+    async with (
+        sized_topic(kafka_admin, max_bytes=int(four_mib)) as requests,
+        sized_topic(kafka_admin, max_bytes=int(four_mib)) as dlq,
+        sized_topic(kafka_admin, max_bytes=1024 * 1024) as replies,
+    ):
+        topics = Topics(requests, replies, dlq)
+        config = worker_config(kafka_bootstrap, topics, new_group(), delivery=delivery)
+        big = Request(value=b"x" * 2_000_000)
+        tp = TopicPartition(requests, 0)
+        isolation = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
+        async with (
+            reply_reader(kafka_bootstrap, topics, isolation) as replies_seen,
+            TopicReader(kafka_bootstrap, dlq, 1, isolation) as dead,
+            running_worker(config, FakeEngine()),
+        ):
+            await produce(kafka_bootstrap, requests, [big, _one("c-1")], max_bytes=5_000_000)
+            (record,) = await dead.read(1, timeout_s=60)
+            await replies_seen.read(1)
+            assert await committed_offset(kafka_bootstrap, config.group_id, tp, 2, 30) == 2
+    assert record.value == big.value
+    assert record.headers["source-offset"] == b"0"

@@ -285,10 +285,17 @@ def request(
     )
 
 
-def _produce_sync(bootstrap: str, topic: str, requests: Sequence[Request]) -> None:
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
-    )
+def _produce_sync(
+    bootstrap: str, topic: str, requests: Sequence[Request], max_bytes: int | None = None
+) -> None:
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "linger.ms": 5,
+    }
+    if max_bytes is not None:  # records over the client's 1 MB default
+        config["message.max.bytes"] = max_bytes
+    producer = Producer(config)
     errors: list[KafkaError] = []
 
     def on_delivery(error: KafkaError | None, _message: Message) -> None:
@@ -308,9 +315,12 @@ def _produce_sync(bootstrap: str, topic: str, requests: Sequence[Request]) -> No
     assert errors == [], errors
 
 
-async def produce(bootstrap: str, topic: str, requests: Sequence[Request]) -> None:
-    """Produce ``requests`` with confluent-kafka (in a thread: the worker shares this loop)."""
-    await asyncio.to_thread(_produce_sync, bootstrap, topic, list(requests))
+async def produce(
+    bootstrap: str, topic: str, requests: Sequence[Request], max_bytes: int | None = None
+) -> None:
+    """Produce ``requests`` with confluent-kafka (in a thread: the worker shares this loop);
+    ``max_bytes``: the producer's largest record, when over the client's default."""
+    await asyncio.to_thread(_produce_sync, bootstrap, topic, list(requests), max_bytes)
 
 
 # ------------------------------------------------------------------ reading

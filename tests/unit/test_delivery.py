@@ -12,7 +12,12 @@ import time
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError, RecordTooLargeError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +27,7 @@ from consumer.service.codec import ReplyRoute, RequestLimits
 from consumer.service.context import DeadLetter, RequestContext, Scored, decode_context
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import Destination, Unresolved, Unroutable
-from consumer.service.responder import ReplyRetry, Responder
+from consumer.service.responder import ReplyRetry, Responder, Unwritable
 from schemas.models import ErrorCode
 
 DLQ = "rerank.requests.dlq"
@@ -166,10 +171,10 @@ async def test_an_unresolved_route_is_no_verdict_and_is_tried_again() -> None:
 
 @pytest.mark.parametrize(
     "refusal",
-    [TopicAuthorizationFailedError(), RecordTooLargeError()],
-    ids=["not-authorized", "too-large"],
+    [KafkaTimeoutError(), NotLeaderForPartitionError()],
+    ids=["timeout", "leader-moving"],
 )
-async def test_a_dead_letter_record_refused_for_good_waits_until_it_is_taken(
+async def test_a_dead_letter_record_refused_for_now_waits_until_it_is_taken(
     refusal: Exception,
 ) -> None:
     """Never dropped: dead_letter returns only once the broker took the record, holding
@@ -196,7 +201,7 @@ async def test_a_dead_letter_record_refused_for_good_waits_until_it_is_taken(
 
 async def test_stopping_while_a_dead_letter_record_is_blocked_releases_the_hold() -> None:
     producer = FakeProducer()
-    producer.refuse[DLQ] = TopicAuthorizationFailedError()
+    producer.refuse[DLQ] = KafkaTimeoutError()
     blocked: list[tuple[TopicPartition, bool]] = []
     delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), blocked)
     sending = asyncio.create_task(delivery.deliver(request_context(), NO_CORRELATION_ID))
@@ -207,3 +212,88 @@ async def test_stopping_while_a_dead_letter_record_is_blocked_releases_the_hold(
     assert [b for _, b in blocked] == [True, False]
     assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
     assert producer.sent == []  # nothing reached the topic: the record stays uncommitted
+
+
+class SizeLimitedProducer(FakeProducer):
+    """Refuses records over ``limit`` bytes (key, value, headers) as too large."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    async def send(
+        self, topic: str, value: bytes | None, key: Any, partition: Any, headers: Any
+    ) -> asyncio.Future[None]:
+        size = len(key or b"") + len(value or b"") + sum(len(n) + len(v) for n, v in headers)
+        if size > self.limit:
+            self.attempts[topic] = self.attempts.get(topic, 0) + 1
+            raise MessageSizeTooLargeError(f"{size} bytes")
+        return await super().send(topic, value, key, partition, headers)
+
+
+def unanswerable(value: bytes, headers: list[tuple[str, bytes]]) -> RequestContext:
+    record = dataclasses.replace(request_record(), value=value, headers=headers)
+    return decode_context(record, time.monotonic(), RequestLimits())
+
+
+@pytest.mark.parametrize(("limit", "keeps_headers"), [(5600, True), (600, False)])
+async def test_a_record_too_large_to_copy_is_dead_lettered_as_a_pointer(
+    limit: int, keeps_headers: bool
+) -> None:
+    """Copying it whole was retried for ever: the copy is larger than the original, so a
+    record near a size limit could never be written and stopped its partition."""
+    producer = SizeLimitedProducer(limit)
+    delivery, metrics = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    own = [("trace", b"t" * 500)]
+    context = unanswerable(b"x" * 5000, own)  # no correlation id: a dead letter
+    async with asyncio.timeout(2):
+        await delivery.deliver(context, NO_CORRELATION_ID)
+    ((topic, value, headers),) = producer.sent
+    assert topic == DLQ and value == b""
+    assert header(headers, "source-size") == str(
+        3 + 5000 + len("trace") + 500
+    )  # key, value, headers
+    assert header(headers, "source-offset") == "5"
+    assert "too large to copy" in header(headers, "error-message")
+    assert (("trace", b"t" * 500) in headers) is keeps_headers
+    assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
+
+
+async def test_a_dead_letter_topic_that_refuses_for_good_stops_the_worker() -> None:
+    """Not authorized to write to it: retrying cannot help, so the worker is told to stop
+    (one clear line) and the request stays uncommitted for after the fix."""
+    producer = FakeProducer()
+    producer.refuse[DLQ] = TopicAuthorizationFailedError()
+    stops: list[Exception] = []
+    delivery = Responder(
+        AckedSender(producer),
+        ScriptedRouter(Destination(REPLIES, None)),  # type: ignore[arg-type]
+        "model",
+        DLQ,
+        Metrics(CollectorRegistry()),
+        FAST,
+        on_fatal=stops.append,
+    )
+    with pytest.raises(Unwritable, match="WRITE"):
+        async with asyncio.timeout(2):
+            await delivery.deliver(request_context(), NO_CORRELATION_ID)
+    (stop,) = stops
+    assert DLQ in str(stop) and producer.attempts[DLQ] == 1
+
+
+async def test_dead_letter_headers_come_first_and_cannot_be_forged() -> None:
+    producer = FakeProducer()
+    delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    forged = [("source-offset", b"999"), ("error-code", b"none"), ("trace", b"t-1")]
+    await delivery.deliver(unanswerable(b"{}", forged), NO_CORRELATION_ID)
+    ((_, _, headers),) = producer.sent
+    names = [name for name, _ in headers]
+    assert names[:5] == [
+        "error-code",
+        "error-message",
+        "source-topic",
+        "source-partition",
+        "source-offset",
+    ]
+    assert names.count("source-offset") == 1 and names.count("error-code") == 1
+    assert header(headers, "source-offset") == "5" and ("trace", b"t-1") in headers
