@@ -291,6 +291,27 @@ class Settings(BaseSettings):
         "How long a missing reply topic is remembered as missing.",
         "Kafka tuning",
     )
+    max_outbox_bytes: int = _layer_setting(
+        WorkerConfig,
+        "max_outbox_bytes",
+        "exactly_once: most bytes of answers waiting for their partitions' transactions; "
+        "above it every partition stops fetching until commits drain them.",
+        "Kafka tuning",
+    )
+    transactions_unready_after_s: float = _layer_setting(
+        WorkerConfig,
+        "transactions_unready_after_s",
+        "exactly_once: a partition whose transactions have failed this long (seconds) makes "
+        "the worker not ready.",
+        "Kafka tuning",
+    )
+    transactions_give_up_after_s: float = _layer_setting(
+        WorkerConfig,
+        "transactions_give_up_after_s",
+        "exactly_once: ... and this long makes the worker stop (exit 1, one line): only an "
+        "operator can make its waiting answers committable.",
+        "Kafka tuning",
+    )
     lag_interval_s: float = _layer_setting(
         WorkerConfig,
         "lag_interval_s",

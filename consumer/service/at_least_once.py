@@ -70,5 +70,14 @@ class AtLeastOnce:
     def not_ready_reasons(self) -> list[str]:
         return []
 
+    def waiting(self, tp: TopicPartition) -> int:
+        return 0  # produced at once: nothing held
+
+    def full(self) -> bool:
+        return False
+
+    def on_commits(self, callback: Callable[[], None]) -> None:
+        pass
+
     async def close(self) -> None:
         pass  # the worker's producer is the worker's to stop

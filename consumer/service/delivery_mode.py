@@ -56,6 +56,18 @@ class DeliveryMode(Protocol):
         """Why answers cannot reach Kafka now; empty when they can."""
         ...
 
+    def waiting(self, tp: TopicPartition) -> int:
+        """Answers of ``tp`` held in memory until a commit (they count in its backlog)."""
+        ...
+
+    def full(self) -> bool:
+        """True while the answers held in memory are all the mode may hold."""
+        ...
+
+    def on_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after commits that may have let held answers go."""
+        ...
+
     async def close(self) -> None:
         """Stop whatever the mode started."""
         ...
@@ -67,8 +79,10 @@ def delivery_mode(
     producer: Any,
     metrics: Metrics,
     membership_lost: Callable[[], bool],
+    on_fatal: Callable[[Exception], None] = lambda error: None,
 ) -> DeliveryMode:
-    """The mode ``config.delivery`` names, over the worker's started clients."""
+    """The mode ``config.delivery`` names, over the worker's started clients;
+    ``on_fatal`` stops the worker (what only an operator can fix)."""
     if config.exactly_once:
-        return ExactlyOnce(config, consumer, metrics, membership_lost)
+        return ExactlyOnce(config, consumer, metrics, membership_lost, on_fatal)
     return AtLeastOnce(config, consumer, producer, membership_lost)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -22,6 +23,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.attempts import Head, read_committed_offset, read_heads
 from consumer.service.commit_policy import CommitLoop, CommitPolicy, names
+from consumer.service.failures import NotAuthorized, TransactionsFailing
 from consumer.service.kafka_clients import make_transactional_producer, transactional_id
 from consumer.service.membership import confirm_membership
 from consumer.service.metrics import Metrics
@@ -59,7 +61,8 @@ class TransactionalSender:
 
 
 class TransactionalCommitter(CommitLoop):
-    """Commits every finished prefix as a transaction per partition."""
+    """Commits every finished prefix as a transaction per partition; ``after_commits`` is
+    called after each round (the mode's health, the outbox's holds)."""
 
     def __init__(
         self,
@@ -67,10 +70,12 @@ class TransactionalCommitter(CommitLoop):
         interval_s: float,
         membership_lost: Callable[[], bool],
         metrics: Metrics,
+        after_commits: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(interval_s, membership_lost)
         self._partitions = partitions
         self._metrics = metrics
+        self._after_commits = after_commits
 
     def _commits_for(self, tp: TopicPartition) -> bool:
         return tp in self._partitions
@@ -81,10 +86,13 @@ class TransactionalCommitter(CommitLoop):
         )
         for ok in results:
             self._metrics.transactions.labels(outcome="committed" if ok else "failed").inc()
+        self._after_commits()
         return {tp for tp, ok in zip(offsets, results, strict=True) if ok}
 
     async def _commit_position(self, tp: TopicPartition, offset: int, metadata: str) -> bool:
-        return await self._partitions[tp].commit(offset, metadata)
+        ok = await self._partitions[tp].commit(offset, metadata)
+        self._after_commits()
+        return ok
 
 
 class ExactlyOnce:
@@ -96,14 +104,25 @@ class ExactlyOnce:
         consumer: Any,
         metrics: Metrics,
         membership_lost: Callable[[], bool],
+        on_fatal: Callable[[Exception], None] = lambda error: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``on_fatal``: stops the worker (transactions refused for good, or failing past
+        ``transactions_give_up_after_s``)."""
         self._config = config
         self._consumer = consumer
+        self._on_fatal = on_fatal
+        self._clock = clock
+        self._after_commits: Callable[[], None] = lambda: None
         # each assigned partition's transactional producer and outbox
         self.transactions: dict[TopicPartition, PartitionTransactions] = {}
         self._sender = TransactionalSender(self.transactions, config.max_record_bytes)
         self._committer = TransactionalCommitter(
-            self.transactions, config.commit_interval_s, membership_lost, metrics
+            self.transactions,
+            config.commit_interval_s,
+            membership_lost,
+            metrics,
+            after_commits=self._check_health,
         )
 
     @property
@@ -145,10 +164,64 @@ class ExactlyOnce:
                 await txns.stop()
 
     def not_ready_reasons(self) -> list[str]:
-        return []
+        limit = self._config.transactions_unready_after_s
+        failing = self._failing_longer_than(limit)
+        if not failing:
+            return []
+        return [f"transactions failing for more than {limit:g} s: {', '.join(names(failing))}"]
+
+    def waiting(self, tp: TopicPartition) -> int:
+        """Answers of ``tp`` waiting in its outbox for a transaction."""
+        txns = self.transactions.get(tp)
+        return len(txns.outbox) if txns is not None else 0
+
+    def full(self) -> bool:
+        """True while the outboxes hold ``max_outbox_bytes`` or more: take nothing new."""
+        held = sum(txns.outbox_bytes for txns in self.transactions.values())
+        return held >= self._config.max_outbox_bytes
+
+    def on_commits(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every round of commits (outboxes drained: holds may
+        lift)."""
+        self._after_commits = callback
 
     async def close(self) -> None:
         await self.revoked(set(self.transactions))
+
+    def _check_health(self) -> None:
+        """Stop the worker when transactions are refused for good, or have failed for
+        longer than ``transactions_give_up_after_s``: its answers wait in memory meanwhile,
+        and only an operator can make them committable."""
+        self._after_commits()
+        refused = next((t for t in self.transactions.values() if t.unauthorized), None)
+        if refused is not None:
+            self._on_fatal(
+                NotAuthorized(
+                    f"not authorized: {refused.unauthorized!r} on the transactions of "
+                    f"{names([refused.tp])[0]}; this worker's principal needs WRITE and "
+                    "DESCRIBE on the transactional ids starting "
+                    f"{self._config.transactional_id_prefix!r} (docs/operations.md, Kafka ACLs)"
+                )
+            )
+            return
+        limit = self._config.transactions_give_up_after_s
+        failing = self._failing_longer_than(limit)
+        if failing:
+            self._on_fatal(
+                TransactionsFailing(
+                    f"transactions have failed for more than {limit:g} s on "
+                    f"{', '.join(names(failing))}; stopping (their answers stay uncommitted "
+                    "and are answered again by the partitions' next owner)"
+                )
+            )
+
+    def _failing_longer_than(self, seconds: float) -> list[TopicPartition]:
+        now = self._clock()
+        return [
+            tp
+            for tp, txns in self.transactions.items()
+            if txns.failing_since is not None and now - txns.failing_since > seconds
+        ]
 
     async def _start(self, assigned: set[TopicPartition]) -> None:
         """One transactional producer per partition; starting it fences the last owner's."""
@@ -165,6 +238,7 @@ class ExactlyOnce:
                     extra={"partitions": names([tp]), "error": repr(exc)},
                 )
             self.transactions[tp] = txns
+        self._check_health()
 
     def _new(self, tp: TopicPartition) -> PartitionTransactions:
         tid = transactional_id(self._config, tp.topic, tp.partition)

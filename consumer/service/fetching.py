@@ -27,6 +27,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from consumer.service.failures import NotAuthorized
 from consumer.service.intake import Intake
 from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import PartitionWork
@@ -46,10 +47,6 @@ POLL_TIMEOUT_MS = 200
 _FETCH_ERROR_BACKOFF_S = 1.0
 
 Batches = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
-
-
-class NotAuthorized(KafkaError):
-    """The broker refuses this worker's principal something it needs (an ACL, a login)."""
 
 
 class FetchLoop:

@@ -23,8 +23,8 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.backpressure import PairGate
 from consumer.service.careful import CarefulStart
-from consumer.service.commit_policy import CommitPolicy
 from consumer.service.context import coordinates
+from consumer.service.delivery_mode import DeliveryMode
 from consumer.service.metrics import Metrics
 from consumer.service.partitions import Hold, PartitionWork
 from consumer.service.processing import Job, Processor
@@ -61,13 +61,14 @@ class Intake:
         self._pairs_per_record = 1.0  # running average, sizes each poll to the room left
         self._consumer: Any = None
         self._processor: Processor | None = None
-        self._committer: CommitPolicy | None = None
+        self._mode: DeliveryMode | None = None
 
-    def bind(self, consumer: Any, processor: Processor, committer: CommitPolicy) -> None:
+    def bind(self, consumer: Any, processor: Processor, mode: DeliveryMode) -> None:
         """The parts that exist once the worker's clients have started."""
         self._consumer = consumer
         self._processor = processor
-        self._committer = committer
+        self._mode = mode
+        mode.on_commits(self._after_commits)
 
     def poll_size(self) -> int:
         """Records to take in one poll: about what fits below the high mark (one at a time
@@ -87,15 +88,15 @@ class Intake:
         self, tp: TopicPartition, work: PartitionWork, record: Record, received: float
     ) -> bool:
         """Start answering ``record``; False when its partition was revoked meanwhile."""
-        processor, committer = self._processor, self._committer
-        assert processor is not None and committer is not None, "bind() first"
+        processor, mode = self._processor, self._mode
+        assert processor is not None and mode is not None, "bind() first"
         step = self._careful.step(work, record.offset)
         if step.count_attempt is not None:
-            await committer.commit_attempt(tp, work, record.offset, step.count_attempt)
+            await mode.committer.commit_attempt(tp, work, record.offset, step.count_attempt)
             if self._partitions.get(tp) is not work:
                 return False
         work.offsets.register(record.offset)
-        work.limit_backlog(self._config.max_uncommitted_records)
+        self._limit_backlog(tp, work)
         if step.poison_attempts is not None:
             job = processor.give_up(record, step.poison_attempts, received)
         else:
@@ -137,11 +138,21 @@ class Intake:
             )
         elif task.result():
             work.offsets.done(record.offset)
-            work.limit_backlog(self._config.max_uncommitted_records)
+            self._limit_backlog(tp, work)
             self._careful.finished(tp, work)
-            if self._committer is not None:
-                self._committer.progress()
+            if self._mode is not None:
+                self._mode.committer.progress()
         # else: not answered (the engine failed): stays uncommitted for another worker
+        self.apply_flow()
+
+    def _limit_backlog(self, tp: TopicPartition, work: PartitionWork) -> None:
+        waiting = self._mode.waiting(tp) if self._mode is not None else 0
+        work.limit_backlog(self._config.max_uncommitted_records, waiting)
+
+    def _after_commits(self) -> None:
+        """Commits let answers held for them go: backlogs may be under their cap again."""
+        for tp, work in self._partitions.items():
+            self._limit_backlog(tp, work)
         self.apply_flow()
 
     def on_dead_letter_blocked(self, tp: TopicPartition, blocked: bool) -> None:
@@ -168,7 +179,8 @@ class Intake:
             what = "paused" if self.gate.paused else "resumed"
             log.debug("fetching %s", what, extra={"in_flight_pairs": self.gate.pairs})
         assigned = set(self._partitions)
-        if self.gate.paused or self.holds_back():
+        mode_full = self._mode is not None and self._mode.full()
+        if self.gate.paused or self.holds_back() or mode_full:
             wanted = assigned
         else:
             wanted = {tp for tp, work in self._partitions.items() if work.held}

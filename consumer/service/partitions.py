@@ -86,9 +86,10 @@ class PartitionWork:
         if self._holds[reason] <= 0:
             del self._holds[reason]
 
-    def limit_backlog(self, max_records: int) -> None:
-        """Hold the partition while more than ``max_records`` are not yet committable."""
-        over = self.offsets.backlog > max_records
+    def limit_backlog(self, max_records: int, waiting: int = 0) -> None:
+        """Hold the partition while more than ``max_records`` are not yet committable, or
+        answered and ``waiting`` in memory for their commit (exactly-once's outbox)."""
+        over = self.offsets.backlog + waiting > max_records
         if over and Hold.UNCOMMITTED_BACKLOG not in self._holds:
             self.hold(Hold.UNCOMMITTED_BACKLOG)
         elif not over and Hold.UNCOMMITTED_BACKLOG in self._holds:

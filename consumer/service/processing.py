@@ -31,7 +31,8 @@ from consumer.service.context import (
     headers_only_context,
     rejection_answer,
 )
-from consumer.service.responder import Responder, Unwritable
+from consumer.service.failures import Unwritable
+from consumer.service.responder import Responder
 from schemas.models import ErrorCode
 
 log = logging.getLogger(__name__)

@@ -65,6 +65,7 @@ from consumer.service.context import (
     Scored,
     Unanswered,
 )
+from consumer.service.failures import Unwritable
 from consumer.service.metrics import Metrics
 from consumer.service.outputs import OutputRecord, Sender
 from consumer.service.reply_router import Destination, ReplyRouter, Unresolved, Unroutable
@@ -82,11 +83,6 @@ _BLOCKED_LOG_EVERY_S = 60.0
 DeadLetterBlocked = Callable[[TopicPartition, bool], None]
 # Called when nothing but an operator can make an answer writable (stop the worker).
 Fatal = Callable[[Exception], None]
-
-
-class Unwritable(KafkaError):
-    """The broker refuses a dead-letter record for good; the worker is stopping
-    (``on_fatal``) and the request stays uncommitted."""
 
 
 @dataclass(frozen=True)

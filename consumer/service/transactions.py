@@ -52,15 +52,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
     KafkaError,
     MessageSizeTooLargeError,
     ProducerFenced,
     RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
 )
 from aiokafka.structs import TopicPartition
 
@@ -97,12 +102,23 @@ class PartitionTransactions:
     # docstring): nothing below it is produced or committed; None: not read yet
     floor: int | None = None
     producer: Any = None
+    # bytes of every record in the outbox (it is memory the worker holds)
+    outbox_bytes: int = 0
+    # since when (time.monotonic()) transactions have failed; None: the last one went
+    failing_since: float | None = None
+    # the broker refused this worker's principal the transactional id (or the cluster):
+    # only an operator can fix that
+    unauthorized: KafkaError | None = None
 
     async def start(self) -> None:
         """Start a producer: this fences every earlier producer of the partition."""
         self.floor = None
         self.producer = self.make_producer()
-        await bounded(self.producer.start(), TXN_TIMEOUT_S)
+        try:
+            await bounded(self.producer.start(), TXN_TIMEOUT_S)
+        except PRODUCER_FAILURES as exc:
+            self._failed(exc)
+            raise
 
     async def stop(self) -> None:
         await _stop(self.producer)
@@ -110,6 +126,7 @@ class PartitionTransactions:
     def put(self, offset: int, output: OutputRecord) -> None:
         """Keep what answering the record at ``offset`` produced, for its transaction."""
         self.outbox.setdefault(offset, []).append(output)
+        self.outbox_bytes += output.size
 
     async def commit(self, upto: int, metadata: str = "") -> bool:
         """One transaction: the outputs of every offset below ``upto`` and the offset
@@ -140,14 +157,26 @@ class PartitionTransactions:
             return False
         except PRODUCER_FAILURES as exc:
             self.broken = True
+            self._failed(exc)
             log.warning(
                 "transaction failed; the outbox is committed again with a fresh producer",
                 extra={"error": repr(exc), "partitions": [self._name]},
             )
             return False
-        for offset in offsets:
-            del self.outbox[offset]
+        self._remove(offsets)
+        self.failing_since = None
         return True
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        refusal = _authorization_error(exc, self.producer)
+        if refusal is not None:
+            self.unauthorized = refusal
+
+    def _remove(self, offsets: Iterable[int]) -> None:
+        for offset in offsets:
+            self.outbox_bytes -= sum(out.size for out in self.outbox.pop(offset))
 
     @property
     def _name(self) -> str:
@@ -186,6 +215,7 @@ class PartitionTransactions:
             extra={"partitions": [self._name], "error": repr(error), "bytes": out.size},
         )
         outputs[index] = out.smaller
+        self.outbox_bytes += out.smaller.size - out.size
 
     async def _still_the_owner(self) -> bool:
         if await bounded(self.confirm_membership(), TXN_TIMEOUT_S):
@@ -213,11 +243,31 @@ class PartitionTransactions:
         return committed if committed is not None else 0
 
     def _drop_below(self, offset: int) -> None:
-        for below in [o for o in self.outbox if o < offset]:
-            del self.outbox[below]
+        self._remove([o for o in self.outbox if o < offset])
 
 
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+# Refusals only an operator can fix: the transactional id's ACLs, or the cluster's.
+UNAUTHORIZED = (
+    TransactionalIdAuthorizationFailed,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+)
+
+
+def _authorization_error(exc: BaseException, producer: Any) -> KafkaError | None:
+    """The authorization refusal behind a failure, if it was one: raised, or what ended
+    the producer's sender (a refused InitProducerId ends it, and waiting for the
+    producer id then only times out)."""
+    if isinstance(exc, UNAUTHORIZED):
+        return exc
+    sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if sender is not None and sender.done() and not sender.cancelled():
+        ended = sender.exception()
+        if isinstance(ended, UNAUTHORIZED):
+            return ended
+    return None
 
 
 async def _send(producer: Any, out: OutputRecord) -> Awaitable[Any]:

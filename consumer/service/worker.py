@@ -37,7 +37,8 @@ from consumer.engine.api import RerankEngine
 from consumer.service.careful import CarefulStart
 from consumer.service.connection import ConnectPolicy, KafkaConnector
 from consumer.service.delivery_mode import DeliveryMode, delivery_mode
-from consumer.service.fetching import FetchLoop, NotAuthorized
+from consumer.service.failures import NotAuthorized
+from consumer.service.fetching import FetchLoop
 from consumer.service.intake import Intake, cancel_all
 from consumer.service.kafka_clients import make_consumer, make_offsets_reader, make_producer
 from consumer.service.lag import EndOffsets, LagReporter
@@ -243,7 +244,7 @@ class Worker:
         """Compose the parts over the started clients and join the group."""
         config = self._config
         lost = _membership_check(consumer)
-        mode = delivery_mode(config, consumer, producer, self._metrics, lost)
+        mode = delivery_mode(config, consumer, producer, self._metrics, lost, self.fail)
         tracing = self._tracing
         router = ReplyRouter(
             config.reply_topic,
@@ -265,7 +266,7 @@ class Worker:
         processor = RequestProcessor(
             tracing.engine(self._engine), responder, config.limits, config.default_max_age_s
         )
-        self._intake.bind(consumer, tracing.processor(processor), mode.committer)
+        self._intake.bind(consumer, tracing.processor(processor), mode)
         lag = LagReporter(consumer, self._metrics, self._lookahead.first_offset, self._end_offsets)
         rebalance = Rebalance(
             mode,

@@ -112,6 +112,15 @@ class WorkerConfig:
         max_uncommitted_records: a partition whose records wait in this number behind
             an unfinished one (a reply being retried) stops fetching until it clears,
             so memory stays bounded.
+        max_outbox_bytes: exactly-once mode: the most bytes of answers waiting in the
+            partitions' outboxes for their transactions; above it every partition stops
+            fetching until commits drain them (they also count toward
+            ``max_uncommitted_records``, each answer a record).
+        transactions_unready_after_s: exactly-once mode: a partition whose transactions
+            have failed this long makes the worker not ready.
+        transactions_give_up_after_s: exactly-once mode: ... and this long makes it stop
+            (exit 1, one line): its answers wait in memory meanwhile and only an operator
+            can make them committable.
         max_record_attempts: a record started this many times without being finished
             (each time its worker died or left mid-record) is a poison record: it is
             dead-lettered instead of processed again (:mod:`consumer.service.attempts`).
@@ -151,6 +160,9 @@ class WorkerConfig:
     max_uncommitted_records: int = Field(default=10_000, gt=0)
     max_record_attempts: int = Field(default=3, gt=0)
     lag_interval_s: float = Field(default=5.0, gt=0)
+    max_outbox_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    transactions_unready_after_s: float = Field(default=30.0, gt=0)
+    transactions_give_up_after_s: float = Field(default=300.0, gt=0)
 
     def __post_init__(self) -> None:
         problems = cross_field_problems(self.__dict__)
@@ -194,6 +206,7 @@ def cross_field_problems(values: Mapping[str, Any]) -> list[Problem]:
     """Every problem between settings of a worker, one each: ``values`` are its fields
     (those missing are not checked)."""
     checks = (
+        _transaction_timing_problems,
         _inflight_problems,
         _heartbeat_problems,
         _rebalance_problems,
@@ -218,6 +231,21 @@ def _inflight_problems(values: Mapping[str, Any]) -> list[Problem]:
         Problem(
             ("inflight_low_pairs", "inflight_high_pairs"),
             f"{{}} ({low}) must be below {{}} ({high})",
+        )
+    ]
+
+
+def _transaction_timing_problems(values: Mapping[str, Any]) -> list[Problem]:
+    unready, give_up = (
+        values["transactions_unready_after_s"],
+        values["transactions_give_up_after_s"],
+    )
+    if unready < give_up:
+        return []
+    return [
+        Problem(
+            ("transactions_unready_after_s", "transactions_give_up_after_s"),
+            f"{{}} ({unready:g}) must be below {{}} ({give_up:g})",
         )
     ]
 

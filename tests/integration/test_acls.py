@@ -18,8 +18,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import (
@@ -37,6 +38,7 @@ from test_local_kafka import SMALL_HEAP, START_TIMEOUT_S, free_port_pair
 from test_security_sasl import free_port_besides, script_broker
 from worker_harness import (
     FakeEngine,
+    Request,
     Topics,
     dlq_reader,
     fresh_metrics,
@@ -48,7 +50,7 @@ from worker_harness import (
 
 from consumer.app import EXIT_FAILED, Parts, Service, make_kafka_worker
 from consumer.settings import settings_from
-from producer_sdk import KafkaSecurity, RerankClient
+from producer_sdk import NO_RETRY, KafkaSecurity, RerankClient, RerankError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -131,9 +133,12 @@ def documented_acls(prefix: str, group: str) -> list[AclBinding]:
 
 @contextlib.asynccontextmanager
 async def acl_setup(
-    broker: AclBroker, leave_out: AclOperation | None = None
+    broker: AclBroker,
+    leave_out: AclOperation | None = None,
+    without: Callable[[AclBinding], bool] = lambda acl: False,
 ) -> AsyncIterator[tuple[Topics, str, str]]:
-    """Topics and the documented ACLs (but those of ``leave_out`` on the group)."""
+    """Topics and the documented ACLs (but those of ``leave_out`` on the group, and those
+    ``without`` picks)."""
     prefix = f"acl-{uuid.uuid4().hex[:12]}"
     group = f"{prefix}-workers"
     names = [
@@ -146,7 +151,7 @@ async def acl_setup(
     acls = [
         acl
         for acl in documented_acls(prefix, group)
-        if not (leave_out is not None and acl.restype == ResourceType.GROUP)
+        if not (leave_out is not None and acl.restype == ResourceType.GROUP) and not without(acl)
     ]
     await asyncio.to_thread(_create, admin, names, acls)
     yield Topics(names[0], names[1], names[2]), group, names[3]
@@ -246,36 +251,152 @@ class _Model:
     device = "cpu"
 
 
+def worker_service(broker: AclBroker, topics: Topics, group: str, **settings: Any) -> Service:
+    """The worker's service as ``python -m consumer`` runs it, logged in as the worker."""
+    values = {
+        "bootstrap_servers": broker.sasl,
+        "request_topic": topics.requests,
+        "reply_topic": topics.replies,
+        "dlq_topic": topics.dlq,
+        "group_id": group,
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": WORKER,
+        "sasl_password": PASSWORDS[WORKER],
+        "transactional_id_prefix": TXN_PREFIX,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        **settings,
+    }
+    parts = Parts(
+        load_model=lambda _s: _Model(),  # type: ignore[arg-type,return-value]
+        make_engine=lambda *_a: FakeEngine(),
+        make_worker=make_kafka_worker,
+    )
+    return Service(settings_from(values), parts, fresh_metrics())
+
+
+def one_error_line(caplog: pytest.LogCaptureFixture) -> str:
+    ours = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("consumer.")
+    ]
+    assert len(ours) == 1, [r.getMessage() for r in ours]
+    return ours[0].getMessage()
+
+
 async def test_a_missing_acl_is_one_clear_line(
     acl_broker: AclBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     async with acl_setup(acl_broker, leave_out=AclOperation.READ) as (topics, group, _):
-        settings = settings_from(
-            {
-                "bootstrap_servers": acl_broker.sasl,
-                "request_topic": topics.requests,
-                "reply_topic": topics.replies,
-                "dlq_topic": topics.dlq,
-                "group_id": group,
-                "security_protocol": "SASL_PLAINTEXT",
-                "sasl_mechanism": "SCRAM-SHA-512",
-                "sasl_username": WORKER,
-                "sasl_password": PASSWORDS[WORKER],
-                "http_host": "127.0.0.1",
-                "http_port": 0,
-            }
-        )
-        parts = Parts(
-            load_model=lambda _s: _Model(),  # type: ignore[arg-type,return-value]
-            make_engine=lambda *_a: FakeEngine(),
-            make_worker=make_kafka_worker,
-        )
-        code = await asyncio.wait_for(Service(settings, parts, fresh_metrics()).run(), 120)
+        code = await asyncio.wait_for(worker_service(acl_broker, topics, group).run(), 120)
     assert code == EXIT_FAILED
-    ours = [
-        r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("consumer.")
-    ]
-    assert len(ours) == 1, [r.getMessage() for r in ours]
-    message = ours[0].getMessage()
+    message = one_error_line(caplog)
     assert "group" in message.lower() and "authoriz" in message.lower(), message
+
+
+def _transactional(acl: AclBinding) -> bool:
+    return acl.restype == ResourceType.TRANSACTIONAL_ID
+
+
+async def test_exactly_once_without_its_transactional_id_acls_stops_with_one_line(
+    acl_broker: AclBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It used to stay ready and answer every request into its outbox, whose
+    transactions could never commit: 2,000 answers held in memory for nobody."""
+    caplog.set_level(logging.INFO)
+    # a prefix of its own: the other tests' transactional-id ACLs (never deleted) cover
+    # TXN_PREFIX's ids
+    unauthorized = f"unauthorized-{uuid.uuid4().hex[:8]}"
+    async with acl_setup(acl_broker, without=_transactional) as (topics, group, _):
+        service = worker_service(
+            acl_broker,
+            topics,
+            group,
+            delivery="exactly_once",
+            transactional_id_prefix=unauthorized,
+        )
+        running = asyncio.create_task(service.run())
+        requests = [request(f"c-{i}", {"query": "q", "documents": ["a"]}) for i in range(50)]
+        await produce(acl_broker.plaintext, topics.requests, requests)
+        code = await asyncio.wait_for(running, 120)
+    assert code == EXIT_FAILED
+    message = one_error_line(caplog)
+    assert "transactional" in message.lower() and "authoriz" in message.lower(), message
+
+
+async def test_a_reply_topic_the_worker_may_describe_but_not_write_dead_letters(
+    acl_broker: AclBroker,
+) -> None:
+    """A refusal for good of the reply: the request goes to the dead-letter topic with
+    the broker's reason, and its partition goes on."""
+    async with acl_setup(acl_broker, without=_write_on_replies) as (topics, group, _):
+        config = worker_config(
+            acl_broker.sasl, topics, group, security=login(WORKER), allowed_reply_topics=None
+        )
+        async with (
+            dlq_reader(acl_broker.plaintext, topics) as dead,
+            running_worker(config, FakeEngine()),
+        ):
+            await produce(
+                acl_broker.plaintext,
+                topics.requests,
+                [request("c-1", {"query": "q", "documents": ["a"]})],
+            )
+            (record,) = await dead.read(1)
+    assert record.headers["error-code"] == b"internal"
+    assert b"Authorization" in (record.headers["error-message"] or b"")
+
+
+def _write_on_replies(acl: AclBinding) -> bool:
+    return (
+        acl.name.endswith(".replies")
+        and acl.operation == AclOperation.WRITE
+        and acl.principal == f"User:{WORKER}"
+    )
+
+
+def _write_on_dlq(acl: AclBinding) -> bool:
+    return acl.name.endswith(".requests.dlq") and acl.operation == AclOperation.WRITE
+
+
+async def test_a_dead_letter_topic_the_worker_may_not_write_stops_it_with_one_line(
+    acl_broker: AclBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retrying cannot help a refusal for good: the record was retried for ever, its
+    partition held, nobody told. Now: one line, exit 1, the record uncommitted."""
+    caplog.set_level(logging.INFO)
+    async with acl_setup(acl_broker, without=_write_on_dlq) as (topics, group, _):
+        service = worker_service(acl_broker, topics, group)
+        running = asyncio.create_task(service.run())
+        await produce(acl_broker.plaintext, topics.requests, [Request(value=b"no id")])
+        code = await asyncio.wait_for(running, 120)
+    assert code == EXIT_FAILED
+    message = one_error_line(caplog)
+    assert "dead-letter" in message and "WRITE" in message, message
+
+
+async def test_a_client_refused_the_request_topic_gets_a_clear_error_at_once(
+    acl_broker: AclBroker,
+) -> None:
+    """The caller's own principal lacks WRITE on the request topic: the call fails fast
+    with the broker's reason, instead of waiting out its timeout."""
+
+    def client_write(acl: AclBinding) -> bool:
+        return acl.principal == f"User:{CLIENT}" and acl.operation == AclOperation.WRITE
+
+    async with (
+        acl_setup(acl_broker, without=client_write) as (topics, _group, _),
+        RerankClient(
+            acl_broker.sasl,
+            request_topic=topics.requests,
+            reply_topic=topics.replies,
+            security=login(CLIENT),
+            default_timeout=60,
+        ) as client,
+    ):
+        started = time.monotonic()
+        with pytest.raises(RerankError) as caught:
+            await client.rerank("q", ["a"], retry=NO_RETRY)
+    assert time.monotonic() - started < 30
+    assert "Authorization" in str(caught.value), caught.value

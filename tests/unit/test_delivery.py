@@ -25,9 +25,10 @@ from consumer.engine.api import ScoreResult
 from consumer.service.at_least_once import AckedSender
 from consumer.service.codec import ReplyRoute, RequestLimits
 from consumer.service.context import DeadLetter, RequestContext, Scored, decode_context
+from consumer.service.failures import Unwritable
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import Destination, Unresolved, Unroutable
-from consumer.service.responder import ReplyRetry, Responder, Unwritable
+from consumer.service.responder import ReplyRetry, Responder
 from schemas.models import ErrorCode
 
 DLQ = "rerank.requests.dlq"
