@@ -158,10 +158,11 @@ class ExactlyOnce:
                 self.transactions[tp] = txns
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
-        for tp in partitions:
-            txns = self.transactions.pop(tp, None)
-            if txns is not None:
-                await txns.stop()
+        """Stop the partitions' producers, all at once: each may wait up to its bound on a
+        broker that does not answer, and one after another they would outlast the
+        group's rebalance timeout."""
+        gone = [txns for tp in partitions if (txns := self.transactions.pop(tp, None))]
+        await asyncio.gather(*(txns.stop() for txns in gone))
 
     def not_ready_reasons(self) -> list[str]:
         limit = self._config.transactions_unready_after_s

@@ -118,3 +118,23 @@ def test_a_refused_transactional_id_stops_the_worker_with_one_clear_error() -> N
     mode._check_health()
     (stop,) = stops
     assert isinstance(stop, NotAuthorized) and "transactional ids" in str(stop)
+
+
+async def test_revoked_partitions_stop_their_producers_at_once() -> None:
+    """One after another, six producers waiting on a hung broker (10 s each) outlasted the
+    group's 60 s rebalance timeout."""
+    import asyncio
+    import time
+
+    class SlowToStop(PartitionTransactions):
+        async def stop(self) -> None:
+            await asyncio.sleep(0.3)
+
+    mode = mode_with(WorkerConfig(delivery="exactly_once"), [0.0], [])
+    partitions = {TopicPartition("rerank.requests", p) for p in range(6)}
+    for tp in partitions:
+        mode.transactions[tp] = SlowToStop(tp, object, "group", never, never)
+    started = time.monotonic()
+    await mode.revoked(partitions)
+    assert time.monotonic() - started < 1.0
+    assert not mode.transactions
