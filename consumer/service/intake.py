@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, TypeAlias
 
@@ -23,6 +24,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.backpressure import PairGate
 from consumer.service.careful import CarefulStart
+from consumer.service.commit_policy import CommitPolicy
 from consumer.service.context import coordinates
 from consumer.service.delivery_mode import DeliveryMode
 from consumer.service.metrics import Metrics
@@ -92,7 +94,9 @@ class Intake:
         assert processor is not None and mode is not None, "bind() first"
         step = self._careful.step(work, record.offset)
         if step.count_attempt is not None:
-            await mode.committer.commit_attempt(tp, work, record.offset, step.count_attempt)
+            attempt = (record.offset, step.count_attempt)
+            if await mode.committer.commit_attempt(tp, work, *attempt):
+                work.counted = attempt
             if self._partitions.get(tp) is not work:
                 return False
         work.offsets.register(record.offset)
@@ -204,6 +208,22 @@ class Intake:
                 extra={"abandoned_requests": len(still_running)},
             )
             await cancel_all(still_running)
+
+
+async def uncount_attempts(
+    committer: CommitPolicy, work: Mapping[TopicPartition, PartitionWork]
+) -> None:
+    """Take back the attempts counted for records this worker is letting go unfinished
+    on purpose (a revoke, a drain that ran out): it did not die on them. Counted, a slow
+    valid request in flight through a few rebalances (autoscaling) would be taken for a
+    poison record and dead-lettered."""
+    for tp, partition_work in work.items():
+        attempt = partition_work.unfinished_attempt
+        if attempt is None:
+            continue
+        offset, attempts = attempt
+        if await committer.commit_attempt(tp, partition_work, offset, attempts - 1):
+            partition_work.counted = None
 
 
 async def cancel_all(tasks: set[asyncio.Task[bool]]) -> None:

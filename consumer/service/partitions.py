@@ -29,7 +29,15 @@ class Hold(Enum):
 class PartitionWork:
     """The in-flight requests, offsets and holds of one assignment of one partition."""
 
-    __slots__ = ("_holds", "careful_until", "head", "head_started", "offsets", "tasks")
+    __slots__ = (
+        "_holds",
+        "careful_until",
+        "counted",
+        "head",
+        "head_started",
+        "offsets",
+        "tasks",
+    )
 
     def __init__(self, head: Head | None = None) -> None:
         self.offsets = PartitionOffsets()
@@ -40,6 +48,9 @@ class PartitionWork:
         self.head_started = False
         # while suspect: work carefully until the commit point reaches this offset
         self.careful_until: int | None = None
+        # the last (offset, attempts) this worker committed as an attempt, before the
+        # record there ran (consumer.service.attempts)
+        self.counted: tuple[int, int] | None = None
 
     def take_head(self, offset: int) -> Head | None:
         """The head when ``offset`` is the first record fetched in this assignment and
@@ -57,6 +68,14 @@ class PartitionWork:
         """The last owner started the record at the committed position and did not get
         past it (it died, or was revoked mid-record): work carefully for a while."""
         return self.head is not None and self.head.attempts > 0
+
+    @property
+    def unfinished_attempt(self) -> tuple[int, int] | None:
+        """The attempt this worker counted and has not finished: (offset, attempts)."""
+        if self.counted is None:
+            return None
+        committable = self.offsets.committable
+        return self.counted if committable is None or committable <= self.counted[0] else None
 
     @property
     def careful_done(self) -> bool:

@@ -25,7 +25,7 @@ from aiokafka.structs import TopicPartition
 from consumer.service.careful import CarefulStart
 from consumer.service.commit_policy import names
 from consumer.service.delivery_mode import DeliveryMode
-from consumer.service.intake import Intake, cancel_all
+from consumer.service.intake import Intake, cancel_all, uncount_attempts
 from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import PartitionWork
 
@@ -114,6 +114,7 @@ class Rebalance(ConsumerRebalanceListener):
             await asyncio.sleep(_REVOKE_POLL_S)
         abandoned = {t for w in work.values() for t in w.tasks}
         await self._mode.committer.commit(work)
+        await uncount_attempts(self._mode.committer, work)
         await cancel_all(abandoned)
         await self._let_go(partitions)
         log.info(

@@ -39,7 +39,7 @@ from consumer.service.connection import ConnectPolicy, KafkaConnector
 from consumer.service.delivery_mode import DeliveryMode, delivery_mode
 from consumer.service.failures import NotAuthorized
 from consumer.service.fetching import FetchLoop
-from consumer.service.intake import Intake, cancel_all
+from consumer.service.intake import Intake, cancel_all, uncount_attempts
 from consumer.service.kafka_clients import make_consumer, make_offsets_reader, make_producer
 from consumer.service.lag import EndOffsets, LagReporter
 from consumer.service.membership import membership_lost
@@ -315,7 +315,9 @@ class Worker:
         """Let in-flight requests finish (bounded), then commit what is done."""
         await self._intake.drain(self._config.drain_timeout_s)
         if running.rebalance.in_group:
-            await running.mode.committer.commit(dict(self._partitions))
+            work = dict(self._partitions)
+            await running.mode.committer.commit(work)
+            await uncount_attempts(running.mode.committer, work)
 
     async def _close(self) -> None:
         self._stopped = True

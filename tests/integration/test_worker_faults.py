@@ -184,9 +184,11 @@ class HoldingEngine(FakeEngine):
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
+        self.holding = False
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         if request.query == "first":
+            self.holding = True
             await self.release.wait()
         return await super().score(request)
 
@@ -388,3 +390,34 @@ async def test_a_large_record_the_topics_allow_is_dead_lettered_whole(
             assert await committed_offset(kafka_bootstrap, config.group_id, tp, 2, 30) == 2
     assert record.value == big.value
     assert record.headers["source-offset"] == b"0"
+
+
+async def test_a_slow_request_let_go_on_purpose_is_no_poison_record(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """A valid request still in flight when its worker stops (its drain runs out) or is
+    revoked: the worker did not die on it, so the attempt it counted is taken back. It
+    counted before, and three rebalances (autoscaling) dead-lettered a good request as a
+    poison record."""
+    topics = await make_topics(new_topic)
+    group = new_group()
+    config = worker_config(
+        kafka_bootstrap, topics, group, drain_timeout_s=1.0, max_record_attempts=3
+    )
+    tp = TopicPartition(topics.requests, 0)
+    slow = request("c-slow", {"query": "first", "documents": ["a"]})
+    await produce(kafka_bootstrap, topics.requests, [slow])
+    for _ in range(config.max_record_attempts + 1):
+        engine = HoldingEngine()  # never lets "first" through: a slow request
+        async with running_worker(config, engine):
+            await wait_until(lambda e=engine: e.holding, 30, "the slow request in flight")
+        # stopped: the drain ran out with the request unanswered
+    async with (
+        reply_reader(kafka_bootstrap, topics) as replies,
+        dlq_reader(kafka_bootstrap, topics) as dead,
+        running_worker(config, FakeEngine()),
+    ):
+        (answer,) = await replies.read(1)
+        assert await dead.quiet(1.0) == []
+    assert answer.correlation_id == "c-slow" and "results" in answer.json()
+    assert await committed_offset(kafka_bootstrap, group, tp, 1, 20) == 1
