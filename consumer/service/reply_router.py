@@ -60,6 +60,30 @@ class Unresolved:
 Route = Destination | Unroutable | Unresolved
 # Distinct reply topic names remembered at most (each memory): names come from requests.
 DEFAULT_MAX_TOPICS = 4096
+# Cluster metadata is fetched at most this often, however many new topic names requests
+# bring: each name is cheap to send and its lookup is not.
+MIN_FETCH_INTERVAL_S = 1.0
+# A line about missing reply topics at most this often (with how many there were).
+_MISSING_LOG_EVERY_S = 60.0
+
+
+class _Occasional:
+    """Counts occurrences and says when to log: the first, then once per interval."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float]) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._last: float | None = None
+        self._since_last = 0
+
+    def count(self) -> int | None:
+        """None: stay quiet; else log, with this many occurrences since the last line."""
+        self._since_last += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self._every_s:
+            return None
+        self._last, seen, self._since_last = now, self._since_last, 0
+        return seen
 
 
 class TopicLookup(Protocol):
@@ -127,6 +151,7 @@ class ReplyRouter:
         # the cluster's answers, "missing" included
         self._answers: _Memory[_Answer] = _Memory(max_topics)
         self._asking: dict[str, asyncio.Future[Collection[int] | Unresolved | None]] = {}
+        self._missing = _Occasional(_MISSING_LOG_EVERY_S, clock)
 
     @property
     def remembered_topics(self) -> int:
@@ -190,17 +215,35 @@ class ReplyRouter:
             return Unresolved(f"could not look up reply topic {topic!r}: {reason}")
         finally:
             self._asking.pop(topic, None)
-        if partitions is None:
-            log.warning("reply topic does not exist", extra={"reply_topic": topic})
+        if partitions is None and (seen := self._missing.count()) is not None:
+            log.warning(
+                "reply topic does not exist (such requests go to the dead-letter topic)",
+                extra={"reply_topic": topic, "missing_topics_since_last_line": seen},
+            )
         self._answers.put(topic, _Answer(partitions, self._clock() + self._answer_ttl_s))
         return partitions
 
 
 class ClientTopicLookup:
-    """:class:`TopicLookup` over an aiokafka client (the reply producer's ``client``)."""
+    """:class:`TopicLookup` over an aiokafka client (the reply producer's ``client``).
 
-    def __init__(self, client: Any) -> None:
+    Lookups share fetches of the cluster's metadata: each one waits for a fetch that
+    starts after it asked (so its answer is fresh), and fetches start at most every
+    ``min_interval_s``, so a burst of requests naming new topics costs one fetch a
+    second, not one each.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        min_interval_s: float = MIN_FETCH_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._last_fetch: float | None = None
+        self._next_fetch: asyncio.Future[Any] | None = None
 
     def known_partitions(self, topic: str) -> Collection[int] | None:
         partitions: Collection[int] | None = self._client.cluster.partitions_for_topic(topic)
@@ -210,7 +253,7 @@ class ClientTopicLookup:
         # A metadata request for every topic, not for this one: asking for one topic
         # would add it to the producer's tracked topics for good (and could auto-create
         # it on brokers that allow that).
-        cluster = await self._client.fetch_all_metadata()
+        cluster = await self._fresh_cluster()
         partitions: Collection[int] | None = cluster.partitions_for_topic(topic)
         if partitions is not None:
             # Track it, so the producer's own metadata (used by send) knows it too; a
@@ -219,3 +262,19 @@ class ClientTopicLookup:
             if self.known_partitions(topic) != partitions:
                 await self._client.force_metadata_update()
         return partitions
+
+    async def _fresh_cluster(self) -> Any:
+        """The cluster's metadata from a fetch that starts after this call."""
+        if self._next_fetch is None:
+            self._next_fetch = asyncio.ensure_future(self._fetch_in_turn())
+        # shield: one caller being cancelled must not cancel the others' fetch
+        return await asyncio.shield(self._next_fetch)
+
+    async def _fetch_in_turn(self) -> Any:
+        if self._last_fetch is not None:
+            wait = self._last_fetch + self._min_interval_s - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        self._next_fetch = None  # who asks from now on waits for the fetch after this one
+        self._last_fetch = self._clock()
+        return await self._client.fetch_all_metadata()

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections.abc import Collection
 
 import pytest
 
 from consumer.service.codec import ReplyRoute
-from consumer.service.reply_router import Destination, ReplyRouter, Unresolved, Unroutable
+from consumer.service.reply_router import (
+    ClientTopicLookup,
+    Destination,
+    ReplyRouter,
+    Unresolved,
+    Unroutable,
+)
 from schemas.models import ErrorCode
 
 DEFAULT = "rerank.replies"
@@ -195,3 +203,52 @@ async def test_a_new_partition_of_a_known_topic_is_found_without_waiting() -> No
     lookup.known.discard(DEFAULT)
     assert await router.resolve(ReplyRoute(None, 3)) == Destination(DEFAULT, 3)
     assert lookup.fetches == [DEFAULT]
+
+
+class CountingClient:
+    """An aiokafka client's metadata calls, counted; no topic exists."""
+
+    def __init__(self) -> None:
+        self.fetches = 0
+        self.cluster = self
+
+    def partitions_for_topic(self, topic: str) -> None:
+        return None
+
+    async def fetch_all_metadata(self) -> CountingClient:
+        self.fetches += 1
+        await asyncio.sleep(0.01)
+        return self
+
+
+async def test_requests_naming_many_new_missing_topics_cost_few_metadata_fetches(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each request naming a new, allowed but missing reply topic cost a metadata fetch of
+    the whole cluster and a warning line: cheap requests, costly answers."""
+    client = CountingClient()
+    router = ReplyRouter(
+        "rerank.replies",
+        re.compile(r"rerank\.replies(\..+)?"),
+        ClientTopicLookup(client, min_interval_s=0.2),
+        wait_s=5.0,
+        answer_ttl_s=10.0,
+    )
+    with caplog.at_level(logging.WARNING):
+        answers = await asyncio.gather(
+            *(router.resolve(ReplyRoute(f"rerank.replies.n{i}")) for i in range(100))
+        )
+    assert all(isinstance(a, Unroutable) for a in answers)
+    assert client.fetches <= 2
+    missing = [r for r in caplog.records if "does not exist" in r.getMessage()]
+    assert len(missing) == 1
+
+
+async def test_a_lookup_waits_for_a_fetch_that_starts_after_it_asked() -> None:
+    """Fresh answers: a topic created a moment ago is found, even right after a fetch."""
+    client = CountingClient()
+    lookup = ClientTopicLookup(client, min_interval_s=0.1)
+    assert await lookup.fetch_partitions("a") is None
+    started = time.monotonic()
+    assert await lookup.fetch_partitions("b") is None
+    assert client.fetches == 2 and time.monotonic() - started >= 0.05
