@@ -576,8 +576,10 @@ def dlq_headers(
     ] + ([(DLQ_HEADER_SOURCE_SIZE, str(int(source_size)).encode("ascii"))] if source_size else [])
 
 
-def without_dlq_headers(headers: Iterable[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:
-    """A request's headers without any named like the dead-letter headers: a producer
-    must not be able to forge the error code or the source coordinates a dead-letter
-    reader trusts."""
-    return [(name, value or b"") for name, value in headers if name not in DLQ_HEADERS]
+def without_dlq_headers(
+    headers: Iterable[tuple[str, bytes | None]],
+) -> list[tuple[str, bytes | None]]:
+    """A request's headers, as they came, without any named like the dead-letter headers:
+    a producer must not be able to forge the error code or the source coordinates a
+    dead-letter reader trusts."""
+    return [(name, value) for name, value in headers if name not in DLQ_HEADERS]

@@ -8,12 +8,13 @@ acknowledged now (at-least-once), or kept for the source partition's next transa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka.structs import ConsumerRecord
 
-Headers = list[tuple[str, bytes]]
+Headers = Sequence[tuple[str, bytes | None]]  # a header's value may be null
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ class OutputRecord:
     @property
     def size(self) -> int:
         """Bytes of key, value and headers: what counts against Kafka's record limits."""
-        headers = sum(len(name) + len(value) for name, value in self.headers)
+        headers = sum(len(name) + len(value or b"") for name, value in self.headers)
         return len(self.key or b"") + len(self.value or b"") + headers
 
 

@@ -344,7 +344,7 @@ class Responder:
         size = (
             len(record.key or b"")
             + len(record.value or b"")
-            + sum(len(name) + len(value) for name, value in own)
+            + sum(len(name) + len(value or b"") for name, value in own)
         )
 
         def headers(note: str = "", source_size: int | None = None) -> list[tuple[str, bytes]]:

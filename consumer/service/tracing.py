@@ -319,7 +319,8 @@ class TracedSender:
                 request.set_status(
                     Status(StatusCode.ERROR, f"answered with an error reply: {code}")
                 )
-            headers = list(output.headers)
+            # a reply's headers are the contract's (never null), and its trace context
+            headers = [(name, value or b"") for name, value in output.headers]
             inject(headers, span)
             output = dataclasses.replace(output, headers=headers)
         try:

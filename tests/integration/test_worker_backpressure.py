@@ -190,7 +190,7 @@ async def test_a_busy_engine_does_not_cost_the_group_membership(
         inflight_low_pairs=0,
     )
     requests = [request("slow", {"query": "q", "documents": ["a", "b"]})]
-    caplog.set_level(logging.INFO, logger="consumer.service.worker")
+    caplog.set_level(logging.INFO, logger="consumer.service.rebalance")
     async with (
         reply_reader(kafka_bootstrap, topics) as replies,
         running_worker(config, FakeEngine(delay_s=busy_s, blocking=True)) as worker,
@@ -201,7 +201,7 @@ async def test_a_busy_engine_does_not_cost_the_group_membership(
         await replies.quiet(0.5)
 
     assert all(in_group), "never left the group"
-    messages = [r.getMessage() for r in caplog.records if r.name == "consumer.service.worker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "consumer.service.rebalance"]
     assert "partitions lost" not in messages and "partitions revoked" not in messages
     assert len(replies.records) == len(requests), "each request answered once"
 

@@ -143,7 +143,7 @@ async def test_lost_membership_commits_nothing_and_every_request_is_still_answer
         request(f"req-{i}", {"query": f"q{i}", "documents": ["a"]}) for i in range(5)
     ]
     engine = LoopBlockingEngine(block_s=session_ms / 1000 + 3)
-    caplog.set_level(logging.INFO, logger="consumer.service.worker")
+    caplog.set_level(logging.INFO, logger="consumer.service.rebalance")
 
     def lost() -> bool:
         return any(r.getMessage() == "partitions lost" for r in caplog.records)
