@@ -7,6 +7,7 @@ answered again by the partition's next owner: replies can repeat, never go missi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -14,18 +15,27 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.attempts import Head, read_heads
 from consumer.service.commit_policy import CommitPolicy, OffsetCommitter
+from consumer.service.membership import StallGuard
 from consumer.service.outputs import OutputRecord, Sender
 from consumer.service.worker_config import WorkerConfig
 
 
 class AckedSender:
-    """Produce now and wait for the broker's ack (acks=all)."""
+    """Produce now and wait for the broker's ack (acks=all).
 
-    def __init__(self, producer: Any) -> None:
+    With a ``guard``, nothing is sent by a worker that no longer is a member of its group
+    after a stall: the request is given up as a cancelled one is (it stays uncommitted,
+    and the partition's new owner answers it).
+    """
+
+    def __init__(self, producer: Any, guard: StallGuard | None = None) -> None:
         self._producer = producer
+        self._guard = guard
 
     async def send(self, source: ConsumerRecord[Any, Any], output: OutputRecord) -> None:
         """Send one record and wait for the broker's ack."""
+        if self._guard is not None and not await self._guard.cleared():
+            raise asyncio.CancelledError
         ack = await self._producer.send(
             output.topic,
             value=output.value,
@@ -45,9 +55,10 @@ class AtLeastOnce:
         consumer: Any,
         producer: Any,
         membership_lost: Callable[[], bool],
+        guard: StallGuard | None = None,
     ) -> None:
         self._consumer = consumer
-        self._sender = AckedSender(producer)
+        self._sender = AckedSender(producer, guard)
         self._committer = OffsetCommitter(consumer, config.commit_interval_s, membership_lost)
 
     @property

@@ -21,6 +21,7 @@ from consumer.service.at_least_once import AtLeastOnce
 from consumer.service.attempts import Head
 from consumer.service.commit_policy import CommitPolicy
 from consumer.service.exactly_once import ExactlyOnce
+from consumer.service.membership import StallGuard
 from consumer.service.metrics import Metrics
 from consumer.service.outputs import Sender
 from consumer.service.worker_config import WorkerConfig
@@ -80,9 +81,11 @@ def delivery_mode(
     metrics: Metrics,
     membership_lost: Callable[[], bool],
     on_fatal: Callable[[Exception], None] = lambda error: None,
+    guard: StallGuard | None = None,
 ) -> DeliveryMode:
     """The mode ``config.delivery`` names, over the worker's started clients;
-    ``on_fatal`` stops the worker (what only an operator can fix)."""
+    ``on_fatal`` stops the worker (what only an operator can fix); ``guard`` holds
+    at-least-once sends after a stall (exactly-once's zombie is fenced instead)."""
     if config.exactly_once:
         return ExactlyOnce(config, consumer, metrics, membership_lost, on_fatal)
-    return AtLeastOnce(config, consumer, producer, membership_lost)
+    return AtLeastOnce(config, consumer, producer, membership_lost, guard)

@@ -29,6 +29,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.failures import NotAuthorized
 from consumer.service.intake import Intake
+from consumer.service.membership import StallGuard
 from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import PartitionWork
 
@@ -59,8 +60,12 @@ class FetchLoop:
         partitions: dict[TopicPartition, PartitionWork],
         lookahead: Lookahead,
         max_poll_records: int,
+        guard: StallGuard | None = None,
     ) -> None:
+        """``guard``: after a stall, nothing is fetched before the group confirms the
+        worker is still a member (the poll that follows rejoins when it is not)."""
         self._consumer = consumer
+        self._guard = guard
         self._intake = intake
         self._partitions = partitions
         self._lookahead = lookahead
@@ -80,6 +85,8 @@ class FetchLoop:
         while not stop_requested():
             self.polling = True
             try:
+                if self._guard is not None:
+                    await self._guard.cleared()
                 batches = await self._poll()
             except asyncio.CancelledError:
                 if stop_requested():

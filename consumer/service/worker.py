@@ -42,7 +42,7 @@ from consumer.service.fetching import FetchLoop
 from consumer.service.intake import Intake, cancel_all, uncount_attempts
 from consumer.service.kafka_clients import make_consumer, make_offsets_reader, make_producer
 from consumer.service.lag import EndOffsets, LagReporter
-from consumer.service.membership import membership_lost
+from consumer.service.membership import StallGuard, membership_lost
 from consumer.service.metrics import Metrics
 from consumer.service.oldest_first import Lookahead
 from consumer.service.partitions import Hold, PartitionWork
@@ -72,6 +72,7 @@ class _Running:
     fetch: FetchLoop
     rebalance: Rebalance
     lag: LagReporter
+    guard: StallGuard
 
 
 class Worker:
@@ -212,6 +213,7 @@ class Worker:
             background = [
                 asyncio.create_task(running.mode.committer.run(lambda: dict(self._partitions))),
                 asyncio.create_task(self._lag_loop(running.lag)),
+                asyncio.create_task(running.guard.run()),
             ]
             self._fetch_task = asyncio.create_task(running.fetch.run(lambda: self._stop_requested))
             await self._fetch_task
@@ -244,7 +246,8 @@ class Worker:
         """Compose the parts over the started clients and join the group."""
         config = self._config
         lost = _membership_check(consumer)
-        mode = delivery_mode(config, consumer, producer, self._metrics, lost, self.fail)
+        guard = StallGuard(consumer, config.session_timeout_ms / 1000)
+        mode = delivery_mode(config, consumer, producer, self._metrics, lost, self.fail, guard)
         tracing = self._tracing
         router = ReplyRouter(
             config.reply_topic,
@@ -279,9 +282,14 @@ class Worker:
             config.revoke_timeout_s,
         )
         fetch = FetchLoop(
-            consumer, self._intake, self._partitions, self._lookahead, config.max_poll_records
+            consumer,
+            self._intake,
+            self._partitions,
+            self._lookahead,
+            config.max_poll_records,
+            guard,
         )
-        self._running = _Running(consumer, producer, mode, fetch, rebalance, lag)
+        self._running = _Running(consumer, producer, mode, fetch, rebalance, lag, guard)
         await self._check_topics(producer)
         consumer.subscribe([config.request_topic], listener=rebalance)
         log.info(
