@@ -627,3 +627,15 @@ def test_systemd_env_example_sets_only_real_settings() -> None:
     assert {k for k in env if k.startswith("RERANK_")} - fields == set()
     # The unit sets these per instance; a value in the shared file would win over them.
     assert "CUDA_VISIBLE_DEVICES" not in env and "RERANK_HTTP_PORT" not in env
+
+
+def test_the_local_brokers_readme_says_what_its_script_does() -> None:
+    """It said every start wipes the data, while the script keeps it across restarts."""
+    script = (REPO / "deploy" / "local" / "kafka").read_text()
+    readme = (REPO / "deploy" / "local" / "README.md").read_text()
+    usage = re.search(r"# Usage: deploy/local/kafka ([a-z|]+)", script)
+    assert usage is not None
+    for command in usage.group(1).split("|"):
+        assert f"deploy/local/kafka {command}" in readme, command
+    assert "nothing survives a restart" not in readme and "wiped each start" not in readme
+    assert "kept" in readme

@@ -852,3 +852,13 @@ def test_operations_doc_explains_the_chart() -> None:
     for example in EXAMPLES:
         assert f"`{example}.yaml`" in section
     assert "lagThreshold" in section and "1,561 pairs/s" in section
+
+
+def test_the_worker_container_has_a_read_only_root_filesystem() -> None:
+    """As the gateway's: whatever the worker writes goes to its cache volume or /tmp."""
+    worker = one(render("gpu-1"), "StatefulSet", "worker")
+    assert container(worker)["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container(worker)["volumeMounts"]}
+    assert mounts["/tmp"] == "tmp" and mounts["/var/cache/rerank"] == "cache"
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["tmp"]
