@@ -111,6 +111,7 @@ class ExactlyOnce:
         ``transactions_give_up_after_s``)."""
         self._config = config
         self._consumer = consumer
+        self._metrics = metrics
         self._on_fatal = on_fatal
         self._clock = clock
         self._after_commits: Callable[[], None] = lambda: None
@@ -194,6 +195,8 @@ class ExactlyOnce:
         longer than ``transactions_give_up_after_s``: its answers wait in memory meanwhile,
         and only an operator can make them committable."""
         self._after_commits()
+        self._metrics.outbox_records.set(sum(len(t.outbox) for t in self.transactions.values()))
+        self._metrics.outbox_bytes.set(sum(t.outbox_bytes for t in self.transactions.values()))
         refused = next((t for t in self.transactions.values() if t.unauthorized), None)
         if refused is not None:
             self._on_fatal(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, TypeAlias
 
@@ -46,12 +46,15 @@ class Intake:
         partitions: dict[TopicPartition, PartitionWork],
         careful: CarefulStart,
         metrics: Metrics,
+        lookahead_size: Callable[[], int] = lambda: 0,
     ) -> None:
-        """``partitions``: the worker's assigned partitions and their work (shared)."""
+        """``partitions``: the worker's assigned partitions and their work (shared);
+        ``lookahead_size``: records taken from the consumer and not yet let in."""
         self._config = config
         self._partitions = partitions
         self._careful = careful
         self._metrics = metrics
+        self._lookahead_size = lookahead_size
         self.gate = PairGate(
             config.inflight_high_pairs,
             config.inflight_low_pairs,
@@ -174,6 +177,7 @@ class Intake:
         """Pause exactly the partitions that must not be fetched from; resume the rest."""
         gate_change = self.gate.change()
         self._metrics.in_flight_pairs.set(self.gate.pairs)
+        self._metrics.lookahead_records.set(self._lookahead_size())
         self._metrics.in_flight_window.set(self.gate.high)
         self._metrics.paused.set(1 if self.gate.paused else 0)
         consumer = self._consumer

@@ -130,6 +130,22 @@ class Metrics:
             "are held and stay uncommitted until it takes them.",
             registry=r,
         )
+        self.lookahead_records = Gauge(
+            "rerank_lookahead_records",
+            "Records taken from the consumer and not yet let in (oldest first across "
+            "partitions when the in-flight window is short).",
+            registry=r,
+        )
+        self.outbox_records = Gauge(
+            "rerank_outbox_records",
+            "Exactly-once mode: answers waiting in the partitions' outboxes for their transaction.",
+            registry=r,
+        )
+        self.outbox_bytes = Gauge(
+            "rerank_outbox_bytes",
+            "Exactly-once mode: bytes of the answers waiting for their transaction.",
+            registry=r,
+        )
         self.transactions = Counter(
             "rerank_transactions",
             "Exactly-once mode: partition transactions, by outcome (committed or failed).",

@@ -40,6 +40,11 @@ class Lookahead:
         """True while any partition has records waiting here."""
         return bool(self._queues)
 
+    @property
+    def size(self) -> int:
+        """Records waiting here, across partitions."""
+        return sum(len(queue) for queue in self._queues.values())
+
     def add(self, fetched: Mapping[TopicPartition, Sequence[Record]]) -> None:
         """Queue what one poll of the consumer returned (each partition's records follow
         whatever of that partition is queued already: the consumer's position was past

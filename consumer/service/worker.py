@@ -99,7 +99,13 @@ class Worker:
         self._end_offsets = EndOffsets(lambda: make_offsets_reader(config))
         window = config.inflight_high_pairs + config.max_poll_records
         self._careful = CarefulStart(config.max_record_attempts, window, self._end_offsets)
-        self._intake = Intake(config, self._partitions, self._careful, self._metrics)
+        self._intake = Intake(
+            config,
+            self._partitions,
+            self._careful,
+            self._metrics,
+            lambda: self._lookahead.size,
+        )
         self._connector = KafkaConnector(
             lambda: (make_producer(config), make_consumer(config)),
             config.bootstrap_servers,
