@@ -402,6 +402,21 @@ class Settings(BaseSettings):
         "Batching and back-pressure",
         ge=0,
     )
+    late_cut: bool = _setting(
+        True,
+        "With the device busy, cut the next batch only when the device is due to need it "
+        "(predicted from the batches measured so far), so it takes every request that waits "
+        "by then instead of committing early to the first one. false: cut it as soon as the "
+        "slot ahead of the device is free.",
+        "Batching and back-pressure",
+    )
+    late_cut_margin_ms: float = _setting(
+        1.0,
+        "How much earlier than predicted (beyond the measured time to prepare and launch a "
+        "batch) a late cut is made, so the device does not wait for the batch.",
+        "Batching and back-pressure",
+        ge=0,
+    )
     min_batch_tokens: int = _setting(
         4096,
         "After running out of device memory the token budget shrinks, never below this.",
@@ -714,6 +729,8 @@ class Settings(BaseSettings):
             max_batch_pairs=self.max_batch_pairs,
             max_wait_ms=self.max_wait_ms,
             quick_backlog=self.quick_batch_backlog,
+            late_cut=self.late_cut,
+            late_cut_margin_ms=self.late_cut_margin_ms,
             min_batch_tokens=self.min_batch_tokens,
             tokenizer_threads=self.tokenizer_threads,
             stall_timeout_s=self.engine_stall_timeout_s,

@@ -20,6 +20,12 @@ class EngineSettings:
     moderate load runs in batches that are cheap to issue; 0 always cuts the full budget
     (:mod:`consumer.engine.batcher`).
 
+    ``late_cut``: with the model busy, the batch former cuts the next batch only when the
+    model is due to need it (predicted from the batches measured so far), less the
+    measured time to prepare and launch a batch and ``late_cut_margin_ms``, so the batch
+    takes every request that waits by then instead of committing early to the first one;
+    False cuts it as soon as the slot ahead is free (:mod:`consumer.engine.pacing`).
+
     ``stall_timeout_s``: with work outstanding, the model must finish a batch at least
     this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
     every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
@@ -32,6 +38,8 @@ class EngineSettings:
     warmup: bool = True
     window_pairs: int = 4096
     quick_backlog: float = 4.0
+    late_cut: bool = True
+    late_cut_margin_ms: float = 1.0
     min_batch_tokens: int = 4096
     oom_budget_factor: float = 0.75
     oom_recovery_batches: int = 200
@@ -47,6 +55,8 @@ class EngineSettings:
             raise ValueError("quick_backlog must not be negative")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
+        if self.late_cut_margin_ms < 0:
+            raise ValueError("late_cut_margin_ms must not be negative")
         if not 0 < self.oom_budget_factor < 1:
             raise ValueError("oom_budget_factor must be between 0 and 1")
         if self.oom_recovery_batches < 1:

@@ -600,3 +600,14 @@ def test_the_engine_probe_times_every_request_and_the_bench_joins_it(tmp_path: P
     # a row whose text the engine saw at another time, or without a key (a bench before
     # keys), is left out, not mismatched
     assert join([late, (called[keys[0]], 50.0, 40.0)], read_probe([probe_file])) == []
+
+
+def test_the_policy_simulation_runs_both_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import policy_sim
+
+    policy_sim.main(["--seconds", "0.5", "--fractions", "0.5", "--scale", "2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["late_cut"] for row in rows] == [False, True]
+    for row in rows:
+        assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+        assert row["mean_requests_a_batch"] >= 1 and 0 < row["device_busy"] <= 1.5
