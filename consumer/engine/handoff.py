@@ -64,7 +64,8 @@ class BatchQueue:
         self._forming = False  # cut, being prepared by the batch former
         self._busy = False  # the inference thread has a batch
         self._schedule = DeviceSchedule(BatchClock())  # the batches on the device
-        self._lead = LeadTime()
+        self._lead = LeadTime()  # cut to launched
+        self._wake = LeadTime()  # how late the batch former wakes for a late cut
         self._tokenizing = 0  # requests accepted and not yet queued
         self._stopping = False
 
@@ -148,16 +149,23 @@ class BatchQueue:
         The batch may hold only expired tickets (``items`` empty).
         """
         with self._cond:
+            deadline: float | None = None  # the late cut's, when the last wait was for it
             while True:
                 if self._stopping:
                     return None
                 if self._next is not None or not self._batcher:
                     self._cond.wait()
+                    deadline = None
                     continue
-                left = self._wait_left(time.perf_counter())
-                if left is None or left <= 0:
+                now = time.perf_counter()
+                wait = self._wait_left(now)
+                if wait is None or wait[0] <= 0:
+                    if deadline is not None:  # woke for it: how late, GIL and all
+                        self._wake.add(now - deadline)
                     break
-                self._cond.wait(left)
+                seconds, late_cut = wait
+                timed_out = not self._cond.wait(seconds)
+                deadline = now + seconds if late_cut and timed_out else None
             formed = self._batcher.next_batch(time.time())
             self._forming = bool(formed.items)
             return formed
@@ -172,9 +180,9 @@ class BatchQueue:
             self._cond.notify_all()
             return True
 
-    def _wait_left(self, now: float) -> float | None:
-        """How long the batch former should still wait before cutting (condition held);
-        None or not positive: cut now.
+    def _wait_left(self, now: float) -> tuple[float, bool] | None:
+        """How long the batch former should still wait before cutting, and whether that is
+        the late cut's wait (condition held); None or not positive: cut now.
 
         * A full batch waits: cut it.
         * Model idle: wait up to max_wait_ms for requests still being tokenized; a lone
@@ -190,14 +198,14 @@ class BatchQueue:
             oldest = self._batcher.oldest()
             if self._tokenizing <= 0 or oldest is None:
                 return None
-            return oldest.enqueued + self._max_wait_s - now
+            return oldest.enqueued + self._max_wait_s - now, False
         if not self._late_cut or self._batcher.past_quick_backlog():
             return None
         free_at = self._schedule.free_at()
         if free_at is None:
             return None
-        ahead = self._lead.seconds() + self._margin_s + 2.0 * self._schedule.clock.error()
-        return free_at - ahead - now
+        ahead = self._lead.seconds() + self._wake.seconds() + self._margin_s
+        return free_at - ahead - 2.0 * self._schedule.clock.error() - now, True
 
     # ---- inference thread side -------------------------------------------------------------
 

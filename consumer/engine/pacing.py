@@ -15,12 +15,13 @@ cut ahead of it (docs/engine.md, "Late cut"; measured in docs/benchmarks.md).
 * :class:`DeviceSchedule`: the batches on the device, oldest first, and from the clock when
   the last of them ends;
 * :class:`LeadTime`: how long a batch takes from its cut to being queued on the device
-  (preparing its inputs and launching it), a high quantile of the recent ones.
+  (preparing its inputs and launching it), a high quantile of the recent ones; another one
+  keeps how late the batch former woke for its recent late cuts (the GIL).
 
-The batch former cuts at ``free_at - lead - margin``, the margin covering what is not
-measured (thread wake-ups) and twice the clock's recent error. A prediction that comes too
-late only costs the device an idle gap of one preparation and launch: the inference thread
-sees the device done, goes idle, and the batch is cut at once.
+The batch former cuts at ``free_at - lead - wake - margin``, the margin covering what is
+not measured (the inference thread's wake-up) and twice the clock's recent error. A
+prediction that comes too late only costs the device an idle gap of one preparation and
+launch: the inference thread sees the device done, goes idle, and the batch is cut at once.
 """
 
 from __future__ import annotations

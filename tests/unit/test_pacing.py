@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
+from dataclasses import dataclass, field
 
 import pytest
 
+from consumer.engine.batcher import TokenBudgetBatcher
+from consumer.engine.handoff import BatchQueue
 from consumer.engine.pacing import BatchClock, DeviceSchedule, LeadTime
+from consumer.engine.work import Batch
 
 
 def test_the_clock_says_nothing_until_it_has_seen_enough_batches() -> None:
@@ -124,3 +130,61 @@ def test_the_lead_is_a_high_quantile_of_the_recent_ones() -> None:
     for _ in range(10):  # forgotten once it leaves the window
         lead.add(0.002)
     assert lead.seconds() == 0.002
+
+
+@dataclass(eq=False)
+class Item:
+    """A queued pair as the batch queue reads it."""
+
+    tokens: int
+    deadline: float | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def busy_queue(late_cut: bool, device_s: float) -> tuple[BatchQueue, float]:
+    """A queue whose device holds one batch due to take ``device_s`` (the clock taught);
+    returns it and when that batch went to the device."""
+    queue = BatchQueue(
+        TokenBudgetBatcher(max_batch_tokens=10_000), 0.0, late_cut, late_cut_margin_s=0.01
+    )
+    for _ in range(8):
+        queue._schedule.clock.observe(100, device_s)
+    queue.offer(Batch([], cost=100))
+    assert queue.take(None) is not None
+    return queue, time.perf_counter()
+
+
+def cut_in_thread(queue: BatchQueue) -> tuple[threading.Thread, list[float]]:
+    cut_at: list[float] = []
+
+    def cut() -> None:
+        assert queue.cut() is not None
+        cut_at.append(time.perf_counter())
+
+    thread = threading.Thread(target=cut)
+    thread.start()
+    return thread, cut_at
+
+
+def test_the_queue_cuts_just_before_the_device_is_due_and_learns_how_late_it_woke() -> None:
+    queue, launched = busy_queue(late_cut=True, device_s=0.3)
+    queue.tokenizing(+1)  # each request is counted as tokenizing until it is queued
+    queue.enqueue([Item(10)])
+    thread, cut_at = cut_in_thread(queue)
+    time.sleep(0.1)
+    queue.tokenizing(+1)
+    queue.enqueue([Item(20)])  # comes while the cut waits: joins the same batch
+    thread.join(5)
+    assert cut_at and cut_at[0] - launched >= 0.3 - 0.01 - 0.02  # the margin, and slack
+    assert len(queue._batcher) == 0  # both pairs went into the one batch cut
+    assert queue._wake.seconds() >= 0 and len(queue._wake._samples) == 1
+
+
+def test_without_late_cut_the_queue_cuts_at_once() -> None:
+    queue, launched = busy_queue(late_cut=False, device_s=0.3)
+    queue.tokenizing(+1)
+    queue.enqueue([Item(10)])
+    thread, cut_at = cut_in_thread(queue)
+    thread.join(5)
+    assert cut_at and cut_at[0] - launched < 0.2
+    assert len(queue._wake._samples) == 0
