@@ -611,3 +611,30 @@ def test_the_policy_simulation_runs_both_policies(capsys: pytest.CaptureFixture[
     for row in rows:
         assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
         assert row["mean_requests_a_batch"] >= 1 and 0 < row["device_busy"] <= 1.5
+
+
+def test_the_late_cut_tables_come_from_the_committed_runs() -> None:
+    """docs/benchmarks.md's late-cut section quotes the raw output of its one call: every
+    paced phase's percentiles, each run's saturated rates and lone request, and the p50
+    stages it tabulates."""
+    runs = RESULTS / "2026-12-07-latency-sweep"
+    numbers = []
+    for side in ("before", "after"):
+        report = json.loads((runs / side / "results.json").read_text())
+        phases = {p["name"]: p for p in report["phases"]}
+        saturated, lone = phases["saturated"], phases["lone"]
+        numbers += [f"{saturated['steady_pairs_per_s']:,.1f}", f"{saturated['pairs_per_s']:,.1f}"]
+        numbers += [f"{lone[k]}" for k in ("p50_ms", "p95_ms", "p99_ms")]
+        for share in range(50, 100, 5):
+            phase = phases[f"paced {share}% #1"]
+            assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0)
+            row = " / ".join(f"{phase[k]}" for k in ("p50_ms", "p95_ms", "p99_ms"))
+            numbers.append(row.replace(f"{phase['p99_ms']}", f"**{phase['p99_ms']}**", 1)
+                           if share in (80, 90) else row)  # fmt: skip
+        for share in (70, 80, 90, 95):
+            stages = report["stages"][f"paced {share}% #1"]["p50"]
+            numbers.append(
+                " / ".join(f"{stages[k]:.2f}" for k in ("wait", "form", "handoff", "behind"))
+            )
+    assert len(numbers) == 2 * (5 + 10 + 4)
+    assert_quoted(numbers, docs_section("### Latency under load: late cut"))
