@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.e2e_stages import PROBE_DIR, join, read_probe, request_key, stage_lines, summarize
 from benchmarks.host import positive_float
 from benchmarks.workload import (
     CONFIGS,
@@ -82,8 +83,11 @@ class Phase:
     latencies: list[float] = field(default_factory=list, repr=False)
     # the worker's own timing of each answered request (ms): queue, inference, total
     worker_ms: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
-    # (unix time sent, latency ms, worker total ms) of each answered request
-    timeline: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
+    # (unix time sent, latency ms, worker total, queue and inference ms, request key) of
+    # each answered request; the key joins it to the engine probe's stages
+    timeline: list[tuple[float, float, float, float, float, str]] = field(
+        default_factory=list, repr=False
+    )
     # the workers' batches during the phase: count, mean pairs, mean model ms
     batches: dict[str, float] = field(default_factory=dict)
     batches_per_gpu: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -191,6 +195,9 @@ def start_workers(
             probe = str(Path(__file__).parent / "e2e" / "gc_probe")
             env["PYTHONPATH"] = os.pathsep.join([probe, env.get("PYTHONPATH", "")])
             env["RERANK_GC_PROBE_MS"] = str(args.gc_probe_ms)
+        if args.engine_probe:
+            env["PYTHONPATH"] = os.pathsep.join([str(PROBE_DIR), env.get("PYTHONPATH", "")])
+            env["RERANK_ENGINE_PROBE"] = str(probe_path(out, gpu).resolve())
         root = args.worker_root.resolve() if args.worker_root else ROOT
         env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
         log = (out / f"worker-gpu{gpu}.log").open("wb")
@@ -198,6 +205,11 @@ def start_workers(
             subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         )
     return workers
+
+
+def probe_path(out: Path, gpu: int) -> Path:
+    """Where the engine probe of the worker on ``gpu`` writes its lines."""
+    return out / f"engine-probe-gpu{gpu}.jsonl"
 
 
 def worker_gpus(args: argparse.Namespace) -> range:
@@ -315,6 +327,7 @@ class Load:
         from producer_sdk import RerankErrorReply, RerankTimeout
 
         query, documents = self._take()
+        key = request_key(query, documents)
         phase.sent += 1
         sent_at = time.time()
         started = time.perf_counter()
@@ -332,7 +345,16 @@ class Load:
         timing = result.timing
         phase.worker_ms.append((timing.queue_ms, timing.inference_ms, timing.total_ms))
         latency_ms = round(phase.latencies[-1] * 1000, 2)
-        phase.timeline.append((round(sent_at, 4), latency_ms, round(timing.total_ms, 2)))
+        phase.timeline.append(
+            (
+                round(sent_at, 4),
+                latency_ms,
+                round(timing.total_ms, 2),
+                round(timing.queue_ms, 2),
+                round(timing.inference_ms, 2),
+                key,
+            )
+        )
 
     async def lone(self, name: str, count: int) -> Phase:
         phase = Phase(name)
@@ -554,6 +576,9 @@ async def drive(
         saturated = await run(load.closed_loop("saturated", in_flight, args.phase_s))
         await run(load.lone("lone", args.lone))
         rate = saturated.answered / saturated.seconds
+        steady = saturated.steady_pairs_per_s(args.docs)
+        if args.fraction_of == "steady" and steady:
+            rate = steady / args.docs
         paced = [(f"paced {f:.0%}", rate * f) for f in args.fractions]
         paced += [(f"paced {r:g}/s", r) for r in args.rates]
         for name, offered in paced:
@@ -658,6 +683,8 @@ async def main_async(args: argparse.Namespace) -> None:
         kafka("stop", env)
     report["phases"] = [p.summary(args.docs) for p in phases]
     report["timelines"] = {p.name: p.timeline for p in phases if p.name != "saturated"}
+    if args.engine_probe:
+        report["stages"] = phase_stages(phases, [probe_path(out, g) for g in worker_gpus(args)])
     run_engine_bench = args.engine_pairs and not cancelled
     report["engine_bench"] = engine_bench(args, out) if run_engine_bench else None
     report["hardware"] = _hardware(args.device)
@@ -666,9 +693,20 @@ async def main_async(args: argparse.Namespace) -> None:
         raise SystemExit("stopped by SIGTERM: the summary has the phases that ended before it")
 
 
+def phase_stages(phases: list[Phase], probe_files: list[Path]) -> dict[str, Any]:
+    """Each phase's requests split into their stages (the engine probe's lines joined)."""
+    probe = read_probe(probe_files)
+    return {
+        p.name: summarize(join(p.timeline, probe), p.answered)
+        for p in phases
+        if p.name != "saturated"
+    }
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys: tuple[str, ...] = ("gpus", "first_gpu", "device", "config", "partitions", "docs")
-    keys += ("concurrency", "generators", "phase_s", "fractions", "rates", "lone")
+    keys += ("concurrency", "generators", "phase_s", "fractions", "fraction_of", "rates", "lone")
+    keys += ("engine_probe",)
     keys += ("worker_args", "worker_root")
     return {k: str(v) if isinstance(v := getattr(args, k), Path) else v for k in keys}
 
@@ -735,6 +773,8 @@ def _write(report: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
             f"engine bench (same call, GPU {args.first_gpu}, workers stopped): "
             f"{engine['engine']['load']['pairs_per_s']} pairs/s"
         )
+    for name, stages in (report.get("stages") or {}).items():
+        lines += stage_lines(name, stages)
     lines.append(f"worker exit codes after SIGTERM: {report['worker_exit_codes']}")
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")
@@ -795,6 +835,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lone", type=int, default=100)
     p.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.8])
     p.add_argument(
+        "--fraction-of",
+        choices=("whole", "steady"),
+        default="whole",
+        help="the saturated rate --fractions are of: the whole phase's (with its ramp-up and "
+        "drain) or its steady rate (first reply to the end of sending)",
+    )
+    p.add_argument(
         "--rates",
         type=positive_float,
         nargs="*",
@@ -811,10 +858,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--gc-probe-ms", type=float, default=0, help="log worker GC pauses over this (0: off)"
     )
+    p.add_argument(
+        "--engine-probe",
+        action="store_true",
+        help="have the workers write each request's stages in the engine "
+        "(benchmarks/e2e/engine_probe); the summary splits each phase's latency by them",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.generators < 0:
         p.error("--generators must be 0 (one per GPU) or more")
+    if args.engine_probe and args.gc_probe_ms:
+        p.error("--engine-probe and --gc-probe-ms each load a sitecustomize: pick one")
     if args.gpus <= 0:
         import torch
 

@@ -486,6 +486,22 @@ class Settings(BaseSettings):
         "larger backlog gets max_batch_tokens for throughput. 0: always max_batch_tokens.",
         "Batching and back-pressure",
     )
+    late_cut: bool = _layer_setting(
+        EngineSettings,
+        "late_cut",
+        "With the device busy, cut the next batch only when the device is due to need it "
+        "(predicted from the batches measured so far), so it takes every request that waits "
+        "by then instead of committing early to the first one. false: cut it as soon as the "
+        "slot ahead of the device is free.",
+        "Batching and back-pressure",
+    )
+    late_cut_margin_ms: float = _layer_setting(
+        EngineSettings,
+        "late_cut_margin_ms",
+        "How much earlier than predicted (beyond the measured time to prepare and launch a "
+        "batch) a late cut is made, so the device does not wait for the batch.",
+        "Batching and back-pressure",
+    )
     min_batch_tokens: int = _layer_setting(
         EngineSettings,
         "min_batch_tokens",

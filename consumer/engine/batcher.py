@@ -147,6 +147,12 @@ class TokenBudgetBatcher(Generic[ItemT]):
             return quick
         return self._max_batch_tokens
 
+    def past_quick_backlog(self) -> bool:
+        """True when the scorer has a quick size and the queue holds more than the quick
+        backlog, so the next batch gets the full budget."""
+        quick = self.quick_batch_cost
+        return 0 < quick < self._max_batch_tokens and self.batch_budget() != quick
+
     def __len__(self) -> int:
         return len(self._pending)
 

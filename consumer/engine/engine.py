@@ -11,7 +11,9 @@ Data flow of one request (:meth:`Engine.score`)::
 
 * The event loop never runs torch or the tokenizer.
 * A short ``max_wait_ms`` (for requests still being tokenized) applies only while the
-  model is idle, so under load batches go back to back.
+  model is idle. With the model busy, the next batch is cut just before the model is due
+  to need it (``late_cut``, :mod:`consumer.engine.pacing`), so it takes what waits by
+  then and batches still go back to back.
 * Every queued pair is resolved exactly once, with a score or an error, whatever
   happens to its batch; ``close()`` fails everything pending with :class:`EngineClosed`.
 * Expired pairs are dropped before they reach the model.
@@ -93,7 +95,12 @@ class Engine:
             by_length=not scorer.traits.packed,
             quick_backlog=self.settings.quick_batch_backlog,
         )
-        self._queue = BatchQueue(batcher, self.settings.max_wait_ms / 1000.0)
+        self._queue = BatchQueue(
+            batcher,
+            self.settings.max_wait_ms / 1000.0,
+            late_cut=self.settings.late_cut,
+            late_cut_margin_s=self.settings.late_cut_margin_ms / 1000.0,
+        )
         self._requests = RequestTable(self._queue)
         self._inference = InferenceLoop(
             self._queue,

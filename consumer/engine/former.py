@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from consumer.engine.api import DeadlineExceeded, EngineError
@@ -42,7 +43,10 @@ class BatchFormer:
                     )
                 if not formed.items:
                     continue
-                batch = Batch(formed.items, self._prepare(formed.items))
+                started = time.perf_counter()
+                prepared = self._prepare(formed.items)
+                prepare_s = time.perf_counter() - started
+                batch = Batch(formed.items, prepared, formed.cost, prepare_s)
                 if not self._queue.offer(batch):
                     # stopped while this batch was being prepared: it is in neither the
                     # queue nor the slot ahead, so nobody else will answer it

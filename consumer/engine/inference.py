@@ -58,13 +58,17 @@ class _Launched:
     """A batch whose device work is queued (``handle``) and not collected yet.
 
     ``model_checked``: the check batch already passed since this batch's first failure
-    (its halves need not check again).
+    (its halves need not check again). ``batch``: the batch taken from the queue that this
+    launch runs whole (None for a retried half), told to the queue once it is done with;
+    ``launch_s``: how long launching it took.
     """
 
     tickets: list[Ticket]
     handle: object
     started: float
     model_checked: bool = False
+    batch: Batch | None = None
+    launch_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -182,12 +186,19 @@ class InferenceLoop:
 
     def _launch(self, batch: Batch) -> _Launched | None:
         """Queue the batch's live tickets on the device; None if nothing was left to run."""
+        started = time.perf_counter()
         live = self._live_tickets(batch.tickets)
-        if not live:
+        launched, whole = None, False
+        if live:
+            # a ticket dropped since the batch was prepared: build the inputs again
+            whole = len(live) == len(batch.tickets)
+            launched = self._launch_tickets(live, batch.prepared if whole else None)
+        if launched is None:
+            self._queue.settled(batch, scored=False, launch_s=None)
             return None
-        # a ticket dropped since the batch was prepared: build the inputs again
-        prepared = batch.prepared if len(live) == len(batch.tickets) else None
-        return self._launch_tickets(live, prepared)
+        launched.batch = batch
+        launched.launch_s = time.perf_counter() - started if whole else None
+        return launched
 
     def _launch_tickets(
         self, tickets: list[Ticket], prepared: object | None, model_checked: bool = False
@@ -208,7 +219,16 @@ class InferenceLoop:
         return None
 
     def _finish(self, launched: _Launched) -> None:
-        """Wait for a launched batch and post its results."""
+        """Wait for a launched batch and post its results; tell the queue it is done."""
+        scored = False
+        try:
+            scored = self._collect(launched)
+        finally:
+            if launched.batch is not None:
+                self._queue.settled(launched.batch, scored, launched.launch_s)
+
+    def _collect(self, launched: _Launched) -> bool:
+        """Wait for a launched batch and post its results; True when it scored."""
         tickets = launched.tickets
         failure: Exception | None = None
         try:
@@ -220,11 +240,12 @@ class InferenceLoop:
             # The device ran the previous batch first: count this one's time from the
             # later of its launch and the previous batch's end.
             self._deliver(tickets, logits, scores, max(launched.started, self._last_batch_end))
-            return
+            return True
         if failure is not None:
             self._after_failure(tickets, failure, launched.model_checked)
         else:
             self._after_out_of_memory(tickets)
+        return False
 
     def _score_now(self, tickets: list[Ticket], model_checked: bool = False) -> None:
         """Launch and collect at once (the halves of a split batch)."""

@@ -21,6 +21,12 @@ class EngineSettings:
     moderate load runs in batches that are cheap to issue; 0 always cuts the full budget
     (:mod:`consumer.engine.batcher`).
 
+    ``late_cut``: with the model busy, the batch former cuts the next batch only when the
+    model is due to need it (predicted from the batches measured so far), less the
+    measured time to prepare and launch a batch and ``late_cut_margin_ms``, so the batch
+    takes every request that waits by then instead of committing early to the first one;
+    False cuts it as soon as the slot ahead is free (:mod:`consumer.engine.pacing`).
+
     ``engine_stall_timeout_s``: with work outstanding, the model must finish a batch at least
     this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
     every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
@@ -33,6 +39,8 @@ class EngineSettings:
     warmup: bool = True
     window_pairs: int = Field(default=4096, gt=0)
     quick_batch_backlog: float = Field(default=4.0, ge=0)
+    late_cut: bool = True
+    late_cut_margin_ms: float = Field(default=1.0, ge=0)
     min_batch_tokens: int = Field(default=4096, gt=0)
     oom_budget_factor: float = Field(default=0.75, gt=0, lt=1)
     oom_recovery_batches: int = Field(default=200, ge=1)

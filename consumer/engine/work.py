@@ -66,10 +66,16 @@ class Ticket:
 
 @dataclass(eq=False)
 class Batch:
-    """Tickets cut into one batch, with the scorer's prepared inputs (None: not built)."""
+    """Tickets cut into one batch, with the scorer's prepared inputs (None: not built).
+
+    ``cost`` is the batcher's cost of the batch as cut; ``prepare_s`` how long preparing
+    its inputs took (both for :mod:`consumer.engine.pacing`).
+    """
 
     tickets: list[Ticket]
     prepared: object | None = None
+    cost: int = 0
+    prepare_s: float = 0.0
 
 
 @dataclass(eq=False)

@@ -518,3 +518,123 @@ def test_the_large_shape_tables_come_from_the_committed_runs() -> None:
         numbers.append(f"{held.group(1)} GiB")
     assert len(numbers) == 2 * (7 + 1 + 4) + 3 + 1 + 4
     assert_quoted(numbers, docs_section("### The 4B and 8B shapes"))
+
+
+PROBED_ENGINE = """
+import asyncio, sys
+from consumer.engine.api import ScoreRequest
+from consumer.engine.engine import Engine
+from consumer.runtime.prompt import EncodedPair
+from consumer.runtime.scorer import OneCallScorer, ScorerTraits
+
+class Encoder:
+    def encode(self, query, documents, instruction):
+        return [EncodedPair(query + "|" + d, len(query) + len(d), False) for d in documents]
+
+class Scorer(OneCallScorer):
+    traits = ScorerTraits("fake", "cpu", "float32")
+    def batch_cost(self, pairs):
+        return sum(p.tokens for p in pairs)
+    def compute_logits(self, pairs):
+        return [0.0 for _ in pairs]
+    def calibrate(self, logits):
+        return list(logits)
+
+async def main():
+    engine = Engine(Encoder(), Scorer(), "fake")
+    await engine.start()
+    requests = [ScoreRequest(f"q{i}", (f"a{i}", f"b{i}")) for i in range(int(sys.argv[1]))]
+    await asyncio.gather(*(engine.score(r) for r in requests))
+    await engine.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_engine_probe_times_every_request_and_the_bench_joins_it(tmp_path: Path) -> None:
+    """The probe (as e2e_bench --engine-probe loads it into a worker) writes one line per
+    request with every stage, and the bench joins them to its own timeline by request key."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.e2e_stages import (
+        ENGINE_STAGES,
+        PROBE_DIR,
+        join,
+        read_probe,
+        request_key,
+        summarize,
+    )
+
+    probe_file = tmp_path / "probe.jsonl"
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(PROBE_DIR), str(ROOT)]),
+        RERANK_ENGINE_PROBE=str(probe_file),
+    )
+    subprocess.run(
+        [sys.executable, "-c", PROBED_ENGINE, "12"], env=env, check=True, timeout=120, cwd=ROOT
+    )
+    lines = [json.loads(line) for line in probe_file.read_text().splitlines()]
+    assert len(lines) == 12
+    for line in lines:
+        assert all(line[stage] >= 0 for stage in ENGINE_STAGES), line
+        assert line["pairs"] >= 2 and line["batches"] == 1
+    # the bench's own rows for the same requests: sent 2 ms before the engine had them,
+    # 50 ms end to end; one more that the engine never saw
+    called = {line["key"]: line["t"] for line in lines}
+    keys = [request_key(f"q{i}", [f"a{i}", f"b{i}"]) for i in range(12)]
+    timeline = [(called[key] - 0.002, 50.0, 40.0, 1.0, 1.0, key) for key in keys]
+    timeline.append((called[keys[0]], 50.0, 40.0, 1.0, 1.0, request_key("never", ["sent"])))
+    late = (called[keys[0]] + 1.0, 50.0, 40.0, 1.0, 1.0, keys[0])  # the same text, sent later
+    joined = join(timeline, read_probe([probe_file]))
+    assert len(joined) == 12
+    for request in joined:
+        assert request["kafka"] == 10.0
+        engine_ms = sum(request[stage] for stage in ENGINE_STAGES)
+        assert abs(request["service"] - (40.0 - engine_ms)) < 1e-6
+    summary = summarize(joined, answered=13)
+    assert (summary["joined"], summary["answered"]) == (12, 13)
+    assert summary["p50"]["kafka"] == 10.0 and summary["slowest_1pct"]["latency"] == 50.0
+    # a row whose text the engine saw at another time, or without a key (a bench before
+    # keys), is left out, not mismatched
+    assert join([late, (called[keys[0]], 50.0, 40.0)], read_probe([probe_file])) == []
+
+
+def test_the_policy_simulation_runs_both_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import policy_sim
+
+    policy_sim.main(["--seconds", "0.5", "--fractions", "0.5", "--scale", "2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["late_cut"] for row in rows] == [False, True]
+    for row in rows:
+        assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+        assert row["mean_requests_a_batch"] >= 1 and 0 < row["device_busy"] <= 1.5
+
+
+def test_the_late_cut_tables_come_from_the_committed_runs() -> None:
+    """docs/benchmarks.md's late-cut section quotes the raw output of its one call: every
+    paced phase's percentiles, each run's saturated rates and lone request, and the p50
+    stages it tabulates."""
+    runs = RESULTS / "2026-12-07-latency-sweep"
+    numbers = []
+    for side in ("before", "after"):
+        report = json.loads((runs / side / "results.json").read_text())
+        phases = {p["name"]: p for p in report["phases"]}
+        saturated, lone = phases["saturated"], phases["lone"]
+        numbers += [f"{saturated['steady_pairs_per_s']:,.1f}", f"{saturated['pairs_per_s']:,.1f}"]
+        numbers += [f"{lone[k]}" for k in ("p50_ms", "p95_ms", "p99_ms")]
+        for share in range(50, 100, 5):
+            phase = phases[f"paced {share}% #1"]
+            assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0)
+            row = " / ".join(f"{phase[k]}" for k in ("p50_ms", "p95_ms", "p99_ms"))
+            numbers.append(row.replace(f"{phase['p99_ms']}", f"**{phase['p99_ms']}**", 1)
+                           if share in (80, 90) else row)  # fmt: skip
+        for share in (70, 80, 90, 95):
+            stages = report["stages"][f"paced {share}% #1"]["p50"]
+            numbers.append(
+                " / ".join(f"{stages[k]:.2f}" for k in ("wait", "form", "handoff", "behind"))
+            )
+    assert len(numbers) == 2 * (5 + 10 + 4)
+    assert_quoted(numbers, docs_section("### Latency under load: late cut"))

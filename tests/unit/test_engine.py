@@ -1045,3 +1045,118 @@ async def test_a_large_backlog_gets_the_full_budget() -> None:
     assert await backlog_batch_costs(9, quick_backlog=4.0) == [9000]
     costs = await backlog_batch_costs(14, quick_backlog=4.0)
     assert costs == [10_000, 1000, 1000, 1000, 1000]
+
+
+class SimulatedDevice(PreparingScorer):
+    """A pipelined scorer over a simulated device: one stream that runs each batch for
+    ``base_s + per_pair_s`` per pair after the batches queued before it. Records, per
+    batch, its payloads and when it was launched, started and finished on the device."""
+
+    traits = ScorerTraits("fake", "cpu", "float32", pipelined=True)
+
+    def __init__(self, base_s: float, per_pair_s: float) -> None:
+        super().__init__()
+        self.base_s, self.per_pair_s = base_s, per_pair_s
+        self.free_at = 0.0
+        self.timeline: list[tuple[list[str], float, float, float]] = []
+
+    def launch(self, prepared: object) -> object:
+        assert isinstance(prepared, list)
+        payloads = [str(p.payload) for p in prepared]
+        if payloads == [CHECK_PAYLOAD]:
+            return None, self.compute_logits(prepared)
+        now = time.perf_counter()
+        start = max(now, self.free_at)
+        self.free_at = start + self.base_s + self.per_pair_s * len(prepared)
+        with self.lock:
+            self.timeline.append((payloads, now, start, self.free_at))
+        finished = threading.Event()
+        threading.Timer(self.free_at - now, finished.set).start()
+        return finished, prepared
+
+    def done(self, handle: object) -> bool:
+        assert isinstance(handle, tuple)
+        return handle[0] is None or handle[0].is_set()
+
+    def collect(self, handle: object) -> list[float]:
+        assert isinstance(handle, tuple)
+        finished, prepared = handle
+        if finished is None:
+            return prepared  # type: ignore[no-any-return]
+        assert finished.wait(10), "the simulated device never finished"
+        return self.compute_logits(prepared)
+
+    def runs(self) -> list[tuple[list[str], float, float, float]]:
+        with self.lock:
+            return list(self.timeline)
+
+
+async def busy_device_batches(late_cut: bool) -> list[tuple[list[str], float, float, float]]:
+    """The simulated device's batches when three one-pair requests come 30 ms apart while
+    a 160 ms batch runs, after ten lone batches taught the engine the device's pace."""
+    device = SimulatedDevice(base_s=0.15, per_pair_s=0.01)
+    # a wide margin: a loaded test machine wakes threads late, and the test is about
+    # which batch the requests join, not about how close to the end the cut comes
+    engine = await started_engine(device, max_wait_ms=0, late_cut=late_cut, late_cut_margin_ms=30.0)
+    for i in range(10):
+        await engine.score(ScoreRequest(f"warm{i}", ("w",)))
+    running = asyncio.create_task(engine.score(ScoreRequest("running", ("r",))))
+    requests = []
+    for i in range(3):
+        await asyncio.sleep(0.03)
+        requests.append(asyncio.create_task(engine.score(ScoreRequest(f"q{i}", (f"d{i}",)))))
+    await asyncio.wait_for(asyncio.gather(running, *requests), 10)
+    await engine.close()
+    return device.runs()[10:]
+
+
+async def test_with_the_device_busy_the_next_batch_takes_every_request_waiting() -> None:
+    """Late cut: requests that come while a batch runs are not cut one by one as they
+    come (each a batch of its own, queued behind the others); the batch is cut just
+    before the device needs it, with all of them, and is on the device before the running
+    batch ends."""
+    runs = await busy_device_batches(late_cut=True)
+    assert [payloads for payloads, *_ in runs] == [["running|r"], ["q0|d0", "q1|d1", "q2|d2"]]
+    (_, _, _, running_end), (_, launched, started, _) = runs
+    assert launched < running_end, "the device waited for the late cut"
+    assert started == running_end  # back to back on the device
+
+
+async def test_without_late_cut_the_first_request_to_come_is_a_batch_of_its_own() -> None:
+    """The policy before: the batch former cuts as soon as the slot ahead is free, so the
+    first request that comes while the device is busy goes alone."""
+    runs = await busy_device_batches(late_cut=False)
+    assert runs[1][0] == ["q0|d0"]
+    assert len(runs) > 2
+
+
+async def test_a_full_batch_is_cut_at_once_while_the_device_is_busy() -> None:
+    """Late cut never holds back a batch that could not take more: it is queued on the
+    device behind the running batch at once."""
+    device = SimulatedDevice(base_s=0.15, per_pair_s=0.01)
+    engine = await started_engine(device, max_wait_ms=0, max_batch_pairs=4)
+    for i in range(10):
+        await engine.score(ScoreRequest(f"warm{i}", ("w",)))
+    running = asyncio.create_task(engine.score(ScoreRequest("running", ("r",))))
+    await asyncio.sleep(0.02)
+    full = engine.score(ScoreRequest("full", ("a", "b", "c", "d")))
+    await asyncio.wait_for(asyncio.gather(running, full), 10)
+    await engine.close()
+    (_, _, _, running_end), (payloads, launched, _, _) = device.runs()[10:]
+    assert len(payloads) == 4
+    assert launched < running_end - 0.08  # long before the device was due to need it
+
+
+async def test_a_lone_request_on_an_idle_device_is_launched_at_once() -> None:
+    """Late cut applies only while the device is busy: after a quiet spell a request is
+    launched as soon as it is tokenized, whatever the device's measured pace."""
+    device = SimulatedDevice(base_s=0.05, per_pair_s=0.0)
+    engine = await started_engine(device, max_wait_ms=0)
+    for i in range(10):
+        await engine.score(ScoreRequest(f"warm{i}", ("w",)))
+    sent = time.perf_counter()
+    await asyncio.wait_for(engine.score(ScoreRequest("lone", ("x",))), 10)
+    await engine.close()
+    payloads, launched, started, _ = device.runs()[-1]
+    assert payloads == ["lone|x"] and started == launched
+    assert launched - sent < 0.04  # less than the device's own 50 ms a batch
