@@ -43,6 +43,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumer.service.codec import ReplyRoute, dlq_headers, encode_error, reply_headers
+from consumer.service.conventions import NATIVE, Convention
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import ReplyRouter, Unresolved, Unroutable
 from consumer.service.tracing import mark_failed
@@ -154,11 +155,13 @@ class Delivery:
         value: bytes,
         outcome: str,
         deadline: float | None = None,
+        convention: Convention = NATIVE,
     ) -> None:
         """Deliver a reply ``value``; ``outcome`` is ``"ok"`` or the error code it carries.
 
         ``deadline`` (Unix time) is the request's: retrying stops there. An error reply
-        fails the request's span, when it is traced.
+        fails the request's span, when it is traced. ``convention``: the caller's header
+        convention, which the reply's headers follow.
         """
         if outcome != OUTCOME_OK:
             mark_failed(outcome, f"answered with an error reply: {outcome}")
@@ -166,7 +169,7 @@ class Delivery:
         backoff = self._policy.first_backoff_s
         while True:
             try:
-                await self._reply_once(record, route, correlation_id, value, outcome)
+                await self._reply_once(record, route, correlation_id, value, outcome, convention)
                 return
             except _Retry as retry:
                 reason = retry.reason
@@ -190,10 +193,11 @@ class Delivery:
         message: str,
         retriable: bool,
         deadline: float | None = None,
+        convention: Convention = NATIVE,
     ) -> None:
         """Deliver an error reply."""
         value = encode_error(correlation_id, code, message, retriable)
-        await self.reply(record, route, correlation_id, value, code.value, deadline)
+        await self.reply(record, route, correlation_id, value, code.value, deadline, convention)
 
     async def dead_letter(
         self,
@@ -236,6 +240,7 @@ class Delivery:
         correlation_id: str,
         value: bytes,
         outcome: str,
+        convention: Convention = NATIVE,
     ) -> None:
         """One attempt; raises :class:`_Retry` when trying again may succeed."""
         destination = await self._router.resolve(route)
@@ -252,7 +257,7 @@ class Delivery:
                 destination.partition,
                 key,
                 value,
-                reply_headers(correlation_id),
+                reply_headers(correlation_id, convention, error=outcome != OUTCOME_OK),
             )
         except _TOO_LARGE as exc:
             if outcome != OUTCOME_OK:
@@ -264,7 +269,7 @@ class Delivery:
             )
             error = encode_error(correlation_id, ErrorCode.PAYLOAD_TOO_LARGE, message, False)
             await self._reply_once(
-                record, route, correlation_id, error, ErrorCode.PAYLOAD_TOO_LARGE
+                record, route, correlation_id, error, ErrorCode.PAYLOAD_TOO_LARGE, convention
             )
             return
         except KafkaError as exc:

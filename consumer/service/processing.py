@@ -124,7 +124,7 @@ class RequestProcessor:
             f"the request was started {attempts} times and never finished (each time the "
             "worker died or was stopped while on it); it is not processed again"
         )
-        correlation_id, route = reply_address(record.headers or ())
+        correlation_id, route, convention = reply_address(record.headers or ())
         log.error(
             "poison record: dead-lettered without processing it again",
             extra=_coordinates(record) | {"attempts": attempts, "correlation_id": correlation_id},
@@ -132,7 +132,13 @@ class RequestProcessor:
         await self._delivery.dead_letter(record, POISON_RECORD, message, correlation_id)
         if correlation_id is not None:
             await self._delivery.reply_error(
-                record, route, correlation_id, ErrorCode.INTERNAL, message, retriable=False
+                record,
+                route,
+                correlation_id,
+                ErrorCode.INTERNAL,
+                message,
+                retriable=False,
+                convention=convention,
             )
         return True
 
@@ -151,6 +157,7 @@ class RequestProcessor:
                 ErrorCode.DEADLINE_EXCEEDED,
                 "the request's deadline passed before it was scored",
                 retriable=False,
+                convention=decoded.convention,
             )
             return
         await self._score_and_reply(record, decoded, deadline, received)
@@ -161,7 +168,12 @@ class RequestProcessor:
             return
         value = encode_rejection(rejection)
         await self._delivery.reply(
-            record, rejection.route, rejection.correlation_id, value, rejection.code.value
+            record,
+            rejection.route,
+            rejection.correlation_id,
+            value,
+            rejection.code.value,
+            convention=rejection.convention,
         )
 
     def _deadline(self, record: ConsumerRecord[Any, Any], decoded: DecodedRequest) -> float | None:
@@ -207,12 +219,25 @@ class RequestProcessor:
                 error = (ErrorCode.INTERNAL, f"the model gave unusable scores: {exc}", True)
             else:
                 await self._delivery.reply(
-                    record, decoded.route, decoded.correlation_id, value, OUTCOME_OK, deadline
+                    record,
+                    decoded.route,
+                    decoded.correlation_id,
+                    value,
+                    OUTCOME_OK,
+                    deadline,
+                    decoded.convention,
                 )
                 return
         code, message, retriable = error
         await self._delivery.reply_error(
-            record, decoded.route, decoded.correlation_id, code, message, retriable, deadline
+            record,
+            decoded.route,
+            decoded.correlation_id,
+            code,
+            message,
+            retriable,
+            deadline,
+            decoded.convention,
         )
 
 

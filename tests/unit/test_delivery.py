@@ -16,6 +16,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumer.service.codec import ReplyRoute
+from consumer.service.conventions import CE_TYPE_ERROR, Convention
 from consumer.service.delivery import AckedSender, Delivery, RetryPolicy
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import Destination, Unresolved, Unroutable
@@ -191,3 +192,31 @@ async def test_stopping_while_a_dead_letter_record_is_blocked_releases_the_hold(
     assert [b for _, b in blocked] == [True, False]
     assert metrics.registry.get_sample_value("rerank_dead_letter_blocked") == 0
     assert producer.sent == []  # nothing reached the topic: the record stays uncommitted
+
+
+SPRING = Convention(spring_correlation=b"\x00\x01raw")
+
+
+async def test_a_reply_carries_the_callers_convention_also_when_too_large_for_kafka() -> None:
+    """The payload_too_large reply that replaces an oversized success reply is still
+    addressed the caller's way (its kafka_correlationId echoed, a CloudEvent of the
+    error type)."""
+    producer = FakeProducer()
+    producer.failures[REPLIES] = [RecordTooLargeError()]
+    delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    convention = Convention(spring_correlation=b"\x00\x01raw", cloudevents=True)
+    await delivery.reply(request_record(), ReplyRoute(), "c-1", b"{}", "ok", None, convention)
+    ((topic, value, headers),) = producer.sent
+    assert topic == REPLIES and b"payload_too_large" in (value or b"")
+    assert dict(headers)["kafka_correlationId"] == b"\x00\x01raw"
+    assert header(headers, "ce_type") == CE_TYPE_ERROR
+
+
+async def test_an_error_reply_carries_the_callers_convention() -> None:
+    producer = FakeProducer()
+    delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    await delivery.reply_error(
+        request_record(), ReplyRoute(), "c-1", ErrorCode.INTERNAL, "x", True, None, SPRING
+    )
+    ((_, _, headers),) = producer.sent
+    assert headers == [("correlation-id", b"c-1"), ("kafka_correlationId", b"\x00\x01raw")]

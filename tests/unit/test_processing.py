@@ -1,15 +1,24 @@
-"""RequestProcessor: a bug while answering dead-letters the record instead of stalling."""
+"""RequestProcessor: a bug while answering dead-letters the record instead of stalling, and
+every reply follows the caller's header convention."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+import pytest
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry
 
 from consumer.engine.api import EngineFailed, ScoreRequest, ScoreResult
-from consumer.service.codec import RequestLimits
+from consumer.service.codec import ReplyRoute, RequestLimits
+from consumer.service.delivery import Delivery
+from consumer.service.metrics import Metrics
 from consumer.service.processing import RequestProcessor
+from consumer.service.reply_router import Destination
 from schemas.models import ErrorCode
+
+SPRING_ID = uuid.uuid4().bytes
 
 
 class BrokenDelivery:
@@ -102,3 +111,65 @@ async def test_a_request_the_failed_engine_could_not_score_is_left_unanswered() 
         rec, processor.decode(rec), received=0.0
     )
     assert ok is True and len(delivery.replies) == 1
+
+
+class RecordingSender:
+    """A :class:`consumer.service.delivery.Sender` that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+
+    async def send(
+        self,
+        source: Any,
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        self.sent.append((topic, key, value, headers))
+
+
+class OneTopicRouter:
+    async def resolve(self, route: ReplyRoute) -> Destination:
+        return Destination(route.topic or "rerank.replies", route.partition)
+
+
+def spring_record(offset: int, value: bytes) -> ConsumerRecord[Any, Any]:
+    rec = record(offset, value, "unused")
+    rec.headers = [
+        ("kafka_correlationId", SPRING_ID),
+        ("kafka_replyTopic", b"rerank.replies.spring"),
+    ]
+    return rec
+
+
+def processor_with(sender: RecordingSender, engine: Any = None) -> RequestProcessor:
+    delivery = Delivery(sender, OneTopicRouter(), "dlq", Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    return RequestProcessor(engine or ConstantEngine(), delivery, RequestLimits())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b'{"query": "q", "documents": ["a"]}', b'{"query": "q", "topn": 1}'],
+    ids=["ok", "bad"],
+)
+async def test_results_and_rejections_are_answered_in_the_callers_convention(value: bytes) -> None:
+    sender = RecordingSender()
+    processor = processor_with(sender)
+    rec = spring_record(1, value)
+    assert await processor.process(rec, processor.decode(rec), received=0.0)
+    ((topic, key, _, headers),) = sender.sent
+    assert topic == "rerank.replies.spring" and key == SPRING_ID.hex().encode()
+    assert dict(headers)["kafka_correlationId"] == SPRING_ID
+
+
+async def test_a_poison_record_is_answered_in_the_callers_convention() -> None:
+    sender = RecordingSender()
+    processor = processor_with(sender)
+    await processor.give_up(spring_record(2, b"{}"), attempts=3)
+    dead, reply = sender.sent
+    assert dead[0] == "dlq"
+    assert reply[0] == "rerank.replies.spring"
+    assert dict(reply[3])["kafka_correlationId"] == SPRING_ID
