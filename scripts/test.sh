@@ -16,6 +16,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$ROOT/deploy/local/toxiproxy" fetch
 export RERANK_TOXIPROXY="$("$ROOT/deploy/local/toxiproxy" path)"
 "$ROOT/deploy/local/helm" fetch
+# The Spring Kafka caller of tests/integration/test_kafka_callers.py (built once, cached).
+bash "$ROOT/tests/spring/build.sh" >/dev/null
 
 echo "[test] ruff"
 "$VENV/bin/ruff" check .
