@@ -302,7 +302,15 @@ class Settings(BaseSettings):
     # Model
     model: str = _setting(
         "Qwen/Qwen3-Reranker-0.6B",
-        "Model: a local folder or a Hugging Face model id.",
+        "Model: a local folder or a Hugging Face model id "
+        "(sentence-transformers/all-MiniLM-L6-v2 works offline with the demo extra installed).",
+        "Model",
+        min_length=1,
+    )
+    model_name: str | None = _setting(
+        None,
+        "The model's name in replies. Unset: the hub id, or the model folder's last part "
+        "(never a path).",
         "Model",
         min_length=1,
     )
@@ -692,6 +700,7 @@ class Settings(BaseSettings):
 
         return ModelOptions(
             model=self.model,
+            name=self.model_name,
             device=self.device,
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,

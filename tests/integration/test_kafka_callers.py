@@ -130,7 +130,11 @@ async def service(
         except subprocess.TimeoutExpired:
             worker.kill()
             code = worker.wait()
-    assert code == 0, running.output()
+    output = running.output()
+    assert code == 0, output
+    # the clean exit's last line is the worker's own: no teardown noise after it
+    assert "rerank worker stopped: exit code 0" in output.rstrip().splitlines()[-1], output[-3000:]
+    assert "nanobind" not in output
 
 
 def free_port() -> int:
@@ -245,6 +249,7 @@ async def test_spring_replying_kafka_template_with_springs_defaults(
         ]
         assert_same_ranking(other["value"], expected["who wrote the trial?"])
         assert typo["value"]["error"]["code"] == "invalid_request"
+        assert good["value"]["model"] == "tiny-qwen3"  # the folder's name, never its path
         assert "topn: unknown field" in typo["value"]["error"]["message"]
 
 
