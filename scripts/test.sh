@@ -7,8 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-export RERANK_CACHE_DIR="${RERANK_CACHE_DIR:-$HOME/.cache/kafka-rerank}"
-VENV="${RERANK_VENV:-$RERANK_CACHE_DIR/venv}"
+source "$ROOT/scripts/paths.sh"
 PY="$VENV/bin/python"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
