@@ -189,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
 
 def stop_all(worker: WorkerProcess, gateway: GatewayProcess | None) -> int | None:
     """Stop the gateway first (no new calls), then the worker; the worker's exit code."""
-    # a second Ctrl-C while stopping must not leave the parts running
+    # a second Ctrl-C (or serve.sh passing the first one on) must not cut the stop short
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if gateway is not None:
         gateway.stop()
     code, _ = worker.stop(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)

@@ -32,6 +32,16 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
     export KAFKA_BOOTSTRAP="127.0.0.1:$port"
 fi
 
-# Ctrl-C reaches serve.py (and this shell, which waits for it): serve.py stops its parts,
-# then this shell's EXIT trap stops the broker.
-"$VENV/bin/python" scripts/serve.py --bootstrap-servers "$KAFKA_BOOTSTRAP" "$@"
+# A stop signal for this shell (Ctrl-C's SIGINT, a SIGTERM) goes on to serve.py, which
+# stops the gateway and the worker; this shell waits for that, then its EXIT trap stops
+# the broker.
+"$VENV/bin/python" scripts/serve.py --bootstrap-servers "$KAFKA_BOOTSTRAP" "$@" &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true' INT TERM
+status=0
+wait "$server" || status=$?
+if kill -0 "$server" 2>/dev/null; then # the wait was cut short by a stop signal
+    status=0
+    wait "$server" || status=$?
+fi
+exit "$status"

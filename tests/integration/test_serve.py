@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import cohere
 import pytest
@@ -66,9 +67,20 @@ class Output:
             time.sleep(0.2)
 
 
+def ctrl_c(process: subprocess.Popen[str]) -> None:
+    """What Ctrl-C in its terminal does: SIGINT to its whole process group."""
+    os.killpg(process.pid, signal.SIGINT)
+
+
+def sigterm_to_the_script(process: subprocess.Popen[str]) -> None:
+    """A supervisor's stop: SIGTERM to serve.sh alone, which passes it on."""
+    process.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop", [ctrl_c, sigterm_to_the_script], ids=["ctrl-c", "sigterm"])
 @pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 60)
-async def test_serve_leaves_a_gateway_that_curl_and_cohere_rank_through_until_ctrl_c(
-    kafka_bootstrap: str, kafka_admin: AIOKafkaAdminClient
+async def test_serve_leaves_a_gateway_that_curl_and_cohere_rank_through_until_stopped(
+    kafka_bootstrap: str, kafka_admin: AIOKafkaAdminClient, stop: Any
 ) -> None:
     curl = shutil.which("curl")
     assert curl is not None, "this test calls the gateway with curl: install curl"
@@ -122,7 +134,7 @@ async def test_serve_leaves_a_gateway_that_curl_and_cohere_rank_through_until_ct
         )
         assert json.loads(native.stdout)["model"] == MODEL  # a name, not the package's folder
 
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+        stop(process)
         code = await asyncio.to_thread(process.wait, STOP_TIMEOUT_S)
     finally:
         if process.poll() is None:
