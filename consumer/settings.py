@@ -373,7 +373,15 @@ class Settings(BaseSettings):
     model: str = _layer_setting(
         ModelOptions,
         "model",
-        "Model: a local folder or a Hugging Face model id.",
+        "Model: a local folder or a Hugging Face model id "
+        "(sentence-transformers/all-MiniLM-L6-v2 works offline with the demo extra installed).",
+        "Model",
+    )
+    model_name: str | None = _layer_setting(
+        ModelOptions,
+        "model_name",
+        "The model's name in replies. Unset: the hub id, or the model folder's last part "
+        "(never a path).",
         "Model",
     )
     device: str = _layer_setting(

@@ -2,8 +2,8 @@
 
 ::
 
-    RERANK_BOOTSTRAP_SERVERS=kafka:9092 rerank-gateway --port 8080
-    curl -s localhost:8080/v2/rerank -H 'content-type: application/json' \\
+    RERANK_BOOTSTRAP_SERVERS=kafka:9092 rerank-gateway            # port 8000
+    curl -s localhost:8000/v2/rerank -H 'content-type: application/json' \\
         -d '{"model": "m", "query": "what is kafka?", "documents": ["a log", "a novelist"]}'
 
 SIGTERM or SIGINT: stop taking calls, let those in flight finish, then exit 0.

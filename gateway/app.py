@@ -4,10 +4,11 @@ Routes: ``POST /v2/rerank`` and ``/v1/rerank`` (Cohere), ``POST /rerank`` (TEI w
 ``texts``, the wire contract with ``documents``), ``GET /health/live``,
 ``/health/ready`` and ``/metrics``.
 
-Errors carry the status each API uses: invalid input 400 (Cohere) or 422 (TEI, native),
-413 too large, 401 without the bearer token, 429 when ``max_concurrency`` calls are in
-flight, 504 when the service said the deadline passed, 503 with ``Retry-After`` when no
-reply came in time, no worker is in the group, or Kafka is not reachable.
+Errors carry the status and body each API uses (:mod:`gateway.shapes`): for Cohere and
+the native shape invalid input 400 or 422, 413 too large, 401 without the bearer token, 429
+when ``max_concurrency`` calls are in flight, 504 when the service said the deadline passed,
+503 with ``Retry-After`` when no reply came in time, no worker is in the group, or Kafka is
+not reachable; TEI's route answers with TEI's own statuses for the same cases.
 """
 
 from __future__ import annotations
@@ -163,11 +164,11 @@ class Gateway:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             limit = self._settings.max_body_bytes
-            raise CallFailed(Failure.TOO_LARGE, f"the body is over {limit} bytes") from None
+            raise CallFailed(Failure.BODY_TOO_LARGE, f"the body is over {limit} bytes") from None
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as error:
-            raise CallFailed(Failure.INVALID, f"the body is not valid JSON: {error}") from None
+            raise CallFailed(Failure.MALFORMED, f"the body is not valid JSON: {error}") from None
 
     async def _rerank(self, call: RerankCall) -> RerankResult:
         reranker = self._reranker()
@@ -198,9 +199,14 @@ class Gateway:
             headers["WWW-Authenticate"] = "Bearer"
         if status >= 500:
             log.warning("rerank call failed", extra={"status": status, "reason": failed.message})
-        body = orjson.dumps(shape.error(failed.failure, failed.message))
+        answer = shape.error(failed.failure, failed.message)
+        if answer is None:
+            return web.Response(status=status, headers=headers)
         return web.Response(
-            status=status, body=body, content_type="application/json", headers=headers
+            status=status,
+            body=orjson.dumps(answer),
+            content_type="application/json",
+            headers=headers,
         )
 
     # -- health and metrics --------------------------------------------------------------
@@ -225,7 +231,7 @@ def _parse(shape: Shape, body: Any) -> RerankCall:
     try:
         return shape.parse(body)
     except BadRequest as error:
-        raise CallFailed(Failure.INVALID, str(error)) from None
+        raise CallFailed(error.failure, str(error)) from None
 
 
 def _options(call: RerankCall, settings: GatewaySettings) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from gateway.settings import GatewaySettings
 from producer_sdk.client import RerankClient
@@ -23,8 +24,15 @@ _MAX_BACKOFF_S = 10.0
 class ClientHolder:
     """Holds one started :class:`RerankClient`, or None while connecting."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        before_ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``before_ready``: awaited once the client is connected, before it is handed out
+        (the worker watch's first look, so that the first call already knows the group)."""
         self._settings = settings
+        self._before_ready = before_ready
         self._client: RerankClient | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -57,6 +65,8 @@ class ClientHolder:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
+            if self._before_ready is not None:
+                await self._before_ready()
             self._client = client
             log.info(
                 "connected to Kafka, reading replies from partition %d", client.reply_partition

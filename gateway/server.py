@@ -25,8 +25,8 @@ _SHUTDOWN_GRACE_S = 30.0
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain and close."""
-    holder = ClientHolder(settings)
     watch = _worker_watch(settings)
+    holder = ClientHolder(settings, before_ready=watch.look if watch is not None else None)
     gateway = Gateway(settings, holder.get, GatewayMetrics(), watch)
     # No access log: one line per call is noise at this rate; /metrics counts the calls.
     runner = web.AppRunner(
@@ -40,7 +40,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     log.info("rerank-gateway listening on %s:%d", settings.host, settings.port)
     holder.start()
     if watch is not None:
-        await watch.start()
+        watch.start()
     try:
         await stop.wait()
     finally:

@@ -28,7 +28,8 @@ class GatewaySettings:
     group_id: str = "rerank-workers"
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     host: str = "0.0.0.0"
-    port: int = 8080
+    # not 8080: that is the worker's side-port, and both often run on one host
+    port: int = 8000
     timeout_s: float = 30.0
     max_concurrency: int = 512
     # Kafka's default largest record (message.max.bytes) is about 1 MiB

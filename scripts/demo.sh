@@ -6,8 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-export RERANK_CACHE_DIR="${RERANK_CACHE_DIR:-$HOME/.cache/kafka-rerank}"
-VENV="${RERANK_VENV:-$RERANK_CACHE_DIR/venv}"
+source "$ROOT/scripts/paths.sh"
 export TOKENIZERS_PARALLELISM=false
 
 port="${KAFKA_PORT:-9092}"

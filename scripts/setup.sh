@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need, reusing what is already there:
-#   - a Python venv outside the repo (torch from PyPI is a multi-GB CUDA build: keep it),
+#   - this checkout's Python venv, .venv (git-ignored; RERANK_VENV overrides it): the
+#     project is installed there in editable mode, so another clone never runs this one's
+#     code (torch from PyPI is a multi-GB CUDA build: the venv is kept between runs),
 #   - the project and its Python dependencies (pip's cache is kept between runs),
-#   - the Kafka broker's jars (fetched once with Maven by deploy/local/kafka).
+#   - the Kafka broker's jars (fetched once with Maven by deploy/local/kafka, shared by
+#     every checkout in ~/.cache/kafka-rerank; RERANK_CACHE_DIR overrides it).
 # Safe to run again and again; a warm run takes a few seconds.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export RERANK_CACHE_DIR="${RERANK_CACHE_DIR:-$HOME/.cache/kafka-rerank}"
-VENV="${RERANK_VENV:-$RERANK_CACHE_DIR/venv}"
+source "$ROOT/scripts/paths.sh"
 
 say() { echo "[setup] $*"; }
 die() {
@@ -50,8 +52,11 @@ fi
 
 # The project is installed in editable mode so console scripts point at this checkout;
 # dependencies already present are left alone, so a warm run needs no downloads.
+# setuptools' "Editable installation" notice (a box of some ten lines on every run) only
+# says what editable mode is: not shown.
 say "installing the project and its dependencies into $VENV"
-"$VENV/bin/python" -m pip install -q --no-build-isolation -e "${ROOT}[worker,dev,demo]"
+PYTHONWARNINGS="ignore:Editable installation" \
+    "$VENV/bin/python" -m pip install -q --no-build-isolation -e "${ROOT}[worker,dev,demo]"
 
 say "fetching the Kafka broker (cached after the first time)"
 "$ROOT/deploy/local/kafka" fetch

@@ -7,8 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-export RERANK_CACHE_DIR="${RERANK_CACHE_DIR:-$HOME/.cache/kafka-rerank}"
-VENV="${RERANK_VENV:-$RERANK_CACHE_DIR/venv}"
+source "$ROOT/scripts/paths.sh"
 PY="$VENV/bin/python"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -16,6 +15,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$ROOT/deploy/local/toxiproxy" fetch
 export RERANK_TOXIPROXY="$("$ROOT/deploy/local/toxiproxy" path)"
 "$ROOT/deploy/local/helm" fetch
+# The Spring Kafka caller of tests/integration/test_kafka_callers.py (built once, cached).
+bash "$ROOT/tests/spring/build.sh" >/dev/null
 
 echo "[test] ruff"
 "$VENV/bin/ruff" check .

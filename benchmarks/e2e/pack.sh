@@ -13,8 +13,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${E2E_BUNDLE:-$ROOT/.e2e}"
-CACHE_DIR="${RERANK_CACHE_DIR:-$HOME/.cache/kafka-rerank}"
-VENV="${RERANK_VENV:-$CACHE_DIR/venv}"
+source "$ROOT/scripts/paths.sh"
+CACHE_DIR="$RERANK_CACHE_DIR"
 # The GPU host's Python (wheels must match it).
 TARGET_PYTHON="${E2E_PYTHON_VERSION:-3.12}"
 # Packages beyond what the GPU image has (torch, transformers, aiohttp, prometheus-client).

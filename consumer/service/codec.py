@@ -22,6 +22,11 @@ Decisions the architecture left open, made here:
   rejection; the rejection then goes to the service's default reply topic.
 * Whether a deadline has passed is the service's call (it owns the clock); this module
   only parses ``deadline-ms`` (absolute Unix epoch milliseconds) into epoch seconds.
+* Callers in Spring Kafka's or CloudEvents' header convention
+  (:mod:`consumer.service.conventions`): where our own header is absent, the correlation id
+  is ``kafka_correlationId`` (as hex), then the body's ``id``, then ``ce_id``; the reply
+  topic and partition are ``kafka_replyTopic`` and ``kafka_replyPartition``. The caller's
+  convention travels with the decoded request (``convention``) to :func:`reply_headers`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ from pydantic import Field, ValidationError
 from pydantic.dataclasses import dataclass as checked_dataclass
 
 from consumer.engine.api import ScoreResult
+from consumer.service.conventions import (
+    NATIVE,
+    SPRING_REPLY_TOPIC,
+    Convention,
+    Inbound,
+    read_inbound,
+    reply_extra_headers,
+)
 from schemas.models import (
     DLQ_HEADER_ERROR_CODE,
     DLQ_HEADER_ERROR_MESSAGE,
@@ -112,6 +125,7 @@ class DecodedRequest:
     request: RerankRequest
     route: ReplyRoute
     deadline: float | None
+    convention: Convention = NATIVE
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,7 @@ class Rejection:
     code: ErrorCode
     message: str
     retriable: bool = False
+    convention: Convention = NATIVE
 
 
 class _Invalid(Exception):
@@ -152,18 +167,21 @@ def decode_request(
     answer (if anyone), where, and why.
     """
     header_map = _first_headers(headers)
+    inbound = read_inbound(header_map)
     header_id, header_id_error = _header_correlation_id(header_map)
-    route, route_error = _route(header_map)
+    route, route_error = _route(header_map, inbound)
     deadline, deadline_error = _deadline(header_map)
 
     body = _parse_body(value, limits)
     body_id = _usable_body_id(body) if isinstance(body, dict) else None
-    correlation_id = header_id if header_id is not None else body_id
+    correlation_id = _first_not_none(header_id, inbound.correlation_id, body_id, inbound.ce_id)
+    convention = inbound.convention
 
     def reject(code: ErrorCode, message: str) -> Rejection:
-        return Rejection(correlation_id, route, code, _clip(message, _MAX_MESSAGE_CHARS))
+        clipped = _clip(message, _MAX_MESSAGE_CHARS)
+        return Rejection(correlation_id, route, code, clipped, convention=convention)
 
-    first_error = header_id_error or route_error or deadline_error
+    first_error = header_id_error or route_error or inbound.error or deadline_error
     if first_error is not None:
         return reject(ErrorCode.INVALID_REQUEST, first_error)
     if isinstance(body, _Invalid):
@@ -180,16 +198,24 @@ def decode_request(
             ErrorCode.INVALID_REQUEST,
             f"no correlation id: set the '{HEADER_CORRELATION_ID}' header or the body's 'id'",
         )
-    return DecodedRequest(correlation_id, request, route, deadline)
+    return DecodedRequest(correlation_id, request, route, deadline, convention)
 
 
-def reply_address(headers: Iterable[tuple[str, bytes | None]]) -> tuple[str | None, ReplyRoute]:
-    """The correlation id and reply route from the headers alone (the body unread):
-    how to tell a client about a record that must not be decoded again."""
+def reply_address(
+    headers: Iterable[tuple[str, bytes | None]],
+) -> tuple[str | None, ReplyRoute, Convention]:
+    """The correlation id, reply route and caller's convention from the headers alone (the
+    body unread): how to tell a client about a record that must not be decoded again."""
     found = _first_headers(headers)
-    correlation_id, _ = _header_correlation_id(found)
-    route, _ = _route(found)
-    return correlation_id, route
+    inbound = read_inbound(found)
+    header_id, _ = _header_correlation_id(found)
+    route, _ = _route(found, inbound)
+    correlation_id = _first_not_none(header_id, inbound.correlation_id, inbound.ce_id)
+    return correlation_id, route, inbound.convention
+
+
+def _first_not_none(*candidates: str | None) -> str | None:
+    return next((c for c in candidates if c is not None), None)
 
 
 def _first_headers(headers: Iterable[tuple[str, bytes | None]]) -> dict[str, bytes | None]:
@@ -227,15 +253,19 @@ def _header_correlation_id(headers: Mapping[str, bytes | None]) -> tuple[str | N
     return text, None
 
 
-def _route(headers: Mapping[str, bytes | None]) -> tuple[ReplyRoute, str | None]:
-    """(reply route, error message or None); a bad part falls back to the default."""
+def _route(headers: Mapping[str, bytes | None], inbound: Inbound) -> tuple[ReplyRoute, str | None]:
+    """(reply route, error message or None); a bad part falls back to the default.
+    Spring's reply topic and partition count where our own headers are absent."""
     error = None
     topic: str | None = None
     partition: int | None = None
+    topic_header = HEADER_REPLY_TOPIC if headers.get(HEADER_REPLY_TOPIC) is not None else None
     try:
         topic = _header_text(headers, HEADER_REPLY_TOPIC)
+        if topic is None and inbound.reply_topic is not None:
+            topic, topic_header = inbound.reply_topic, SPRING_REPLY_TOPIC
         if topic is not None and not _TOPIC_NAME.fullmatch(topic):
-            error = f"header '{HEADER_REPLY_TOPIC}' is not a valid topic name: {_quote(topic)}"
+            error = f"header '{topic_header}' is not a valid topic name: {_quote(topic)}"
             topic = None
     except _Invalid as exc:
         error = exc.message
@@ -248,6 +278,8 @@ def _route(headers: Mapping[str, bytes | None]) -> tuple[ReplyRoute, str | None]
                 error = error or (
                     f"header '{HEADER_REPLY_PARTITION}' must be an integer >= 0, got {_quote(text)}"
                 )
+        else:
+            partition = inbound.reply_partition
     except _Invalid as exc:
         error = error or exc.message
     return ReplyRoute(topic, partition), error
@@ -545,9 +577,13 @@ def encode_rejection(rejection: Rejection) -> bytes:
     )
 
 
-def reply_headers(correlation_id: str) -> list[tuple[str, bytes]]:
-    """Headers of a reply record."""
-    return [(HEADER_CORRELATION_ID, correlation_id.encode("utf-8"))]
+def reply_headers(
+    correlation_id: str, convention: Convention = NATIVE, *, error: bool = False
+) -> list[tuple[str, bytes]]:
+    """Headers of a reply record: ``correlation-id``, and what the caller's ``convention``
+    needs (``error``: the reply is an error reply)."""
+    own = [(HEADER_CORRELATION_ID, correlation_id.encode("utf-8"))]
+    return own + reply_extra_headers(convention, correlation_id, error=error)
 
 
 def dlq_headers(

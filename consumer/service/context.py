@@ -25,6 +25,7 @@ from consumer.service.codec import (
     decode_request,
     reply_address,
 )
+from consumer.service.conventions import NATIVE, Convention
 from schemas.models import ErrorCode, RerankRequest
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class RequestContext:
     route: ReplyRoute
     deadline: float | None = None
     decoded: DecodedRequest | Rejection | None = None
+    # the caller's header convention (Spring Kafka, CloudEvents): how to address replies
+    convention: Convention = NATIVE
 
     @property
     def request(self) -> RerankRequest | None:
@@ -96,15 +99,21 @@ def decode_context(
     if isinstance(decoded, DecodedRequest):
         deadline = _deadline(record, decoded, default_max_age_s)
     return RequestContext(
-        record, received, decoded.correlation_id, decoded.route, deadline, decoded
+        record,
+        received,
+        decoded.correlation_id,
+        decoded.route,
+        deadline,
+        decoded,
+        decoded.convention,
     )
 
 
 def headers_only_context(record: ConsumerRecord[Any, Any], received: float) -> RequestContext:
     """Who to tell about a record whose body must not be decoded again (a poison
     record): the correlation id and reply route of its headers alone."""
-    correlation_id, route = reply_address(record.headers or ())
-    return RequestContext(record, received, correlation_id, route)
+    correlation_id, route, convention = reply_address(record.headers or ())
+    return RequestContext(record, received, correlation_id, route, convention=convention)
 
 
 def _deadline(

@@ -216,7 +216,9 @@ class Responder:
             destination.partition,
             context.correlation_id.encode("utf-8"),
             reply.value,
-            reply_headers(context.correlation_id),
+            reply_headers(
+                context.correlation_id, context.convention, error=reply.outcome != OUTCOME_OK
+            ),
             error_code=None if reply.outcome == OUTCOME_OK else reply.outcome,
         )
         try:
@@ -259,7 +261,9 @@ class Responder:
             destination.partition,
             context.correlation_id.encode("utf-8"),
             reply.value,
-            reply_headers(context.correlation_id),
+            reply_headers(
+                context.correlation_id, context.convention, error=reply.outcome != OUTCOME_OK
+            ),
             error_code=None if reply.outcome == OUTCOME_OK else reply.outcome,
             smaller=smaller,
         )

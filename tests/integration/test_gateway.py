@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import cohere
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cohere.core.api_error import ApiError
 from cohere.errors import (
     BadRequestError,
@@ -240,21 +241,25 @@ async def test_tei_and_native_shapes_over_plain_http(
         async with http.post(f"{url}/rerank", json=native_body | {"top_n": 2}) as response:
             assert response.status == 200
             native = await response.json()
-        async with http.post(f"{url}/rerank", data=b"{not json") as response:
+        typo = native_body | {"topn": 2}
+        async with http.post(f"{url}/rerank", json=typo) as response:
             native_invalid = (response.status, await response.json())
+        async with http.post(f"{url}/rerank", data=b"{not json") as response:
+            not_json = (response.status, await response.json())
         async with http.get(f"{url}/metrics") as response:
             metrics = await response.text()
 
     assert [r["index"] for r in tei] == _expected()
     assert all(r["text"] == DOCUMENTS[r["index"]] for r in tei)
-    assert tei_invalid[0] == 422
-    assert tei_invalid[1]["error_type"] == "validation"
+    assert tei_invalid == (400, {"error": "`texts` cannot be empty", "error_type": "Empty"})
     assert [r["index"] for r in native["results"]] == _expected(QUERY, instruction)[:2]
     assert native["model"] == MODEL_NAME
     assert set(native) >= {"id", "usage", "timing_ms"}
     assert engine.seen == [QUERY, QUERY], "the instruction reached the worker with the query"
     assert native_invalid[0] == 422
     assert native_invalid[1]["error"]["code"] == "invalid_request"
+    assert "topn: unknown field" in native_invalid[1]["error"]["message"]
+    assert not_json[0] == 400 and not_json[1]["error_type"] == "Validation"  # TEI owns /rerank
     assert 'rerank_gateway_requests_total{api="tei",status="200"} 1.0' in metrics
     assert 'rerank_gateway_requests_total{api="native",status="422"} 1.0' in metrics
 
@@ -281,3 +286,100 @@ async def test_the_callers_trace_context_goes_on_to_the_worker(
         traced, untraced = await requests.read(2)
     assert traced.headers["traceparent"] == traceparent.encode()
     assert "traceparent" not in untraced.headers
+
+
+KAFKA_SCRIPT = ROOT / "deploy" / "local" / "kafka"
+BROKER_START_TIMEOUT_S = 150
+
+
+def _kafka(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KAFKA_")}
+    return subprocess.run(
+        [str(KAFKA_SCRIPT), command],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=BROKER_START_TIMEOUT_S + 30,
+        check=False,
+    )
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 (a broker's controller port) both free."""
+    for _ in range(100):
+        port = _free_port()
+        with contextlib.suppress(OSError), socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", port))
+            b.bind(("127.0.0.1", port + 1))
+            return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+async def _ready_status(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(f"{url}/health/ready") as response:
+        return response.status, await response.json()
+
+
+@pytest.mark.timeout(300)
+async def test_a_gateway_started_before_kafka_becomes_ready_once_kafka_is_there(
+    tmp_path: Path,
+) -> None:
+    """Compose or Kubernetes may start the gateway first: with the default worker watch on
+    (``--check-workers`` 5 s), it serves 503, reports not ready, and gets ready when the
+    broker and its topics come, instead of exiting."""
+    broker = {
+        "KAFKA_PORT": str(_free_port_pair()),
+        "KAFKA_STATE_DIR": str(tmp_path / "kafka"),
+        "KAFKA_HEAP_OPTS": "-Xms64m -Xmx512m",
+        "KAFKA_START_TIMEOUT": str(BROKER_START_TIMEOUT_S),
+    }
+    bootstrap = f"127.0.0.1:{broker['KAFKA_PORT']}"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env["PYTHONPATH"] = str(ROOT)
+    args = [str(GATEWAY), "--bootstrap-servers", bootstrap, "--port", str(port)]
+    args += ["--request-topic", "rerank.requests", "--reply-topic", "rerank.replies"]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                while True:
+                    assert proc.poll() is None, "the gateway exited without Kafka"
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.get(f"{url}/health/live") as live:
+                            if live.status == 200:
+                                break
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(2.0)  # long enough for a first connection attempt to fail
+            assert proc.poll() is None, "the gateway exited without Kafka"
+            assert await _ready_status(session, url) == (
+                503,
+                {"status": "not_ready", "reasons": ["not connected to Kafka"]},
+            )
+            body = {"query": QUERY, "documents": DOCUMENTS}
+            async with session.post(f"{url}/v2/rerank", json=body) as call:
+                assert call.status == 503
+                assert call.headers["Retry-After"] == "1"
+
+            started = await asyncio.to_thread(_kafka, "start", broker)
+            assert started.returncode == 0, started.stderr
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                topics = [NewTopic("rerank.requests", 1, 1), NewTopic("rerank.replies", 1, 1)]
+                await admin.create_topics(topics)
+            finally:
+                await admin.close()
+            async with asyncio.timeout(60):
+                while (await _ready_status(session, url))[0] != 200:
+                    assert proc.poll() is None, "the gateway exited"
+                    await asyncio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+        await asyncio.to_thread(_kafka, "stop", broker)
+    assert code == 0, log
+    assert "Traceback" not in log, log

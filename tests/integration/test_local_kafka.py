@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,10 +30,10 @@ SCRIPT_TIMEOUT_S = 200
 SMALL_HEAP = "-Xms64m -Xmx512m"
 
 
-def kafka(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+def kafka(command: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("KAFKA_")}
     return subprocess.run(
-        [str(KAFKA_SCRIPT), command],
+        [str(KAFKA_SCRIPT), command, *args],
         env={**base, **env},
         capture_output=True,
         text=True,
@@ -254,3 +255,28 @@ def test_status_names_a_broker_it_did_not_start(kafka_bootstrap: str, tmp_path: 
     )
     assert status.returncode == 5, status.stdout + status.stderr
     assert "another broker answers" in status.stdout + status.stderr
+
+
+async def test_topics_runs_kafkas_topic_tool_against_this_broker(
+    kafka_bootstrap: str, kafka_admin: AIOKafkaAdminClient
+) -> None:
+    port = kafka_bootstrap.rsplit(":", 1)[1]
+    topic = f"test-{uuid.uuid4().hex}"
+    created = await asyncio.to_thread(
+        kafka, "topics", "--create", "--topic", topic, "--partitions", "2", KAFKA_PORT=port
+    )
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip() == f"Created topic {topic}."
+    try:
+        listed = await asyncio.to_thread(kafka, "topics", KAFKA_PORT=port)  # no ARGS: --list
+        assert topic in listed.stdout.splitlines()
+        (described,) = await kafka_admin.describe_topics([topic])
+        assert len(described["partitions"]) == 2
+    finally:
+        await kafka_admin.delete_topics([topic])
+
+
+def test_topics_without_a_broker_fails_in_one_line(tmp_path: Path) -> None:
+    port = free_port_pair()
+    done = kafka("topics", KAFKA_PORT=str(port), KAFKA_STATE_DIR=str(tmp_path / "state"))
+    assert_one_line_error(done, f"no broker answers on 127.0.0.1:{port}")

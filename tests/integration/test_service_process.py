@@ -249,7 +249,7 @@ async def test_worker_process_serves_health_replies_metrics_and_stops_on_sigterm
         assert set(got) == {good, bad}, worker.output()
         reply = got[good]
         assert reply["id"] == good
-        assert reply["model"] == str(tiny_model)
+        assert reply["model"] == tiny_model.name  # a name, never the folder's path
         assert sorted(r["index"] for r in reply["results"]) == [0, 1, 2]
         scores = [r["relevance_score"] for r in reply["results"]]
         assert scores == sorted(scores, reverse=True)
@@ -285,7 +285,7 @@ async def test_worker_process_serves_health_replies_metrics_and_stops_on_sigterm
         assert after["rerank_ready{}"] == 1
         infos = [k for k in after if k.startswith("rerank_model_info{")]
         assert len(infos) == 1, infos
-        assert f'model="{tiny_model}"' in infos[0] and 'device="cpu"' in infos[0]
+        assert f'model="{tiny_model.name}"' in infos[0] and 'device="cpu"' in infos[0]
         assert not any(k.startswith("rerank_gpu_memory_bytes") for k in after), "no GPU here"
 
         worker.process.send_signal(signal.SIGTERM)

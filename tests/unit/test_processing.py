@@ -1,15 +1,23 @@
-"""RequestProcessor: a bug while answering dead-letters the record instead of stalling."""
+"""RequestProcessor: a bug while answering dead-letters the record instead of stalling, and
+every reply follows the caller's header convention."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+import pytest
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry
 
 from consumer.engine.api import EngineFailed, ScoreRequest, ScoreResult
-from consumer.service.codec import RequestLimits
+from consumer.service.codec import ReplyRoute, RequestLimits
 from consumer.service.context import Answer, DeadLetter, RequestContext
+from consumer.service.metrics import Metrics
+from consumer.service.outputs import OutputRecord
 from consumer.service.processing import RequestProcessor
+from consumer.service.reply_router import Destination
+from consumer.service.responder import Responder
 from schemas.models import ErrorCode
 
 
@@ -104,3 +112,65 @@ async def test_a_request_the_failed_engine_could_not_score_is_left_unanswered() 
         .run
     )
     assert ok is True and len(delivery.replies) == 1
+
+
+SPRING_ID = uuid.uuid4().bytes
+
+
+class RecordingSender:
+    """A :class:`consumer.service.outputs.Sender` that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[OutputRecord] = []
+
+    async def send(self, source: Any, output: OutputRecord) -> None:
+        self.sent.append(output)
+
+
+class OneTopicRouter:
+    async def resolve(self, route: ReplyRoute) -> Destination:
+        return Destination(route.topic or "rerank.replies", route.partition)
+
+
+def spring_record(offset: int, value: bytes) -> ConsumerRecord[Any, Any]:
+    rec = record(offset, value, "unused")
+    rec.headers = [
+        ("kafka_correlationId", SPRING_ID),
+        ("kafka_replyTopic", b"rerank.replies.spring"),
+    ]
+    return rec
+
+
+def processor_with(sender: RecordingSender) -> RequestProcessor:
+    responder = Responder(
+        sender,
+        OneTopicRouter(),  # type: ignore[arg-type]
+        "constant",
+        "dlq",
+        Metrics(CollectorRegistry()),
+    )
+    return RequestProcessor(ConstantEngine(), responder, RequestLimits())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b'{"query": "q", "documents": ["a"]}', b'{"query": "q", "topn": 1}'],
+    ids=["ok", "bad"],
+)
+async def test_results_and_rejections_are_answered_in_the_callers_convention(value: bytes) -> None:
+    sender = RecordingSender()
+    processor = processor_with(sender)
+    assert await processor.start(spring_record(1, value), received=0.0).run
+    (reply,) = sender.sent
+    assert reply.topic == "rerank.replies.spring" and reply.key == SPRING_ID.hex().encode()
+    assert dict(reply.headers)["kafka_correlationId"] == SPRING_ID
+
+
+async def test_a_poison_record_is_answered_in_the_callers_convention() -> None:
+    sender = RecordingSender()
+    processor = processor_with(sender)
+    await processor.give_up(spring_record(2, b"{}"), attempts=3, received=0.0).run
+    dead, reply = sender.sent
+    assert dead.topic == "dlq"
+    assert reply.topic == "rerank.replies.spring"
+    assert dict(reply.headers)["kafka_correlationId"] == SPRING_ID

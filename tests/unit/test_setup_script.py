@@ -59,3 +59,26 @@ def test_a_venv_without_pip_is_named_not_used(tmp_path: Path) -> None:
     done = run_setup(venv)
 
     assert_one_line_error(done, f"the venv {venv} has no pip")
+
+
+def test_the_venv_belongs_to_the_checkout(tmp_path: Path) -> None:
+    """Without RERANK_VENV, set-up uses the checkout's own .venv: two clones never share
+    one (an editable install in a shared venv ran the other clone's code)."""
+    checkout = tmp_path / "clone"
+    (checkout / "scripts").mkdir(parents=True)
+    for name in ("setup.sh", "paths.sh"):
+        (checkout / "scripts" / name).write_text((ROOT / "scripts" / name).read_text())
+    venv = checkout / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "RERANK_VENV"}
+
+    done = subprocess.run(
+        ["bash", str(checkout / "scripts" / "setup.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert_one_line_error(done, f"the venv {venv} has no pip")
