@@ -235,16 +235,7 @@ def _parse(shape: Shape, body: Any) -> RerankCall:
 
 
 def _options(call: RerankCall, settings: GatewaySettings) -> dict[str, Any]:
-    # Documents are not asked back from the worker: the gateway has them already.
-    options: dict[str, Any] = {
-        "instruction": call.instruction,
-        "top_n": call.top_n,
-        "raw_scores": call.raw_scores,
-        "timeout": settings.timeout_s,
-    }
-    if call.truncate is not None:  # None: the service's default (it truncates)
-        options["truncate"] = call.truncate
-    return options
+    return {**call.options, "timeout": settings.timeout_s}
 
 
 def _failure_of(error: RerankError) -> CallFailed:

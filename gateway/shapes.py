@@ -23,11 +23,13 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePath
 from typing import Any, ClassVar, Final
 
+from producer_sdk.errors import InvalidArgument
+from producer_sdk.request import OPTION_NAMES, RerankOptions, check_options
 from producer_sdk.result import RerankResult
 from schemas.models import RerankRequest
 
@@ -79,11 +81,11 @@ class RerankCall:
 
     query: str
     documents: list[str]
-    top_n: int | None = None
+    # the request's other fields for the worker (the SDK's RerankOptions); one left out
+    # takes the contract's default
+    options: RerankOptions = field(default_factory=RerankOptions)
+    # the gateway's own: it has the documents, the worker is not asked for them back
     return_documents: bool = False
-    instruction: str | None = None
-    raw_scores: bool = False
-    truncate: bool | None = None  # None: the service's default (it truncates)
     # what to echo back as each result's document (Cohere v1 returns objects as sent)
     originals: Sequence[Any] | None = None
 
@@ -140,7 +142,7 @@ class CohereV2(Shape):
         return RerankCall(
             query=_query(fields, "query"),
             documents=_strings(fields, "documents"),
-            top_n=_top_n(fields),
+            options=_given(top_n=_top_n(fields)),
             return_documents=_optional(fields, "return_documents", bool) or False,
         )
 
@@ -216,7 +218,7 @@ class CohereV1(CohereV2):
         return RerankCall(
             query=_query(fields, "query"),
             documents=documents,
-            top_n=_top_n(fields),
+            options=_given(top_n=_top_n(fields)),
             return_documents=_optional(fields, "return_documents", bool) or False,
             originals=originals,
         )
@@ -283,9 +285,8 @@ class Tei(Shape):
         return RerankCall(
             query=query,
             documents=texts,
-            raw_scores=raw_scores,
+            options=_given(raw_scores=raw_scores, truncate=truncate),
             return_documents=return_text,
-            truncate=truncate,
         )
 
     def render(self, call: RerankCall, result: RerankResult) -> Any:
@@ -328,14 +329,23 @@ class Native(Shape):
                 Failure.UNKNOWN_FIELD,
             )
         _optional(fields, "id", str)
+        # every request field but the documents' return is the worker's: checked as the
+        # SDK checks it, so a new field of the contract needs nothing here
+        options = {
+            name: fields[name]
+            for name in OPTION_NAMES
+            if name != "return_documents" and fields.get(name) is not None
+        }
+        try:
+            check_options(options)  # type: ignore[arg-type]
+        except InvalidArgument as error:
+            name, _, rest = str(error).partition(" ")
+            raise BadRequest(f"`{name}` {rest}") from None
         return RerankCall(
             query=_query(fields, "query"),
             documents=_strings(fields, "documents"),
-            top_n=_top_n(fields),
+            options=options,  # type: ignore[arg-type]  # checked just above
             return_documents=_optional(fields, "return_documents", bool) or False,
-            instruction=_optional(fields, "instruction", str),
-            raw_scores=_optional(fields, "raw_scores", bool) or False,
-            truncate=_optional(fields, "truncate", bool),
         )
 
     def render(self, call: RerankCall, result: RerankResult) -> Any:
@@ -441,6 +451,11 @@ def _strings(fields: Mapping[str, Any], name: str) -> list[str]:
         if not isinstance(value, str):
             raise BadRequest(f"`{name}[{i}]` must be a string, not {_json_type(value)}")
     return values
+
+
+def _given(**options: Any) -> RerankOptions:
+    """The options an API gave (those left out, None, take the contract's defaults)."""
+    return RerankOptions(**{name: value for name, value in options.items() if value is not None})  # type: ignore[typeddict-item]
 
 
 def _top_n(fields: Mapping[str, Any]) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Sequence
-from typing import Any, TypedDict, Union, Unpack, get_args, get_origin, get_type_hints
+from typing import Any, Final, TypedDict, Union, Unpack, get_args, get_origin, get_type_hints
 
 from producer_sdk.errors import InvalidArgument
 from schemas.models import RerankRequest
@@ -32,6 +32,14 @@ class RerankOptions(TypedDict, total=False):
 
 _OPTION_TYPES = get_type_hints(RerankOptions)
 _WIRE_DEFAULTS = {name: RerankRequest.model_fields[name].default for name in _OPTION_TYPES}
+OPTION_NAMES: Final = tuple(_OPTION_TYPES)
+
+
+def check_options(options: RerankOptions) -> None:
+    """:class:`InvalidArgument` naming the first option that is unknown or of the wrong
+    type or value (what :func:`build_request_body` checks of them)."""
+    for name, value in options.items():
+        _check_option(name, value)
 
 
 def build_request_body(
@@ -49,8 +57,8 @@ def build_request_body(
         raise InvalidArgument("query is empty")
     _check_documents(documents)
     body: dict[str, Any] = {"query": query, "documents": list(documents)}
+    check_options(options)
     for name, value in options.items():
-        _check_option(name, value)
         if value != _WIRE_DEFAULTS[name]:
             body[name] = value
     return body
