@@ -13,10 +13,12 @@ not reachable; TEI's route answers with TEI's own statuses for the same cases.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -25,6 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.limits import BodyBudget
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.shapes import (
@@ -93,6 +96,7 @@ class Gateway:
         self._metrics = metrics
         self._workers = workers
         self._in_flight = 0
+        self._bodies = BodyBudget(settings.body_budget_bytes)
         self.stopping = False
 
     def make_app(self) -> web.Application:
@@ -133,16 +137,17 @@ class Gateway:
         shape = pick_shape(None)
         try:
             self._authorize(request)
-            body = await self._read_json(request)
-            shape = pick_shape(body)
-            call = _parse(shape, body)
-            # the caller's W3C trace context goes on in the request record, so the
-            # worker's spans join the caller's trace
-            context = otel_context.attach(propagate.extract(request.headers))
-            try:
-                result = await self._rerank(call)
-            finally:
-                otel_context.detach(context)
+            with self._permit():  # taken before the body is read: slow bodies count too
+                body = await self._read_json(request)
+                shape = pick_shape(body)
+                call = _parse(shape, body)
+                # the caller's W3C trace context goes on in the request record, so the
+                # worker's spans join the caller's trace
+                context = otel_context.attach(propagate.extract(request.headers))
+                try:
+                    result = await self._rerank(call)
+                finally:
+                    otel_context.detach(context)
             answer = shape.render(call, result)
             response = web.Response(body=orjson.dumps(answer), content_type="application/json")
         except CallFailed as failed:
@@ -156,15 +161,45 @@ class Gateway:
         if token is None:
             return
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        # as bytes: compare_digest refuses str that are not ASCII (a 500 before)
+        presented = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
             raise CallFailed(Failure.UNAUTHORIZED, "a valid bearer token is required")
 
-    async def _read_json(self, request: web.Request) -> Any:
+    @contextlib.contextmanager
+    def _permit(self) -> Iterator[None]:
+        """One of ``max_concurrency`` calls in flight, from reading the body to the answer;
+        none free: 429."""
+        if self._in_flight >= self._settings.max_concurrency:
+            raise CallFailed(Failure.OVERLOADED, "too many calls in flight; try again shortly")
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
         try:
-            raw = await request.read()
+            yield
+        finally:
+            self._in_flight -= 1
+            self._metrics.in_flight.dec()
+
+    async def _read_json(self, request: web.Request) -> Any:
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise CallFailed(Failure.BODY_TOO_LARGE, f"the body is over {limit} bytes")
+        size = request.content_length if request.content_length is not None else limit
+        if not self._bodies.try_reserve(size):
+            # not read at all: the connection closes, and what it sent is not kept
+            raise CallFailed(Failure.OVERLOADED, "too many bodies being read; try again shortly")
+        seconds = self._settings.body_timeout_s
+        try:
+            async with asyncio.timeout(seconds):
+                raw = await request.read()
+        except TimeoutError:
+            raise CallFailed(
+                Failure.SLOW_BODY, f"the body did not arrive within {seconds:g} s"
+            ) from None
         except web.HTTPRequestEntityTooLarge:
-            limit = self._settings.max_body_bytes
             raise CallFailed(Failure.BODY_TOO_LARGE, f"the body is over {limit} bytes") from None
+        finally:
+            self._bodies.release(size)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as error:
@@ -176,19 +211,12 @@ class Gateway:
             raise CallFailed(Failure.UNAVAILABLE, "the gateway is not connected to Kafka")
         if self._workers is not None and self._workers.none_there:
             raise CallFailed(Failure.UNAVAILABLE, "no rerank worker is running")
-        if self._in_flight >= self._settings.max_concurrency:
-            raise CallFailed(Failure.OVERLOADED, "too many calls in flight; try again shortly")
-        self._in_flight += 1
-        self._metrics.in_flight.inc()
         try:
             return await reranker.rerank(
                 call.query, call.documents, **_options(call, self._settings)
             )
         except RerankError as error:
             raise _failure_of(error) from None
-        finally:
-            self._in_flight -= 1
-            self._metrics.in_flight.dec()
 
     def _error(self, shape: Shape, failed: CallFailed) -> web.Response:
         status = shape.status(failed.failure)

@@ -81,4 +81,8 @@ class ClientHolder:
             reply_topic=settings.reply_topic,
             security=settings.security,
             default_timeout=settings.timeout_s,
+            # replies of exactly-once workers count once their transaction commits (one
+            # that is aborted later is never answered from); at-least-once replies are
+            # committed at once, so reading committed costs them nothing
+            read_committed=True,
         )

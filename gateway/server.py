@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.connection import ClientHolder
+from gateway.limits import limit_connections
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkerWatch
@@ -34,8 +35,13 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
         handle_signals=False,
         shutdown_timeout=_SHUTDOWN_GRACE_S,
         access_log=None,
+        # aiohttp closes a connection that brings no whole request for this long, from
+        # its start too: the deadline of a request's line and headers
+        keepalive_timeout=settings.header_timeout_s,
     )
     await runner.setup()
+    assert runner.server is not None
+    limit_connections(runner.server, settings.max_connections)
     await web.TCPSite(runner, settings.host, settings.port).start()
     log.info("rerank-gateway listening on %s:%d", settings.host, settings.port)
     holder.start()

@@ -34,6 +34,13 @@ class GatewaySettings:
     max_concurrency: int = 512
     # Kafka's default largest record (message.max.bytes) is about 1 MiB
     max_body_bytes: int = 1024 * 1024
+    # slow clients: a request's line and headers must arrive within header_timeout_s
+    # (also how long an idle connection is kept), its body within body_timeout_s; the
+    # bodies being read hold at most body_budget_bytes; at most max_connections are open
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
+    body_budget_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 1024
     api_token: str | None = None
     check_workers_s: float = 5.0
     retry_after_s: int = 1
@@ -125,6 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body; larger gets 413 [RERANK_GATEWAY_MAX_BODY_BYTES]",
     )
     http.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=_env("gateway_header_timeout_s", DEFAULTS.header_timeout_s),
+        help="seconds a request's line and headers may take to arrive, and an idle "
+        "connection is kept [RERANK_GATEWAY_HEADER_TIMEOUT_S] (default %(default)s)",
+    )
+    http.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=_env("gateway_body_timeout_s", DEFAULTS.body_timeout_s),
+        help="seconds a request's body may take to arrive; then 408 "
+        "[RERANK_GATEWAY_BODY_TIMEOUT_S] (default %(default)s)",
+    )
+    http.add_argument(
+        "--body-budget-bytes",
+        type=_positive_int,
+        default=_env("gateway_body_budget_bytes", DEFAULTS.body_budget_bytes),
+        help="bytes of the bodies being read at once (memory held for slow uploads); "
+        "more wait [RERANK_GATEWAY_BODY_BUDGET_BYTES] (default %(default)s)",
+    )
+    http.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=_env("gateway_max_connections", DEFAULTS.max_connections),
+        help="open connections at most; more are closed at once "
+        "[RERANK_GATEWAY_MAX_CONNECTIONS] (default %(default)s)",
+    )
+    http.add_argument(
         "--check-workers",
         type=float,
         default=_env("gateway_check_workers_s", DEFAULTS.check_workers_s),
@@ -161,6 +196,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> GatewaySettings:
         timeout_s=args.timeout,
         max_concurrency=args.max_concurrency,
         max_body_bytes=args.max_body_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        body_budget_bytes=args.body_budget_bytes,
+        max_connections=args.max_connections,
         api_token=os.environ.get("RERANK_GATEWAY_API_TOKEN") or None,
         check_workers_s=args.check_workers,
         log_level=args.log_level.upper(),

@@ -44,6 +44,7 @@ class Failure(Enum):
     BODY_TOO_LARGE = "body_too_large"  # over --max-body-bytes
     TOO_LARGE = "payload_too_large"  # the worker's payload_too_large
     UNAUTHORIZED = "unauthorized"
+    SLOW_BODY = "slow_body"  # the body did not arrive within --body-timeout
     OVERLOADED = "overloaded"
     DEADLINE = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
@@ -64,6 +65,7 @@ _STATUS: Final = {
     Failure.BODY_TOO_LARGE: 413,
     Failure.TOO_LARGE: 413,
     Failure.UNAUTHORIZED: 401,
+    Failure.SLOW_BODY: 408,
     Failure.OVERLOADED: 429,
     Failure.DEADLINE: 504,
     Failure.UNAVAILABLE: 503,
@@ -245,6 +247,7 @@ class Tei(Shape):
         Failure.EMPTY: (400, "Empty"),
         Failure.BODY_TOO_LARGE: (413, "Validation"),  # its HTTP layer's body limit
         Failure.TOO_LARGE: (422, "Validation"),  # too many texts: a validation error
+        Failure.SLOW_BODY: (408, "Validation"),  # its HTTP layer's request timeout
         Failure.OVERLOADED: (429, "Overloaded"),
         # the service could not score in time: TEI's answer for a full queue
         Failure.DEADLINE: (429, "Overloaded"),

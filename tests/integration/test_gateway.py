@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import cohere
+import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cohere.core.api_error import ApiError
@@ -383,3 +384,78 @@ async def test_a_gateway_started_before_kafka_becomes_ready_once_kafka_is_there(
         await asyncio.to_thread(_kafka, "stop", broker)
     assert code == 0, log
     assert "Traceback" not in log, log
+
+
+async def _answer_twice_in_transactions(bootstrap: str, requests: str) -> None:
+    """A stand-in exactly-once worker: answers the first request with a reply in a
+    transaction it then aborts (a worker that dies before its commit), then with another
+    in one that commits."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(requests, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, transactional_id=f"test-{os.getpid()}-{id(requests)}"
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        record = await consumer.getone()
+        headers = dict(record.headers)
+        correlation_id = headers["correlation-id"].decode()
+        topic = headers["reply-topic"].decode()
+        partition = int(headers["reply-partition"].decode())
+
+        def reply(score: float) -> bytes:
+            results = [{"index": 0, "relevance_score": score}]
+            return orjson.dumps(
+                {
+                    "id": correlation_id,
+                    "model": "m",
+                    "results": results,
+                    "usage": {"prompt_tokens": 1},
+                    "timing_ms": {"queue": 0, "inference": 0, "total": 0},
+                }
+            )
+
+        for score, commit in ((0.111, False), (0.999, True)):
+            await producer.begin_transaction()
+            await producer.send_and_wait(
+                topic,
+                reply(score),
+                key=correlation_id.encode(),
+                partition=partition,
+                headers=[("correlation-id", correlation_id.encode())],
+            )
+            if commit:
+                await producer.commit_transaction()
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def test_the_gateway_never_answers_from_a_transaction_that_was_aborted(
+    kafka_bootstrap: str, new_topic: TopicFactory, new_group: Callable[[], str]
+) -> None:
+    """With exactly-once workers a reply is real only once its transaction commits. The
+    gateway read replies uncommitted: it answered with the aborted one."""
+    topics = await make_topics(new_topic)
+    async with running_gateway(
+        kafka_bootstrap, topics.requests, topics.replies, new_group(), "--check-workers", "0"
+    ) as url:
+        worker = asyncio.create_task(
+            _answer_twice_in_transactions(kafka_bootstrap, topics.requests)
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{url}/v2/rerank",
+                json={"model": "m", "query": QUERY, "documents": ["a"]},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as response,
+        ):
+            answer = await response.json()
+        await worker
+    assert response.status == 200, answer
+    assert answer["results"] == [{"index": 0, "relevance_score": 0.999}]

@@ -350,3 +350,15 @@ def test_the_gateways_port_is_not_the_workers_side_port() -> None:
     gateway_port = GatewaySettings().port
     assert gateway_port == 8000
     assert gateway_port != Settings.model_fields["http_port"].default == 8080
+
+
+async def test_a_token_that_is_not_ascii_is_refused_not_a_crash(
+    http: TestClient[Any, Any], fake: FakeReranker
+) -> None:
+    """hmac.compare_digest refuses two str that are not ASCII: the call was a 500 and a
+    traceback instead of a 401."""
+    response = await http.post(
+        "/v2/rerank", json=BODY, headers={"Authorization": "Bearer sécret-ü"}
+    )
+    assert response.status == 401
+    assert fake.calls == []

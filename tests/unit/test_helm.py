@@ -16,6 +16,7 @@ the alert rules and the topic script equal to the compose stack's.
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
@@ -52,7 +53,15 @@ E2E_H200 = REPO / "benchmarks" / "results" / "2026-12-04-e2e-h200" / "run1" / "r
 # kubernetes-validate).
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
 CORE_KINDS = frozenset(
-    {"ServiceAccount", "Service", "StatefulSet", "Deployment", "PodDisruptionBudget", "Job"}
+    {
+        "ServiceAccount",
+        "Service",
+        "StatefulSet",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Job",
+        "Secret",
+    }
 )
 CRD_FILES = {
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
@@ -534,7 +543,7 @@ def test_the_gateway_accepts_its_environment(
         parsed.bootstrap_servers == literal_env(worker(render(example)))["RERANK_BOOTSTRAP_SERVERS"]
     )
     assert parsed.max_concurrency == 512
-    assert (parsed.api_token is not None) == (example == "sasl-ssl")
+    assert parsed.api_token is not None  # auth is on unless turned off
 
 
 # --- gateway --------------------------------------------------------------------------------
@@ -570,7 +579,24 @@ def test_gateway_can_be_left_out() -> None:
 def test_gateway_token_comes_from_a_secret() -> None:
     entry = env_of(gateway(render("sasl-ssl")))["RERANK_GATEWAY_API_TOKEN"]
     assert entry["valueFrom"]["secretKeyRef"] == {"name": "kafka-rerank-gateway", "key": "token"}
-    assert "RERANK_GATEWAY_API_TOKEN" not in env_of(gateway(render()))
+    named = render("sasl-ssl")
+    assert not [m for m in named if m["kind"] == "Secret" and "token" in m["metadata"]["name"]]
+
+
+def test_gateway_auth_is_on_by_default_with_a_token_of_the_charts_own() -> None:
+    """Auth was off unless a Secret was named, and the gateway listens on every address:
+    whoever reached the Service used the GPUs."""
+    manifests = render()
+    entry = env_of(gateway(manifests))["RERANK_GATEWAY_API_TOKEN"]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    (secret,) = [
+        m for m in manifests if m["kind"] == "Secret" and m["metadata"]["name"] == ref["name"]
+    ]
+    token = base64.b64decode(secret["data"][ref["key"]])
+    assert len(token) >= 32
+    assert "RERANK_GATEWAY_API_TOKEN" not in env_of(
+        gateway(render(None, "gateway.auth.enabled=false"))
+    )
 
 
 def test_gateway_waits_in_the_topic_when_workers_scale_to_zero() -> None:

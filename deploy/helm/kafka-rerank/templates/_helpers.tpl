@@ -275,3 +275,8 @@ false
 {{- define "kafka-rerank.kedaAuth" -}}
 {{- or (eq (include "kafka-rerank.sasl" .) "true") (eq (include "kafka-rerank.tlsFiles" .) "true") -}}
 {{- end -}}
+
+{{/* The Secret holding the gateway's bearer token: the one named, or the chart's own. */}}
+{{- define "kafka-rerank.gatewayTokenSecret" -}}
+{{- .Values.gateway.apiTokenSecret.name | default (printf "%s-token" (include "kafka-rerank.gatewayName" .)) -}}
+{{- end -}}
