@@ -361,6 +361,33 @@ class Settings(BaseSettings):
         "and compiled turn the packed path on.",
         "Model",
     )
+    fp8_bf16_last_layers: int = _setting(
+        4,
+        "With layers=fp8 or fp8-normed: how many of the last decoder layers keep bf16 "
+        "linear layers (the embeddings, norms and the yes/no head always do), as the "
+        "published W8A8 build of Qwen3-Reranker-4B does with 4 (docs/engine.md).",
+        "Model",
+        ge=0,
+    )
+    split_long_documents: bool = _setting(
+        False,
+        "A document longer than max_pair_tokens allows is scored as overlapping windows "
+        "that fit, taking its best window's score (the reply's result says which window), "
+        "instead of being truncated; a request's split_long_documents overrides this.",
+        "Model",
+    )
+    window_overlap_tokens: int = _setting(
+        256,
+        "Tokens each window of a split document shares with the next (at most half a window).",
+        "Model",
+        ge=0,
+    )
+    max_windows_per_document: int = _setting(
+        16,
+        "Most windows a split document is scored in; what is left after them is truncated.",
+        "Model",
+        ge=1,
+    )
     tokenizer_backend: TokenizerBackend = _setting(
         "auto",
         "How Qwen3 prompts are tokenized: auto (tiktoken when it gives the model "
@@ -701,6 +728,7 @@ class Settings(BaseSettings):
             cuda_graphs=self.cuda_graphs,
             cuda_graph_max_tokens=self.cuda_graph_max_tokens,
             layers=self.layers,
+            fp8_bf16_last_layers=self.fp8_bf16_last_layers,
             tokenizer_backend=self.tokenizer_backend,
             default_instruction=self.default_instruction,
         )
@@ -717,6 +745,9 @@ class Settings(BaseSettings):
             min_batch_tokens=self.min_batch_tokens,
             tokenizer_threads=self.tokenizer_threads,
             stall_timeout_s=self.engine_stall_timeout_s,
+            split_long_documents=self.split_long_documents,
+            window_overlap_tokens=self.window_overlap_tokens,
+            max_windows_per_document=self.max_windows_per_document,
         )
 
     def worker_config(self) -> WorkerConfig:

@@ -20,6 +20,11 @@ class EngineSettings:
     moderate load runs in batches that are cheap to issue; 0 always cuts the full budget
     (:mod:`consumer.engine.batcher`).
 
+    ``split_long_documents``: a request that does not say gets its documents that do not fit
+    the model scored as overlapping windows (True) or cut (False); windows overlap by
+    ``window_overlap_tokens`` (at most half a window) and a document gets at most
+    ``max_windows_per_document`` (the rest is cut and reported truncated).
+
     ``stall_timeout_s``: with work outstanding, the model must finish a batch at least
     this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
     every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
@@ -37,6 +42,9 @@ class EngineSettings:
     oom_recovery_batches: int = 200
     close_timeout_s: float = 30.0
     stall_timeout_s: float = 120.0
+    split_long_documents: bool = False
+    window_overlap_tokens: int = 256
+    max_windows_per_document: int = 16
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_pairs < 1:
@@ -53,3 +61,8 @@ class EngineSettings:
             raise ValueError("oom_recovery_batches must be at least 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
+        if self.window_overlap_tokens < 0 or self.max_windows_per_document < 1:
+            raise ValueError(
+                "window_overlap_tokens must not be negative and max_windows_per_document "
+                "must be at least 1"
+            )

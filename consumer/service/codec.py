@@ -26,11 +26,12 @@ Decisions the architecture left open, made here:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from pydantic import ValidationError
@@ -50,6 +51,9 @@ from schemas.models import (
     ErrorCode,
     RerankRequest,
 )
+
+if TYPE_CHECKING:
+    from consumer.runtime.prompt import Window
 
 # Kafka's own rules for topic names.
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -453,6 +457,7 @@ def encode_success(
     inference_ms: float,
     total_ms: float,
     truncated: Sequence[bool] = (),
+    windows: Sequence[Window | None] = (),
 ) -> bytes:
     """The value of a success reply record.
 
@@ -460,9 +465,10 @@ def encode_success(
     cut to ``top_n``; ``relevance_score`` is the calibrated score, or the raw logit when
     ``raw_scores``. ``truncated`` (one flag per document, or empty) becomes the reply's
     ``truncated`` indices, a field left out when no document was cut, so that such replies
-    are exactly what they were before the field existed. Raises ValueError when the
-    lengths disagree or a reported number is not finite (a broken model: the service
-    answers ``internal`` instead).
+    are exactly what they were before the field existed. ``windows`` (one per document,
+    or empty) gives the result of a document split into windows its ``window``. Raises
+    ValueError when the lengths disagree or a reported number is not finite (a broken
+    model: the service answers ``internal`` instead).
     """
     n = len(documents)
     if len(scores) != n or len(logits) != n:
@@ -482,6 +488,10 @@ def encode_success(
         ]
     else:
         results = [{"index": i, "relevance_score": float(values[i])} for i in order]
+    if any(windows):
+        for i, result in zip(order, results, strict=True):
+            if (window := windows[i]) is not None:
+                result["window"] = dataclasses.asdict(window)
     reply: dict[str, Any] = {
         "id": correlation_id,
         "model": model,
@@ -517,6 +527,7 @@ def encode_result(
         inference_ms=result.inference_ms,
         total_ms=total_ms,
         truncated=result.truncated,
+        windows=result.windows,
     )
 
 

@@ -185,6 +185,7 @@ class RequestProcessor:
             instruction=request.instruction,
             deadline=deadline,
             truncate=request.truncate,
+            split_long_documents=request.split_long_documents,
         )
         error: tuple[ErrorCode, str, bool] | None = None
         try:
