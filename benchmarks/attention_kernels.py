@@ -167,7 +167,7 @@ def fp32_reference(
     out = []
     index = inputs.kv_index if inputs.kv_index is not None else torch.arange(k.shape[0])
     group = q.shape[1] // k.shape[1]
-    for s in range(segments):
+    for s in range(min(segments, inputs.cu_q.numel() - 1)):
         q0, q1 = int(inputs.cu_q[s]), int(inputs.cu_q[s + 1])
         rows = index[int(inputs.cu_k[s]) : int(inputs.cu_k[s + 1])].to(q.device)
         qs = q[q0:q1].float().transpose(0, 1)

@@ -51,7 +51,6 @@ import argparse
 import json
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -63,13 +62,10 @@ import torch
 from benchmarks.workload import (
     CONFIGS,
     WORKLOADS,
-    build_random_model,
     default_tokenizer_dir,
     workload_named,
     workload_requests,
 )
-from consumer.runtime.loader import load_model
-from consumer.runtime.options import ModelOptions
 from consumer.runtime.prompt import EncodedPair
 from consumer.runtime.qwen3.attention import flash_varlen_attention
 from consumer.runtime.qwen3.forward import LAYER_PATHS, PackedQwen3
@@ -245,6 +241,22 @@ def print_profile(run: Runner, batches: list[Any]) -> dict[str, Any]:
     }
 
 
+def random_base(config: dict[str, Any], tokenizer_dir: Path) -> tuple[Any, Any]:
+    """A random-weight Qwen3 base model of ``config``'s shape on the GPU in bf16 (built in
+    memory: a 4B or 8B checkpoint takes longer to save and load than to draw), and the
+    service's prompt encoder with the real tokenizer."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    from consumer.runtime.options import DEFAULT_INSTRUCTION
+    from consumer.runtime.prompt import Qwen3RerankerEncoder
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = Qwen3Model(Qwen3Config(**config)).to(torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return base, Qwen3RerankerEncoder(tokenizer, 8192, DEFAULT_INSTRUCTION)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokenizer", type=Path, default=None)
@@ -271,51 +283,46 @@ def main() -> None:
     config = json.loads(CONFIGS.get(args.config, Path(args.config)).read_text())
     raw = workload_requests(tokenizer_dir, args.workload, args.pairs, 0)
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
-    with tempfile.TemporaryDirectory() as tmp:
-        build_random_model(config, tokenizer_dir, Path(tmp), "cuda", 0)
-        model = load_model(ModelOptions(model=tmp, packed="off", compile="off"))
-        requests = [model.encoder.encode(q, docs, None) for q, docs in raw]
-        pairs = [p for r in requests for p in r]
-        tokens = sum(p.tokens for p in pairs)
-        batches = batches_in_order(pairs, args.budget)
-        base = model.scorer._base  # type: ignore[attr-defined]
-        check = batches[0][:64]
-        runs: dict[str, Runner] = {}
-        hidden: dict[str, torch.Tensor] = {}
+    base, encoder = random_base(config, tokenizer_dir)
+    requests = [encoder.encode(q, docs, None) for q, docs in raw]
+    pairs = [p for r in requests for p in r]
+    tokens = sum(p.tokens for p in pairs)
+    batches = batches_in_order(pairs, args.budget)
+    check = batches[0][:64]
+    runs: dict[str, Runner] = {}
+    hidden: dict[str, torch.Tensor] = {}
+    for name in names:
+        packed = build_variant(base, name)
+        share = sharing(name)
+        runs[name] = runner(packed, share)
+        t0 = time.perf_counter()
+        for batch in [*batches, *requests[:50]]:  # compiles, fills the allocator's cache
+            runs[name](batch)
+        packed.capture_graphs()
+        prefixes = [share(p) for p in check]
+        inputs = packed.prepare([p.payload for p in check], prefixes)  # type: ignore[misc]
+        hidden[name] = packed.last_hidden_prepared(inputs).float()
+        first = hidden[names[0]]
+        drift = float((hidden[name] - first).abs().max() / first.abs().max())
+        emit(variant=name, warmup_s=time.perf_counter() - t0, max_rel_diff_vs_first=drift)
+    for round_ in range(1, args.rounds + 1):
         for name in names:
-            packed = build_variant(base, name)
-            share = sharing(name)
-            runs[name] = runner(packed, share)
-            t0 = time.perf_counter()
-            for batch in [*batches, *requests[:50]]:  # compiles, fills the allocator's cache
-                runs[name](batch)
-            packed.capture_graphs()
-            prefixes = [share(p) for p in check]
-            inputs = packed.prepare([p.payload for p in check], prefixes)  # type: ignore[misc]
-            hidden[name] = packed.last_hidden_prepared(inputs).float()
-            first = hidden[names[0]]
-            drift = float((hidden[name] - first).abs().max() / first.abs().max())
-            emit(variant=name, warmup_s=time.perf_counter() - t0, max_rel_diff_vs_first=drift)
-        for round_ in range(1, args.rounds + 1):
-            for name in names:
-                result = time_variant(runs[name], batches, requests)
-                emit(
-                    round=round_,
-                    variant=name,
-                    pairs=len(pairs),
-                    batches=len(batches),
-                    pairs_per_s=len(pairs) / result["seconds"],
-                    tokens_per_s=tokens / result["seconds"],
-                    one_8doc_request_p50_ms=result["one_request_p50_ms"],
-                    one_8doc_request_issue_p50_ms=result["one_request_issue_p50_ms"],
-                )
-        if args.profile:
-            for name in names[:2]:
-                print(f"== {name}: 3 batches from the middle, then 5 single requests")
-                kinds = print_profile(
-                    runs[name], [*batches[len(batches) // 2 :][:3], *requests[:5]]
-                )
-                emit(profile=name, kernel_ms=kinds["kernel_ms"], shares=kinds["shares"])
+            result = time_variant(runs[name], batches, requests)
+            emit(
+                round=round_,
+                variant=name,
+                pairs=len(pairs),
+                batches=len(batches),
+                pairs_per_s=len(pairs) / result["seconds"],
+                tokens_per_s=tokens / result["seconds"],
+                one_8doc_request_p50_ms=result["one_request_p50_ms"],
+                one_8doc_request_issue_p50_ms=result["one_request_issue_p50_ms"],
+            )
+    if args.profile:
+        for name in names[:2]:
+            print(f"== {name}: 3 batches from the middle, then 5 single requests")
+            kinds = print_profile(runs[name], [*batches[len(batches) // 2 :][:3], *requests[:5]])
+            emit(profile=name, kernel_ms=kinds["kernel_ms"], shares=kinds["shares"])
 
 
 def emit(**fields: Any) -> None:

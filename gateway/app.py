@@ -235,6 +235,7 @@ def _options(call: RerankCall, settings: GatewaySettings) -> dict[str, Any]:
         "top_n": call.top_n,
         "raw_scores": call.raw_scores,
         "timeout": settings.timeout_s,
+        "split_long_documents": call.split_long_documents,
     }
     if call.truncate is not None:  # None: the service's default (it truncates)
         options["truncate"] = call.truncate

@@ -62,6 +62,7 @@ class RerankCall:
     instruction: str | None = None
     raw_scores: bool = False
     truncate: bool | None = None  # None: the service's default
+    split_long_documents: bool | None = None  # None: the service's default
     # what to echo back as each result's document (Cohere v1 returns objects as sent)
     originals: Sequence[Any] | None = None
 
@@ -210,6 +211,7 @@ class Native(Shape):
             instruction=_optional(fields, "instruction", str),
             raw_scores=_optional(fields, "raw_scores", bool) or False,
             truncate=_optional(fields, "truncate", bool),
+            split_long_documents=_optional(fields, "split_long_documents", bool),
         )
 
     def render(self, call: RerankCall, result: RerankResult) -> Any:

@@ -253,6 +253,7 @@ class RerankClient:
         timeout: float | None = None,
         truncate: bool = True,
         retry: RetryPolicy | None = None,
+        split_long_documents: bool | None = None,
     ) -> RerankResult:
         """Score ``documents`` against ``query``; results come sorted, best first.
 
@@ -262,6 +263,9 @@ class RerankClient:
 
         ``truncate``: documents too long for the model are cut and scored (the result's
         ``truncated`` names them); False makes that an ``invalid_request`` error reply.
+        ``split_long_documents``: True scores such documents as overlapping windows
+        instead, each taking its best window's score (its result's ``window`` says
+        which); None leaves it to the worker's default.
         ``retry`` (default: the client's ``retry``) says which failures are sent again,
         how often and within what time (:mod:`producer_sdk.retry`); every attempt
         carries the same correlation id, so the call has one result whichever reply wins.
@@ -278,6 +282,7 @@ class RerankClient:
             return_documents=return_documents,
             raw_scores=raw_scores,
             truncate=truncate,
+            split_long_documents=split_long_documents,
         )
         seconds = self._default_timeout if timeout is None else check_timeout(timeout)
         policy = self._retry if retry is None else check_retry(retry)

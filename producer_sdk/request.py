@@ -22,11 +22,13 @@ def build_request_body(
     return_documents: bool = False,
     raw_scores: bool = False,
     truncate: bool = True,
+    split_long_documents: bool | None = None,
 ) -> dict[str, Any]:
     """The request record's value, or :class:`InvalidArgument` naming what is wrong.
 
-    ``truncate`` is sent only when false: a worker older than the option answers a
-    request that has it ``invalid_request`` (unknown field) rather than cutting silently.
+    ``truncate`` is sent only when false, and ``split_long_documents`` only when given: a
+    worker older than the option answers a request that has it ``invalid_request``
+    (unknown field) rather than ignoring it silently.
     """
     if not isinstance(query, str):
         raise InvalidArgument(f"query must be a str, not {type(query).__name__}")
@@ -47,6 +49,10 @@ def build_request_body(
     ):
         if not isinstance(flag, bool):
             raise InvalidArgument(f"{name} must be a bool, not {type(flag).__name__}")
+    if split_long_documents is not None and not isinstance(split_long_documents, bool):
+        raise InvalidArgument(
+            f"split_long_documents must be a bool, not {type(split_long_documents).__name__}"
+        )
 
     body: dict[str, Any] = {"query": query, "documents": list(documents)}
     if instruction is not None:
@@ -59,6 +65,8 @@ def build_request_body(
         body["raw_scores"] = True
     if not truncate:
         body["truncate"] = False
+    if split_long_documents is not None:
+        body["split_long_documents"] = split_long_documents
     return body
 
 

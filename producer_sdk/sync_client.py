@@ -79,6 +79,7 @@ class SyncRerankClient:
         timeout: float | None = None,
         truncate: bool = True,
         retry: RetryPolicy | None = None,
+        split_long_documents: bool | None = None,
     ) -> RerankResult:
         """Blocks until the ranking comes; arguments and errors as :meth:`RerankClient.rerank`."""
         return self.submit(
@@ -91,6 +92,7 @@ class SyncRerankClient:
             timeout=timeout,
             truncate=truncate,
             retry=retry,
+            split_long_documents=split_long_documents,
         ).result()
 
     def submit(
@@ -105,6 +107,7 @@ class SyncRerankClient:
         timeout: float | None = None,
         truncate: bool = True,
         retry: RetryPolicy | None = None,
+        split_long_documents: bool | None = None,
     ) -> concurrent.futures.Future[RerankResult]:
         """Starts a call and returns at once; the future holds the result or the error.
 
@@ -125,6 +128,7 @@ class SyncRerankClient:
                         timeout=timeout,
                         truncate=truncate,
                         retry=retry,
+                        split_long_documents=split_long_documents,
                     )
                 ),
                 self._loop,

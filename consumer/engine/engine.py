@@ -259,10 +259,11 @@ class Engine:
     async def _encode(self, request: ScoreRequest) -> list[EncodedPair]:
         assert self._tokenizer_pool is not None
         loop = asyncio.get_running_loop()
+        encode = self._encoding_for(request)
         try:
             pairs = await loop.run_in_executor(
                 self._tokenizer_pool,
-                self._encoding_for(request),
+                encode,
                 request.query,
                 request.documents,
                 request.instruction,

@@ -191,10 +191,11 @@ class Qwen3RerankerEncoder:
         """Like :meth:`encode`, but a document too long for the pair limit becomes
         overlapping windows that fit: one pair each, in document order, every one with
         its :class:`Window`. Windows are ``room`` tokens long (the most a document may
-        have in one prompt) and start ``room - overlap`` tokens apart (the overlap is at
-        most half a window), the last one ending with the document; a document needing
-        more than ``max_windows`` keeps the first ``max_windows``, the last of them marked
-        truncated. Other documents give one pair, as in :meth:`encode`.
+        have in one prompt), as few as start at most ``room - overlap`` tokens apart (the
+        overlap is at most half a window), spread evenly from the document's start to
+        its end; a document needing more than ``max_windows`` keeps the first
+        ``max_windows`` at that spacing, the last of them marked truncated. Other
+        documents give one pair, as in :meth:`encode`.
         """
         if max_windows < 1 or overlap < 0:
             raise ValueError("max_windows must be at least 1 and overlap not negative")
@@ -211,12 +212,12 @@ class Qwen3RerankerEncoder:
             if len(ids) <= room:  # not if tiktoken's ids are the tokenizer's, as checked
                 pairs.append(self._pair(head, common, ids, room))
                 continue
-            starts = list(range(0, len(ids) - room + stride, stride))
-            cut = len(starts) > max_windows
+            count = 1 + -(-(len(ids) - room) // stride)  # windows at most stride apart
+            cut = count > max_windows
             if cut:
-                starts = starts[:max_windows]
-            else:  # the last window ends with the document and is as long as the others
-                starts[-1] = len(ids) - room
+                starts = [k * stride for k in range(max_windows)]
+            else:  # spread evenly, the last one ending with the document
+                starts = [k * (len(ids) - room) // (count - 1) for k in range(count)]
             for k, first in enumerate(starts):
                 last = min(first + room, len(ids))
                 window = Window(
