@@ -252,7 +252,8 @@ def random_base(config: dict[str, Any], tokenizer_dir: Path) -> tuple[Any, Any]:
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        base = Qwen3Model(Qwen3Config(**config)).to(torch.bfloat16).eval()
+        base: Any = Qwen3Model(Qwen3Config(**config))
+    base = base.to(torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return base, Qwen3RerankerEncoder(tokenizer, 8192, DEFAULT_INSTRUCTION)
 
