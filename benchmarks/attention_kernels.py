@@ -103,6 +103,17 @@ def cudnn_attention(
     return out[0]
 
 
+def expanded(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``kernel`` on keys and values copied to every query head (for kernels without
+    grouped heads; the copy is in its time)."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest: Any) -> torch.Tensor:
+        group = q.shape[1] // k.shape[1]
+        return kernel(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), *rest)
+
+    return run
+
+
 def torch_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,7 +150,8 @@ def flash_attention_3_status() -> str:
 
         impls = attention.list_flash_attention_impls()
         attention.activate_flash_attention_impl("FA3")
-        return f"activated (implementations: {impls})"
+        current = attention.current_flash_attention_impl()
+        return f"activated {current} (implementations: {impls})"
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc)[:300]}"
 
@@ -200,6 +212,7 @@ def kernels(tiles: list[Tile], with_cudnn: bool) -> dict[str, tuple[bool, Callab
     }
     if with_cudnn:
         out["cudnn"] = (True, cudnn_attention)
+        out["cudnn_expanded_gqa"] = (True, expanded(cudnn_attention))
     for tile in tiles:
         out["triton_" + tile.name] = (False, partial(grouped_varlen_attention, tile=tile))
     return out

@@ -11,7 +11,7 @@ export PYTHONPATH=. TORCHINDUCTOR_CACHE_DIR=/tmp/ind PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 } > $R/gpu.txt 2>&1
-LIMIT=${LIMIT:-250}
+LIMIT=${LIMIT:-285}
 step() {  # name, timeout, command...
   local name=$1 t=$2; shift 2
   (( SECONDS + 15 < LIMIT )) || { echo "no time left for $name"; return; }
@@ -20,9 +20,23 @@ step() {  # name, timeout, command...
   timeout $t "$@" > $R/$name.txt 2> $R/$name.err
   echo "$name rc=$? at ${SECONDS}s"
 }
-step attention 100 python -m benchmarks.attention_kernels
+# the default kernel must run before anything else is measured: if Triton here has no
+# warp_specialize for tl.range, fall back to plain loops (and say so)
+python - > $R/precheck.txt 2>&1 <<'PY' || { echo "precheck failed: plain loops" | tee -a $R/precheck.txt
+import torch
+from consumer.runtime.qwen3.layout import pack
+from consumer.runtime.qwen3.varlen_attention_kernel import grouped_varlen_attention
+inputs = pack([[1] * 50 + [2] * 30, [1] * 50 + [3] * 70], [50, 50])
+t = inputs.ids.numel()
+q, k, v = (torch.randn(t, h, 128, device="cuda", dtype=torch.bfloat16) for h in (16, 8, 8))
+out = grouped_varlen_attention(q, k, v, inputs.cu_q.cuda(), inputs.key_pieces.cuda(), inputs.max_q, 0.088)
+print("default kernel ran:", bool(torch.isfinite(out).all()))
+PY
+  sed -i 's/tl.range(0, end, KEYS, warp_specialize=WARP_SPECIALIZE)/range(0, end, KEYS)/; s/tl.range(0, length, KEYS, warp_specialize=WARP_SPECIALIZE)/range(0, length, KEYS)/' consumer/runtime/qwen3/varlen_attention_kernel.py; }
+cat $R/precheck.txt
+step attention 110 python -m benchmarks.attention_kernels
 tail -20 $R/attention.txt
-# the fastest tile per head group among those as close to fp32 as the default tile (+10%)
+# the fastest tile per head group among those as close to fp32 as the default tile (+50%)
 read W2 W4 < <(python - $R/attention.txt <<'PY'
 import json, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{"heads"')]
@@ -33,7 +47,7 @@ for r in rows:
         ms[key].append(r["ms_per_call"]); err[key] = max(err[key], r["max_abs_diff_vs_fp32"])
 out = []
 for heads in ("16/8", "32/8"):
-    base = err.get((heads, "64/32/4/3"), 1.0) * 1.1
+    base = err.get((heads, "64/32/4/3"), 1.0) * 1.5
     ok = [(sum(v) / len(v), t) for (h, t), v in ms.items() if h == heads and len(v) == 2 and err[(h, t)] <= base]
     out.append(min(ok)[1] if ok else "64/32/4/3")
 print(*out)
