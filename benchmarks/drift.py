@@ -1,7 +1,7 @@
 """Score drift of each way of running the model, against the model card's recipe in fp32.
 
     python -m benchmarks.drift --tokenizer DIR [--config 0.6b] [--pairs 512]
-        [--layers compiled,kernels,fp8] [--model CHECKPOINT_DIR]
+        [--layers compiled,kernels,fp8,fp8-last0,fp8-last2] [--model CHECKPOINT_DIR]
 
 Builds a random-weight model of ``--config`` (as the engine bench does, with a wider
 initialisation so that scores spread), takes the engine bench's synthetic requests (8
@@ -12,7 +12,8 @@ documents each) and scores every pair:
 * ``card_bf16``: the same recipe in bfloat16, the yardstick a faster path is held to;
 * ``engine_<layers>``: the engine's scorer in bfloat16 with each ``--layers`` path
   (``consumer.runtime.options.ModelOptions.layers``; ``fp8`` needs compute capability
-  8.9 or newer).
+  8.9 or newer; ``fp8`` keeps the default number of last layers in bf16,
+  ``fp8-lastN`` (also ``fp8-normed-lastN``) keeps N).
 
 For each it prints, against ``card_fp32``, over scores (sigmoid of the yes-no logit):
 the largest and the mean absolute difference, the share of requests whose top document
@@ -21,6 +22,11 @@ worst). ``no_worse_than_card_bf16`` says whether a path agrees with fp32 at leas
 well as the model card's own bf16 run: the rule for making it a default. Random weights
 have no trained outlier channels, so FP8's drift on a trained checkpoint can be larger;
 run this with ``--model`` on the real checkpoint where it can be downloaded.
+
+The last line is the verdict on FP8 (:func:`fp8_verdict`): which FP8 way, if any, is
+within the bounds the GPU parity check allows a bf16 path (twice the model card's own
+bf16 drift, at least 0.02) with its ranking as good as the model card's bf16 within a
+margin, the settings that turn it on, and otherwise what is missing.
 
 A GPU check of the FP8 row kernels runs first: the Triton kernels' rounding to e4m3
 against torch's on the same scaled rows (Triton's CPU interpreter cannot check that).
@@ -53,6 +59,12 @@ from consumer.runtime.scorer import sigmoid
 
 DOCS = 8
 CHUNK_REQUESTS = 8  # requests per engine batch
+# The FP8 verdict: as gpu_check bounds a bf16 path's largest score difference from fp32
+# (twice the model card's own bf16 run, at least SCORE_FLOOR), with the ranking kept as
+# well as the model card's bf16 run keeps it, less these margins
+SCORE_FLOOR = 0.02
+TOP1_MARGIN = 0.05
+SPEARMAN_MARGIN = 0.01
 
 
 def emit(**fields: Any) -> None:
@@ -115,6 +127,67 @@ def agreement(scores: list[float], truth: list[float]) -> dict[str, float]:
     }
 
 
+def path_options(name: str) -> dict[str, Any]:
+    """ModelOptions fields of a ``--layers`` entry: a layer path, or ``fp8-lastN`` /
+    ``fp8-normed-lastN`` (that FP8 path with its last N layers in bf16)."""
+    path, _, last = name.rpartition("-last")
+    if path.startswith("fp8") and last.isdigit():
+        return {"layers": path, "fp8_bf16_last_layers": int(last)}
+    return {"layers": name}
+
+
+def fp8_verdict(rows: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Which FP8 ways (``engine_fp8...`` of ``rows``, each its :func:`agreement` with
+    fp32) are safe to turn on by the rule in the module docstring, judged against
+    ``rows["card_bf16"]``; the settings of the one with the fewest bf16 layers, or what is
+    missing."""
+    card = rows["card_bf16"]
+    bounds = {
+        "max_abs_score_diff": max(SCORE_FLOOR, 2 * card["max_abs_score_diff"]),
+        "top1_agreement": card["top1_agreement"] - TOP1_MARGIN,
+        "spearman_mean": card["spearman_mean"] - SPEARMAN_MARGIN,
+    }
+    fp8 = {name: a for name, a in rows.items() if name.startswith("engine_fp8")}
+
+    def misses(a: dict[str, float]) -> list[str]:
+        out = []
+        if a["max_abs_score_diff"] > bounds["max_abs_score_diff"]:
+            out.append(f"max |score diff| {a['max_abs_score_diff']:.3f} > "
+                       f"{bounds['max_abs_score_diff']:.3f}")  # fmt: skip
+        if a["top1_agreement"] < bounds["top1_agreement"]:
+            out.append(f"top-1 {a['top1_agreement']:.3f} < {bounds['top1_agreement']:.3f}")
+        if a["spearman_mean"] < bounds["spearman_mean"]:
+            out.append(f"Spearman {a['spearman_mean']:.3f} < {bounds['spearman_mean']:.3f}")
+        return out
+
+    missing = {name: misses(a) for name, a in fp8.items()}
+    safe = [name for name, m in missing.items() if not m]
+
+    def bf16_layers(name: str) -> int:
+        return int(path_options(name.removeprefix("engine_")).get("fp8_bf16_last_layers", 99))
+
+    verdict: dict[str, Any] = {"fp8_bounds": bounds, "fp8_safe": safe}
+    if safe:
+        best = min(safe, key=bf16_layers)
+        options = path_options(best.removeprefix("engine_"))
+        settings = f"RERANK_LAYERS={options['layers']}"
+        if "fp8_bf16_last_layers" in options:
+            settings += f" RERANK_FP8_BF16_LAST_LAYERS={options['fp8_bf16_last_layers']}"
+        verdict["advice"] = f"FP8 is safe to turn on for this checkpoint: {settings}"
+    elif fp8:
+        verdict["fp8_missing"] = missing
+        verdict["advice"] = (
+            "no FP8 way measured is safe for this checkpoint: keep RERANK_LAYERS=auto. One "
+            "would be once it stays within every bound of fp8_bounds (fp8_missing says by "
+            "how much each misses): try more bf16 last layers (fp8-lastN, a larger N), and "
+            "measure the trained checkpoint itself (--model DIR), since random weights "
+            "drift far more than the published trained-checkpoint figures (docs/engine.md)"
+        )
+    else:
+        verdict["advice"] = "no FP8 way was measured (--layers names none)"
+    return verdict
+
+
 def engine_logits(loaded: LoadedModel, pairs: list[EncodedPair]) -> tuple[list[float], float]:
     """The engine scorer's logits, 8 requests a batch, and its warm-up seconds."""
     t0 = time.perf_counter()
@@ -147,7 +220,11 @@ def random_model_config(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_workload_arguments(parser, pairs=512)
-    parser.add_argument("--layers", default="compiled,kernels,fp8")
+    parser.add_argument(
+        "--layers",
+        default="compiled,kernels,fp8",
+        help="ways to run, comma-separated: layer paths, fp8-lastN, fp8-normed-lastN",
+    )
     parser.add_argument(
         "--model", type=Path, default=None, help="a checkpoint folder instead of random weights"
     )
@@ -166,7 +243,8 @@ def main() -> None:
             build_random_model(config, tokenizer_dir, folder, "cuda", args.seed)
         pairs: list[EncodedPair] | None = None
         for layers in args.layers.split(","):
-            loaded = load_model(ModelOptions(model=str(folder), layers=layers, cuda_graphs="off"))
+            options = ModelOptions(model=str(folder), cuda_graphs="off", **path_options(layers))
+            loaded = load_model(options)
             if pairs is None:  # every path has the same encoder: encode once
                 pairs = [p for q, docs in raw for p in loaded.encoder.encode(q, docs, None)]
             name = f"engine_{layers}"
@@ -181,14 +259,16 @@ def main() -> None:
     spread = [statistics.pstdev(truth_scores[i : i + DOCS]) for i in range(0, len(pairs), DOCS)]
     emit(pairs=len(pairs), score_spread_within_request_mean=statistics.fmean(spread))
     card = agreement([sigmoid(x) for x in logits["card_bf16"]], truth_scores)
+    rows = {}
     for name, values in logits.items():
-        a = agreement([sigmoid(x) for x in values], truth_scores)
+        a = rows[name] = agreement([sigmoid(x) for x in values], truth_scores)
         no_worse = (
             a["max_abs_score_diff"] <= card["max_abs_score_diff"]
             and a["top1_agreement"] >= card["top1_agreement"]
             and a["spearman_mean"] >= card["spearman_mean"]
         )
         emit(variant=name, vs="card_fp32", **a, no_worse_than_card_bf16=no_worse)
+    print(json.dumps(fp8_verdict(rows)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ drives them through the SDK with the engine bench's synthetic requests:
   before/after comparisons), requests sent at steady intervals.
 
 Each phase also reads the workers' ``/metrics`` before and after it: how many batches ran,
-their mean pairs and mean model time. ``--worker-root`` runs the workers from another
-checkout (an earlier commit), with this harness, in the same call.
+their mean pairs and mean model time. ``--workload`` names the requests' shape
+(``benchmarks.workload.WORKLOADS``: ``8docs``, ``rag``, ``rag-long``). ``--worker-root``
+runs the workers from another checkout (an earlier commit), with this harness, in the
+same call.
 
 The load comes from one process per GPU (``--generators``), each with its own SDK client,
 so that a two-GPU run is not paced by one Python process; each phase reports the busiest
@@ -47,7 +49,7 @@ import tarfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,11 @@ from benchmarks.e2e_stages import PROBE_DIR, join, read_probe, request_key, stag
 from benchmarks.host import positive_float
 from benchmarks.workload import (
     CONFIGS,
+    WORKLOADS,
     build_random_model,
     default_tokenizer_dir,
-    synthetic_requests,
+    workload_named,
+    workload_requests,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -499,8 +503,9 @@ async def _load(settings: dict[str, Any], first: int = 0) -> AsyncIterator[Load]
     """A :class:`Load` with its SDK client, the synthetic requests built."""
     from producer_sdk import RerankClient
 
-    requests = synthetic_requests(
-        Path(settings["tokenizer"]), settings["pairs"], settings["docs"], settings["seed"]
+    shape = replace(WORKLOADS[settings["workload"]], docs_per_request=settings["docs"])
+    requests = workload_requests(
+        Path(settings["tokenizer"]), shape, settings["pairs"], settings["seed"]
     )
     # The load generator's own full collections must not show up as service latency.
     gc.collect()
@@ -550,6 +555,7 @@ async def drive(
         "tokenizer": str(args.tokenizer),
         "pairs": args.pairs,
         "docs": args.docs,
+        "workload": args.workload.name,
         "seed": args.seed,
         "bootstrap": bootstrap,
         "requests": names[0],
@@ -606,6 +612,7 @@ def _say(phase: Phase, docs: int) -> None:
 def engine_bench(args: argparse.Namespace, out: Path) -> dict[str, Any] | None:
     command = [sys.executable, "-m", "benchmarks.engine_bench", "--config", args.config]
     command += ["--tokenizer", str(args.tokenizer), "--pairs", str(args.engine_pairs)]
+    command += ["--workload", args.workload.name, "--docs-per-request", str(args.docs)]
     command += ["--skip-reference"]
     command += ["--json", "--device", args.device]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(args.first_gpu))
@@ -705,6 +712,7 @@ def phase_stages(phases: list[Phase], probe_files: list[Path]) -> dict[str, Any]
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys: tuple[str, ...] = ("gpus", "first_gpu", "device", "config", "partitions", "docs")
+    keys += ("workload_name",)
     keys += ("concurrency", "generators", "phase_s", "fractions", "fraction_of", "rates", "lone")
     keys += ("engine_probe",)
     keys += ("worker_args", "worker_root")
@@ -820,7 +828,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the broker it starts; its controller takes the next port, so two runs side by "
         "side need ports at least 2 apart",
     )
-    p.add_argument("--docs", type=int, default=8, help="documents per request")
+    p.add_argument(
+        "--workload",
+        type=workload_named,
+        default=WORKLOADS["8docs"],
+        help="the requests' shape: " + ", ".join(WORKLOADS),
+    )
+    p.add_argument(
+        "--docs", type=int, default=None, help="documents per request (default: the workload's)"
+    )
     p.add_argument("--pairs", type=int, default=32768, help="distinct pairs to cycle through")
     p.add_argument("--concurrency", type=int, default=128, help="requests in flight per GPU")
     p.add_argument(
@@ -870,6 +886,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--generators must be 0 (one per GPU) or more")
     if args.engine_probe and args.gc_probe_ms:
         p.error("--engine-probe and --gc-probe-ms each load a sitecustomize: pick one")
+    if args.docs is None:
+        args.docs = args.workload.docs_per_request
+    args.workload_name = args.workload.name
     if args.gpus <= 0:
         import torch
 

@@ -15,6 +15,11 @@ and drives the :class:`consumer.engine.engine.Engine` with synthetic requests:
    well, pairs sorted by length into token-budget batches, bf16, ``torch.compile`` on
    CUDA, only the yes/no rows of the LM head. The ratio is reported against both.
 
+``--workload`` names the requests' shape (:data:`benchmarks.workload.WORKLOADS`: ``8docs``,
+the default; ``rag``, 64 candidates of 128-512 tokens a request; ``rag-long``, the same with
+one candidate in ten of 2,000-8,000 tokens). ``--split-long-documents`` has every request
+ask for documents that do not fit ``--max-pair-tokens`` to be scored as windows.
+
 Smoke run on a CPU: ``python -m benchmarks.engine_bench --pairs 64 --device cpu --config tiny
 --skip-reference``. Only torch, transformers and tokenizers are imported (no Kafka,
 Prometheus, pydantic or orjson), so it runs on a bare GPU box.
@@ -34,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +48,11 @@ from benchmarks.device_time import DeviceTimedScorer
 from benchmarks.host import cpu_model, positive_int
 from benchmarks.workload import (
     CONFIGS,
+    WORKLOADS,
     build_random_model,
     default_tokenizer_dir,
-    synthetic_requests,
+    workload_named,
+    workload_requests,
 )
 from consumer.engine.api import ScoreRequest
 from consumer.engine.engine import Engine
@@ -168,21 +175,29 @@ def measure_tokenizer(encoder: Any, requests: list[tuple[str, list[str]]]) -> di
 
 
 async def saturate(
-    engine: Engine, requests: list[tuple[str, list[str]]], concurrency: int
+    engine: Engine,
+    requests: list[tuple[str, list[str]]],
+    concurrency: int,
+    split: bool | None = None,
 ) -> dict[str, float]:
-    """Closed loop: ``concurrency`` requests always in flight until all are answered."""
+    """Closed loop: ``concurrency`` requests always in flight until all are answered
+    (``split``: each request's ``split_long_documents``)."""
     queue = list(reversed(requests))
     latencies: list[float] = []
-    tokens = 0
+    tokens = split_documents = truncated = 0
 
     async def client() -> None:
-        nonlocal tokens
+        nonlocal tokens, split_documents, truncated
         while queue:
             query, docs = queue.pop()
             t0 = time.perf_counter()
-            result = await engine.score(ScoreRequest(query, tuple(docs)))
+            result = await engine.score(
+                ScoreRequest(query, tuple(docs), split_long_documents=split)
+            )
             latencies.append(time.perf_counter() - t0)
             tokens += result.prompt_tokens
+            split_documents += sum(window is not None for window in result.windows)
+            truncated += sum(result.truncated)
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -197,17 +212,21 @@ async def saturate(
         "tokens_per_s": tokens / seconds,
         "req_p50_ms": 1000 * statistics.median(latencies),
         "req_p95_ms": 1000 * percentile(latencies, 0.95),
+        "documents_split": split_documents,
+        "documents_truncated": truncated,
     }
 
 
-async def one_at_a_time(engine: Engine, requests: list[tuple[str, list[str]]]) -> dict[str, float]:
+async def one_at_a_time(
+    engine: Engine, requests: list[tuple[str, list[str]]], split: bool | None = None
+) -> dict[str, float]:
     """Latency of one request at a time, and the median of its parts as the engine sees them
     (tokenizing, queue = in the engine but not in a model call, the model call)."""
     latencies: list[float] = []
     parts: dict[str, list[float]] = {"tokenize_ms": [], "queue_ms": [], "inference_ms": []}
     for query, docs in requests:
         t0 = time.perf_counter()
-        result = await engine.score(ScoreRequest(query, tuple(docs)))
+        result = await engine.score(ScoreRequest(query, tuple(docs), split_long_documents=split))
         latencies.append(time.perf_counter() - t0)
         parts["tokenize_ms"].append(result.extra.get("tokenize_ms", 0.0))
         parts["queue_ms"].append(result.queue_ms)
@@ -220,68 +239,99 @@ async def one_at_a_time(engine: Engine, requests: list[tuple[str, list[str]]]) -
     }
 
 
-async def run_engine(
-    args: argparse.Namespace, folder: Path, requests: list[tuple[str, list[str]]], shape: ModelShape
-) -> dict[str, Any]:
-    from consumer.runtime.loader import load_model
-
-    options = ModelOptions(
+def model_options(args: argparse.Namespace, folder: Path, layers: str) -> ModelOptions:
+    """The loader's options from the bench's arguments, with ``layers`` as the layer path."""
+    return ModelOptions(
         model=str(folder),
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
         packed=args.packed,
-        layers=args.layers,
+        layers=layers,
+        fp8_bf16_last_layers=args.fp8_bf16_last_layers,
+        max_pair_tokens=args.max_pair_tokens,
         tokenizer_backend=args.tokenizer_backend,
         cuda_graph_max_tokens=args.cuda_graph_max_tokens,
     )
-    t0 = time.perf_counter()
-    model = await asyncio.to_thread(load_model, options)
-    load_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"tokenizer": measure_tokenizer(model.encoder, requests)}
-    settings = EngineSettings(
+
+
+def engine_settings(args: argparse.Namespace, warmup: bool = True) -> EngineSettings:
+    return EngineSettings(
         max_batch_tokens=args.max_batch_tokens,
         max_batch_pairs=args.max_batch_pairs,
         max_wait_ms=args.max_wait_ms,
         tokenizer_threads=args.tokenizer_threads,
+        warmup=warmup,
     )
+
+
+@dataclass
+class BenchEngine:
+    """An engine started over a loaded model, with the bench's batch log and device timer."""
+
+    engine: Engine
+    log: BatchLog
+    timed: DeviceTimedScorer | None
+    packed: bool
+    model: dict[str, Any]
+
+
+async def start_engine(
+    args: argparse.Namespace, model: Any, load_s: float, encoder: Any = None, warmup: bool = True
+) -> BenchEngine:
+    """An engine over ``model`` (``encoder``: another prompt encoder than the model's)."""
     log = BatchLog()
     timed = DeviceTimedScorer(model.scorer) if model.device.startswith("cuda") else None
     scorer: Scorer = timed if timed is not None else model.scorer
-    engine = Engine(model.encoder, scorer, model.name, settings, log)
+    engine = Engine(
+        encoder or model.encoder, scorer, model.name, engine_settings(args, warmup), log
+    )
     t0 = time.perf_counter()
     await engine.start()
-    packed = model.scorer.traits.packed
-    out["model"] = {
+    info = {
         "kind": model.kind,
         "device": model.device,
         "dtype": model.dtype,
-        "packed": packed,
+        "packed": model.scorer.traits.packed,
         "compile": args.compile,
         "load_s": round(load_s, 1),
         "warmup_s": round(time.perf_counter() - t0, 1),
     }
+    return BenchEngine(engine, log, timed, model.scorer.traits.packed, info)
+
+
+async def measure_load(
+    bench: BenchEngine,
+    args: argparse.Namespace,
+    requests: list[tuple[str, list[str]]],
+    shape: ModelShape,
+    split: bool | None = None,
+) -> dict[str, Any]:
+    """The saturating load on ``requests`` after ``--warm-pairs`` of them unmeasured."""
+    engine, log, timed, packed = bench.engine, bench.log, bench.timed, bench.packed
+    docs = len(requests[0][1])
     if args.warm_pairs:
-        await saturate(
-            engine, requests[: max(1, args.warm_pairs // args.docs_per_request)], args.concurrency
-        )
+        await saturate(engine, requests[: max(1, args.warm_pairs // docs)], args.concurrency, split)
     log.clear()
     if timed is not None:
         timed.reset()
     before = (engine.stats.real_tokens, engine.stats.cost_tokens, engine.stats.oom_splits)
-    load: dict[str, Any] = dict(await saturate(engine, requests, args.concurrency))
+    load: dict[str, Any] = dict(await saturate(engine, requests, args.concurrency, split))
     real = engine.stats.real_tokens - before[0]
     cost = engine.stats.cost_tokens - before[1]
     lengths = log.lengths
     works = [packed_work(batch) for batch in log.batches]
     flops = log.flops(shape, packed, works)
+    computed = sum(stream for stream, _ in works) if packed else cost
     # CUDA events: each batch's span on the device (benchmarks/device_time.py)
     load["device_busy_share"] = timed.busy_s / load["seconds"] if timed is not None else None
     load.update(
         batches=len(lengths),
         mean_batch_pairs=statistics.mean(len(x) for x in lengths),
         padding_overhead=cost / real,
-        computed_token_share=(sum(stream for stream, _ in works) / real if packed else cost / real),
+        computed_token_share=computed / real,
+        # tokens the model ran: the packed stream (shared heads once), or padded batches
+        computed_tokens_per_s=computed / load["seconds"],
         # the host's view: from a batch's launch (or the previous batch's end) to its
         # results read back; not a device counter
         batch_in_flight_share=sum(log.seconds) / load["seconds"],
@@ -289,10 +339,25 @@ async def run_engine(
         oom_splits=engine.stats.oom_splits - before[2],
         max_batch_tokens_end=engine.max_batch_tokens,
     )
-    out["load"] = load
-    out["idle"] = await one_at_a_time(engine, requests[: args.idle_requests])
-    await engine.close()
-    del engine, model
+    return load
+
+
+async def run_engine(
+    args: argparse.Namespace, folder: Path, requests: list[tuple[str, list[str]]], shape: ModelShape
+) -> dict[str, Any]:
+    from consumer.runtime.loader import load_model
+
+    t0 = time.perf_counter()
+    model = await asyncio.to_thread(load_model, model_options(args, folder, args.layers))
+    load_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"tokenizer": measure_tokenizer(model.encoder, requests)}
+    bench = await start_engine(args, model, load_s)
+    out["model"] = bench.model
+    split = True if args.split_long_documents else None
+    out["load"] = await measure_load(bench, args, requests, shape, split)
+    out["idle"] = await one_at_a_time(bench.engine, requests[: args.idle_requests], split)
+    await bench.engine.close()
+    del bench, model
     return out
 
 
@@ -390,7 +455,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.engine_bench", description=__doc__.split("\n")[0]
     )
     p.add_argument("--pairs", type=int, default=2048, help="pairs in the load phase")
-    p.add_argument("--docs-per-request", type=int, default=8)
+    p.add_argument(
+        "--workload",
+        type=workload_named,
+        default=WORKLOADS["8docs"],
+        help="the requests' shape: "
+        + ", ".join(f"{w.name} ({w.description})" for w in WORKLOADS.values()),
+    )
+    p.add_argument(
+        "--docs-per-request",
+        type=positive_int,
+        default=None,
+        help="documents a request (default: the workload's)",
+    )
     p.add_argument(
         "--concurrency",
         type=int,
@@ -413,6 +490,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", *LAYER_PATHS),
         default="auto",
         help="how the packed path runs each layer (fp8: FP8 linear layers)",
+    )
+    p.add_argument(
+        "--fp8-bf16-last-layers",
+        type=int,
+        default=ModelOptions.fp8_bf16_last_layers,
+        help="with an FP8 layer path: the last decoder layers kept in bf16",
+    )
+    p.add_argument(
+        "--max-pair-tokens",
+        type=positive_int,
+        default=ModelOptions.max_pair_tokens,
+        help="the model's window: most tokens of one prompt",
+    )
+    p.add_argument(
+        "--split-long-documents",
+        action="store_true",
+        help="every request asks for documents over the window to be scored as windows",
     )
     p.add_argument(
         "--tokenizer-backend",
@@ -439,7 +533,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_BF16_TFLOPS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-reference", action="store_true", help="run neither reference")
+    p.add_argument(
+        "--skip-seed-reference",
+        action="store_true",
+        help="run the strong reference only (the seed recipe pads a request's documents "
+        "to its longest: long-document workloads make it slow)",
+    )
     p.add_argument(
         "--reference-pairs",
         type=int,
@@ -466,7 +566,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Python's GIL switch interval (default: Python's own, 5 ms)",
     )
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line at the end")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.docs_per_request is None:
+        args.docs_per_request = args.workload.docs_per_request
+    return args
 
 
 def report_lines(r: dict[str, Any], peak: float) -> list[str]:
@@ -482,15 +585,17 @@ def report_lines(r: dict[str, Any], peak: float) -> list[str]:
         f"{model['device']} {model['dtype']}, packed={model['packed']}, "
         f"compile={model['compile']} (load {model['load_s']} s, warm-up {model['warmup_s']} s)",
         f"settings     {json.dumps(r['settings'])}",
-        f"workload     {load['pairs']} pairs, {load['tokens']} prompt tokens "
-        f"(mean {load['tokens'] / load['pairs']:.0f} a pair), {docs} docs a request, "
-        f"{min(r['settings']['concurrency'], load['requests'])} of {load['requests']} "
-        "requests in flight at a time",
+        f"workload     {r['settings']['workload']}: {load['pairs']} pairs, {load['tokens']} "
+        f"prompt tokens (mean {load['tokens'] / load['pairs']:.0f} a pair), {docs} docs a "
+        f"request, {min(r['settings']['concurrency'], load['requests'])} of "
+        f"{load['requests']} requests in flight at a time; {load['documents_split']} "
+        f"documents split into windows, {load['documents_truncated']} truncated",
         f"tokenizer    {engine['tokenizer']['tokens_per_s']:,} tokens/s "
         f"from one calling thread (the service's encoder, {engine['tokenizer']['backend']}; "
         "the Rust tokenizer spreads a "
         f"batch over cores unless TOKENIZERS_PARALLELISM=false; {os.cpu_count()} cores here)",
-        f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} tokens/s, "
+        f"throughput   {load['pairs_per_s']:.1f} pairs/s, {load['tokens_per_s']:,.0f} prompt "
+        f"tokens/s, {load['computed_tokens_per_s']:,.0f} tokens/s computed, "
         f"{load['batches']} batches of {load['mean_batch_pairs']:.0f} pairs on average",
         f"padding      cost {load['padding_overhead']:.3f}x the real tokens, computed "
         f"{load['computed_token_share']:.3f}x (packed: shared heads once); "
@@ -550,7 +655,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     args.device = device
     shape = ModelShape.from_config(config)
-    requests = synthetic_requests(tokenizer_dir, args.pairs, args.docs_per_request, args.seed)
+    workload = replace(args.workload, docs_per_request=args.docs_per_request)
+    requests = workload_requests(tokenizer_dir, workload, args.pairs, args.seed)
     report: dict[str, Any] = {
         "config": args.config,
         "hardware": hardware(device),
@@ -568,10 +674,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "compile",
                 "packed",
                 "layers",
+                "fp8_bf16_last_layers",
+                "max_pair_tokens",
+                "split_long_documents",
                 "dtype",
             )
         },
     }
+    report["settings"]["workload"] = args.workload.name
     with tempfile.TemporaryDirectory(prefix="rerank-bench-") as tmp:
         await asyncio.to_thread(
             build_random_model, config, tokenizer_dir, Path(tmp), device, args.seed
@@ -582,13 +692,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         subset = requests
         if args.reference_pairs:
             subset = requests[: max(1, args.reference_pairs // args.docs_per_request)]
-        report["reference"] = await asyncio.to_thread(
-            run_reference, args, config, tokenizer_dir, subset, device
-        )
-        report["reference"]["pairs"] = sum(len(docs) for _, docs in subset)
-        report["speedup"] = (
-            report["engine"]["load"]["pairs_per_s"] / report["reference"]["pairs_per_s"]
-        )
+        if not args.skip_seed_reference:
+            report["reference"] = await asyncio.to_thread(
+                run_reference, args, config, tokenizer_dir, subset, device
+            )
+            report["reference"]["pairs"] = sum(len(docs) for _, docs in subset)
+            report["speedup"] = (
+                report["engine"]["load"]["pairs_per_s"] / report["reference"]["pairs_per_s"]
+            )
         compile_strong = args.strong_compile == "on" or (
             args.strong_compile == "auto" and device.startswith("cuda")
         )
@@ -601,6 +712,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             compile_strong,
             args.strong_budget,
             args.seed,
+            args.max_pair_tokens,
         )
         report["speedup_strong"] = (
             report["engine"]["load"]["pairs_per_s"] / report["strong_reference"]["pairs_per_s"]

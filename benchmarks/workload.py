@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,67 @@ def default_tokenizer_dir() -> Path:
     return Path(spec.origin).parent / "tokenizer_files"
 
 
-def synthetic_requests(
-    tokenizer_dir: Path, pairs: int, docs_per_request: int, seed: int
+@dataclass(frozen=True)
+class Workload:
+    """A synthetic request shape: random vocabulary tokens decoded to text.
+
+    Every request has ``docs_per_request`` documents of ``doc_tokens`` (inclusive range)
+    tokens and a query of ``query_tokens``; with ``long_every`` N > 0, every N-th document
+    of the whole workload (counted across requests) has ``long_tokens`` instead. Lengths
+    are in tokens drawn before decoding; the service's tokenizer gives about as many back.
+    """
+
+    name: str
+    docs_per_request: int
+    query_tokens: tuple[int, int]
+    doc_tokens: tuple[int, int]
+    long_every: int = 0
+    long_tokens: tuple[int, int] = (0, 0)
+    description: str = ""
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload(
+            "8docs", 8, (8, 32), (40, 480), description="8 documents of 40-480 tokens a request"
+        ),
+        Workload(
+            "rag",
+            64,
+            (8, 32),
+            (128, 512),
+            description="RAG-shaped: 64 candidate chunks of 128-512 tokens a request",
+        ),
+        Workload(
+            "rag-long",
+            64,
+            (8, 32),
+            (128, 512),
+            long_every=10,
+            long_tokens=(2000, 8000),
+            description="RAG with long documents: as rag, one candidate in ten of 2,000-8,000 "
+            "tokens",
+        ),
+    )
+}
+
+
+def workload_named(name: str) -> Workload:
+    """The workload called ``name`` (argparse ``type``: an unknown name is a usage error)."""
+    import argparse
+
+    if name not in WORKLOADS:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}"
+        )
+    return WORKLOADS[name]
+
+
+def workload_requests(
+    tokenizer_dir: Path, workload: Workload, pairs: int, seed: int
 ) -> list[tuple[str, list[str]]]:
-    """Queries of 8-32 and documents of 40-480 random vocabulary tokens, decoded to text."""
+    """``pairs`` // documents-a-request requests (at least one) of ``workload``'s shape."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -42,10 +100,27 @@ def synthetic_requests(
     def text(lo: int, hi: int) -> str:
         return str(tok.decode([rng.randrange(1000, 100000) for _ in range(rng.randint(lo, hi))]))
 
-    n_requests = max(1, pairs // docs_per_request)
-    return [
-        (text(8, 32), [text(40, 480) for _ in range(docs_per_request)]) for _ in range(n_requests)
-    ]
+    every = workload.long_every
+    n_docs = workload.docs_per_request
+    requests = []
+    for r in range(max(1, pairs // n_docs)):
+        query = text(*workload.query_tokens)
+        docs = [
+            text(*(workload.long_tokens if every and (r * n_docs + d) % every == every - 1
+                   else workload.doc_tokens))
+            for d in range(n_docs)
+        ]  # fmt: skip
+        requests.append((query, docs))
+    return requests
+
+
+def synthetic_requests(
+    tokenizer_dir: Path, pairs: int, docs_per_request: int, seed: int
+) -> list[tuple[str, list[str]]]:
+    """Queries of 8-32 and documents of 40-480 random vocabulary tokens, decoded to text
+    (the ``8docs`` workload with another number of documents a request)."""
+    shape = replace(WORKLOADS["8docs"], docs_per_request=docs_per_request)
+    return workload_requests(tokenizer_dir, shape, pairs, seed)
 
 
 def build_random_model(

@@ -449,6 +449,34 @@ class Settings(BaseSettings):
         "and compiled turn the packed path on.",
         "Model",
     )
+    fp8_bf16_last_layers: int = _layer_setting(
+        ModelOptions,
+        "fp8_bf16_last_layers",
+        "With layers=fp8 or fp8-normed: how many of the last decoder layers keep bf16 "
+        "linear layers (the embeddings, norms and the yes/no head always do), as the "
+        "published W8A8 build of Qwen3-Reranker-4B does with 4 (docs/engine.md).",
+        "Model",
+    )
+    split_long_documents: bool = _layer_setting(
+        EngineSettings,
+        "split_long_documents",
+        "A document longer than max_pair_tokens allows is scored as overlapping windows "
+        "that fit, taking its best window's score (the reply's result says which window), "
+        "instead of being truncated; a request's split_long_documents overrides this.",
+        "Model",
+    )
+    window_overlap_tokens: int = _layer_setting(
+        EngineSettings,
+        "window_overlap_tokens",
+        "Tokens each window of a split document shares with the next (at most half a window).",
+        "Model",
+    )
+    max_windows_per_document: int = _layer_setting(
+        EngineSettings,
+        "max_windows_per_document",
+        "Most windows a split document is scored in; what is left after them is truncated.",
+        "Model",
+    )
     tokenizer_backend: TokenizerBackend = _layer_setting(
         ModelOptions,
         "tokenizer_backend",

@@ -22,7 +22,7 @@ from producer_sdk.errors import (
     RerankErrorReply,
     RerankTimeout,
 )
-from producer_sdk.result import RankedDocument, RerankResult, Timing, Usage
+from producer_sdk.result import DocumentWindow, RankedDocument, RerankResult, Timing, Usage
 from producer_sdk.retry import NO_RETRY, RetryPolicy
 from producer_sdk.sync_client import SyncRerankClient
 
@@ -32,6 +32,7 @@ __all__ = [
     "ClientStartError",
     "ClientStats",
     "DeliveryError",
+    "DocumentWindow",
     "InvalidArgument",
     "KafkaSecurity",
     "MalformedReply",

@@ -254,7 +254,10 @@ class RerankClient:
         """Score ``documents`` against ``query``; results come sorted, best first.
 
         ``options`` are the request's other fields (:class:`RerankOptions`):
-        ``instruction``, ``top_n``, ``return_documents``, ``raw_scores``, ``truncate``.
+        ``instruction``, ``top_n``, ``return_documents``, ``raw_scores``, ``truncate``,
+        ``split_long_documents`` (True scores documents too long for the model as
+        overlapping windows, each taking its best window's score: its result's ``window``
+        says which; None leaves it to the worker's default).
 
         ``timeout`` (seconds, default: the client's ``default_timeout``) covers sending
         and waiting; the service is told the same deadline and skips work that

@@ -28,6 +28,7 @@ class RerankOptions(TypedDict, total=False):
     return_documents: bool
     raw_scores: bool
     truncate: bool
+    split_long_documents: bool | None
 
 
 _OPTION_TYPES = get_type_hints(RerankOptions)

@@ -15,12 +15,25 @@ from producer_sdk.errors import MalformedReply, RerankErrorReply
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentWindow:
+    """The window of a document split into windows whose score the document got: the
+    ``index``-th (from 0) of ``count``, characters ``start`` up to ``end`` of it."""
+
+    index: int
+    count: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class RankedDocument:
-    """One scored document: ``index`` points into the request's ``documents``."""
+    """One scored document: ``index`` points into the request's ``documents``;
+    ``window``: which window scored it, when it was split into windows."""
 
     index: int
     score: float
     document: str | None = None
+    window: DocumentWindow | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,13 @@ class RerankResult:
             entry: dict[str, Any] = {"index": item.index, "relevance_score": item.score}
             if item.document is not None:
                 entry["document"] = item.document
+            if item.window is not None:
+                entry["window"] = {
+                    "index": item.window.index,
+                    "count": item.window.count,
+                    "start": item.window.start,
+                    "end": item.window.end,
+                }
             results.append(entry)
         reply: dict[str, Any] = {
             "id": self.id,
@@ -150,7 +170,15 @@ def _ranked(item: Any, document_count: int) -> RankedDocument:
     document = item.get("document")
     if document is not None and not isinstance(document, str):
         raise TypeError("'document' is not a string")
-    return RankedDocument(index=index, score=_number(item, "relevance_score"), document=document)
+    window = None
+    if "window" in item:
+        fields = _typed(item, "window", Mapping)
+        window = DocumentWindow(
+            *(_typed(fields, k, int) for k in ("index", "count", "start", "end"))
+        )
+    return RankedDocument(
+        index=index, score=_number(item, "relevance_score"), document=document, window=window
+    )
 
 
 def _truncated(body: Mapping[str, Any], document_count: int) -> tuple[int, ...]:

@@ -127,6 +127,28 @@ class RerankRequest(BaseModel):
             "invalid_request error naming the documents and the limit instead."
         ),
     )
+    split_long_documents: bool | None = Field(
+        default=None,
+        description=(
+            "Score a document that does not fit the model's token limit as overlapping "
+            "windows that do, the document taking its best window's score (its result's "
+            "'window' says which), instead of cutting it. Absent or null: the worker's "
+            "default (RERANK_SPLIT_LONG_DOCUMENTS, off unless set). A document needing "
+            "more windows than the worker allows (RERANK_MAX_WINDOWS_PER_DOCUMENT) is "
+            "still cut after them, which 'truncate' governs as usual."
+        ),
+    )
+
+
+class DocumentWindow(BaseModel):
+    """Which window of a document split into windows gave the document its score."""
+
+    model_config = _STRICT
+
+    index: int = Field(ge=0, description="The window's position among the document's, from 0.")
+    count: int = Field(ge=2, description="Windows the document was split into.")
+    start: int = Field(ge=0, description="First character of the document in the window.")
+    end: int = Field(ge=0, description="One past the window's last character.")
 
 
 class RerankResult(BaseModel):
@@ -143,8 +165,16 @@ class RerankResult(BaseModel):
         json_schema_extra=_drop_default,
         description="The document text; present only when return_documents was set.",
     )
+    window: DocumentWindow | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_drop_default,
+        description=(
+            "The window whose score the document got; present only when the document was "
+            "split into windows (split_long_documents)."
+        ),
+    )
 
-    @field_validator("document", mode="before")
+    @field_validator("document", "window", mode="before")
     @classmethod
     def _absent_not_null(cls, value: object) -> object:
         # The field is omitted when there is no document, never null (as the schema says);

@@ -29,7 +29,7 @@ from consumer.runtime.qwen3.forward import PackedQwen3
 from consumer.runtime.qwen3.fused_layers import quantize_weight
 from consumer.runtime.qwen3.layers import rms_norm, rotate_half
 from consumer.runtime.qwen3.layout import pack
-from consumer.runtime.qwen3.varlen_attention_kernel import grouped_varlen_attention
+from consumer.runtime.qwen3.varlen_attention_kernel import Tile, grouped_varlen_attention
 
 EPS = 1e-6
 
@@ -98,8 +98,16 @@ def attention_against_reference() -> dict[str, float]:
         ):
             q = torch.randn(rows, heads, dim)
             args = (q, k, v, cu_q, pieces, max_q, dim**-0.5)
-            got, want = grouped_varlen_attention(*args), piecewise_causal_attention(*args)
+            want = piecewise_causal_attention(*args)
+            got = grouped_varlen_attention(*args)
             diffs[f"{name}_{heads}_over_{kv_heads}"] = float((got - want).abs().max())
+            # keys and values through tensor descriptors, piece by piece; smaller tiles
+            # so that steps cross the pieces' ends
+            for tile in (Tile(tma=True), Tile(rows=32, keys=16, tma=True)):
+                got = grouped_varlen_attention(*args, tile=tile)
+                diffs[f"{name}_{heads}_over_{kv_heads}_{tile.name}"] = float(
+                    (got - want).abs().max()
+                )
     return diffs
 
 
@@ -183,9 +191,12 @@ def fp8_rounded(t: torch.Tensor) -> torch.Tensor:
     return (t / scale).to(torch.float8_e4m3fn).float() * scale
 
 
-def fp8_emulated(model: Any, seqs: list[list[int]], prefixes: Any, path: str) -> torch.Tensor:
+def fp8_emulated(
+    model: Any, seqs: list[list[int]], prefixes: Any, path: str, bf16_last_layers: int = 0
+) -> torch.Tensor:
     """The torch path (consumer.runtime.qwen3.layers) with the linear layers that ``path``
-    runs in FP8 computing on inputs and weights rounded as an FP8 GEMM's are."""
+    runs in FP8 computing on inputs and weights rounded as an FP8 GEMM's are, but for
+    those of the last ``bf16_last_layers`` layers."""
     import types
 
     from consumer.runtime.qwen3 import layers
@@ -195,7 +206,7 @@ def fp8_emulated(model: Any, seqs: list[list[int]], prefixes: Any, path: str) ->
         names += ["o_proj", "down_proj"]
     rounded = {
         id(getattr(module, name).weight)
-        for layer in model.layers
+        for layer in model.layers[: len(model.layers) - bf16_last_layers]
         for module in (layer.self_attn, layer.mlp)
         for name in names
         if hasattr(module, name)
@@ -239,6 +250,23 @@ def fused_forward_against_the_torch_path() -> dict[str, float]:
         if path != "kernels":
             emulated = fp8_emulated(model, seqs, prefixes, path)
             out[f"{path}_vs_emulated_max_abs_diff"] = float((got - emulated).abs().max())
+    # the last layer (of 2) keeps bf16 GEMMs; all of them: the kernels path itself
+    last = PackedQwen3(
+        model, "cpu", qk_kernel=True, layer_path="fp8", bf16_last_layers=1,
+        attention=segment_causal_attention,
+    )  # fmt: skip
+    got = last.last_hidden(seqs, prefixes)
+    out["fp8_last1_vs_emulated_max_abs_diff"] = float(
+        (got - fp8_emulated(model, seqs, prefixes, "fp8", bf16_last_layers=1)).abs().max()
+    )
+    out["fp8_last1_vs_all_fp8_max_abs_diff"] = float(
+        (got - fp8_emulated(model, seqs, prefixes, "fp8")).abs().max()
+    )
+    every = PackedQwen3(
+        model, "cpu", qk_kernel=True, layer_path="fp8", bf16_last_layers=2,
+        piecewise_attention=grouped_varlen_attention,
+    )  # fmt: skip
+    out["fp8_last_all_max_abs_diff"] = float((every.last_hidden(seqs, prefixes) - want).abs().max())
     weight = model.layers[0].mlp.down_proj.weight.detach()
     linear = quantize_weight(weight)
     assert linear.scale is not None

@@ -8,7 +8,10 @@ fakes used in tests both implement it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # the service imports this module without the tokenizer's packages
+    from consumer.runtime.prompt import Window
 
 
 class EngineError(Exception):
@@ -55,6 +58,9 @@ class ScoreRequest:
     ``deadline`` is an absolute Unix time in seconds (``time.time()`` clock), or None.
     ``truncate=False``: a document that does not fit the model's token limit makes the
     request an :class:`InvalidRequest` instead of being cut.
+    ``split_long_documents``: score a document that does not fit as overlapping windows
+    that do, the document taking its best window's score (True), or cut it (False);
+    None: the engine's default (:attr:`EngineSettings.split_long_documents`).
     """
 
     query: str
@@ -62,6 +68,7 @@ class ScoreRequest:
     instruction: str | None = None
     deadline: float | None = None
     truncate: bool = True
+    split_long_documents: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,10 @@ class ScoreResult:
 
     ``batches``: the model calls that scored this request's pairs, in the order they
     finished (empty when the engine does not report them).
+
+    ``windows``: for each document, the window whose score it got when it was split into
+    windows, else None; empty when no document was split. ``prompt_tokens`` counts every
+    window.
     """
 
     logits: tuple[float, ...]
@@ -102,6 +113,7 @@ class ScoreResult:
     inference_ms: float
     extra: dict[str, float] = field(default_factory=dict)
     batches: tuple[BatchTiming, ...] = ()
+    windows: tuple[Window | None, ...] = ()
 
 
 class RerankEngine(Protocol):

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from consumer.engine.api import (
@@ -121,6 +123,14 @@ class Engine:
         self._ready = False
         self._closed = False
         self._failure: str | None = None
+        # the default applies only where the encoder can split; a request that asks
+        # for it explicitly of another encoder is refused
+        self._splits = hasattr(encoder, "encode_windows")
+        if self.settings.split_long_documents and not self._splits:
+            log.warning(
+                "split_long_documents is on but %s cannot split documents: they are cut",
+                type(encoder).__name__,
+            )
 
     @classmethod
     def for_model(
@@ -210,7 +220,8 @@ class Engine:
             raise
         pending = self._open(pairs, request.deadline)
         await self._wait_for(pending)
-        return score_result(pending, pairs, tokenize_s)
+        result = score_result(pending, pairs, tokenize_s)
+        return best_windows(result, pairs) if len(pairs) > len(request.documents) else result
 
     async def close(self) -> None:
         """Fail pending work with :class:`EngineClosed` and stop the threads."""
@@ -254,10 +265,11 @@ class Engine:
     async def _encode(self, request: ScoreRequest) -> list[EncodedPair]:
         assert self._tokenizer_pool is not None
         loop = asyncio.get_running_loop()
+        encode = self._encoding_for(request)
         try:
             pairs = await loop.run_in_executor(
                 self._tokenizer_pool,
-                self._encoder.encode,
+                encode,
                 request.query,
                 request.documents,
                 request.instruction,
@@ -276,17 +288,36 @@ class Engine:
             raise EngineError(f"tokenization failed: {exc}") from exc
         except Exception as exc:
             raise EngineError(f"tokenization failed: {type(exc).__name__}: {exc}") from exc
-        if len(pairs) != len(request.documents):
+        documents = len(document_groups(pairs))
+        if documents != len(request.documents):
             raise EngineError(
-                f"encoder gave {len(pairs)} pairs for {len(request.documents)} documents"
+                f"encoder gave pairs for {documents} documents, not {len(request.documents)}"
             )
         return pairs
+
+    def _encoding_for(self, request: ScoreRequest) -> Callable[..., list[EncodedPair]]:
+        """The encoder's ``encode``, or its ``encode_windows`` when the request's documents
+        that do not fit are to be split (the request says, else the engine's default)."""
+        split = request.split_long_documents
+        if split is None:
+            split = self.settings.split_long_documents and self._splits
+        if not split:
+            return self._encoder.encode
+        encode_windows = getattr(self._encoder, "encode_windows", None)
+        if encode_windows is None:
+            raise InvalidRequest("this model's prompt encoder cannot split long documents")
+        return functools.partial(
+            encode_windows,
+            overlap=self.settings.window_overlap_tokens,
+            max_windows=self.settings.max_windows_per_document,
+        )
 
     def _refuse_truncation(self, pairs: list[EncodedPair]) -> None:
         """InvalidRequest naming the documents the encoder cut (``truncate=false``).
 
         The encoder's own flags, so the documents are tokenized once either way."""
-        cut = [i for i, pair in enumerate(pairs) if pair.truncated]
+        groups = document_groups(pairs)
+        cut = [i for i, group in enumerate(groups) if any(pairs[k].truncated for k in group)]
         if not cut:
             return
         limit = getattr(self._encoder, "limit_description", "the model's token limit")
@@ -294,7 +325,7 @@ class Engine:
         if len(cut) > _INDICES_SHOWN:
             shown += f", ... ({len(cut) - _INDICES_SHOWN} more)"
         raise InvalidRequest(
-            f"{len(cut)} of {len(pairs)} documents do not fit {limit} and truncate is false: "
+            f"{len(cut)} of {len(groups)} documents do not fit {limit} and truncate is false: "
             f"documents [{shown}]"
         )
 
@@ -380,6 +411,39 @@ class Engine:
             stalled = self._inference.stalled_for()
             if stalled > limit:
                 self._fail(f"the model has not finished a batch for {stalled:.0f} s")
+
+
+def document_groups(pairs: Sequence[EncodedPair]) -> list[range]:
+    """Which pairs belong to which document, in order: one pair a document, or one a
+    window of a document split into windows (:attr:`EncodedPair.window`)."""
+    groups: list[range] = []
+    k = 0
+    while k < len(pairs):
+        window = pairs[k].window
+        count = 1 if window is None else window.count
+        groups.append(range(k, k + count))
+        k += count
+    return groups
+
+
+def best_windows(result: ScoreResult, pairs: Sequence[EncodedPair]) -> ScoreResult:
+    """Per-pair results of a request whose documents were split into windows, made
+    per-document: each document takes its best window's logit and score (and says which
+    window that was), and is truncated when any of its windows is."""
+    logits, scores, truncated, windows = [], [], [], []
+    for group in document_groups(pairs):
+        best = max(group, key=result.logits.__getitem__)
+        logits.append(result.logits[best])
+        scores.append(result.scores[best])
+        truncated.append(any(result.truncated[k] for k in group))
+        windows.append(pairs[best].window)
+    return dataclasses.replace(
+        result,
+        logits=tuple(logits),
+        scores=tuple(scores),
+        truncated=tuple(truncated),
+        windows=tuple(windows),
+    )
 
 
 def _expired(deadline: float | None) -> bool:

@@ -27,6 +27,11 @@ class EngineSettings:
     takes every request that waits by then instead of committing early to the first one;
     False cuts it as soon as the slot ahead is free (:mod:`consumer.engine.pacing`).
 
+    ``split_long_documents``: a request that does not say gets its documents that do not fit
+    the model scored as overlapping windows (True) or cut (False); windows overlap by
+    ``window_overlap_tokens`` (at most half a window) and a document gets at most
+    ``max_windows_per_document`` (the rest is cut and reported truncated).
+
     ``engine_stall_timeout_s``: with work outstanding, the model must finish a batch at least
     this often; otherwise the engine declares itself failed (a hung GPU or driver), fails
     every pending request with :class:`consumer.engine.api.EngineFailed` and stays failed.
@@ -46,3 +51,6 @@ class EngineSettings:
     oom_recovery_batches: int = Field(default=200, ge=1)
     close_timeout_s: float = Field(default=30.0, gt=0)
     engine_stall_timeout_s: float = Field(default=120.0, gt=0)
+    split_long_documents: bool = False
+    window_overlap_tokens: int = Field(default=256, ge=0)
+    max_windows_per_document: int = Field(default=16, ge=1)

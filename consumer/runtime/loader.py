@@ -81,6 +81,7 @@ class _Resolved:
     cuda_graphs: bool
     layers: str  # one of LAYER_PATHS
     graph_max_tokens: int
+    fp8_bf16_last_layers: int
 
 
 def load_model(options: ModelOptions) -> LoadedModel:
@@ -238,8 +239,20 @@ def resolve_options(options: ModelOptions) -> _Resolved:
         raise ModelLoadError(str(exc)) from exc
     layers = _layer_path(options.layers, device)
     packed = "on" if layers != "compiled" else options.packed
+    if options.fp8_bf16_last_layers < 0:
+        raise ModelLoadError(
+            f"fp8_bf16_last_layers must not be negative, not {options.fp8_bf16_last_layers}"
+        )
     return _Resolved(
-        device, dtype, attn, compile_on, packed, graphs_on, layers, options.cuda_graph_max_tokens
+        device,
+        dtype,
+        attn,
+        compile_on,
+        packed,
+        graphs_on,
+        layers,
+        options.cuda_graph_max_tokens,
+        options.fp8_bf16_last_layers,
     )
 
 
@@ -302,7 +315,13 @@ def _packed_for(base: torch.nn.Module, run: _Resolved) -> PackedQwen3 | None:
         if run.cuda_graphs
         else None
     )
-    return PackedQwen3(base, run.device, graphs=graphs, layer_path=run.layers)
+    return PackedQwen3(
+        base,
+        run.device,
+        graphs=graphs,
+        layer_path=run.layers,
+        bf16_last_layers=run.fp8_bf16_last_layers,
+    )
 
 
 def _last_token_model(

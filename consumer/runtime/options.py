@@ -22,6 +22,8 @@ class ModelOptions:
     layers -> how the packed path runs each decoder layer: "compiled" (torch.compile
     regions), "kernels" (fused row kernels around model-dtype GEMMs) or "fp8" (the same
     with FP8 linear layers; Hopper or newer); auto -> compiled;
+    fp8_bf16_last_layers -> with an FP8 layer path, how many of the last decoder layers
+    keep model-dtype linear layers (embeddings, norms and the yes/no head always do);
     tokenizer_backend -> how Qwen3 prompts become ids: "tiktoken", "huggingface", or
     auto (tiktoken when it reproduces the model's tokenizer; see
     :mod:`consumer.runtime.bpe`).
@@ -40,5 +42,6 @@ class ModelOptions:
     cuda_graphs: str = "auto"
     cuda_graph_max_tokens: int = Field(default=8192, ge=512)
     layers: str = "auto"
+    fp8_bf16_last_layers: int = Field(default=4, ge=0)
     tokenizer_backend: str = "auto"
     default_instruction: str = Field(default=DEFAULT_INSTRUCTION, min_length=1)

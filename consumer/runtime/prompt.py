@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from tokenizers import Tokenizer
@@ -36,6 +36,18 @@ class PromptTooLong(ValueError):
 
 
 @dataclass(frozen=True)
+class Window:
+    """One window of a document split to fit the model: the ``index``-th (from 0) of
+    ``count``, covering characters ``start`` up to (not including) ``end`` of the
+    document."""
+
+    index: int
+    count: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class EncodedPair:
     """One tokenized (query, document) pair.
 
@@ -47,6 +59,9 @@ class EncodedPair:
     query), which a packed batch computes once (0: none); ``common_prefix`` is how many of
     those are the same for every request with the same instruction (template and
     instruction), which a packed batch computes once for all of them (0: none).
+    ``window``: which part of its document the pair holds when the document was split
+    into windows (:meth:`Qwen3RerankerEncoder.encode_windows`); None: the whole document
+    (or its truncated start).
     """
 
     payload: object
@@ -54,6 +69,7 @@ class EncodedPair:
     truncated: bool
     shared_prefix: int = 0
     common_prefix: int = 0
+    window: Window | None = None
 
     @property
     def share_points(self) -> tuple[int, int]:
@@ -161,6 +177,62 @@ class Qwen3RerankerEncoder:
         self, query: str, documents: Sequence[str], instruction: str | None
     ) -> list[EncodedPair]:
         """Encode every document of one request against the query."""
+        head, common, room = self._head(query, instruction)
+        return [self._pair(head, common, doc, room) for doc in self._document_ids(documents)]
+
+    def encode_windows(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None,
+        overlap: int,
+        max_windows: int,
+    ) -> list[EncodedPair]:
+        """Like :meth:`encode`, but a document too long for the pair limit becomes
+        overlapping windows that fit: one pair each, in document order, every one with
+        its :class:`Window`. Windows are ``room`` tokens long (the most a document may
+        have in one prompt), as few as start at most ``room - overlap`` tokens apart (the
+        overlap is at most half a window), spread evenly from the document's start to
+        its end; a document needing more than ``max_windows`` keeps the first
+        ``max_windows`` at that spacing, the last of them marked truncated. Other
+        documents give one pair, as in :meth:`encode`.
+        """
+        if max_windows < 1 or overlap < 0:
+            raise ValueError("max_windows must be at least 1 and overlap not negative")
+        head, common, room = self._head(query, instruction)
+        stride = room - min(overlap, room // 2)
+        pairs: list[EncodedPair] = []
+        for text, doc in zip(documents, self._document_ids(documents), strict=True):
+            if len(doc) <= room:
+                pairs.append(self._pair(head, common, doc, room))
+                continue
+            # the model's own tokenizer, for the characters each window covers
+            encoding = self._tok.encode(" " + text, add_special_tokens=False)
+            ids, offsets = encoding.ids, encoding.offsets
+            if len(ids) <= room:  # not if tiktoken's ids are the tokenizer's, as checked
+                pairs.append(self._pair(head, common, ids, room))
+                continue
+            count = 1 + -(-(len(ids) - room) // stride)  # windows at most stride apart
+            cut = count > max_windows
+            if cut:
+                starts = [k * stride for k in range(max_windows)]
+            else:  # spread evenly, the last one ending with the document
+                starts = [k * (len(ids) - room) // (count - 1) for k in range(count)]
+            for k, first in enumerate(starts):
+                last = min(first + room, len(ids))
+                window = Window(
+                    index=k,
+                    count=len(starts),
+                    start=max(0, offsets[first][0] - 1),  # the prompt's leading space
+                    end=max(0, offsets[last - 1][1] - 1),
+                )
+                pair = self._pair(head, common, ids[first:last], room)
+                pairs.append(replace(pair, truncated=cut and k == len(starts) - 1, window=window))
+        return pairs
+
+    def _head(self, query: str, instruction: str | None) -> tuple[list[int], int, int]:
+        """(template + instruction + query ids, how many of them requests with this
+        instruction share, tokens left for a document); PromptTooLong if none are."""
         instruction = self.default_instruction if instruction is None else instruction
         head = self._prefix + self._ids(f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>:")
         common = len(self._prefix) + _common_length(
@@ -172,20 +244,19 @@ class Qwen3RerankerEncoder:
                 f"instruction and query take {len(head) + len(self._suffix)} prompt tokens, "
                 f"leaving no room for a document within max_pair_tokens={self.max_pair_tokens}"
             )
-        pairs = []
-        for doc in self._document_ids(documents):
-            cut = len(doc) > room
-            ids = head + (doc[:room] if cut else doc) + self._suffix
-            pairs.append(
-                EncodedPair(
-                    payload=ids,
-                    tokens=len(ids),
-                    truncated=cut,
-                    shared_prefix=len(head),
-                    common_prefix=common,
-                )
-            )
-        return pairs
+        return head, common, room
+
+    def _pair(self, head: list[int], common: int, doc: list[int], room: int) -> EncodedPair:
+        """One prompt: the head, the document (cut to ``room``) and the template's end."""
+        cut = len(doc) > room
+        ids = head + (doc[:room] if cut else doc) + self._suffix
+        return EncodedPair(
+            payload=ids,
+            tokens=len(ids),
+            truncated=cut,
+            shared_prefix=len(head),
+            common_prefix=common,
+        )
 
     def _instruction_ids(self, instruction: str) -> list[int]:
         """Ids of the head up to the query, the part requests with this instruction share."""

@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 from pydantic import Field, ValidationError
@@ -66,6 +66,24 @@ from schemas.models import (
     ErrorCode,
     RerankRequest,
 )
+
+
+class Window(Protocol):
+    """Which window of a document split to fit the model scored best (the engine's
+    results carry the runtime's; the reply shows its fields)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
+
 
 # Kafka's own rules for topic names.
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -476,6 +494,7 @@ def encode_success(
     inference_ms: float,
     total_ms: float,
     truncated: Sequence[bool] = (),
+    windows: Sequence[Window | None] = (),
 ) -> bytes:
     """The value of a success reply record.
 
@@ -483,9 +502,10 @@ def encode_success(
     cut to ``top_n``; ``relevance_score`` is the calibrated score, or the raw logit when
     ``raw_scores``. ``truncated`` (one flag per document, or empty) becomes the reply's
     ``truncated`` indices, a field left out when no document was cut, so that such replies
-    are exactly what they were before the field existed. Raises ValueError when the
-    lengths disagree or a reported number is not finite (a broken model: the service
-    answers ``internal`` instead).
+    are exactly what they were before the field existed. ``windows`` (one per document,
+    or empty) gives the result of a document split into windows its ``window``. Raises
+    ValueError when the lengths disagree or a reported number is not finite (a broken
+    model: the service answers ``internal`` instead).
     """
     n = len(documents)
     if len(scores) != n or len(logits) != n:
@@ -505,6 +525,15 @@ def encode_success(
         ]
     else:
         results = [{"index": i, "relevance_score": float(values[i])} for i in order]
+    if any(windows):
+        for i, result in zip(order, results, strict=True):
+            if (window := windows[i]) is not None:
+                result["window"] = {
+                    "index": window.index,
+                    "count": window.count,
+                    "start": window.start,
+                    "end": window.end,
+                }
     reply: dict[str, Any] = {
         "id": correlation_id,
         "model": model,
@@ -540,6 +569,7 @@ def encode_result(
         inference_ms=result.inference_ms,
         total_ms=total_ms,
         truncated=result.truncated,
+        windows=result.windows,
     )
 
 

@@ -117,6 +117,7 @@ class RequestProcessor:
             instruction=request.instruction,
             deadline=context.deadline,
             truncate=request.truncate,
+            split_long_documents=request.split_long_documents,
         )
         try:
             return Scored(await self.engine.score(score_request))

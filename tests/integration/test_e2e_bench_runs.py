@@ -58,3 +58,22 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) 
     assert report["settings"]["generators"] == generators
     paced = next(p for p in report["phases"] if p["name"] == "paced 5/s #1")
     assert paced["offered_per_s"] == 5.0  # split over the generators, summed back
+
+
+def test_e2e_bench_takes_the_rag_workload_by_name(tmp_path: Path) -> None:
+    """``--workload rag``: requests of 64 candidates through the broker and the worker."""
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
+         "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
+         "--config", "tiny", "--kafka-port", str(PORT), "--phase-s", "2", "--warm-s", "1",
+         "--lone", "2", "--concurrency", "2", "--pairs", "256", "--engine-pairs", "0",
+         "--fractions", "0.5", "--generators", "1", "--workload", "rag"],
+        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["workload_name"] == "rag" and report["settings"]["docs"] == 64
+    for phase in report["phases"]:
+        assert phase["answered"] == phase["sent"] > 0, phase
+        assert (phase["errors"], phase["lost"], phase["duplicates"]) == (0, 0, 0), phase

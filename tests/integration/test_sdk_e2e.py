@@ -348,6 +348,60 @@ async def test_reply_scores_equal_the_real_engines_scores_for_the_request(
     assert result.usage.prompt_tokens == direct.prompt_tokens
 
 
+async def test_long_documents_are_split_into_windows_when_asked(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    new_group: Callable[[], str],
+    tiny_qwen3: Path,
+) -> None:
+    """Real Engine, tiny Qwen3 reranker with a 128-token window, real broker and worker:
+    with split_long_documents the long document is scored in windows and its result says
+    which window scored it (the same as the engine's own answer), nothing is truncated,
+    and truncate=False is no error; without it the document is cut as before."""
+    from consumer.runtime.loader import load_model
+    from consumer.runtime.options import ModelOptions
+
+    options = ModelOptions(
+        model=str(tiny_qwen3), device="cpu", compile="off", packed="off", max_pair_tokens=128
+    )
+    model = await asyncio.to_thread(load_model, options)
+    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+    topics = await make_topics(new_topic, request_partitions=1)
+    config = worker_config(kafka_bootstrap, topics, new_group())
+    query = "How does Kafka keep messages in order?"
+    long_document = " ".join(f"Part {i}: records of key {i % 5} stay in order." for i in range(12))
+    documents = ["Records with one key go to one partition.", long_document]
+    await engine.start()
+    try:
+        direct = await engine.score(
+            ScoreRequest(query, tuple(documents), split_long_documents=True)
+        )
+        async with running_worker(config, engine, fresh_metrics()):
+            client = RerankClient(
+                kafka_bootstrap, request_topic=topics.requests, reply_topic=topics.replies
+            )
+            async with client:
+                split = await client.rerank(
+                    query, documents, split_long_documents=True, truncate=False
+                )
+                cut = await client.rerank(query, documents)
+    finally:
+        await engine.close()
+
+    window = direct.windows[1]
+    assert window is not None and window.count >= 2
+    by_index = {item.index: item for item in split}
+    assert by_index[0].window is None
+    got = by_index[1].window
+    assert got is not None
+    assert (got.index, got.count, got.start, got.end) == (
+        window.index, window.count, window.start, window.end
+    )  # fmt: skip
+    assert by_index[1].score == pytest.approx(direct.scores[1], abs=SCORE_TOLERANCE)
+    assert split.truncated == () and split.usage.prompt_tokens == direct.prompt_tokens
+    assert cut.truncated == (1,) and all(item.window is None for item in cut)
+
+
 async def test_truncation_is_reported_or_refused_and_the_partition_moves_on(
     kafka_bootstrap: str,
     new_topic: Any,

@@ -638,3 +638,84 @@ def test_the_late_cut_tables_come_from_the_committed_runs() -> None:
             )
     assert len(numbers) == 2 * (5 + 10 + 4)
     assert_quoted(numbers, docs_section("### Latency under load: late cut"))
+
+
+def test_engine_bench_takes_a_workload_by_name_and_splits_long_documents(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--workload rag-long`` with a narrow window and ``--split-long-documents``: the
+    load's requests are of 64 candidates, the long ones scored as windows (more prompt
+    tokens than documents' worth, nothing truncated)."""
+    engine_bench.main(
+        ["--config", "tiny", "--device", "cpu", "--workload", "rag-long", "--pairs", "64",
+         "--max-pair-tokens", "1024", "--split-long-documents", "--skip-reference",
+         "--idle-requests", "1", "--warm-pairs", "0", "--json"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    load = report["engine"]["load"]
+    assert report["settings"]["workload"] == "rag-long"
+    assert load["requests"] == 1 and load["pairs"] == 64
+    # the 6 long candidates (every tenth) are split; the others fit the window
+    assert load["documents_split"] == 6 and load["documents_truncated"] == 0
+    assert load["computed_tokens_per_s"] > 0
+    assert "rag-long: 64 pairs" in out and "documents split into windows" in out
+
+
+def test_workloads_have_the_shapes_they_are_named_for() -> None:
+    from tokenizers import Tokenizer
+
+    from benchmarks.workload import WORKLOADS, synthetic_requests, workload_requests
+
+    tokenizer_dir = default_tokenizer_dir()
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    rag = workload_requests(tokenizer_dir, WORKLOADS["rag-long"], 128, seed=0)
+    assert [len(docs) for _, docs in rag] == [64, 64]
+    drawn = [len(tok.encode(d).ids) for _, docs in rag for d in docs]
+    long = [n for n in drawn if n > 1000]
+    assert len(long) == 12  # every tenth candidate of the workload (counted across requests)
+    assert min(long) > 1800 and max(n for n in drawn if n <= 1000) < 600
+    # the 8-document workload is the one every earlier number was measured on
+    assert synthetic_requests(tokenizer_dir, 64, 8, 0) == workload_requests(
+        tokenizer_dir, WORKLOADS["8docs"], 64, 0
+    )
+
+
+def test_rag_tables_read_their_phases_and_windows() -> None:
+    import argparse
+
+    from benchmarks.rag_tables import parse_phases, parse_windows
+
+    assert parse_phases("8docs:4096,rag:2048@fp8") == [("8docs", 4096, None), ("rag", 2048, "fp8")]
+    assert parse_windows("2048:1024") == (2048, 1024) and parse_windows("") is None
+    for bad in ("books:10", "rag:0", "rag"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_phases(bad)
+
+
+def test_the_fp8_verdict_names_the_settings_or_what_is_missing() -> None:
+    from benchmarks.drift import fp8_verdict, path_options
+
+    assert path_options("fp8-last2") == {"layers": "fp8", "fp8_bf16_last_layers": 2}
+    assert path_options("fp8-normed-last4") == {"layers": "fp8-normed", "fp8_bf16_last_layers": 4}
+    assert path_options("compiled") == {"layers": "compiled"}
+
+    def row(diff: float, top1: float, rho: float) -> dict[str, float]:
+        return {"max_abs_score_diff": diff, "top1_agreement": top1, "spearman_mean": rho}
+
+    card = row(0.03, 0.95, 0.99)
+    close = {
+        "card_bf16": card,
+        "engine_fp8-last0": row(0.2, 0.7, 0.9),
+        "engine_fp8-last4": row(0.05, 0.92, 0.985),
+        "engine_fp8-last2": row(0.055, 0.93, 0.99),
+    }
+    verdict = fp8_verdict(close)
+    assert verdict["fp8_safe"] == ["engine_fp8-last4", "engine_fp8-last2"]
+    # the safe way with the fewest bf16 layers
+    assert verdict["advice"].endswith("RERANK_LAYERS=fp8 RERANK_FP8_BF16_LAST_LAYERS=2")
+    far = fp8_verdict({"card_bf16": card, "engine_fp8-last0": row(0.2, 0.7, 0.9)})
+    assert far["fp8_safe"] == [] and "keep RERANK_LAYERS=auto" in far["advice"]
+    assert far["fp8_missing"]["engine_fp8-last0"] == [
+        "max |score diff| 0.200 > 0.060", "top-1 0.700 < 0.900", "Spearman 0.900 < 0.980"
+    ]  # fmt: skip

@@ -336,6 +336,15 @@ async def test_truncate_reaches_the_service_only_when_the_caller_set_it(
     assert [call.get("truncate") for call in fake.calls] == [None, False, None, False]
 
 
+async def test_split_long_documents_reaches_the_service_as_the_caller_set_it(
+    http: TestClient[Any, Any], fake: FakeReranker
+) -> None:
+    native = {"query": "q", "documents": ["a"]}
+    for body in (native, native | {"split_long_documents": True}):
+        assert (await http.post("/rerank", json=body, headers=AUTH)).status == 200
+    assert [call.get("split_long_documents") for call in fake.calls] == [None, True]
+
+
 def test_a_bad_variable_is_a_usage_error_as_a_bad_flag_is(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (("RERANK_GATEWAY_MAX_CONCURRENCY", "0"), ("RERANK_GATEWAY_PORT", "x")):
         with monkeypatch.context() as env:

@@ -91,6 +91,33 @@ def test_truncate_is_sent_only_when_off() -> None:
     assert build_request_body(GOOD_QUERY, GOOD_DOCUMENTS, truncate=False)["truncate"] is False
 
 
+def test_split_long_documents_is_sent_only_when_given() -> None:
+    """None leaves it to the worker's default (and an old worker sees the same request)."""
+    assert "split_long_documents" not in build_request_body(GOOD_QUERY, GOOD_DOCUMENTS)
+    for value in (True, False):
+        body = build_request_body(GOOD_QUERY, GOOD_DOCUMENTS, split_long_documents=value)
+        assert body["split_long_documents"] is value
+    with pytest.raises(InvalidArgument, match="split_long_documents must be a bool"):
+        build_request_body(GOOD_QUERY, GOOD_DOCUMENTS, split_long_documents="yes")  # type: ignore[arg-type]
+
+
+def test_a_window_in_a_reply_is_parsed_and_written_back() -> None:
+    from producer_sdk.result import DocumentWindow, parse_reply
+
+    body = {
+        "id": "c", "model": "m", "usage": {"prompt_tokens": 3},
+        "timing_ms": {"queue": 0.0, "inference": 1.0, "total": 2.0},
+        "results": [
+            {"index": 1, "relevance_score": 0.9,
+             "window": {"index": 2, "count": 3, "start": 10, "end": 40}},
+            {"index": 0, "relevance_score": 0.1},
+        ],
+    }  # fmt: skip
+    result = parse_reply(body, 2)
+    assert result[0].window == DocumentWindow(2, 3, 10, 40) and result[1].window is None
+    assert result.to_dict()["results"] == body["results"]
+
+
 def test_empty_documents_are_allowed_as_items() -> None:
     # An empty candidate is odd but legal by the contract: it is scored, not refused.
     assert build_request_body(GOOD_QUERY, [""])["documents"] == [""]

@@ -62,9 +62,10 @@ def test_gather_copies_rows_exactly(interpreted: dict[str, Any]) -> None:
 
 def test_attention_matches_per_segment_sdpa(interpreted: dict[str, Any]) -> None:
     """1, 2 and 4 query heads per key/value head, keys in up to three stream pieces; every
-    layer's shape and the last one's."""
+    layer's shape and the last one's; keys read by pointers and (Hopper's TMA) through
+    tensor descriptors."""
     diffs = interpreted["attention"]
-    assert len(diffs) == 6
+    assert len(diffs) == 18 and sum("/tma" in name for name in diffs) == 12
     assert all(diff < 1e-5 for diff in diffs.values()), diffs
 
 
@@ -132,3 +133,13 @@ def test_fused_layers_compute_the_torch_paths_arithmetic(interpreted: dict[str, 
     # fewer GEMMs rounded, less drift (here: on a random tiny model)
     assert r["fp8-normed_max_abs_diff"] < r["fp8_max_abs_diff"]
     assert r["weight_max_rel_err"] <= 1 / 16
+
+
+def test_fp8_keeps_the_last_layers_it_is_told_to_in_bf16(interpreted: dict[str, Any]) -> None:
+    """``bf16_last_layers``: the FP8 forward is the emulation with those layers'
+    GEMMs unrounded (and not the one rounding every layer); with every layer kept, it is
+    the bf16 kernels path."""
+    r = interpreted["fused"]
+    assert r["fp8_last1_vs_emulated_max_abs_diff"] < 1e-4
+    assert r["fp8_last1_vs_all_fp8_max_abs_diff"] > 1e-3
+    assert r["fp8_last_all_max_abs_diff"] < 1e-5

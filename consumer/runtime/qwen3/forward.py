@@ -94,6 +94,8 @@ class PackedQwen3:
             "fp8" and "fp8-normed" quantize the linear layers' weights once, here (copies:
             the model's own weights stay as they are), and need FP8 GEMMs (compute
             capability 8.9 or newer) on CUDA.
+        bf16_last_layers: with "fp8" or "fp8-normed", how many of the last decoder layers
+            keep model-dtype GEMMs (the embeddings, norms and head always do).
     """
 
     def __init__(
@@ -105,7 +107,10 @@ class PackedQwen3:
         qk_kernel: bool | None = None,
         piecewise_attention: PiecewiseAttention | None = None,
         layer_path: str = "compiled",
+        bf16_last_layers: int = 0,
     ) -> None:
+        if bf16_last_layers < 0:
+            raise ValueError(f"bf16_last_layers must not be negative, not {bf16_last_layers}")
         if layer_path not in LAYER_PATHS:
             raise ValueError(f"layer_path must be one of {LAYER_PATHS}, not {layer_path!r}")
         if not supports_packing(base):
@@ -152,7 +157,11 @@ class PackedQwen3:
             if self._rotary_table is None:
                 raise ValueError(f"layer_path {layer_path!r} needs the q/k kernel")
             fp8 = _FP8_GEMMS.get(layer_path, frozenset())
-            self._fused = [fused_layers.fuse_layer(w, fp8) for w in self._layers]
+            first_bf16 = len(self._layers) - bf16_last_layers
+            self._fused = [
+                fused_layers.fuse_layer(w, fp8 if i < first_bf16 else frozenset())
+                for i, w in enumerate(self._layers)
+            ]
 
     @property
     def uses_qk_kernel(self) -> bool:
