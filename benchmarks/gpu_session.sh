@@ -9,10 +9,16 @@
 # shapes, bf16 against FP8; check-large: the parity check at 4B and 8B on 128 pairs
 # (the model card's own bf16 run, its yardstick, is too noisy on 64 at 8B);
 # drift: scores of each path against the model card in fp32.
+# The worker's code needs pydantic (its settings objects), which a bare GPU image may lack:
+# carry the wheels of benchmarks/e2e/pack.sh (.e2e/wheels) and they are installed first.
 set -u
 OUT=${OUT:?set OUT to a folder for the outputs}
+if ! python -c "import pydantic" 2>/dev/null && [ -d .e2e/wheels ]; then
+  python -m pip install -q --no-index --no-deps --target /tmp/e2e-site .e2e/wheels/*.whl
+  export PYTHONPATH="/tmp/e2e-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 TOK=${TOK:-.devcache/qwen3_tok}
-export PYTHONPATH=.
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(check variants bench)
