@@ -9,6 +9,7 @@ workers' batches were read around each phase, and that the summary names the har
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,22 @@ import pytest
 pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[2]
-PORT = 39592  # a broker of its own, away from the test broker
+
+
+def free_port_pair() -> int:
+    """A port whose next one is free too (the broker's, then its controller's), chosen
+    now: a fixed one was once taken by a connection's own end on a busy CI machine."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two free ports in a row")
 
 
 @pytest.mark.parametrize("generators", [1, 2], ids=["one-generator", "two-generator-processes"])
@@ -27,7 +43,8 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) 
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
          "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
-         "--config", "tiny", "--kafka-port", str(PORT), "--phase-s", "2", "--warm-s", "1",
+         "--config", "tiny", "--kafka-port", str(free_port_pair()), "--phase-s", "2",
+         "--warm-s", "1",
          "--lone", "3", "--concurrency", "4", "--pairs", "256", "--engine-pairs", "128",
          "--rates", "5", "--generators", str(generators)],
         cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
@@ -66,7 +83,8 @@ def test_e2e_bench_takes_the_rag_workload_by_name(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
          "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
-         "--config", "tiny", "--kafka-port", str(PORT), "--phase-s", "2", "--warm-s", "1",
+         "--config", "tiny", "--kafka-port", str(free_port_pair()), "--phase-s", "2",
+         "--warm-s", "1",
          "--lone", "2", "--concurrency", "2", "--pairs", "256", "--engine-pairs", "0",
          "--fractions", "0.5", "--generators", "1", "--workload", "rag"],
         cwd=REPO, capture_output=True, text=True, timeout=280, check=False,

@@ -59,6 +59,11 @@ class Output:
     def text(self) -> str:
         return "\n".join(self.lines)
 
+    def finish(self, timeout_s: float = 10) -> None:
+        """Wait until the stream has ended and every line is read (the process exited: its
+        last lines may still be in the pipe)."""
+        self._thread.join(timeout_s)
+
     def wait_for(self, line: str, process: subprocess.Popen[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while line not in self.lines:
@@ -142,6 +147,7 @@ async def test_serve_leaves_a_gateway_that_curl_and_cohere_rank_through_until_st
             process.wait()
         with contextlib.suppress(Exception):
             await kafka_admin.delete_topics(topics)
+    output.finish()
     assert code == 0, output.text()
     assert output.lines[-1] == "stopped", output.text()
     worker_log = re.search(r"log: (\S+worker\.log)", output.text())
