@@ -40,8 +40,10 @@ server=$!
 trap 'kill -TERM "$server" 2>/dev/null || true' INT TERM
 status=0
 wait "$server" || status=$?
-if kill -0 "$server" 2>/dev/null; then # the wait was cut short by a stop signal
+# A stop signal cuts a wait short (each one: Ctrl-C and a supervisor's SIGTERM may both
+# come): wait again until serve.py has stopped the gateway and the worker.
+while kill -0 "$server" 2>/dev/null; do
     status=0
     wait "$server" || status=$?
-fi
+done
 exit "$status"

@@ -145,6 +145,11 @@ async def test_serve_leaves_a_gateway_that_curl_and_cohere_rank_through_until_st
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        # a worker serve.py left behind must not outlive the test (it would keep dialling
+        # the broker's port)
+        for pid in re.findall(r"worker started \(pid (\d+)", output.text()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         with contextlib.suppress(Exception):
             await kafka_admin.delete_topics(topics)
     output.finish()
