@@ -66,7 +66,7 @@ from benchmarks.workload import (
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA = ROOT / "deploy" / "local" / "kafka"
-KAFKA_PORT = 39092  # away from a broker on 9092
+KAFKA_PORT = 29092  # away from a broker on 9092, below the ephemeral range (see conftest)
 FIRST_HTTP_PORT = 9300
 READY_TIMEOUT_S = 600.0
 CALL_TIMEOUT_S = 30.0

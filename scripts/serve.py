@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(worker.wait_ready(args.ready_timeout))
         with (folder / "gateway.log").open("wb") as gateway_log:
             gateway = GatewayProcess(args, args.gateway_port, gateway_log)
+        print(f"gateway started (pid {gateway.process.pid}); log: {folder / 'gateway.log'}")
         asyncio.run(gateway.wait_ready())
         print_ready(args, worker, gateway)
         watch(worker, gateway)

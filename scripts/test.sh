@@ -35,7 +35,7 @@ stop_broker() {
 }
 trap stop_broker EXIT
 if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
-    port="${RERANK_TEST_KAFKA_PORT:-39092}"
+    port="${RERANK_TEST_KAFKA_PORT:-29092}"
     echo "[test] starting Kafka on 127.0.0.1:$port (fresh data)"
     KAFKA_PORT="$port" "$ROOT/deploy/local/kafka" stop >/dev/null
     KAFKA_PORT="$port" "$ROOT/deploy/local/kafka" wipe

@@ -2,8 +2,10 @@
 
 The broker is the one named by env ``KAFKA_BOOTSTRAP`` when that is set. Otherwise the
 session starts its own through ``deploy/local/kafka`` on port ``RERANK_TEST_KAFKA_PORT``
-(default 39092, away from a dev broker on 9092) and stops it at the end, but only if this
-session started it.
+(default 29092, away from a dev broker on 9092) and stops it at the end, but only if this
+session started it. The port lies below Linux's ephemeral range (32768-60999): a client
+that dials a port in that range while nothing listens there can connect to itself, and
+then holds the port the broker needs.
 """
 
 import asyncio
@@ -21,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 log = logging.getLogger(__name__)
 
 KAFKA_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "local" / "kafka"
-DEFAULT_TEST_PORT = 39092
+DEFAULT_TEST_PORT = 29092
 STATUS_RUNNING = 0
 STATUS_NOT_RUNNING = 3
 # A cold start downloads the broker jars first; stay below pytest-timeout's 300 s.

@@ -145,9 +145,9 @@ async def test_serve_leaves_a_gateway_that_curl_and_cohere_rank_through_until_st
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        # a worker serve.py left behind must not outlive the test (it would keep dialling
-        # the broker's port)
-        for pid in re.findall(r"worker started \(pid (\d+)", output.text()):
+        # a worker or gateway serve.py left behind must not outlive the test (it would keep
+        # dialling the broker's port)
+        for pid in re.findall(r"(?:worker|gateway) started \(pid (\d+)", output.text()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
         with contextlib.suppress(Exception):
