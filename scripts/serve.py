@@ -147,7 +147,22 @@ def watch(worker: WorkerProcess, gateway: GatewayProcess) -> None:
 
 
 def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:
+    # Only the first stop signal stops: Ctrl-C reaches serve.sh too, which passes it on as
+    # a SIGTERM, and that second signal must not cut short the stop the first one began
+    # (raised while the stop is printed, it left the worker and the gateway running).
+    ignore_stop_signals()
     raise Stop(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise Stop, once."""
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+
+
+def ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,9 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
 def stop_all(worker: WorkerProcess, gateway: GatewayProcess | None) -> int | None:
     """Stop the gateway first (no new calls), then the worker; the worker's exit code."""
-    # a second Ctrl-C (or serve.sh passing the first one on) must not cut the stop short
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_stop_signals()  # a Ctrl-C now must not cut the stop short
     if gateway is not None:
         gateway.stop()
     code, _ = worker.stop(DRAIN_TIMEOUT_S + EXIT_MARGIN_S)
@@ -203,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    signal.signal(signal.SIGINT, _stop_on_signal)
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    stop_on_signals()
     try:
         return run(args)
     except DemoError as exc:
