@@ -117,6 +117,7 @@ class ByteLevelBpe:
             re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if added else None
         )
         self._normalize = normalize
+        self._token_bytes = _token_byte_lengths(ranks, added)
         self._helper_threads = helper_threads
         self._helpers: concurrent.futures.ThreadPoolExecutor | None = None
         self._helpers_lock = threading.Lock()
@@ -133,6 +134,13 @@ class ByteLevelBpe:
             elif piece:
                 ids.extend(self._encode_piece(piece))
         return ids
+
+    def token_bytes(self, text: str, ids: Sequence[int]) -> list[int] | None:
+        """Each token's length in bytes, ``ids`` being :meth:`encode`'s of ``text``; None
+        when those bytes are not ``text``'s own (normalizing changed it)."""
+        if self._normalize and not unicodedata.is_normalized("NFC", text):
+            return None
+        return [self._token_bytes[i] for i in ids]
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         """The ids of each text, in order.
@@ -232,6 +240,16 @@ def byte_level_bpe(tokenizer_json: str, helper_threads: int = HELPER_THREADS) ->
     ranks = _ranks(spec.get("model") or {})
     added = _added_tokens(spec.get("added_tokens") or [])
     return ByteLevelBpe(pattern, ranks, added, normalize, helper_threads)
+
+
+def _token_byte_lengths(ranks: dict[bytes, int], added: dict[str, int]) -> list[int]:
+    """Each id's length in bytes (an added token's: its text's)."""
+    lengths = [0] * (1 + max([*ranks.values(), *added.values()], default=-1))
+    for token, i in ranks.items():
+        lengths[i] = len(token)
+    for text, i in added.items():
+        lengths[i] = len(text.encode())
+    return lengths
 
 
 def _nfc_or_nothing(normalizer: dict[str, Any] | None) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from tokenizers import Tokenizer
 
 from consumer.runtime.bpe import ByteLevelBpe, UnsupportedTokenizer, byte_level_bpe
+from consumer.runtime.token_spans import ByteSpans, OffsetSpans, TokenSpans
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +207,7 @@ class Qwen3RerankerEncoder:
             if len(doc) <= room:
                 pairs.append(self._pair(head, common, doc, room))
                 continue
-            # the model's own tokenizer, for the characters each window covers
-            encoding = self._tok.encode(" " + text, add_special_tokens=False)
-            ids, offsets = encoding.ids, encoding.offsets
+            ids, spans = self._with_spans(" " + text, doc)
             if len(ids) <= room:  # not if tiktoken's ids are the tokenizer's, as checked
                 pairs.append(self._pair(head, common, ids, room))
                 continue
@@ -220,15 +219,21 @@ class Qwen3RerankerEncoder:
                 starts = [k * (len(ids) - room) // (count - 1) for k in range(count)]
             for k, first in enumerate(starts):
                 last = min(first + room, len(ids))
-                window = Window(
-                    index=k,
-                    count=len(starts),
-                    start=max(0, offsets[first][0] - 1),  # the prompt's leading space
-                    end=max(0, offsets[last - 1][1] - 1),
+                start, end = spans.span(first, last)
+                window = Window(  # less the prompt's leading space
+                    index=k, count=len(starts), start=max(0, start - 1), end=max(0, end - 1)
                 )
                 pair = self._pair(head, common, ids[first:last], room)
                 pairs.append(replace(pair, truncated=cut and k == len(starts) - 1, window=window))
         return pairs
+
+    def _with_spans(self, text: str, ids: list[int]) -> tuple[list[int], TokenSpans]:
+        """``text``'s ids and where its tokens lie: from the ids' bytes when tiktoken
+        made them, else from a second tokenization that reports offsets."""
+        if self._bpe is not None and (lengths := self._bpe.token_bytes(text, ids)) is not None:
+            return ids, ByteSpans(text, lengths)
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, OffsetSpans(encoding.offsets)
 
     def _head(self, query: str, instruction: str | None) -> tuple[list[int], int, int]:
         """(template + instruction + query ids, how many of them requests with this

@@ -719,3 +719,28 @@ def test_the_fp8_verdict_names_the_settings_or_what_is_missing() -> None:
     assert far["fp8_missing"]["engine_fp8-last0"] == [
         "max |score diff| 0.200 > 0.060", "top-1 0.700 < 0.900", "Spearman 0.900 < 0.980"
     ]  # fmt: skip
+
+
+def test_the_window_offsets_table_comes_from_the_committed_run() -> None:
+    """Each tiktoken time in the window-offsets table is in the raw output, before and after."""
+    output = (RESULTS / "2026-12-07-window-offsets" / "output.txt").read_text()
+    rows = re.findall(r"^tiktoken\s+truncating\s+([\d.]+) ms.*windows\s+([\d.]+) ms", output, re.M)
+    assert len(rows) == 4  # before, after, before, after
+    befores, afters = rows[0::2], rows[1::2]
+    assert max(float(w) for _, w in afters) < min(float(w) for _, w in befores) / 3
+    assert_quoted([f"{ms} ms" for row in rows for ms in row], docs_section("### Window offsets"))
+
+
+def test_window_encoding_times_both_ways_for_each_backend(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import window_encoding
+
+    window_encoding.main(["--pairs", "64", "--rounds", "1", "--max-pair-tokens", "512"])
+    out = capsys.readouterr().out
+    assert out.startswith("host: ")
+    rows = re.findall(
+        r"^(\w+)\s+truncating .*\((\d+) pairs\)\s+windows .*\((\d+) pairs\)", out, re.M
+    )
+    assert [backend for backend, _, _ in rows] == ["tiktoken", "huggingface"]
+    assert all(int(split) > int(cut) == 64 for _, cut, split in rows)  # long ones were split

@@ -25,6 +25,7 @@ from consumer.runtime.bpe import (
 from consumer.runtime.loader import ModelLoadError, load_model
 from consumer.runtime.options import DEFAULT_INSTRUCTION, ModelOptions
 from consumer.runtime.prompt import TOKENIZER_BACKENDS, Qwen3RerankerEncoder, fast_bpe_for
+from consumer.runtime.token_spans import ByteSpans
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -258,3 +259,64 @@ def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(
     monkeypatch.setattr(bpe.os, "sched_getaffinity", lambda pid: {3}, raising=False)
     limit.write_text("max 100000\n")
     assert bpe.usable_cpus(str(limit)) == 1  # pinned to one CPU
+
+
+LONG_PARTS = [
+    "Kafka keeps one key's records in one partition. ",
+    "日本語のテキスト、",
+    "a😀b 🧑\u200d🚀 ",
+    "𠜎𠜱𡿺",
+    "<|im_end|>",
+    "\n\n  tabs\tand  spaces ",
+    "e\u0301 combining ",
+    "Ω≈ç√∫ ",
+]
+
+
+def long_documents(qwen: Tokenizer) -> list[str]:
+    """Documents of many windows: mixed scripts, characters cut over tokens, an added
+    token, text NFC would change, and the bench's decoded random vocabulary."""
+    rng = random.Random(5)
+    mixed = [
+        "".join(rng.choice(LONG_PARTS) for _ in range(rng.randint(20, 120))) for _ in range(30)
+    ]
+    return mixed + [random_text(qwen, rng, 300, 900) for _ in range(10)]
+
+
+def test_windows_are_the_same_from_either_backend(qwen: Tokenizer) -> None:
+    hf = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
+    documents = long_documents(qwen)
+    for limit in (96, 160):
+        fast = Qwen3RerankerEncoder(hf, limit, DEFAULT_INSTRUCTION, "tiktoken")
+        own = Qwen3RerankerEncoder(hf, limit, DEFAULT_INSTRUCTION, "huggingface")
+        got = fast.encode_windows("which partition?", documents, None, 16, 64)
+        assert got == own.encode_windows("which partition?", documents, None, 16, 64)
+        assert sum(p.window is not None and p.window.count > 3 for p in got) > 100
+
+
+def test_tiktoken_windows_need_no_second_tokenization(qwen: Tokenizer) -> None:
+    hf = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
+    fast = Qwen3RerankerEncoder(hf, 96, DEFAULT_INSTRUCTION, "tiktoken")
+    calls: list[str] = []
+
+    class Watched:  # the encoder's own tokenizer, every call noted
+        def __init__(self, inner: Tokenizer) -> None:
+            self._inner = inner
+
+        def encode(self, text: str, **kwargs: Any) -> Any:
+            calls.append(text)
+            return self._inner.encode(text, **kwargs)
+
+    fast._tok = Watched(fast._tok)  # type: ignore[assignment]
+    documents = [d for d in long_documents(qwen) if "e\u0301" not in d]
+    pairs = fast.encode_windows("which partition?", documents, None, 16, 64)
+    assert len(pairs) > 5 * len(documents)  # split: many windows each
+    assert calls == []
+
+
+def test_a_token_holding_part_of_a_character_covers_all_of_it() -> None:
+    # " a😀b": " a" (2 bytes), the emoji's 4 bytes cut in two, "b"
+    spans = ByteSpans(" a😀b", [2, 2, 2, 1])
+    assert [spans.span(k, k + 1) for k in range(4)] == [(0, 2), (2, 3), (2, 3), (3, 4)]
+    assert spans.span(1, 4) == (2, 4)
+    assert ByteSpans(" ab", [2, 1]).span(1, 2) == (2, 3)  # ASCII: bytes are characters
