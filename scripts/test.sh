@@ -15,8 +15,10 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$ROOT/deploy/local/toxiproxy" fetch
 export RERANK_TOXIPROXY="$("$ROOT/deploy/local/toxiproxy" path)"
 "$ROOT/deploy/local/helm" fetch
-# The Spring Kafka caller of tests/integration/test_kafka_callers.py (built once, cached).
+# The Spring Kafka caller of tests/integration/test_kafka_callers.py (built once, cached),
+# and kcat for the same tests (yours on PATH, else Debian's, unpacked once into the cache).
 bash "$ROOT/tests/spring/build.sh" >/dev/null
+"$ROOT/deploy/local/kcat" fetch
 
 echo "[test] ruff"
 "$VENV/bin/ruff" check .

@@ -6,6 +6,8 @@
   shared by two templates, and a reply partition.
 - CloudEvents over Kafka, binary mode: events made and read with the ``cloudevents``
   package's Kafka binding.
+- kcat, as the README shows it: one JSON line piped to ``kcat -P`` with a
+  ``correlation-id`` header, the reply found with ``kcat -C``.
 
 One ``python -m consumer`` (a tiny random Qwen3 reranker on the CPU) serves every test.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +47,7 @@ from schemas import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 SPRING_BUILD = ROOT / "tests" / "spring" / "build.sh"
+KCAT = ROOT / "deploy" / "local" / "kcat"
 # The first build downloads spring-kafka and Maven's plugins; later ones take no time.
 SPRING_BUILD_TIMEOUT_S = 280
 SPRING_RUN_TIMEOUT_S = 240
@@ -312,3 +316,92 @@ async def test_cloudevents_binary_mode_requests_get_cloudevent_replies(service: 
     assert_same_ranking(data, await sdk_ranking(service, GOOD))
     assert error.get_data()["error"]["code"] == "invalid_request"
     assert orjson.loads(found[typo.get_id()].value or b"{}")["id"] == typo.get_id()
+
+
+# ------------------------------------------------------------------------ kcat
+
+
+def kcat_binary() -> str:
+    """kcat, found or fetched by ``deploy/local/kcat fetch`` (scripts/test.sh)."""
+    found = subprocess.run([str(KCAT), "path"], capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        pytest.fail("kcat is missing: run deploy/local/kcat fetch", pytrace=False)
+    return found.stdout.strip()
+
+
+def kcat_produce(kcat: str, bootstrap: str, topic: str, body: str, *headers: str) -> None:
+    """``echo BODY | kcat -P -b BOOTSTRAP -t TOPIC -H NAME=VALUE ...``, kcat's defaults."""
+    command = [kcat, "-P", "-b", bootstrap, "-t", topic]
+    for header in headers:
+        command += ["-H", header]
+    sent = subprocess.run(
+        command, input=body, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert sent.returncode == 0, sent.stderr
+
+
+def readme_kcat_lines() -> tuple[str, str]:
+    """The README's two kcat commands: (send one request, find its reply)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(echo '[^\n]*\|\n +kcat -P[^\n]*)\n(kcat -C[^\n]*)\n```", readme)
+    assert block is not None, "the README's kcat example is gone"
+    return block.group(1), block.group(2)
+
+
+def in_shell(line: str, kcat: str) -> subprocess.CompletedProcess[str]:
+    path = f"{Path(kcat).parent}:{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {line}"],
+        env=os.environ | {"PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def reply_lines(kcat: str, find: str, ids: set[str]) -> dict[str, str]:
+    """Run ``find`` until each id's reply is among the lines it prints (``%h %s``: the
+    headers, then the value); each id's value."""
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while True:
+        found = {}
+        for line in in_shell(find, kcat).stdout.splitlines():
+            headers, _, payload = line.partition(" ")
+            for cid in ids & {h.removeprefix("correlation-id=") for h in headers.split(",")}:
+                found[cid] = payload
+        if found.keys() == ids:
+            return found
+        assert time.monotonic() < deadline, f"no reply for {ids - found.keys()}"
+        time.sleep(0.5)
+
+
+async def test_kcat_with_its_defaults_as_the_readme_shows(service: Service) -> None:
+    kcat = kcat_binary()
+    send, find = readme_kcat_lines()
+    readme_id, typo, not_json = (f"kcat-{uuid.uuid4().hex}" for _ in range(3))
+
+    def ours(line: str, cid: str) -> str:  # the README's line on this test's broker and topics
+        line = line.replace("localhost:9092", service.bootstrap)
+        line = line.replace("rerank.requests", service.requests)
+        return line.replace("rerank.replies", service.replies).replace("req-1", cid)
+
+    sent = await asyncio.to_thread(in_shell, ours(send, readme_id), kcat)
+    assert sent.returncode == 0, sent.stderr
+    for cid, body in ((typo, json.dumps(TYPO)), (not_json, "{query")):
+        await asyncio.to_thread(
+            kcat_produce, kcat, service.bootstrap, service.requests, body + "\n",
+            f"correlation-id={cid}",
+        )  # fmt: skip
+    found = await asyncio.to_thread(
+        reply_lines, kcat, ours(find, readme_id).split(" | grep")[0], {readme_id, typo, not_json}
+    )
+    grepped = await asyncio.to_thread(in_shell, ours(find, readme_id), kcat)
+    assert grepped.returncode == 0 and grepped.stdout.count("\n") == 1, grepped
+    result = json.loads(found[readme_id])
+    REPLY_VALIDATOR.validate(result)
+    assert result["id"] == readme_id
+    body = json.loads(send.split("'")[1])
+    assert_same_ranking(result, await sdk_ranking(service, body))
+    assert json.loads(found[typo])["error"]["code"] == "invalid_request"
+    assert json.loads(found[not_json])["error"]["code"] == "invalid_request"
