@@ -1,5 +1,6 @@
 """rerank-gateway as users meet it: the real binary, a real broker, a worker, and HTTP
-clients no one here wrote (the ``cohere`` SDK, and aiohttp for TEI's plain HTTP)."""
+clients no one here wrote (the ``cohere`` SDK, LangChain's ``CohereRerank`` in a venv of its
+own, and aiohttp for TEI's plain HTTP)."""
 
 from __future__ import annotations
 
@@ -219,6 +220,79 @@ async def test_calls_past_max_concurrency_get_429(
         assert [r.index for r in (await first).results] == _expected()
     assert overloaded.value.headers is not None
     assert overloaded.value.headers["retry-after"] == "1"
+
+
+# LangChain's Cohere reranker pins an older cohere SDK (<6) than this project's tests use,
+# so it runs in a venv of its own, as in a RAG application that has it.
+LANGCHAIN_COHERE = "langchain-cohere==0.6.0"
+LANGCHAIN_CALL = """
+import json, sys
+from langchain_cohere import CohereRerank
+from langchain_core.documents import Document
+
+url, token, model, query, *texts = sys.argv[1:]
+reranker = CohereRerank(base_url=url, cohere_api_key=token, model=model)  # its defaults
+documents = [Document(page_content=t, metadata={"position": i}) for i, t in enumerate(texts)]
+kept = reranker.compress_documents(documents, query)
+print(json.dumps([[d.metadata["position"], d.metadata["relevance_score"]] for d in kept]))
+"""
+
+
+@pytest.fixture(scope="module")
+def langchain_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    venv = tmp_path_factory.mktemp("langchain") / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    python = venv / "bin" / "python"
+    installed = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            LANGCHAIN_COHERE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return python
+
+
+@pytest.mark.timeout(500)
+async def test_langchains_cohere_reranker_ranks_through_the_gateway(
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    new_group: Callable[[], str],
+    langchain_python: Path,
+) -> None:
+    async with gateway_with_worker(kafka_bootstrap, new_topic, new_group) as url:
+        called = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(langchain_python),
+                "-c",
+                LANGCHAIN_CALL,
+                url,
+                TOKEN,
+                MODEL_NAME,
+                QUERY,
+                *DOCUMENTS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert called.returncode == 0, called.stderr[-3000:]
+    kept = orjson.loads(called.stdout)
+    assert [position for position, _ in kept] == _expected()[:3]  # CohereRerank's top_n: 3
+    for position, score in kept:
+        assert score == pytest.approx(fake_score(QUERY, None, DOCUMENTS[position]))
 
 
 async def test_tei_and_native_shapes_over_plain_http(
