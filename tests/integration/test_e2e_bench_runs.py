@@ -37,19 +37,23 @@ def free_port_pair() -> int:
     raise RuntimeError("no two free ports in a row")
 
 
-@pytest.mark.parametrize("generators", [1, 2], ids=["one-generator", "two-generator-processes"])
-def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) -> None:
-    out = tmp_path / "out"
+def run_bench(tmp_path: Path, *phases: str) -> None:
+    """benchmarks.e2e_bench on the CPU with the tiny model, short phases, out in tmp_path/out."""
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
+        [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(tmp_path / "out"),
          "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
          "--config", "tiny", "--kafka-port", str(free_port_pair()), "--phase-s", "2",
-         "--warm-s", "1",
-         "--lone", "3", "--concurrency", "4", "--pairs", "256", "--engine-pairs", "128",
-         "--rates", "5", "--generators", str(generators)],
+         "--warm-s", "1", "--pairs", "256", *phases],
         cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("generators", [1, 2], ids=["one-generator", "two-generator-processes"])
+def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) -> None:
+    out = tmp_path / "out"
+    run_bench(tmp_path, "--lone", "3", "--concurrency", "4", "--engine-pairs", "128",
+              "--rates", "5", "--generators", str(generators))  # fmt: skip
     report = json.loads((out / "results.json").read_text())
     assert [p["name"] for p in report["phases"]] == [
         "saturated",
@@ -80,16 +84,8 @@ def test_e2e_bench_runs_every_phase_on_the_cpu(tmp_path: Path, generators: int) 
 def test_e2e_bench_takes_the_rag_workload_by_name(tmp_path: Path) -> None:
     """``--workload rag``: requests of 64 candidates through the broker and the worker."""
     out = tmp_path / "out"
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.e2e_bench", "--out", str(out),
-         "--work", str(tmp_path / "work"), "--device", "cpu", "--gpus", "1",
-         "--config", "tiny", "--kafka-port", str(free_port_pair()), "--phase-s", "2",
-         "--warm-s", "1",
-         "--lone", "2", "--concurrency", "2", "--pairs", "256", "--engine-pairs", "0",
-         "--fractions", "0.5", "--generators", "1", "--workload", "rag"],
-        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_bench(tmp_path, "--lone", "2", "--concurrency", "2", "--engine-pairs", "0",
+              "--fractions", "0.5", "--generators", "1", "--workload", "rag")  # fmt: skip
     report = json.loads((out / "results.json").read_text())
     assert report["settings"]["workload_name"] == "rag" and report["settings"]["docs"] == 64
     for phase in report["phases"]:

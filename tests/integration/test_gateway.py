@@ -238,27 +238,20 @@ print(json.dumps([[d.metadata["position"], d.metadata["relevance_score"]] for d 
 """
 
 
+def _run(*args: str | Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 @pytest.fixture(scope="module")
 def langchain_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("langchain") / "venv"
-    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+    made = _run(sys.executable, "-m", "venv", venv, timeout=120)
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
-    installed = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            LANGCHAIN_COHERE,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
+    pip = (python, "-m", "pip", "install", "-q", "--disable-pip-version-check")
+    installed = _run(*pip, LANGCHAIN_COHERE, timeout=400)
     assert installed.returncode == 0, installed.stderr[-3000:]
     return python
 
@@ -271,23 +264,8 @@ async def test_langchains_cohere_reranker_ranks_through_the_gateway(
     langchain_python: Path,
 ) -> None:
     async with gateway_with_worker(kafka_bootstrap, new_topic, new_group) as url:
-        called = await asyncio.to_thread(
-            subprocess.run,
-            [
-                str(langchain_python),
-                "-c",
-                LANGCHAIN_CALL,
-                url,
-                TOKEN,
-                MODEL_NAME,
-                QUERY,
-                *DOCUMENTS,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        args = (langchain_python, "-c", LANGCHAIN_CALL, url, TOKEN, MODEL_NAME, QUERY, *DOCUMENTS)
+        called = await asyncio.to_thread(_run, *args, timeout=120)
     assert called.returncode == 0, called.stderr[-3000:]
     kept = orjson.loads(called.stdout)
     assert [position for position, _ in kept] == _expected()[:3]  # CohereRerank's top_n: 3

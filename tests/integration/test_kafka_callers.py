@@ -329,17 +329,6 @@ def kcat_binary() -> str:
     return found.stdout.strip()
 
 
-def kcat_produce(kcat: str, bootstrap: str, topic: str, body: str, *headers: str) -> None:
-    """``echo BODY | kcat -P -b BOOTSTRAP -t TOPIC -H NAME=VALUE ...``, kcat's defaults."""
-    command = [kcat, "-P", "-b", bootstrap, "-t", topic]
-    for header in headers:
-        command += ["-H", header]
-    sent = subprocess.run(
-        command, input=body, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert sent.returncode == 0, sent.stderr
-
-
 def readme_kcat_lines() -> tuple[str, str]:
     """The README's two kcat commands: (send one request, find its reply)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -381,18 +370,17 @@ async def test_kcat_with_its_defaults_as_the_readme_shows(service: Service) -> N
     send, find = readme_kcat_lines()
     readme_id, typo, not_json = (f"kcat-{uuid.uuid4().hex}" for _ in range(3))
 
-    def ours(line: str, cid: str) -> str:  # the README's line on this test's broker and topics
-        line = line.replace("localhost:9092", service.bootstrap)
+    readme_body = send.split("'")[1]
+
+    def ours(line: str, cid: str, body: str = readme_body) -> str:
+        """The README's line on this test's broker and topics, with this id and body."""
+        line = line.replace("localhost:9092", service.bootstrap).replace(readme_body, body)
         line = line.replace("rerank.requests", service.requests)
         return line.replace("rerank.replies", service.replies).replace("req-1", cid)
 
-    sent = await asyncio.to_thread(in_shell, ours(send, readme_id), kcat)
-    assert sent.returncode == 0, sent.stderr
-    for cid, body in ((typo, json.dumps(TYPO)), (not_json, "{query")):
-        await asyncio.to_thread(
-            kcat_produce, kcat, service.bootstrap, service.requests, body + "\n",
-            f"correlation-id={cid}",
-        )  # fmt: skip
+    for cid, body in ((readme_id, readme_body), (typo, json.dumps(TYPO)), (not_json, "{query")):
+        sent = await asyncio.to_thread(in_shell, ours(send, cid, body), kcat)
+        assert sent.returncode == 0, sent.stderr
     found = await asyncio.to_thread(
         reply_lines, kcat, ours(find, readme_id).split(" | grep")[0], {readme_id, typo, not_json}
     )
@@ -401,7 +389,6 @@ async def test_kcat_with_its_defaults_as_the_readme_shows(service: Service) -> N
     result = json.loads(found[readme_id])
     REPLY_VALIDATOR.validate(result)
     assert result["id"] == readme_id
-    body = json.loads(send.split("'")[1])
-    assert_same_ranking(result, await sdk_ranking(service, body))
+    assert_same_ranking(result, await sdk_ranking(service, json.loads(readme_body)))
     assert json.loads(found[typo])["error"]["code"] == "invalid_request"
     assert json.loads(found[not_json])["error"]["code"] == "invalid_request"

@@ -300,14 +300,22 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3_reranker(tmp_path_factory.mktemp("e2e-tiny-qwen3"))
 
 
-@pytest.fixture
-async def real_engine(tiny_qwen3: Path) -> AsyncIterator[Engine]:
+async def tiny_engine(tiny_qwen3: Path, **options: Any) -> Engine:
+    """A real Engine (not started) on the tiny Qwen3 reranker, on the CPU; ``options``
+    for its ModelOptions (``max_pair_tokens=128``: a small window)."""
     from consumer.runtime.loader import load_model
     from consumer.runtime.options import ModelOptions
 
-    options = ModelOptions(model=str(tiny_qwen3), device="cpu", compile="off", packed="off")
-    model = await asyncio.to_thread(load_model, options)
-    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+    model_options = ModelOptions(
+        model=str(tiny_qwen3), device="cpu", compile="off", packed="off", **options
+    )
+    model = await asyncio.to_thread(load_model, model_options)
+    return Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+
+
+@pytest.fixture
+async def real_engine(tiny_qwen3: Path) -> AsyncIterator[Engine]:
+    engine = await tiny_engine(tiny_qwen3)
     await engine.start()
     try:
         yield engine
@@ -358,14 +366,7 @@ async def test_long_documents_are_split_into_windows_when_asked(
     with split_long_documents the long document is scored in windows and its result says
     which window scored it (the same as the engine's own answer), nothing is truncated,
     and truncate=False is no error; without it the document is cut as before."""
-    from consumer.runtime.loader import load_model
-    from consumer.runtime.options import ModelOptions
-
-    options = ModelOptions(
-        model=str(tiny_qwen3), device="cpu", compile="off", packed="off", max_pair_tokens=128
-    )
-    model = await asyncio.to_thread(load_model, options)
-    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+    engine = await tiny_engine(tiny_qwen3, max_pair_tokens=128)
     topics = await make_topics(new_topic, request_partitions=1)
     config = worker_config(kafka_bootstrap, topics, new_group())
     query = "How does Kafka keep messages in order?"
@@ -412,14 +413,7 @@ async def test_truncation_is_reported_or_refused_and_the_partition_moves_on(
     """Real Engine, tiny Qwen3 reranker cut at 128 tokens a prompt: a reply names the
     documents it cut; with truncate=False the call is an invalid_request error naming
     them and the limit; the worker answers the next request and commits every offset."""
-    from consumer.runtime.loader import load_model
-    from consumer.runtime.options import ModelOptions
-
-    options = ModelOptions(
-        model=str(tiny_qwen3), device="cpu", compile="off", packed="off", max_pair_tokens=128
-    )
-    model = await asyncio.to_thread(load_model, options)
-    engine = Engine.for_model(model, EngineSettings(max_batch_tokens=4096, max_batch_pairs=16))
+    engine = await tiny_engine(tiny_qwen3, max_pair_tokens=128)
     topics = await make_topics(new_topic, request_partitions=1)
     config = worker_config(kafka_bootstrap, topics, new_group())
     query = "How does Kafka keep messages in order?"
